@@ -1,0 +1,154 @@
+"""Atomic file writes and an inter-process lock.
+
+Every file the toolkit writes goes through here: the content is written to a temporary name
+in the same folder, flushed to disk, then renamed over the target. A run killed at any point
+leaves either the old file or the new one, never a half-written file that looks whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase]:
+    """Opens a temporary file that replaces `path` only when the block exits without error.
+
+    Args:
+      path: final file name.
+      mode: 'wb' or 'w' (text, UTF-8).
+
+    Yields:
+      A file object; on an exception the temporary file is removed and `path` is untouched.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        encoding = None if "b" in mode else "utf-8"
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` atomically."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes UTF-8 `text` to `path` atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes `obj` as indented JSON to `path` atomically (NaN written as null)."""
+    atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Saves one array as `.npy` atomically (never pickled)."""
+    with atomic_open(path, "wb") as f:
+        np.save(f, np.asarray(array), allow_pickle=False)
+
+
+def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Saves named arrays as `.npz` atomically (never pickled)."""
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def load_npy(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
+    """Loads a `.npy` file without ever unpickling; `mmap=True` memory-maps it read-only."""
+    return np.load(os.fspath(path), allow_pickle=False, mmap_mode="r" if mmap else None)
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Loads every array of a `.npz` file without ever unpickling."""
+    with np.load(os.fspath(path), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _json_safe(obj: Any) -> Any:
+    """Converts numpy scalars/arrays to Python values and NaN/Inf to None for strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+class LockError(RuntimeError):
+    """Raised when another process holds the lock of a folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "this folder") -> Iterator[None]:
+    """Holds an exclusive, non-blocking lock on `folder` for the duration of the block.
+
+    Two processes writing the same store would corrupt it; the second one is refused at once
+    with a message naming the folder. The lock is released by the OS if the holder dies.
+
+    Raises:
+      LockError: another process holds the lock.
+    """
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    lock_path = os.path.join(folder, ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockError(
+                    f"{folder} is being written by another process (lock file {lock_path}); "
+                    f"wait for it to finish, or write {what} to another folder."
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -1,0 +1,89 @@
+"""Default recipe: EfficientNet-B1 + R-MAC on Revisited Paris6k, whitening learned on Oxford5k.
+
+Run:
+  python extract.py                      # descriptors of Paris6k (database + cropped queries)
+  python evaluate.py --dataset=paris6k   # the full benchmark table (plain, alpha-QE, diffusion)
+
+Every field can be overridden from the command line, e.g.
+  python evaluate.py --config.model.backbone=vgg16 --config.rerank.diffusion.k=100
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.backbone = "efficientnetb1"  # see cbir_tf.backbones.BACKBONES
+    c.model.alpha = 1.0  # width multiplier (mobilenet / mobilenetv2 only)
+    c.model.weights = "imagenet"  # 'imagenet', 'none', a .h5/.weights.h5 file or a .keras model
+    c.model.pooling = "rmac"  # mac | spoc | gem | rmac
+    c.model.gem_p = 3.0
+    c.model.rmac_levels = 3
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "paris6k"  # paris6k | oxford5k | rparis6k | roxford5k | demo
+    c.data.data_root = "data"  # benchmark folders live in <data_root>/datasets/<name>/
+    c.data.image_size = 1024  # longest side, pixels
+    c.data.scales = (1.0,)  # multi-scale: e.g. (1.0, 0.7071067811865476, 0.5)
+    c.data.ms_power = 1.0  # power of the GeM mean combining the per-scale vectors
+    c.data.num_parallel_reads = 4
+
+    c.whitening = ml_collections.ConfigDict()
+    c.whitening.kind = "pca"  # pca | none
+    c.whitening.dataset = "auto"  # 'auto' = the other landmark dataset (Oxford <-> Paris)
+    c.whitening.dim = 0  # output dimension, 0 = keep all
+    c.whitening.shrinkage = 0.0  # eigenvalue shrinkage in [0, 1] (0 = full whitening)
+    c.whitening.regional = True  # R-MAC: whiten region vectors the classic way
+
+    c.extract = ml_collections.ConfigDict()
+    c.extract.out = ""  # store folder; '' = <workdir>/descriptors/<dataset>
+    c.extract.shard_index = 0
+    c.extract.num_shards = 1
+    c.extract.flush_every = 64  # images between checkpoints of an interrupted run
+
+    c.search = ml_collections.ConfigDict()
+    c.search.backend = "exact"  # exact | faiss
+    c.search.block_size = 65536
+
+    c.rerank = ml_collections.ConfigDict()
+    c.rerank.methods = ("plain", "aqe", "diffusion", "aqe+diffusion")
+    c.rerank.qe = ml_collections.ConfigDict()
+    c.rerank.qe.n = 2
+    c.rerank.qe.alpha = 3.0
+    c.rerank.diffusion = ml_collections.ConfigDict()
+    c.rerank.diffusion.k = 50
+    c.rerank.diffusion.kq = 10
+    c.rerank.diffusion.gamma = 3.0
+    c.rerank.diffusion.alpha = 0.99
+    c.rerank.diffusion.max_iter = 20
+    c.rerank.diffusion.tol = 1e-6
+    c.rerank.diffusion.truncate = 0  # 0 = full graph; n > 0 = sub-graph of each query's top n
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.kappas = (1, 5, 10)
+    c.eval.num_visualize = 5  # result grids for the first queries
+    c.eval.top_visualize = 10
+
+    c.train = ml_collections.ConfigDict()
+    c.train.recipe = "head"  # head | metric
+    c.train.image_size = 224
+    c.train.batch_size = 32
+    c.train.epochs = 10
+    c.train.learning_rate = 1e-3
+    c.train.fine_tune_blocks = 0  # second stage: unfreeze the top N blocks (0 = no second stage)
+    c.train.fine_tune_epochs = 5
+    c.train.fine_tune_learning_rate = 1e-5
+    c.train.dense_units = 512
+    c.train.dropout = 0.5
+    c.train.loss = "contrastive"  # metric recipe: contrastive | triplet
+    c.train.margin = 0.7
+    c.train.pool_size = 2000
+    c.train.num_negatives = 5
+    c.train.tuples_per_epoch = 1000
+    c.train.early_stopping_patience = 3
+    c.train.seed = 0
+
+    c.workdir = "runs/default"
+    return c
