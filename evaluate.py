@@ -1,0 +1,63 @@
+r"""Evaluates retrieval on Revisited Oxford/Paris: descriptors, search, re-ranking, mAP table.
+
+  python evaluate.py --dataset=paris6k                       # EfficientNet-B1 + R-MAC (default)
+  python evaluate.py --config=configs/demo.py                # offline synthetic demo
+  python evaluate.py --dataset=paris6k --descriptors=STORE   # precomputed descriptors
+  python evaluate.py --dataset=paris6k --descriptors=feats.mat   # revisitop .mat (X, Q: [D, N])
+  python evaluate.py --model=runs/train/model.keras --dataset=oxford5k
+  python evaluate.py --config.model.backbone=vgg16 --config.rerank.diffusion.k=100
+
+Prints the table (mAP E/M/H and mP@1,5,10 in %, per method) and writes results.json,
+results.csv, result grids and an HTML report under --out (default <workdir>/eval/<dataset>).
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from cbir_tf import cli
+
+config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (ml-collections).")
+flags.DEFINE_string("dataset", None, "paris6k | oxford5k | rparis6k | roxford5k | demo.")
+flags.DEFINE_string("data_root", None, "Folder holding datasets/<name>/ (default: config).")
+flags.DEFINE_string("workdir", None, "Folder for descriptors, whitening and results.")
+flags.DEFINE_string("out", None, "Folder for the results (default <workdir>/eval/<dataset>).")
+flags.DEFINE_string("backbone", None, "Backbone name (overrides config.model.backbone).")
+flags.DEFINE_string("weights", None, "'imagenet', 'none', or a weights file (.h5).")
+flags.DEFINE_string("model", None, "A saved .keras descriptor model (from train.py).")
+flags.DEFINE_string(
+    "descriptors", None, "Precomputed descriptors: a store folder (db/, queries/) or a .mat file."
+)
+flags.DEFINE_bool("download", True, "Download missing benchmark files.")
+flags.DEFINE_bool("verbose", False, "Debug logging.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cli.setup_logging(FLAGS.verbose)
+    cfg = FLAGS.config
+    cli.apply_overrides(
+        cfg,
+        {
+            "data.dataset": FLAGS.dataset,
+            "data.data_root": FLAGS.data_root,
+            "workdir": FLAGS.workdir,
+            "model.backbone": FLAGS.backbone,
+            "model.weights": FLAGS.weights,
+        },
+    )
+    from cbir_tf import evaluation  # TensorFlow loads only after the flags parsed
+
+    cli.run_main(
+        lambda: evaluation.run_benchmark(
+            cfg,
+            model_path=FLAGS.model,
+            descriptors=FLAGS.descriptors,
+            out_dir=FLAGS.out,
+            download=FLAGS.download,
+        )
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
