@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf import metrics, search
+from cbir_tf import metrics, report, search
 from cbir_tf.rerank import diffusion as diffusion_lib
 from cbir_tf.rerank import query_expansion
 
@@ -184,8 +184,12 @@ def evaluate_methods(
         res["info"] = info
         results[method] = res
         rankings[method] = ranks
-        log.info("%s: mAP M %.2f (%.1f s)", method, 100 * res["revisited"]["medium"]["map"],
-                 info["seconds"])
+        log.info(
+            "%s: mAP M %.2f (%.1f s)",
+            method,
+            100 * res["revisited"]["medium"]["map"],
+            info["seconds"],
+        )
     return results, rankings
 
 
@@ -275,3 +279,426 @@ def rankings_with_missing(ranks: np.ndarray, missing: np.ndarray, n_total: int) 
     present = np.setdiff1d(np.arange(n_total), missing)
     tail = np.broadcast_to(np.asarray(missing, np.int64), (len(ranks), len(missing)))
     return np.concatenate([present[ranks], tail], axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Descriptors of a benchmark (TensorFlow is imported only here)
+# --------------------------------------------------------------------------------------------
+
+
+def model_key(cfg: Any, model_path: str | None = None) -> str:
+    """A short, file-name-safe name of everything that changes the descriptors."""
+    m, d = cfg.model, cfg.data
+    if model_path:
+        base = os.path.splitext(os.path.basename(model_path))[0]
+    else:
+        weights = str(m.weights)
+        if weights not in ("imagenet", "none"):
+            weights = os.path.splitext(os.path.basename(weights))[0]
+        alpha = f"a{m.alpha:g}" if m.backbone.startswith("mobilenet") else ""
+        pool = m.pooling + (f"{m.gem_p:g}" if m.pooling == "gem" else "")
+        base = f"{m.backbone}{alpha}-{weights}-{pool}"
+    scales = "_".join(f"{s:.3g}" for s in d.scales)
+    return f"{base}-{d.image_size}px-s{scales}"
+
+
+def model_meta(cfg: Any, model_path: str | None, whitening: Any | None) -> dict[str, Any]:
+    """The descriptor metadata recorded in stores and results (compared before mixing)."""
+    m, d = cfg.model, cfg.data
+    meta = {
+        "backbone": m.backbone,
+        "alpha": float(m.alpha),
+        "weights": os.path.abspath(model_path) if model_path else str(m.weights),
+        "pooling": m.pooling,
+        "gem_p": float(m.gem_p),
+        "rmac_levels": int(m.rmac_levels),
+        "image_size": int(d.image_size),
+        "scales": [float(s) for s in d.scales],
+        "ms_power": float(d.ms_power),
+        "whitening": None,
+    }
+    if model_path:
+        meta.update(backbone="saved-model", pooling="saved-model")
+    if whitening is not None:
+        info = dict(whitening.info)
+        meta["whitening"] = {
+            "learned_on": info.get("learned_on"),
+            "regional": bool(info.get("regional", False)),
+            "dim": int(whitening.projection.shape[1]),
+            "shrinkage": float(info.get("shrinkage", 0.0)),
+        }
+    return meta
+
+
+def whitening_dataset(dataset: str, cfg_whitening: Any) -> str | None:
+    """Which benchmark to learn whitening on: by default the other landmark dataset."""
+    from cbir_tf.data import revisited
+
+    if cfg_whitening.kind == "none":
+        return None
+    if cfg_whitening.kind != "pca":
+        raise ValueError(f"unknown whitening kind {cfg_whitening.kind!r}; valid: pca, none")
+    if cfg_whitening.dataset == "auto":
+        return _OTHER_DATASET.get(dataset, dataset)
+    return revisited.resolve_dataset_name(cfg_whitening.dataset)
+
+
+def learn_benchmark_whitening(
+    cfg: Any, dataset: str, *, workdir: str, download: bool = True, progress: bool = True
+) -> Any | None:
+    """Learns (or loads the cached) PCA-whitening for `dataset` from another image set.
+
+    With R-MAC and `whitening.regional`, whitening is learned on the regional vectors and
+    applied to them before aggregation (Tolias et al.); otherwise on the global descriptors.
+
+    Returns:
+      A `cbir_tf.whitening.Whitening`, or None when `whitening.kind` is 'none'.
+    """
+    from cbir_tf import descriptors, whitening
+    from cbir_tf.data import revisited
+
+    train_name = whitening_dataset(dataset, cfg.whitening)
+    if train_name is None:
+        return None
+    regional = bool(cfg.whitening.regional) and cfg.model.pooling == "rmac"
+    key = f"{model_key(cfg)}-{'regional' if regional else 'global'}-on-{train_name}"
+    key += f"-d{cfg.whitening.dim}-sh{cfg.whitening.shrinkage:g}"
+    path = os.path.join(workdir, "whitening", key + ".npz")
+    if os.path.exists(path):
+        log.info("whitening: reusing %s", path)
+        return whitening.Whitening.load(path)
+
+    log.info(
+        "whitening: learning on %s (%s vectors)", train_name, "regional" if regional else "global"
+    )
+    ds = revisited.prepare_dataset(
+        train_name, cfg.data.data_root, download=download, progress=progress
+    )
+    if regional:
+        model = _build_model(cfg, whitening=None, output="regions")
+        vectors = region_vectors(model, ds.image_paths(), cfg.data.image_size, progress=progress)
+    else:
+        model = _build_model(cfg, whitening=None)
+        store = os.path.join(workdir, "descriptors", train_name, model_key(cfg) + "-raw", "db")
+        res = descriptors.extract(
+            model,
+            ds.image_paths(),
+            ids=list(ds.imlist),
+            image_size=cfg.data.image_size,
+            scales=tuple(cfg.data.scales),
+            ms_power=cfg.data.ms_power,
+            store_dir=store,
+            meta=model_meta(cfg, None, None),
+            progress=progress,
+        )
+        vectors = np.asarray(res.descriptors)
+    w = whitening.learn_pca_whitening(
+        vectors, dim=int(cfg.whitening.dim), shrinkage=float(cfg.whitening.shrinkage)
+    )
+    w.info.update(
+        learned_on=train_name,
+        regional=regional,
+        shrinkage=float(cfg.whitening.shrinkage),
+        backbone=cfg.model.backbone,
+        pooling=cfg.model.pooling,
+        num_vectors=int(len(vectors)),
+    )
+    w.save(path)
+    return w
+
+
+def _build_model(cfg: Any, whitening: Any | None, output: str = "descriptor") -> Any:
+    from cbir_tf import models
+
+    m = cfg.model
+    return models.build_descriptor_model(
+        backbone=m.backbone,
+        weights=m.weights,
+        alpha=float(m.alpha),
+        pooling=m.pooling,
+        gem_p=float(m.gem_p),
+        rmac_levels=int(m.rmac_levels),
+        whitening=whitening,
+        regional_whitening=bool(whitening is not None and whitening.info.get("regional")),
+        output=output,
+    )
+
+
+def region_vectors(
+    model: Any, paths: Sequence[str], image_size: int, progress: bool = True
+) -> np.ndarray:
+    """All R-MAC regional vectors of a set of images, for learning regional whitening.
+
+    Args:
+      model: a descriptor model built with output='regions' ([1, R, C] per image).
+      paths: image files.
+      image_size: longest side in pixels.
+
+    Returns:
+      float32 [sum of R over images, C].
+    """
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from cbir_tf.data import pipeline
+
+    @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.float32)])
+    def forward(x):
+        return model(x, training=False)
+
+    chunks, skipped = [], 0
+    dataset = pipeline.image_dataset(list(paths), image_size)
+    for item in tqdm(
+        dataset.as_numpy_iterator(),
+        total=len(paths),
+        disable=not progress,
+        desc="regions",
+        unit="img",
+    ):
+        if item["error"]:
+            skipped += 1
+            continue
+        out = forward(tf.convert_to_tensor(item["image"][None], tf.float32)).numpy()
+        chunks.append(out.reshape(-1, out.shape[-1]))
+    if skipped:
+        log.warning("whitening: %d unreadable images skipped", skipped)
+    if not chunks:
+        raise ValueError("no readable image to learn whitening from")
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def benchmark_descriptors(
+    cfg: Any,
+    ds: Any,
+    model: Any,
+    meta: Mapping[str, Any],
+    store_root: str,
+    progress: bool = True,
+    shard_index: int = 0,
+    num_shards: int = 1,
+) -> tuple[Any, Any]:
+    """Extracts (or reuses) database and cropped-query descriptors of a benchmark.
+
+    Returns:
+      (database ExtractionResult, query ExtractionResult); the stores are
+      `<store_root>/db` and `<store_root>/queries`.
+    """
+    from cbir_tf import descriptors
+
+    common = dict(
+        image_size=int(cfg.data.image_size),
+        scales=tuple(float(s) for s in cfg.data.scales),
+        ms_power=float(cfg.data.ms_power),
+        progress=progress,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        flush_every=int(cfg.extract.flush_every),
+    )
+    db = descriptors.extract(
+        model,
+        ds.image_paths(),
+        ids=list(ds.imlist),
+        store_dir=os.path.join(store_root, "db"),
+        meta=dict(meta, split="database", dataset=ds.name),
+        **common,
+    )
+    queries = descriptors.extract(
+        model,
+        ds.query_paths(),
+        ids=list(ds.qimlist),
+        bboxes=ds.query_bboxes(),
+        store_dir=os.path.join(store_root, "queries"),
+        meta=dict(meta, split="queries", dataset=ds.name),
+        **common,
+    )
+    return db, queries
+
+
+def load_precomputed(
+    path: str, ds: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Loads precomputed descriptors: a `.mat` file or a folder with `db/` and `queries/` stores.
+
+    Returns:
+      (database [P, D], queries [Q, D], missing database ids, meta).
+    """
+    from cbir_tf import store
+
+    if path.endswith(".mat"):
+        x, q = load_mat_descriptors(path)
+        if len(x) != ds.num_images or len(q) != ds.num_queries:
+            raise ValueError(
+                f"{path}: {len(x)} database and {len(q)} query descriptors, but {ds.name} has "
+                f"{ds.num_images} database images and {ds.num_queries} queries"
+            )
+        return x, q, np.zeros(0, np.int64), {"source": os.path.abspath(path), "format": "mat"}
+    db_dir, q_dir = os.path.join(path, "db"), os.path.join(path, "queries")
+    if not (os.path.isdir(db_dir) and os.path.isdir(q_dir)):
+        raise FileNotFoundError(
+            f"{path}: expected a descriptor folder with db/ and queries/ stores (as written by "
+            "extract.py --dataset=...) or a .mat file"
+        )
+    x, x_ids, x_meta = store.load_store(db_dir)
+    q, q_ids, q_meta = store.load_store(q_dir)
+    store.check_compatible(x_meta, q_meta)
+    x, missing = align_rows(x, x_ids, list(ds.imlist), "database")
+    q, _ = align_rows(q, q_ids, list(ds.qimlist), "queries")
+    return x, q, missing, dict(x_meta, source=os.path.abspath(path), format="store")
+
+
+def extract_benchmark(
+    cfg: Any,
+    ds: Any,
+    *,
+    model_path: str | None = None,
+    download: bool = True,
+    progress: bool = True,
+    shard_index: int = 0,
+    num_shards: int = 1,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Learns or loads whitening, builds the model, and extracts a benchmark's descriptors.
+
+    The stores go to `cfg.extract.out` or `<workdir>/descriptors/<dataset>/<model key>/` (with
+    `db/` and `queries/`), and are reused when complete, resumed when interrupted.
+
+    Returns:
+      (database ExtractionResult, query ExtractionResult, descriptor metadata).
+    """
+    from cbir_tf import models
+
+    w = None
+    if model_path is None:
+        w = learn_benchmark_whitening(
+            cfg, ds.name, workdir=cfg.workdir, download=download, progress=progress
+        )
+        model = _build_model(cfg, w)
+    else:
+        model = models.load_descriptor_model(model_path)
+    meta = model_meta(cfg, model_path, w)
+    key = model_key(cfg, model_path) + ("" if w is None else "-" + _whitening_tag(meta))
+    store_root = cfg.extract.out or os.path.join(cfg.workdir, "descriptors", ds.name, key)
+    db, qr = benchmark_descriptors(
+        cfg,
+        ds,
+        model,
+        meta,
+        store_root,
+        progress=progress,
+        shard_index=shard_index,
+        num_shards=num_shards,
+    )
+    return db, qr, meta
+
+
+def run_benchmark(
+    cfg: Any,
+    *,
+    model_path: str | None = None,
+    descriptors: str | None = None,
+    out_dir: str | None = None,
+    download: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Runs the whole benchmark and writes its report.
+
+    Args:
+      cfg: a config as in `configs/default.py`.
+      model_path: a saved `.keras` descriptor model to use instead of `cfg.model`.
+      descriptors: precomputed descriptors (store folder or `.mat`); skips extraction.
+      out_dir: where results go (default `<workdir>/eval/<dataset>`).
+      download: fetch missing benchmark files.
+      progress: show progress bars.
+
+    Returns:
+      {'results': per-method metrics, 'table': the printed table, 'files': written paths}.
+    """
+    from cbir_tf.data import revisited
+
+    name = revisited.resolve_dataset_name(cfg.data.dataset)
+    workdir = cfg.workdir
+    out_dir = out_dir or os.path.join(workdir, "eval", name)
+    t0 = time.perf_counter()
+    ds = revisited.prepare_dataset(
+        name,
+        cfg.data.data_root,
+        download=download,
+        progress=progress,
+        **({"images": False} if descriptors else {}),
+    )
+    skipped: dict[str, Any] = {}
+    if descriptors:
+        x, q, missing, meta = load_precomputed(descriptors, ds)
+        what = f"descriptors from {descriptors}"
+    else:
+        db, qr, meta = extract_benchmark(
+            cfg, ds, model_path=model_path, download=download, progress=progress
+        )
+        skipped = {"database": list(map(list, db.skipped)), "queries": list(map(list, qr.skipped))}
+        x, missing = align_rows(db.descriptors, db.ids, list(ds.imlist), "database")
+        q, _ = align_rows(qr.descriptors, qr.ids, list(ds.qimlist), "queries")
+        what = _describe(meta)
+    if len(missing):
+        log.warning(
+            "%d of %d database images have no descriptor and count as never retrieved (first: %s)",
+            len(missing),
+            ds.num_images,
+            [ds.imlist[i] for i in missing[:3]],
+        )
+
+    kappas = tuple(int(k) for k in cfg.eval.kappas)
+    results, rankings = evaluate_methods(
+        q,
+        x,
+        ds.gnd,
+        methods=tuple(cfg.rerank.methods),
+        rerank_cfg=cfg.rerank.to_dict(),
+        kappas=kappas,
+        original_gnd=ds.original_gnd,
+        original_queries=getattr(ds, "original_queries", None),
+        missing=missing,
+    )
+    title = f"{name} ({ds.num_images} images, {ds.num_queries} queries): {what}"
+    table = report.format_table(results, kappas, title=title)
+    print(table, flush=True)
+    extra = {
+        "dataset": name,
+        "descriptors": meta,
+        "missing_database_images": [ds.imlist[i] for i in missing],
+        "skipped": skipped,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "config": cfg.to_dict(),
+    }
+    files = report.write_results(out_dir, results, kappas, extra=extra)
+    files.update(_visual_report(out_dir, ds, results, rankings, cfg, title))
+    log.info("results written to %s", out_dir)
+    return {"results": results, "table": table, "files": files, "rankings": rankings}
+
+
+def _whitening_tag(meta: Mapping[str, Any]) -> str:
+    w = meta["whitening"]
+    return f"w{'r' if w['regional'] else 'g'}-{w['learned_on']}-d{w['dim']}-sh{w['shrinkage']:g}"
+
+
+def _describe(meta: Mapping[str, Any]) -> str:
+    w = meta.get("whitening")
+    wt = (
+        "no whitening"
+        if not w
+        else (f"{'regional ' if w['regional'] else ''}PCA-whitening learned on {w['learned_on']}")
+    )
+    return (
+        f"{meta['backbone']} ({meta['weights']}) + {meta['pooling']}, {wt}, "
+        f"{meta['image_size']} px, scales {meta['scales']}"
+    )
+
+
+def _visual_report(
+    out_dir: str,
+    ds: Any,
+    results: Mapping[str, Any],
+    rankings: Mapping[str, np.ndarray],
+    cfg: Any,
+    title: str,
+) -> dict[str, str]:
+    """Result grids and the HTML report (left empty when the visual modules are missing)."""
+    return {}
