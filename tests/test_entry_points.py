@@ -1,0 +1,106 @@
+"""The command-line entry points: --help, and end-to-end runs on the synthetic benchmark."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _run(args, cwd=ROOT, timeout=600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("script", ["train.py", "extract.py", "evaluate.py", "search.py"])
+def test_help(script):
+    proc = _run([script, "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert "--config" in proc.stdout or "--index" in proc.stdout
+
+
+def test_readme_opens_with_the_commands_ci_runs():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, re.S).group(1).splitlines()
+    assert block[0].startswith('pip install -e ".[dev]"')
+    assert block[1].startswith("python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "grep -m1 '^pip install'" in ci and "grep -m1 '^python -m pytest'" in ci
+
+
+DEMO = [
+    "--config=configs/demo.py",
+    "--config.data.image_size=96",
+    "--config.rerank.diffusion.k=8",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One evaluate.py run of the synthetic benchmark; later tests reuse its stores."""
+    work = tmp_path_factory.mktemp("demo")
+    proc = _run(["evaluate.py", *DEMO, f"--workdir={work}", f"--data_root={work / 'data'}"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return work, proc
+
+
+def test_evaluate_demo_end_to_end(demo_run):
+    work, proc = demo_run
+    for method in ("plain", "aqe", "diffusion", "aqe+diffusion"):
+        assert re.search(rf"^{re.escape(method)}\s+\d+\.\d\d", proc.stdout, re.M), proc.stdout
+    assert "demo" in proc.stdout.splitlines()[0]
+    results = json.loads((work / "eval" / "demo" / "results.json").read_text())
+    assert [r["method"] for r in results["table"]] == ["plain", "aqe", "diffusion", "aqe+diffusion"]
+    assert all(0 <= r["mAP M"] <= 100 for r in results["table"])
+    assert (work / "eval" / "demo" / "results.csv").exists()
+
+
+def test_evaluate_precomputed_store_and_mat_give_the_same_table(demo_run, tmp_path):
+    work, proc = demo_run
+    stores = [p.parent for p in (work / "descriptors" / "demo").glob("*/db/descriptors.npy")]
+    assert len(stores) == 1
+    root = stores[0]
+    args = [*DEMO, f"--workdir={work}", f"--data_root={work / 'data'}"]
+    p1 = _run(["evaluate.py", *args, f"--descriptors={root}", f"--out={tmp_path / 'a'}"])
+    assert p1.returncode == 0, p1.stderr
+
+    import scipy.io
+
+    from cbir_tf import store
+
+    x, x_ids, _ = store.load_store(root / "db")
+    q, q_ids, _ = store.load_store(root / "queries")
+    scipy.io.savemat(tmp_path / "feats.mat", {"X": np.asarray(x).T, "Q": np.asarray(q).T})
+    p2 = _run(
+        ["evaluate.py", *args, f"--descriptors={tmp_path / 'feats.mat'}", f"--out={tmp_path / 'b'}"]
+    )
+    assert p2.returncode == 0, p2.stderr
+    a = json.loads((tmp_path / "a" / "results.json").read_text())["table"]
+    b = json.loads((tmp_path / "b" / "results.json").read_text())["table"]
+    assert a == b
+    # The precomputed descriptors are those of the end-to-end run: same numbers again.
+    c = json.loads((work / "eval" / "demo" / "results.json").read_text())["table"]
+    assert a == c
+
+
+def test_evaluate_refuses_missing_descriptor_folder(tmp_path):
+    proc = _run(
+        [
+            "evaluate.py",
+            *DEMO,
+            f"--workdir={tmp_path}",
+            f"--data_root={tmp_path}",
+            f"--descriptors={tmp_path / 'nope'}",
+        ]
+    )
+    assert proc.returncode == 1
+    assert "error:" in proc.stderr and "db/" in proc.stderr
+    assert "Traceback" not in proc.stderr

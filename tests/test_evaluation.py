@@ -1,0 +1,102 @@
+"""The numpy half of the benchmark run: alignment, missing images, methods, .mat input."""
+
+import numpy as np
+import pytest
+import scipy.io
+
+from cbir_tf import evaluation, metrics
+
+RERANK = {
+    "qe": {"n": 2, "alpha": 3.0},
+    "diffusion": {
+        "k": 5,
+        "kq": 3,
+        "gamma": 3.0,
+        "alpha": 0.99,
+        "max_iter": 20,
+        "tol": 1e-6,
+        "truncate": 0,
+    },
+}
+
+
+def _l2(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _clusters(seed=0, n_per=8, groups=4, dim=16):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(groups, dim))
+    x = _l2(np.repeat(centres, n_per, 0) + 0.3 * rng.normal(size=(groups * n_per, dim)))
+    q = _l2(centres + 0.3 * rng.normal(size=(groups, dim)))
+    labels = np.repeat(np.arange(groups), n_per)
+    gnd = [
+        {
+            "easy": list(np.flatnonzero(labels == g)[:4]),
+            "hard": list(np.flatnonzero(labels == g)[4:]),
+            "junk": [],
+        }
+        for g in range(groups)
+    ]
+    return q, x, gnd
+
+
+def test_align_rows_reorders_and_reports_missing_database_images():
+    desc = np.eye(3, dtype=np.float32)
+    rows, missing = evaluation.align_rows(desc, ["c", "a", "b"], ["a", "b", "x", "c"], "database")
+    np.testing.assert_array_equal(rows, desc[[1, 2, 0]])
+    np.testing.assert_array_equal(missing, [2])
+
+
+def test_align_rows_refuses_a_missing_query():
+    with pytest.raises(ValueError, match="query images have no descriptor.*'q2'"):
+        evaluation.align_rows(np.eye(2, dtype=np.float32), ["q1", "q3"], ["q1", "q2"], "queries")
+
+
+def test_missing_images_rank_last_and_count_as_not_retrieved():
+    ranks = np.array([[1, 0, 2], [2, 1, 0]])
+    full = evaluation.rankings_with_missing(ranks, np.array([1, 3]), 5)
+    np.testing.assert_array_equal(full, [[2, 0, 4, 1, 3], [4, 2, 0, 1, 3]])
+    gnd = [{"ok": np.array([1]), "junk": np.array([])}]
+    m, *_ = metrics.compute_map(full[:1], gnd)
+    # The positive (id 1) is 4th: trapezoidal AP = (0/3 + 1/4) / 2.
+    assert m == pytest.approx(0.125, abs=1e-15)
+
+
+def test_evaluate_methods_all_methods_on_clustered_data():
+    q, x, gnd = _clusters()
+    results, rankings = evaluation.evaluate_methods(q, x, gnd, rerank_cfg=RERANK)
+    assert list(results) == list(evaluation.METHODS)
+    for method, res in results.items():
+        assert rankings[method].shape == (4, 32)
+        assert res["revisited"]["medium"]["map"] > 0.9, method
+        assert res["original"] is None
+    assert "diffusion" in results["diffusion"]["info"]
+
+
+def test_evaluate_methods_with_original_protocol_subset():
+    q, x, gnd = _clusters()
+    orig = [{"ok": g["easy"] + g["hard"], "junk": []} for g in gnd[1:3]]
+    results, _ = evaluation.evaluate_methods(
+        q, x, gnd, methods=("plain",), rerank_cfg=RERANK, original_gnd=orig, original_queries=[1, 2]
+    )
+    plain = results["plain"]
+    np.testing.assert_allclose(plain["original"]["aps"], plain["revisited"]["medium"]["aps"][1:3])
+
+
+def test_unknown_method_lists_valid_ones():
+    q, x, gnd = _clusters()
+    with pytest.raises(ValueError, match="valid: plain, aqe, diffusion"):
+        evaluation.evaluate_methods(q, x, gnd, methods=("magic",), rerank_cfg=RERANK)
+
+
+def test_load_mat_descriptors_converts_columns_to_rows(tmp_path):
+    q, x, _ = _clusters()
+    path = tmp_path / "f.mat"
+    scipy.io.savemat(path, {"X": x.T, "Q": q.T})
+    x2, q2 = evaluation.load_mat_descriptors(path)
+    np.testing.assert_array_equal(x2, x)
+    np.testing.assert_array_equal(q2, q)
+    scipy.io.savemat(path, {"X": x.T})
+    with pytest.raises(ValueError, match="'X' and 'Q'"):
+        evaluation.load_mat_descriptors(path)
