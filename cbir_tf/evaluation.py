@@ -392,9 +392,9 @@ def learn_benchmark_whitening(
             progress=progress,
         )
         vectors = np.asarray(res.descriptors)
-    w = whitening.learn_pca_whitening(
-        vectors, dim=int(cfg.whitening.dim), shrinkage=float(cfg.whitening.shrinkage)
-    )
+    # Regional whitening is learned on L2-normalised regions, the distribution it is applied to.
+    learn = whitening.learn_regional_whitening if regional else whitening.learn_pca_whitening
+    w = learn(vectors, dim=int(cfg.whitening.dim), shrinkage=float(cfg.whitening.shrinkage))
     w.info.update(
         learned_on=train_name,
         regional=regional,
