@@ -1,0 +1,526 @@
+"""Resumable downloads, safe archive extraction and the COMPLETE marker (no network)."""
+
+from __future__ import annotations
+
+import email.message
+import hashlib
+import http.server
+import io
+import json
+import os
+import socket
+import tarfile
+import threading
+import urllib.error
+import zipfile
+
+import pytest
+
+from cbir_tf.data import download as dl
+from cbir_tf.data.download import (
+    ArchiveError,
+    ChecksumError,
+    DatasetUnavailableError,
+    UnsafeArchiveError,
+    download_file,
+    read_complete_marker,
+    remove_complete_marker,
+    safe_extract,
+    write_complete_marker,
+)
+
+PAYLOAD = os.urandom(300_000)
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# A local file server on 127.0.0.1 that speaks HTTP Range and can misbehave on demand.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Server:
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.die_after: dict[str, int] = {}  # path -> bytes sent before the next drop (once)
+        self.ignore_range = False
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                server.requests.append((self.path, rng))
+                body = server.files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                if rng and not server.ignore_range:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(body):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(body)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                cut = server.die_after.pop(self.path, None)
+                if cut is not None:
+                    # The connection drops mid-way: fewer bytes than announced, then close.
+                    self.wfile.write(body[start : start + cut])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    s.files["/data.bin"] = PAYLOAD
+    yield s
+    s.close()
+
+
+def test_download_whole_file_checks_sha_and_leaves_no_part(server, tmp_path):
+    dest = tmp_path / "sub" / "data.bin"
+    out = download_file(server.url("/data.bin"), dest, sha256=SHA, progress=True)
+    assert out == str(dest)
+    assert dest.read_bytes() == PAYLOAD
+    assert not (tmp_path / "sub" / "data.bin.part").exists()
+    assert server.requests == [("/data.bin", None)]
+
+
+def test_interrupted_download_resumes_with_range(server, tmp_path):
+    dest = tmp_path / "data.bin"
+    server.die_after["/data.bin"] = 100_000
+    with pytest.raises(DatasetUnavailableError) as exc:
+        download_file(server.url("/data.bin"), dest, sha256=SHA, progress=False, retries=0)
+    msg = str(exc.value)
+    assert "100000 bytes received so far are kept" in msg and str(dest) in msg
+    part = tmp_path / "data.bin.part"
+    assert not dest.exists(), "an interrupted download must never look finished"
+    assert part.read_bytes() == PAYLOAD[:100_000]
+
+    download_file(server.url("/data.bin"), dest, sha256=SHA, progress=False, retries=0)
+    assert server.requests[-1] == ("/data.bin", "bytes=100000-")
+    assert dest.read_bytes() == PAYLOAD
+    assert not part.exists()
+
+
+def test_dropped_connection_is_retried_within_one_call(server, tmp_path):
+    server.die_after["/data.bin"] = 12_345
+    dest = tmp_path / "data.bin"
+    download_file(server.url("/data.bin"), dest, sha256=SHA, progress=False, retry_wait=0)
+    assert dest.read_bytes() == PAYLOAD
+    assert [r for _, r in server.requests] == [None, "bytes=12345-"]
+
+
+def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
+    server.ignore_range = True
+    dest = tmp_path / "data.bin"
+    # A partial file whose bytes are not a prefix of the payload: appending to it would give
+    # a corrupt file, so the 200 answer must replace it.
+    (tmp_path / "data.bin.part").write_bytes(b"x" * 5000)
+    download_file(server.url("/data.bin"), dest, sha256=SHA, progress=False)
+    assert server.requests == [("/data.bin", "bytes=5000-")]
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_part_already_whole_is_finished_on_416(server, tmp_path):
+    dest = tmp_path / "data.bin"
+    (tmp_path / "data.bin.part").write_bytes(PAYLOAD)  # killed between last byte and rename
+    download_file(server.url("/data.bin"), dest, sha256=SHA, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.requests == [("/data.bin", f"bytes={len(PAYLOAD)}-")]
+
+
+def test_part_longer_than_remote_restarts(server, tmp_path):
+    dest = tmp_path / "data.bin"
+    (tmp_path / "data.bin.part").write_bytes(PAYLOAD + b"extra")  # remote file shrank
+    download_file(server.url("/data.bin"), dest, sha256=SHA, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert [r for _, r in server.requests] == [f"bytes={len(PAYLOAD) + 5}-", None]
+
+
+def test_sha_mismatch_is_refused_and_the_bad_file_deleted(server, tmp_path):
+    dest = tmp_path / "data.bin"
+    with pytest.raises(ChecksumError, match=f"has sha256 {SHA}, not the expected 0+"):
+        download_file(server.url("/data.bin"), dest, sha256="0" * 64, progress=False)
+    assert not dest.exists()
+    assert not (tmp_path / "data.bin.part").exists()
+
+
+def test_existing_file_with_right_sha_needs_no_network(tmp_path):
+    dest = tmp_path / "data.bin"
+    dest.write_bytes(PAYLOAD)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network must not be used")
+
+    assert download_file("http://x.invalid/d", dest, sha256=SHA, opener=no_network) == str(dest)
+
+
+def test_existing_file_with_wrong_sha_is_refused_untouched(tmp_path):
+    dest = tmp_path / "data.bin"
+    dest.write_bytes(b"something else")
+    with pytest.raises(ChecksumError, match="Delete it to download it again"):
+        download_file("http://x.invalid/d", dest, sha256=SHA, progress=False)
+    assert dest.read_bytes() == b"something else"
+
+
+def test_http_error_names_status_url_and_destination(server, tmp_path):
+    dest = tmp_path / "missing.bin"
+    with pytest.raises(DatasetUnavailableError) as exc:
+        download_file(server.url("/missing.bin"), dest, progress=False, retry_wait=0)
+    msg = str(exc.value)
+    assert "HTTP 404" in msg and server.url("/missing.bin") in msg and str(dest) in msg
+    assert len(server.requests) == 1, "a 404 is not worth retrying"
+
+
+def test_offline_message_names_url_and_place_without_traceback(tmp_path):
+    calls = []
+
+    def offline(request, timeout):
+        calls.append((request.full_url, timeout))
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    dest = tmp_path / "gnd_x.pkl"
+    with pytest.raises(DatasetUnavailableError) as exc:
+        download_file("http://example.org/gnd_x.pkl", dest, opener=offline, timeout=7.5)
+    msg = str(exc.value)
+    assert "http://example.org/gnd_x.pkl" in msg
+    assert f"place it at {dest}" in msg
+    assert "Name or service not known" in msg
+    assert exc.value.__cause__ is None and exc.value.__suppress_context__
+    assert calls == [("http://example.org/gnd_x.pkl", 7.5)], "offline: fail fast, no retries"
+
+
+class _FakeResponse:
+    """What an opener returns: status, headers, read(n), close()."""
+
+    def __init__(self, status, body, headers, fail_after=None):
+        self.status = status
+        self.headers = email.message.Message()
+        for k, v in headers.items():
+            self.headers[k] = v
+        self._body = io.BytesIO(body)
+        self._fail_after = fail_after
+        self._sent = 0
+
+    def read(self, n):
+        if self._fail_after is not None and self._sent >= self._fail_after:
+            raise ConnectionResetError("connection reset by peer")
+        if self._fail_after is not None:
+            n = min(n, self._fail_after - self._sent)
+        chunk = self._body.read(n)
+        self._sent += len(chunk)
+        return chunk
+
+    def close(self):
+        pass
+
+
+def test_fake_opener_connection_reset_then_resume(tmp_path):
+    """The same resume logic through an injected opener (no socket at all)."""
+    seen = []
+
+    def opener(request, timeout):
+        rng = request.get_header("Range")
+        seen.append(rng)
+        if rng is None:  # first attempt: the connection resets after 50 000 bytes
+            return _FakeResponse(200, PAYLOAD, {"Content-Length": str(len(PAYLOAD))}, 50_000)
+        start = int(rng.split("=")[1].rstrip("-"))
+        return _FakeResponse(
+            206,
+            PAYLOAD[start:],
+            {
+                "Content-Length": str(len(PAYLOAD) - start),
+                "Content-Range": f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}",
+            },
+        )
+
+    dest = tmp_path / "f.bin"
+    with pytest.raises(DatasetUnavailableError, match="connection reset"):
+        download_file("http://h/f.bin", dest, SHA, progress=False, opener=opener, retries=0)
+    assert (tmp_path / "f.bin.part").stat().st_size == 50_000
+    download_file("http://h/f.bin", dest, SHA, progress=False, opener=opener, retries=0)
+    assert seen == [None, "bytes=50000-"]
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_wrong_content_range_restarts(tmp_path):
+    (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:1000])
+    seen = []
+
+    def opener(request, timeout):
+        seen.append(request.get_header("Range"))
+        if request.get_header("Range"):  # answers another range than the one asked for
+            return _FakeResponse(206, PAYLOAD[10:], {"Content-Range": "bytes 10-299999/300000"})
+        return _FakeResponse(200, PAYLOAD, {"Content-Length": str(len(PAYLOAD))})
+
+    download_file("http://h/f.bin", tmp_path / "f.bin", SHA, progress=False, opener=opener)
+    assert seen == ["bytes=1000-", None]
+    assert (tmp_path / "f.bin").read_bytes() == PAYLOAD
+
+
+# ----------------------------------------------------------------------------------------------
+# Safe extraction
+# ----------------------------------------------------------------------------------------------
+
+
+def _tar(path, members, mode="w:gz"):
+    """members: list of (TarInfo-like dict, bytes or None)."""
+    with tarfile.open(path, mode) as tf:
+        for spec, data in members:
+            info = tarfile.TarInfo(spec["name"])
+            info.type = spec.get("type", tarfile.REGTYPE)
+            info.linkname = spec.get("linkname", "")
+            info.mode = spec.get("mode", 0o644)
+            if data is not None:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            else:
+                tf.addfile(info)
+    return path
+
+
+def _no_stray_files(tmp_path, allowed):
+    found = {p.name for p in tmp_path.iterdir()}
+    assert found <= set(allowed), found - set(allowed)
+
+
+def test_good_tar_extracts_files_dirs_and_inside_links(tmp_path):
+    archive = _tar(
+        tmp_path / "good.tgz",
+        [
+            ({"name": "paris/defense", "type": tarfile.DIRTYPE, "mode": 0o4777}, None),
+            ({"name": "paris/defense/a.jpg", "mode": 0o4755}, b"AAA"),
+            ({"name": "./paris/eiffel/b.jpg"}, b"BB"),
+            (
+                {"name": "paris/link.jpg", "type": tarfile.SYMTYPE, "linkname": "defense/a.jpg"},
+                None,
+            ),
+            (
+                {
+                    "name": "paris/hard.jpg",
+                    "type": tarfile.LNKTYPE,
+                    "linkname": "paris/eiffel/b.jpg",
+                },
+                None,
+            ),
+        ],
+    )
+    dest = tmp_path / "out"
+    files = safe_extract(archive, dest)
+    assert files == ["paris/defense/a.jpg", "paris/eiffel/b.jpg", "paris/hard.jpg"]
+    assert (dest / "paris/defense/a.jpg").read_bytes() == b"AAA"
+    assert (dest / "paris/link.jpg").read_bytes() == b"AAA"
+    assert (dest / "paris/hard.jpg").read_bytes() == b"BB"
+    # No set-uid bits or world-writable folders from the archive.
+    assert (dest / "paris/defense/a.jpg").stat().st_mode & 0o7777 == 0o644
+
+
+@pytest.mark.parametrize(
+    "member, what",
+    [
+        ({"name": "../evil.txt"}, "contains '..'"),
+        ({"name": "ok/../../evil.txt"}, "contains '..'"),
+        ({"name": "/tmp/cbir_tf_abs_evil.txt"}, "absolute path"),
+        ({"name": "link", "type": tarfile.SYMTYPE, "linkname": "/etc"}, "outside the target"),
+        ({"name": "a/link", "type": tarfile.SYMTYPE, "linkname": "../../.."}, "outside the target"),
+        (
+            {"name": "hard", "type": tarfile.LNKTYPE, "linkname": "../evil.txt"},
+            "outside the target",
+        ),
+        (
+            {"name": "hard", "type": tarfile.LNKTYPE, "linkname": "/etc/passwd"},
+            "outside the target",
+        ),
+        ({"name": "dev", "type": tarfile.CHRTYPE}, "device file"),
+        ({"name": "fifo", "type": tarfile.FIFOTYPE}, "device file"),
+    ],
+)
+def test_hostile_tar_is_refused_naming_the_member_before_writing(tmp_path, member, what):
+    is_file = member.get("type", tarfile.REGTYPE) == tarfile.REGTYPE
+    archive = _tar(
+        tmp_path / "evil.tar",
+        [({"name": "first.jpg"}, b"1"), (member, b"evil" if is_file else None)],
+        mode="w",
+    )
+    dest = tmp_path / "a" / "b" / "out"
+    with pytest.raises(UnsafeArchiveError) as exc:
+        safe_extract(archive, dest)
+    assert repr(member["name"]) in str(exc.value) and what in str(exc.value)
+    # Every member is checked before the first is written.
+    assert list(dest.iterdir()) == []
+    assert not os.path.exists("/tmp/cbir_tf_abs_evil.txt")
+    _no_stray_files(tmp_path, {"evil.tar", "a"})
+
+
+def test_file_written_through_a_link_that_escapes_later_is_refused(tmp_path):
+    """`e -> up/../x` looks inside until `up -> sub/..` exists; then it points outside."""
+    (tmp_path / "x").mkdir()
+    archive = _tar(
+        tmp_path / "order.tar",
+        [
+            ({"name": "sub", "type": tarfile.DIRTYPE}, None),
+            ({"name": "e", "type": tarfile.SYMTYPE, "linkname": "up/../x"}, None),
+            ({"name": "up", "type": tarfile.SYMTYPE, "linkname": "sub/.."}, None),
+            ({"name": "e/pwned.txt"}, b"pwned"),
+        ],
+        mode="w",
+    )
+    dest = tmp_path / "out"
+    with pytest.raises(UnsafeArchiveError, match="'e/pwned.txt'.*link leaving"):
+        safe_extract(archive, dest)
+    assert list((tmp_path / "x").iterdir()) == []
+
+
+def test_link_escaping_only_in_the_final_state_is_removed(tmp_path):
+    archive = _tar(
+        tmp_path / "order.tar",
+        [
+            ({"name": "sub", "type": tarfile.DIRTYPE}, None),
+            ({"name": "e", "type": tarfile.SYMTYPE, "linkname": "up/../x"}, None),
+            ({"name": "up", "type": tarfile.SYMTYPE, "linkname": "sub/.."}, None),
+        ],
+        mode="w",
+    )
+    dest = tmp_path / "out"
+    with pytest.raises(UnsafeArchiveError, match="'e' is a link that resolves outside"):
+        safe_extract(archive, dest)
+    assert not os.path.lexists(dest / "e")
+
+
+def test_existing_link_in_target_is_not_written_through(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "out"
+    dest.mkdir()
+    os.symlink(outside, dest / "pre")
+    archive = _tar(tmp_path / "a.tar", [({"name": "pre/f.txt"}, b"x")], mode="w")
+    with pytest.raises(UnsafeArchiveError, match="'pre/f.txt'"):
+        safe_extract(archive, dest)
+    assert list(outside.iterdir()) == []
+
+
+def test_existing_link_at_a_file_name_is_replaced_not_followed(tmp_path):
+    outside = tmp_path / "victim.txt"
+    outside.write_text("keep")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    os.symlink(outside, dest / "f.txt")
+    safe_extract(_tar(tmp_path / "a.tar", [({"name": "f.txt"}, b"new")], mode="w"), dest)
+    assert outside.read_text() == "keep"
+    assert not (dest / "f.txt").is_symlink() and (dest / "f.txt").read_bytes() == b"new"
+
+
+def _zip(path, entries):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data, mode in entries:
+            info = zipfile.ZipInfo(name)
+            if mode is not None:
+                info.external_attr = mode << 16
+            zf.writestr(info, data)
+    return path
+
+
+def test_good_zip_extracts(tmp_path):
+    archive = _zip(
+        tmp_path / "good.zip",
+        [("d/", b"", 0o40755), ("d/a.jpg", b"AAA", 0o100644), ("b.jpg", b"B", None)],
+    )
+    files = safe_extract(archive, tmp_path / "out")
+    assert files == ["d/a.jpg", "b.jpg"]
+    assert (tmp_path / "out/d/a.jpg").read_bytes() == b"AAA"
+
+
+@pytest.mark.parametrize(
+    "entry, what",
+    [
+        (("../evil.txt", b"x", None), "contains '..'"),
+        (("/abs_evil.txt", b"x", None), "absolute path"),
+        (("C:/evil.txt", b"x", None), "absolute path"),
+        (("..\\evil.txt", b"x", None), "contains '..'"),
+        (("link", b"/etc/passwd", 0o120777), "outside the target"),
+        (("link", b"../../x", 0o120777), "outside the target"),
+        (("fifo", b"", 0o010644), "device file"),
+    ],
+)
+def test_hostile_zip_is_refused(tmp_path, entry, what):
+    archive = _zip(tmp_path / "evil.zip", [entry])
+    dest = tmp_path / "out"
+    with pytest.raises(UnsafeArchiveError) as exc:
+        safe_extract(archive, dest)
+    assert repr(entry[0]) in str(exc.value) and what in str(exc.value)
+    assert list(dest.iterdir()) == []
+    _no_stray_files(tmp_path, {"evil.zip", "out"})
+
+
+def test_corrupt_and_truncated_archives_raise_archive_error(tmp_path):
+    junk = tmp_path / "junk.tgz"
+    junk.write_bytes(os.urandom(2000))
+    with pytest.raises(ArchiveError, match="neither a tar nor a zip"):
+        safe_extract(junk, tmp_path / "o1")
+    good = _tar(
+        tmp_path / "good.tgz", [({"name": f"f{i}.jpg"}, os.urandom(20_000)) for i in range(5)]
+    )
+    truncated = tmp_path / "truncated.tgz"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(ArchiveError) as exc:
+        safe_extract(truncated, tmp_path / "o2")
+    assert not isinstance(exc.value, UnsafeArchiveError)
+    with pytest.raises(ArchiveError, match="does not exist"):
+        safe_extract(tmp_path / "nope.tar", tmp_path / "o3")
+
+
+# ----------------------------------------------------------------------------------------------
+# COMPLETE marker
+# ----------------------------------------------------------------------------------------------
+
+
+def test_complete_marker_roundtrip_and_invalid_markers(tmp_path):
+    assert read_complete_marker(tmp_path) is None
+    path = write_complete_marker(tmp_path, {"dataset": "x", "files": {"a": {"size": 1}}})
+    rec = read_complete_marker(tmp_path)
+    assert rec["dataset"] == "x" and rec["files"] == {"a": {"size": 1}} and rec["complete"]
+    assert json.loads(open(path).read()) == rec
+    # No temporary file left next to it.
+    assert sorted(os.listdir(tmp_path)) == [dl.COMPLETE_MARKER]
+
+    (tmp_path / dl.COMPLETE_MARKER).write_text('{"complete": tr')  # torn write
+    assert read_complete_marker(tmp_path) is None
+    (tmp_path / dl.COMPLETE_MARKER).write_text('{"complete": false}')
+    assert read_complete_marker(tmp_path) is None
+    (tmp_path / dl.COMPLETE_MARKER).write_text("[1, 2]")
+    assert read_complete_marker(tmp_path) is None
+    remove_complete_marker(tmp_path)
+    remove_complete_marker(tmp_path)  # idempotent
+    assert not (tmp_path / dl.COMPLETE_MARKER).exists()
+
+
+def test_file_sha256_matches_hashlib(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(PAYLOAD)
+    assert dl.file_sha256(p, chunk_size=4096) == SHA
