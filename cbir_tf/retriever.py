@@ -1,0 +1,1371 @@
+"""Search your own photos: index a folder, query it with an image, get ranked ids, paths, scores.
+
+    from cbir_tf import Retriever
+    r = Retriever.from_config(config, directory="my_index")   # or Retriever.from_model("m.keras")
+    r.index("~/Pictures")             # incremental: files already indexed and unchanged are skipped
+    for hit in r.search("query.jpg", k=10, rerank="aqe"):
+        print(hit.rank, hit.score, hit.path)
+
+An index folder IS a descriptor store (`cbir_tf.store`: descriptors.npy, ids.txt, meta.json,
+skipped.json, COMPLETE), so every tool that reads stores reads indexes, plus `manifest.json`:
+the collection root, how to rebuild the model (its config, or a `.keras` file), and what is known
+about each indexed file (size and modification time, to notice changes). `extract.py
+--images=DIR --out=DIR` and this API build the same folders.
+
+Indexing streams: new images are extracted into `<index>/pending/` (a store written chunk by
+chunk by `cbir_tf.descriptors.extract`, resumable after a kill), then joined with the existing
+rows into the new descriptors.npy block by block, so memory never holds more than the descriptor
+matrix (memory-mapped) and one block. The join is a journalled commit: every new file is written
+beside the old one as `<name>.new`, a `COMMIT` journal is written, then the files are renamed. A
+run killed during the renames is completed by the next open; killed before, the old index stays
+and the pending extraction resumes.
+
+Image ids are paths relative to the collection root ('/' separators), or absolute paths for
+images outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cbir_tf import store as store_lib
+from cbir_tf.io import atomic_open, atomic_write_json, atomic_write_text, folder_lock
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.keras"
+PENDING_DIR = "pending"
+PENDING_FILE = "pending.json"
+COMMIT_FILE = "COMMIT"
+FORMAT = "cbir_tf.index"
+FORMAT_VERSION = 1
+RERANK_METHODS = ("none", "aqe", "diffusion", "aqe+diffusion")
+
+# Re-ranking settings when none are given: those of configs/default.py.
+DEFAULT_RERANK = {
+    "qe": {"n": 2, "alpha": 3.0},
+    "diffusion": {
+        "k": 50,
+        "kq": 10,
+        "gamma": 3.0,
+        "alpha": 0.99,
+        "max_iter": 20,
+        "tol": 1e-6,
+        "truncate": 0,
+    },
+}
+
+_BLOCK_ROWS = 65536
+_INDEX_FILES = (
+    store_lib.DESCRIPTORS_FILE,
+    store_lib.IDS_FILE,
+    store_lib.SKIPPED_FILE,
+    store_lib.META_FILE,
+    MANIFEST_FILE,
+    store_lib.COMPLETE_FILE,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """One retrieved image.
+
+    Attributes:
+      rank: 1 for the best match.
+      id: the image id in the index.
+      path: the image file (None when unknown).
+      score: similarity (cosine for plain and α-QE search; the diffusion score otherwise).
+    """
+
+    rank: int
+    id: str
+    path: str | None
+    score: float
+
+
+def format_results(results: Sequence[SearchResult], title: str = "") -> str:
+    """A fixed-width text table (rank, score, image id) of one query's results."""
+    width = max([len("rank")] + [len(str(r.rank)) for r in results])
+    lines = [title] if title else []
+    lines.append(f"{'rank':>{width}}  {'score':>8}  image id")
+    lines += [f"{r.rank:>{width}}  {r.score:>8.4f}  {r.id}" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+class Retriever:
+    """An image index and the model that describes its images.
+
+    Build one with `from_config`, `from_model` or `load`. With a `directory`, the index lives in
+    that folder and `index` / `remove` update it on disk as they go (resumable); without, it lives
+    in memory until `save`.
+
+    Args:
+      model: a Keras model mapping raw RGB float32 [B, H, W, 3] (0..255) to L2-normalised
+        descriptors [B, D] (as `models.build_descriptor_model` makes).
+      model_ref: how to rebuild the model: {'kind': 'config', 'config': {...}} (the config's
+        `model` block), {'kind': 'keras', 'path': ...}, or {'kind': 'inline'}. Models that a
+        reference cannot reproduce (random weights, learned whitening, inline) are saved as
+        `model.keras` in the index folder.
+      image_size: longest image side fed to the model, pixels.
+      scales: multi-scale factors (descriptors are combined as `descriptors.extract` does).
+      ms_power: power of the generalised mean combining scales.
+      directory: the index folder (opened if it holds an index, else created on first write).
+      root: collection root: ids of images below it are paths relative to it.
+      rerank: {'qe': {'n', 'alpha'}, 'diffusion': {...}} settings (missing ones: defaults of
+        configs/default.py).
+      backend: 'exact' or 'faiss' nearest-neighbour search.
+      block_size: database rows per block of exact search.
+      flush_every: images per checkpoint of a running extraction.
+      descriptor_meta: fields recorded in the store's meta.json (backbone, pooling, ...).
+      prefer_saved_model: when `directory` holds an index with its own saved model, use that
+        model instead of `model` (for models that cannot be rebuilt identically, e.g. random
+        weights: the saved one described the stored images).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        model_ref: Mapping[str, Any] | None = None,
+        image_size: int = 1024,
+        scales: Sequence[float] = (1.0,),
+        ms_power: float = 1.0,
+        directory: str | os.PathLike | None = None,
+        root: str | os.PathLike | None = None,
+        rerank: Mapping[str, Any] | None = None,
+        backend: str = "exact",
+        block_size: int = _BLOCK_ROWS,
+        flush_every: int = 64,
+        descriptor_meta: Mapping[str, Any] | None = None,
+        prefer_saved_model: bool = False,
+    ):
+        self.model = model
+        self.prefer_saved_model = bool(prefer_saved_model)
+        self.model_ref = dict(model_ref or {"kind": "inline"})
+        self.image_size = int(image_size)
+        self.scales = tuple(float(s) for s in scales)
+        self.ms_power = float(ms_power)
+        self.root = os.path.abspath(os.path.expanduser(os.fspath(root))) if root else None
+        self.rerank_settings = _merge_rerank(rerank)
+        self.backend = backend
+        self.block_size = int(block_size)
+        self.flush_every = int(flush_every)
+        self.descriptor_meta = store_lib._normalize(dict(descriptor_meta or {}))
+        self.directory = os.path.abspath(os.fspath(directory)) if directory else None
+        self._descriptors = np.zeros((0, 0), np.float32)
+        self._ids: list[str] = []
+        self._row: dict[str, int] = {}
+        self._paths: dict[str, str] = {}  # explicit paths of ids that are not root-relative
+        self._stat: dict[str, list[int]] = {}
+        self._failed: dict[str, dict[str, Any]] = {}
+        self._search_index = None
+        self._affinity = None
+        if self.directory:
+            _refuse_plain_store(self.directory)
+            saved_model = os.path.join(self.directory, MODEL_FILE)
+            if self.prefer_saved_model and os.path.isfile(saved_model):
+                # A model rebuilt with random weights would not match the stored (or pending)
+                # descriptors: the model saved in the folder is the one that described them.
+                from cbir_tf import models
+
+                log.info("using the model saved with the index %s", self.directory)
+                self.model = models.load_descriptor_model(saved_model)
+            if _is_index(self.directory):
+                self._open(self.directory)
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        *,
+        whitening: Any = None,
+        directory: str | os.PathLike | None = None,
+        root: str | os.PathLike | None = None,
+    ) -> Retriever:
+        """Builds the model a config describes (`config.model`, `config.data`, ...).
+
+        Args:
+          config: a full config (ml_collections.ConfigDict or nested dict) with `model` and
+            `data` blocks, optionally `search`, `rerank`, `extract`.
+          whitening: an optional `cbir_tf.whitening.Whitening` built into the model.
+          directory: index folder (see the class docstring).
+          root: collection root.
+
+        Returns:
+          A Retriever with an empty index (or the index already in `directory`).
+        """
+        from cbir_tf import models
+
+        cfg = _to_dict(config)
+        model_cfg = dict(cfg["model"])
+        weights = str(model_cfg.get("weights", ""))
+        if weights.lower() not in ("imagenet", "none", "") and os.path.exists(weights):
+            # A weights file is referenced absolutely, so the index works from any folder.
+            model_cfg["weights"] = weights = os.path.abspath(weights)
+        model = models.model_from_config(model_cfg, whitening=whitening)
+        data = cfg.get("data", {})
+        # Random weights or a learned whitening cannot be rebuilt from the config alone.
+        reproducible = whitening is None and weights.lower() != "none"
+        ref = {"kind": "config", "config": model_cfg, "reproducible": reproducible}
+        meta = {k: model_cfg.get(k) for k in ("backbone", "alpha", "weights", "pooling")}
+        meta.update(
+            {
+                "gem_p": model_cfg.get("gem_p"),
+                "rmac_levels": model_cfg.get("rmac_levels"),
+                "whitening": _whitening_meta(whitening),
+            }
+        )
+        search_cfg = cfg.get("search", {})
+        return cls(
+            model,
+            model_ref=ref,
+            image_size=int(data.get("image_size", 1024)),
+            scales=tuple(data.get("scales", (1.0,))),
+            ms_power=float(data.get("ms_power", 1.0)),
+            directory=directory,
+            root=root,
+            rerank=cfg.get("rerank"),
+            backend=str(search_cfg.get("backend", "exact")),
+            block_size=int(search_cfg.get("block_size", _BLOCK_ROWS)),
+            flush_every=int(cfg.get("extract", {}).get("flush_every", 64)),
+            descriptor_meta=meta,
+            prefer_saved_model=not reproducible,
+        )
+
+    @classmethod
+    def from_model(
+        cls,
+        path: str | os.PathLike,
+        *,
+        image_size: int = 1024,
+        scales: Sequence[float] = (1.0,),
+        ms_power: float = 1.0,
+        directory: str | os.PathLike | None = None,
+        root: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> Retriever:
+        """Uses a saved descriptor model (`.keras`, e.g. written by train.py).
+
+        Args:
+          path: the `.keras` file (loaded with safe_mode=True).
+          image_size, scales, ms_power, directory, root: see the class docstring.
+          **kwargs: other constructor arguments (rerank, backend, block_size, flush_every).
+        """
+        from cbir_tf import models
+
+        path = os.path.abspath(os.fspath(path))
+        model = models.load_descriptor_model(path)
+        ref = {"kind": "keras", "path": path, "reproducible": True}
+        meta = {"backbone": None, "weights": path, "pooling": None, "whitening": None}
+        return cls(
+            model,
+            model_ref=ref,
+            image_size=image_size,
+            scales=scales,
+            ms_power=ms_power,
+            directory=directory,
+            root=root,
+            descriptor_meta=meta,
+            **kwargs,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        model: Any = None,
+        root: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> Retriever:
+        """Opens an index folder written by `save`, by an attached Retriever or by extract.py.
+
+        Later `index` / `remove` calls update the folder in place.
+
+        Args:
+          directory: the index folder.
+          model: a model to use instead of the one the manifest names (a Keras model or a
+            `.keras` path), e.g. when the original file moved.
+          root: the collection root, when the images moved since indexing.
+          **kwargs: constructor arguments overriding the defaults (rerank, backend, ...).
+
+        Raises:
+          FileNotFoundError: not an index folder (no manifest.json).
+          cbir_tf.store.StoreIncompleteError: the store was never finished.
+        """
+        directory = os.path.abspath(os.fspath(directory))
+        _recover(directory)
+        manifest = _read_manifest(directory)
+        ref = dict(manifest["model"])
+        if model is None:
+            model = _load_model(directory, ref)
+        elif isinstance(model, (str, os.PathLike)):
+            from cbir_tf import models
+
+            path = os.path.abspath(os.fspath(model))
+            model = models.load_descriptor_model(path)
+            ref = {"kind": "keras", "path": path, "reproducible": True}
+        meta = store_lib.DescriptorStore(directory).meta()
+        return cls(
+            model,
+            model_ref=ref,
+            image_size=manifest["image_size"],
+            scales=manifest["scales"],
+            ms_power=manifest["ms_power"],
+            directory=directory,
+            root=root or manifest.get("root"),
+            descriptor_meta=manifest.get("descriptor_meta", _descriptor_fields(meta)),
+            **kwargs,
+        )
+
+    # -- the index ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def ids(self) -> list[str]:
+        """Ids of the indexed images, in row order."""
+        return list(self._ids)
+
+    @property
+    def descriptors(self) -> np.ndarray:
+        """float32 [N, D] descriptors (memory-mapped for an index on disk), row i for ids[i]."""
+        return self._descriptors
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """{id: reason} of images that could not be read (retried only once they change)."""
+        return {i: f["reason"] for i, f in self._failed.items()}
+
+    def path_of(self, image_id: str) -> str | None:
+        """The file of an indexed image (None when unknown)."""
+        if image_id in self._paths:
+            return self._paths[image_id]
+        if os.path.isabs(image_id):
+            return image_id
+        if self.root is None:
+            return None
+        return os.path.join(self.root, *image_id.split("/"))
+
+    def id_of(self, path: str | os.PathLike) -> str:
+        """The id an image file gets (or has) in this index."""
+        p = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        if self.root is not None and _is_inside(p, self.root) and p != self.root:
+            return os.path.relpath(p, self.root).replace(os.sep, "/")
+        return p.replace(os.sep, "/") if os.sep != "/" else p
+
+    def _store_meta(self) -> dict[str, Any]:
+        meta = dict(self.descriptor_meta)
+        meta.update(
+            {"image_size": self.image_size, "scales": list(self.scales), "ms_power": self.ms_power}
+        )
+        return meta
+
+    def index(
+        self,
+        paths_or_folder: str | os.PathLike | Iterable[str | os.PathLike],
+        *,
+        ids: Sequence[str] | None = None,
+        recursive: bool = True,
+        prune: bool = False,
+        progress: bool = True,
+    ) -> dict[str, int]:
+        """Adds images to the index; files already indexed and unchanged are skipped.
+
+        A changed file (other size or modification time) is described again and its row
+        replaced. Unreadable images are recorded in `failed` and retried once they change.
+
+        Args:
+          paths_or_folder: a folder (scanned with `cbir_tf.data.folder.list_images`; the first
+            folder indexed becomes the collection root when none is set) or image paths.
+          ids: explicit ids for a list of paths (default: derived from the paths).
+          recursive: scan sub-folders of a folder.
+          prune: for a folder, also drop indexed images under it whose file no longer exists.
+          progress: show a progress bar while extracting.
+
+        Returns:
+          Counts {'added', 'updated', 'unchanged', 'failed', 'removed', 'total'}.
+        """
+        if self.directory:
+            with folder_lock(self.directory, what="this index"):
+                self._refresh()
+                self._resume_pending(progress)
+                return self._index(paths_or_folder, ids, recursive, prune, progress)
+        return self._index(paths_or_folder, ids, recursive, prune, progress)
+
+    def _refresh(self) -> None:
+        """Re-reads the folder (under its lock): another process may have updated it."""
+        _recover(self.directory)
+        if _is_index(self.directory):
+            self._open(self.directory)
+
+    def _index(self, paths_or_folder, ids, recursive, prune, progress) -> dict[str, int]:
+        files, file_ids, folder = self._resolve(paths_or_folder, ids, recursive)
+        todo_ids, new_paths, stats = [], {}, {}
+        counts = {"added": 0, "updated": 0, "unchanged": 0, "failed": 0, "removed": 0}
+        for path, image_id in zip(files, file_ids, strict=True):
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                self._failed[image_id] = {"reason": f"cannot stat: {e.strerror}", "stat": None}
+                counts["failed"] += 1
+                continue
+            stat = [int(st.st_size), int(st.st_mtime_ns)]
+            if image_id in self._row and self._stat.get(image_id) == stat:
+                counts["unchanged"] += 1
+            elif image_id in self._failed and self._failed[image_id].get("stat") == stat:
+                counts["unchanged"] += 1  # still the same unreadable file: not retried
+            else:
+                todo_ids.append(image_id)
+                new_paths[image_id] = path
+                stats[image_id] = stat
+        remove = set()
+        if prune and folder is not None:
+            present = set(file_ids)
+            for i in list(self._ids) + list(self._failed):
+                p = self.path_of(i)
+                if i not in present and p and _is_inside(p, folder) and not os.path.exists(p):
+                    remove.add(i)
+        before = set(self._row)
+        if todo_ids or remove:
+            self._extract_and_commit(todo_ids, new_paths, stats, remove, progress)
+        for i in todo_ids:
+            if i in self._row:
+                counts["updated" if i in before else "added"] += 1
+            else:
+                counts["failed"] += 1
+        counts["removed"] = len(remove)
+        counts["total"] = len(self._ids)
+        log.info(
+            "index%s: %d added, %d updated, %d unchanged, %d unreadable, %d removed; %d images",
+            f" {self.directory}" if self.directory else "", counts["added"], counts["updated"],
+            counts["unchanged"], counts["failed"], counts["removed"], counts["total"],
+        )  # fmt: skip
+        return counts
+
+    def _resolve(self, paths_or_folder, ids, recursive):
+        """(absolute file paths, ids, folder or None) of what `index` was given."""
+        from cbir_tf.data.folder import list_images
+
+        if isinstance(paths_or_folder, (str, os.PathLike)) and os.path.isdir(
+            os.path.expanduser(os.fspath(paths_or_folder))
+        ):
+            if ids is not None:
+                raise ValueError("ids can only be given with a list of image paths")
+            folder = os.path.abspath(os.path.expanduser(os.fspath(paths_or_folder)))
+            if self.root is None:
+                self.root = folder
+            rel = list_images(folder, recursive=recursive)
+            files = [os.path.join(folder, *r.split("/")) for r in rel]
+        else:
+            folder = None
+            if isinstance(paths_or_folder, (str, os.PathLike)):
+                paths_or_folder = [paths_or_folder]
+            files = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths_or_folder]
+        if ids is None:
+            file_ids = [self.id_of(p) for p in files]
+        else:
+            file_ids = [str(i) for i in ids]
+            if len(file_ids) != len(files):
+                raise ValueError(f"{len(files)} paths but {len(file_ids)} ids")
+        bad = [i for i in file_ids if not i or "\n" in i or "\r" in i]
+        if bad:
+            raise ValueError(f"image ids must be non-empty single-line strings, got {bad[:3]}")
+        if len(set(file_ids)) != len(file_ids):
+            raise ValueError("the same image id appears twice in one call")
+        return files, file_ids, folder
+
+    def remove(self, ids_or_paths: Iterable[str | os.PathLike]) -> list[str]:
+        """Drops images from the index (by id, or by file path).
+
+        Args:
+          ids_or_paths: ids or paths of indexed images.
+
+        Returns:
+          The ids removed.
+
+        Raises:
+          KeyError: naming the entries that are not in the index (nothing is removed then).
+        """
+        wanted, unknown = [], []
+        for x in ids_or_paths:
+            x = os.fspath(x)
+            if x in self._row or x in self._failed:
+                wanted.append(x)
+            elif self.id_of(x) in self._row or self.id_of(x) in self._failed:
+                wanted.append(self.id_of(x))
+            else:
+                unknown.append(x)
+        if unknown:
+            raise KeyError(f"not in the index: {', '.join(map(repr, unknown[:5]))}")
+        if not wanted:
+            return []
+        if self.directory:
+            with folder_lock(self.directory, what="this index"):
+                self._refresh()
+                self._extract_and_commit([], {}, {}, set(wanted), progress=False)
+        else:
+            self._extract_and_commit([], {}, {}, set(wanted), progress=False)
+        return sorted(set(wanted))
+
+    # -- extraction and commit ---------------------------------------------------------------
+
+    def _extract_and_commit(self, new_ids, new_paths, stats, remove, progress) -> int:
+        """Describes `new_ids`, drops `remove`, and commits (to disk when attached).
+
+        Returns:
+          The number of new images that could not be read.
+        """
+        if not self.directory:
+            result = self._extract(new_ids, [new_paths[i] for i in new_ids], None, progress)
+            return self._apply(result, new_paths, stats, remove)
+        # A model no reference can rebuild is saved before any descriptor it makes, so that a
+        # resumed run continues with the same model.
+        self._model_ref_for(self.directory)
+        pending = {
+            "ids": list(new_ids),
+            "paths": [new_paths[i] for i in new_ids],
+            "stats": [stats[i] for i in new_ids],
+            "remove": sorted(remove),
+        }
+        # The list is saved before extraction so that a killed run resumes exactly this batch.
+        atomic_write_json(os.path.join(self.directory, PENDING_FILE), pending)
+        return self._run_pending(pending, progress)
+
+    def _resume_pending(self, progress: bool) -> None:
+        path = os.path.join(self.directory, PENDING_FILE)
+        if not os.path.isfile(path):
+            shutil.rmtree(os.path.join(self.directory, PENDING_DIR), ignore_errors=True)
+            return
+        with open(path, encoding="utf-8") as f:
+            pending = json.load(f)
+        log.info("resuming the interrupted indexing of %d images", len(pending["ids"]))
+        self._run_pending(pending, progress)
+
+    def _run_pending(self, pending: Mapping[str, Any], progress: bool) -> int:
+        new_ids = list(pending["ids"])
+        new_paths = dict(zip(new_ids, pending["paths"], strict=True))
+        stats = dict(zip(new_ids, pending["stats"], strict=True))
+        staging = os.path.join(self.directory, PENDING_DIR)
+        result = None
+        if new_ids:
+            result = self._extract(new_ids, pending["paths"], staging, progress)
+        failed = self._apply(result, new_paths, stats, set(pending["remove"]))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.directory, PENDING_FILE))
+        shutil.rmtree(staging, ignore_errors=True)
+        return failed
+
+    def _extract(self, ids, paths, store_dir, progress):
+        """(descriptors float32 [n, D], ids, skipped [(id, reason)]) of new images."""
+        from cbir_tf import descriptors
+
+        if not ids:
+            return None
+        res = descriptors.extract(
+            self.model,
+            list(paths),
+            ids=list(ids),
+            image_size=self.image_size,
+            scales=self.scales,
+            ms_power=self.ms_power,
+            store_dir=store_dir,
+            meta=self._store_meta(),
+            flush_every=self.flush_every,
+            progress=progress,
+        )
+        return res.descriptors, list(res.ids), list(res.skipped)
+
+    def _apply(self, result, new_paths, stats, remove) -> int:
+        """Merges extracted rows into the index: in memory, or on disk when attached.
+
+        Returns:
+          The number of new images that could not be read.
+        """
+        new_desc, got_ids, skipped = result if result is not None else (None, [], [])
+        # Rows of re-described files (changed, or now unreadable) and removed ones are dropped.
+        drop = set(remove) | (set(new_paths) & set(self._row))
+        keep_rows = np.asarray(
+            [r for r, i in enumerate(self._ids) if i not in drop], dtype=np.int64
+        )
+        ids = [self._ids[r] for r in keep_rows] + list(got_ids)
+        for i in drop:
+            self._stat.pop(i, None)
+        for i in remove:
+            self._failed.pop(i, None)
+            self._paths.pop(i, None)
+        for i in list(got_ids) + [i for i, _ in skipped]:
+            # Explicit ids (not derived from the path) keep their file in the manifest.
+            self._paths.pop(i, None)
+            if self.path_of(i) != new_paths[i]:
+                self._paths[i] = new_paths[i]
+        for i in got_ids:
+            self._stat[i] = stats[i]
+            self._failed.pop(i, None)
+        for i, reason in skipped:
+            self._failed[i] = {"reason": str(reason), "stat": stats.get(i)}
+            self._stat.pop(i, None)
+        dim = self._dim(new_desc)
+        if self.directory:
+            self._write_index(self.directory, self._descriptors, keep_rows, new_desc, ids, dim)
+            self._descriptors, stored_ids, _ = store_lib.load_store(self.directory, mmap=True)
+            self._set_ids(stored_ids)
+        else:
+            parts = []
+            if len(keep_rows):
+                parts.append(np.asarray(self._descriptors[keep_rows], dtype=np.float32))
+            if new_desc is not None and len(got_ids):
+                parts.append(np.asarray(new_desc, dtype=np.float32))
+            self._descriptors = (
+                np.concatenate(parts, axis=0) if parts else np.zeros((0, dim), np.float32)
+            )
+            self._set_ids(ids)
+        return len(skipped)
+
+    def _dim(self, new_desc) -> int:
+        if new_desc is not None and np.ndim(new_desc) == 2 and np.shape(new_desc)[0]:
+            d = int(np.shape(new_desc)[1])
+            if self._descriptors.shape[0] and self._descriptors.shape[1] != d:
+                raise ValueError(
+                    f"new descriptors have {d} dimensions, the index {self._descriptors.shape[1]}"
+                )
+            return d
+        return int(self._descriptors.shape[1]) if self._descriptors.ndim == 2 else 0
+
+    def _set_ids(self, ids: list[str]) -> None:
+        self._ids = list(ids)
+        self._row = {i: r for r, i in enumerate(self._ids)}
+        # Rows changed: search structures built on the old matrix are stale.
+        self._search_index = None
+        self._affinity = None
+
+    def _manifest(self, ids: Sequence[str], model_ref: Mapping[str, Any]) -> dict[str, Any]:
+        present = set(ids) | set(self._failed)
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "root": self.root,
+            "model": dict(model_ref),
+            "image_size": self.image_size,
+            "scales": list(self.scales),
+            "ms_power": self.ms_power,
+            "descriptor_meta": self.descriptor_meta,
+            "paths": {i: p for i, p in self._paths.items() if i in present},
+            "files": {i: self._stat[i] for i in ids if i in self._stat},
+            "failed": self._failed,
+        }
+
+    def _write_index(self, directory, old, keep_rows, new_desc, ids, dim) -> None:
+        """Writes rows `old[keep_rows]` then `new_desc` as the index in `directory` (journalled).
+
+        Every file is first written as `<name>.new` (descriptors block by block, so memory holds
+        one block), then the COMMIT journal, then the files are renamed into place.
+        """
+        model_ref = self._model_ref_for(directory)
+        n = len(ids)
+        desc_path = os.path.join(directory, store_lib.DESCRIPTORS_FILE)
+        with atomic_open(desc_path + ".new", "wb") as f:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (n, dim)}
+            np.lib.format.write_array_header_1_0(f, header)
+            for start in range(0, len(keep_rows), self.block_size):
+                rows = keep_rows[start : start + self.block_size]
+                f.write(np.ascontiguousarray(old[rows], dtype="<f4").tobytes())
+            if new_desc is not None:
+                for start in range(0, np.shape(new_desc)[0], self.block_size):
+                    block = new_desc[start : start + self.block_size]
+                    f.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+            f.flush()
+            desc_bytes = f.tell()
+        skipped = [{"id": i, "reason": f["reason"]} for i, f in self._failed.items()]
+        meta = self._store_meta()
+        meta.update(
+            {
+                "num_images": n,
+                "num_skipped": len(skipped),
+                "dim": dim,
+                "versions": store_lib.library_versions(),
+                "created": _now(),
+            }
+        )
+        files: dict[str, Any] = {
+            store_lib.IDS_FILE: "".join(i + "\n" for i in ids),
+            store_lib.SKIPPED_FILE: skipped,
+            store_lib.META_FILE: meta,
+            MANIFEST_FILE: self._manifest(ids, model_ref),
+            store_lib.COMPLETE_FILE: {
+                "num_images": n,
+                "dim": dim,
+                "descriptors_bytes": desc_bytes,
+                "ids_sha256": store_lib.ids_fingerprint(ids),
+            },
+        }
+        for name, content in files.items():
+            if isinstance(content, str):
+                atomic_write_text(os.path.join(directory, name + ".new"), content)
+            else:
+                atomic_write_json(os.path.join(directory, name + ".new"), content)
+        names = [store_lib.DESCRIPTORS_FILE, *files]
+        # The journal makes the renames all-or-nothing across a crash (see `_recover`).
+        atomic_write_json(os.path.join(directory, COMMIT_FILE), {"files": names})
+        _finish_commit(directory)
+
+    def _model_ref_for(self, directory: str) -> dict[str, Any]:
+        """The manifest's model entry; saves model.keras when no reference can rebuild it."""
+        ref = dict(self.model_ref)
+        ref.pop("file", None)
+        if ref.get("reproducible") and ref.get("kind") != "inline":
+            return ref
+        path = os.path.join(directory, MODEL_FILE)
+        if not (self.directory == directory and os.path.isfile(path)):
+            tmp = os.path.join(directory, ".model.tmp.keras")
+            self.model.save(tmp)
+            os.replace(tmp, path)
+        ref["file"] = MODEL_FILE
+        return ref
+
+    def _open(self, directory: str) -> None:
+        _recover(directory)
+        manifest = _read_manifest(directory)
+        desc, ids, meta = store_lib.load_store(directory, mmap=True)
+        # An index made with other settings must not be extended with these descriptors.
+        store_lib.check_compatible(
+            meta, {**self._store_meta(), "dim": meta.get("dim")}, directory, "this retriever"
+        )
+        self._descriptors = desc
+        self._set_ids(ids)
+        if self.root is None and manifest.get("root"):
+            self.root = manifest["root"]
+        self._paths = dict(manifest.get("paths", {}))
+        self._stat = {i: list(v) for i, v in manifest.get("files", {}).items()}
+        self._failed = dict(manifest.get("failed", {}))
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Writes the index to a folder (a descriptor store plus manifest.json).
+
+        The retriever stays where it was (in memory, or attached to its own folder).
+
+        Args:
+          directory: the folder; an index already there is replaced.
+
+        Returns:
+          The folder's absolute path.
+        """
+        directory = os.path.abspath(os.fspath(directory))
+        if self.directory == directory:
+            return directory
+        _refuse_plain_store(directory)
+        dim = int(self._descriptors.shape[1]) if self._descriptors.ndim == 2 else 0
+        os.makedirs(directory, exist_ok=True)
+        with folder_lock(directory, what="this index"):
+            _recover(directory)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, PENDING_FILE))
+            shutil.rmtree(os.path.join(directory, PENDING_DIR), ignore_errors=True)
+            rows = np.arange(len(self._ids), dtype=np.int64)
+            self._write_index(directory, self._descriptors, rows, None, self._ids, dim)
+        return directory
+
+    # -- search ------------------------------------------------------------------------------
+
+    def describe(
+        self, queries: Sequence[Any], bboxes: Sequence[Sequence[float] | None] | None = None
+    ) -> np.ndarray:
+        """Descriptors of query images, computed exactly as the indexed images' were.
+
+        Files go through the same loader as indexed images (`cbir_tf.data.pipeline`); in-memory
+        images are converted the same way (EXIF orientation of PIL images, alpha on white) and
+        shrunk with the same `resize_longest`.
+
+        Args:
+          queries: Q images: paths, PIL images or arrays [H, W], [H, W, 3|4] (uint8, or float
+            in 0..255).
+          bboxes: optional per-query crop boxes (x1, y1, x2, y2) in pixels, or None entries.
+
+        Returns:
+          float32 [Q, D].
+
+        Raises:
+          FileNotFoundError: a query file does not exist.
+          ValueError: a query cannot be read (the message names it and says why).
+        """
+        from cbir_tf import descriptors
+
+        queries = list(queries)
+        boxes = list(bboxes) if bboxes is not None else [None] * len(queries)
+        if len(boxes) != len(queries):
+            raise ValueError(f"{len(boxes)} bboxes for {len(queries)} queries")
+        files = [i for i, q in enumerate(queries) if isinstance(q, (str, os.PathLike))]
+        arrays = [i for i in range(len(queries)) if i not in set(files)]
+        out: list[np.ndarray | None] = [None] * len(queries)
+        common = {
+            "image_size": self.image_size,
+            "scales": self.scales,
+            "ms_power": self.ms_power,
+            "progress": False,
+        }
+        if files:
+            paths = []
+            for i in files:
+                p = os.path.abspath(os.path.expanduser(os.fspath(queries[i])))
+                if not os.path.isfile(p):
+                    raise FileNotFoundError(f"query image {p} does not exist")
+                paths.append(p)
+            file_boxes = [boxes[i] for i in files]
+            res = descriptors.extract(
+                self.model,
+                paths,
+                ids=[str(i) for i in files],
+                bboxes=file_boxes if any(b is not None for b in file_boxes) else None,
+                **common,
+            )
+            self._collect(res, queries, out)
+        if arrays:
+            images = [_prepare_array(queries[i], boxes[i], self.image_size) for i in arrays]
+            res = descriptors.extract(self.model, images, ids=[str(i) for i in arrays], **common)
+            self._collect(res, queries, out)
+        return np.stack(out).astype(np.float32, copy=False)
+
+    @staticmethod
+    def _collect(res: Any, queries: Sequence[Any], out: list) -> None:
+        if res.skipped:
+            qid, reason = res.skipped[0]
+            what = queries[int(qid)]
+            name = os.fspath(what) if isinstance(what, (str, os.PathLike)) else f"#{qid}"
+            raise ValueError(f"query {name} cannot be read: {reason}")
+        for image_id, vec in zip(res.ids, np.asarray(res.descriptors), strict=True):
+            out[int(image_id)] = vec
+
+    def search(
+        self,
+        query: Any,
+        k: int = 10,
+        rerank: str = "none",
+        *,
+        bbox: Sequence[float] | None = None,
+    ) -> list[SearchResult]:
+        """The `k` indexed images most similar to one query.
+
+        Args:
+          query: a path, a PIL image, or a uint8 array [H, W, 3].
+          k: results wanted (fewer when the index is smaller).
+          rerank: 'none', 'aqe' (α-query expansion), 'diffusion' or 'aqe+diffusion'.
+          bbox: optional crop box (x1, y1, x2, y2) of the query, pixels.
+
+        Returns:
+          Results best first.
+        """
+        return self.search_batch([query], k, rerank, bboxes=[bbox])[0]
+
+    def search_batch(
+        self,
+        queries: Sequence[Any],
+        k: int = 10,
+        rerank: str = "none",
+        *,
+        bboxes: Sequence[Sequence[float] | None] | None = None,
+    ) -> list[list[SearchResult]]:
+        """`search` for several queries at once (one batched extraction and search).
+
+        Returns:
+          One ranked list per query.
+        """
+        if not len(queries):
+            return []
+        self._require_nonempty()
+        q = self.describe(queries, bboxes)
+        scores, rows = self.search_descriptors(q, k, rerank)
+        return [self._results(scores[i], rows[i]) for i in range(len(queries))]
+
+    def search_descriptors(
+        self, queries: np.ndarray, k: int = 10, rerank: str = "none"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest indexed rows of query descriptors.
+
+        Args:
+          queries: float32 [Q, D] L2-normalised.
+          k: results per query (clamped to the index size).
+          rerank: see `search`.
+
+        Returns:
+          (scores float32 [Q, k'], rows int64 [Q, k']) best first, k' = min(k, N); rows index
+          `ids` / `descriptors`.
+        """
+        from cbir_tf import search as search_lib
+
+        if rerank not in RERANK_METHODS:
+            raise ValueError(f"unknown rerank {rerank!r}; valid: {', '.join(RERANK_METHODS)}")
+        self._require_nonempty()
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        database = self._descriptors
+        if queries.shape[1] != database.shape[1]:
+            raise ValueError(
+                f"queries have {queries.shape[1]} dimensions, the index {database.shape[1]}"
+            )
+        n = database.shape[0]
+        k = max(1, min(int(k), n))
+        parts = rerank.split("+")
+        if "aqe" in parts:
+            from cbir_tf.rerank import query_expansion
+
+            qe = self.rerank_settings["qe"]
+            queries = query_expansion.alpha_query_expansion(
+                queries, database, n=min(int(qe["n"]), n), alpha=float(qe["alpha"])
+            )
+        if "diffusion" in parts:
+            return self._diffusion(queries, database, k)
+        if self._search_index is None:
+            # Validated (and, for faiss, built) once per state of the index, not per query.
+            self._search_index = search_lib.SearchIndex(
+                database, backend=self.backend, block_size=self.block_size
+            )
+        scores, rows = self._search_index.search(queries, k)
+        return np.asarray(scores, np.float32), np.asarray(rows, np.int64)
+
+    def _diffusion(self, queries, database, k):
+        from cbir_tf.rerank import diffusion
+
+        d = self.rerank_settings["diffusion"]
+        n = database.shape[0]
+        truncate = int(d.get("truncate") or 0) or None
+        key = (int(d["k"]), float(d["gamma"]), self.backend)
+        if int(d["k"]) >= n:
+            log.warning(
+                "diffusion over %d images with k=%d neighbours: the graph connects everything "
+                "and diffusion cannot help; use a smaller rerank.diffusion.k (e.g. %d)",
+                n, int(d["k"]), max(2, n // 3),
+            )  # fmt: skip
+        if self._affinity is None or self._affinity[0] != key:
+            # The database graph costs O(N^2 D) exactly: built once, reused by every query.
+            graph = diffusion.knn_affinity(
+                database, int(d["k"]), float(d["gamma"]), block_size=self.block_size,
+                backend=self.backend,
+            )  # fmt: skip
+            self._affinity = (key, graph)
+        scores = diffusion.diffusion_scores(
+            queries,
+            database,
+            k=int(d["k"]),
+            kq=int(d["kq"]),
+            gamma=float(d["gamma"]),
+            alpha=float(d["alpha"]),
+            max_iter=int(d["max_iter"]),
+            tol=float(d["tol"]),
+            truncate=min(truncate, n) if truncate else None,
+            affinity=self._affinity[1],
+            block_size=self.block_size,
+            backend=self.backend,
+        )
+        scores = np.asarray(scores, dtype=np.float64)
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        # Best first; equal scores in index order, as plain search orders ties.
+        order = np.lexsort((top, -top_scores), axis=-1)
+        rows = np.take_along_axis(top, order, axis=1).astype(np.int64)
+        return np.take_along_axis(top_scores, order, axis=1).astype(np.float32), rows
+
+    def _results(self, scores: np.ndarray, rows: np.ndarray) -> list[SearchResult]:
+        out = []
+        for rank, (s, r) in enumerate(zip(scores, rows, strict=True), start=1):
+            if r < 0:  # an approximate faiss index found fewer than k neighbours
+                break
+            image_id = self._ids[int(r)]
+            out.append(SearchResult(rank, image_id, self.path_of(image_id), float(s)))
+        return out
+
+    def _require_nonempty(self) -> None:
+        if not self._ids:
+            raise ValueError("the index is empty: index some images first")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def build_index(
+    config: Any,
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    model_path: str | os.PathLike | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    progress: bool = True,
+) -> Retriever:
+    """Indexes an image folder into `out` (what `extract.py --images=DIR --out=DIR` runs).
+
+    Resumable: run it again after an interruption, or after adding images, and only new or
+    changed files are described. With `num_shards` > 1 this call indexes the contiguous slice
+    `shard_index` of the sorted file list (`cbir_tf.store.shard_range`) into its own `out`;
+    `merge_indexes` joins the shard folders.
+
+    Args:
+      config: full config (model, data, extract, search, rerank blocks).
+      images: the image folder (its sub-folders included); the collection root.
+      out: the index folder.
+      model_path: a `.keras` descriptor model to use instead of the config's model.
+      shard_index: which shard this call builds.
+      num_shards: how many shards the collection is split into.
+      progress: show progress.
+
+    Returns:
+      The Retriever, attached to `out`.
+    """
+    from cbir_tf.data.folder import list_images
+
+    cfg = _to_dict(config)
+    images = os.path.abspath(os.path.expanduser(os.fspath(images)))
+    if model_path:
+        data = cfg.get("data", {})
+        r = Retriever.from_model(
+            model_path,
+            image_size=int(data.get("image_size", 1024)),
+            scales=tuple(data.get("scales", (1.0,))),
+            ms_power=float(data.get("ms_power", 1.0)),
+            directory=out,
+            root=images,
+            rerank=cfg.get("rerank"),
+            flush_every=int(cfg.get("extract", {}).get("flush_every", 64)),
+        )
+    else:
+        r = Retriever.from_config(config, directory=out, root=images)
+    if int(num_shards) <= 1:
+        r.index(images, progress=progress)
+        return r
+    rel = list_images(images, recursive=True)
+    lo, hi = store_lib.shard_range(len(rel), int(shard_index), int(num_shards))
+    # Recorded in meta.json so that `store.merge_shards` can check and order the shards.
+    r.descriptor_meta.update(
+        {
+            "shard_index": int(shard_index),
+            "num_shards": int(num_shards),
+            "shard_start": lo,
+            "shard_stop": hi,
+            "total_images": len(rel),
+        }
+    )
+    r.index([os.path.join(images, *p.split("/")) for p in rel[lo:hi]], progress=progress)
+    return r
+
+
+def merge_indexes(
+    shard_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False
+) -> str:
+    """Joins index shards (from `build_index(..., num_shards=S)`) into one index folder.
+
+    The descriptor stores are joined by `cbir_tf.store.merge_shards` (which checks that they
+    are the shards 0..S-1 of one collection, made with the same settings); the manifests are
+    united (same root and model required).
+
+    Args:
+      shard_dirs: the shard index folders.
+      out: the merged index folder.
+      overwrite: replace an index already at `out`.
+
+    Returns:
+      `out` as an absolute path.
+
+    Raises:
+      ValueError: the shards index different collections or use different models.
+    """
+    out = os.path.abspath(os.fspath(out))
+    manifests = [_read_manifest(os.path.abspath(os.fspath(d))) for d in shard_dirs]
+    first = manifests[0]
+    for d, m in zip(shard_dirs, manifests, strict=True):
+        for key in ("root", "image_size", "scales", "ms_power"):
+            if m.get(key) != first.get(key):
+                raise ValueError(
+                    f"index shard {d} has {key}={m.get(key)!r}, the first shard "
+                    f"{first.get(key)!r}: shards must index one collection with one model"
+                )
+        a = {k: v for k, v in m["model"].items() if k != "file"}
+        b = {k: v for k, v in first["model"].items() if k != "file"}
+        if a != b:
+            raise ValueError(f"index shard {d} uses another model than {shard_dirs[0]}")
+    store_lib.merge_shards(list(shard_dirs), out, overwrite=overwrite)
+    manifest = dict(first)
+    for key in ("paths", "files", "failed"):
+        manifest[key] = {}
+        for m in manifests:
+            manifest[key].update(m.get(key, {}))
+    meta = dict(manifest.get("descriptor_meta", {}))
+    for key in store_lib.SHARD_FIELDS:
+        meta.pop(key, None)
+    manifest["descriptor_meta"] = meta
+    model_file = first["model"].get("file")
+    if model_file:
+        shutil.copyfile(
+            os.path.join(os.fspath(shard_dirs[0]), model_file), os.path.join(out, model_file)
+        )
+    atomic_write_json(os.path.join(out, MANIFEST_FILE), manifest)
+    return out
+
+
+def _merge_rerank(rerank: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    out = {k: dict(v) for k, v in DEFAULT_RERANK.items()}
+    for key, value in (_to_dict(rerank) if rerank is not None else {}).items():
+        if key in out and isinstance(value, Mapping):
+            out[key].update(value)
+    return out
+
+
+def _to_dict(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return {k: _to_dict(v) if isinstance(v, Mapping) else v for k, v in dict(config).items()}
+
+
+def _whitening_meta(whitening: Any) -> Any:
+    if whitening is None:
+        return None
+    info = getattr(whitening, "info", None)
+    proj = getattr(whitening, "projection", None)
+    desc = {"kind": "pca", "shape": list(np.shape(proj)) if proj is not None else None}
+    if isinstance(info, Mapping):
+        desc.update({k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))})
+    return desc
+
+
+def _descriptor_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
+    skip = {"num_images", "num_skipped", "dim", "versions", "created", "index"}
+    skip |= set(store_lib.SHARD_FIELDS) | {"merged_from", "image_size", "scales", "ms_power"}
+    return {k: v for k, v in meta.items() if k not in skip}
+
+
+def _is_index(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, MANIFEST_FILE)) or os.path.isfile(
+        os.path.join(directory, COMMIT_FILE)
+    )
+
+
+def _refuse_plain_store(directory: str) -> None:
+    """Refuses to turn a benchmark descriptor store (no manifest) into an index."""
+    if _is_index(directory) or not os.path.isdir(directory):
+        return
+    if any(
+        os.path.exists(os.path.join(directory, n))
+        for n in (store_lib.COMPLETE_FILE, store_lib.DESCRIPTORS_FILE, store_lib.PARTS_DIR)
+    ):
+        raise ValueError(
+            f"{directory} holds a descriptor store that is not an image index (no "
+            f"{MANIFEST_FILE}); write the index to another folder"
+        )
+
+
+def _is_inside(path: str, folder: str) -> bool:
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _read_manifest(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{directory} is not an image index (no {MANIFEST_FILE}); build one with "
+            "`python extract.py --images=DIR --out=DIR` or Retriever.index(...).save(DIR)"
+        )
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT or int(manifest.get("version", 0)) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: unsupported index format {manifest.get('format')!r} version "
+            f"{manifest.get('version')!r} (this toolkit reads {FORMAT} up to {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def _load_model(directory: str, ref: Mapping[str, Any]) -> Any:
+    from cbir_tf import models
+
+    if ref.get("file"):
+        return models.load_descriptor_model(os.path.join(directory, ref["file"]))
+    if ref.get("kind") == "keras":
+        if not os.path.isfile(ref["path"]):
+            raise FileNotFoundError(
+                f"the index's model {ref['path']} does not exist; pass model=... to "
+                "Retriever.load (or --model to search.py)"
+            )
+        return models.load_descriptor_model(ref["path"])
+    if ref.get("kind") == "config":
+        return models.model_from_config(dict(ref["config"]))
+    raise ValueError(f"the index names no usable model ({dict(ref)}); pass model=...")
+
+
+def _finish_commit(directory: str) -> None:
+    """Renames every `<name>.new` of the journal into place, COMPLETE last, then drops it."""
+    journal = os.path.join(directory, COMMIT_FILE)
+    with open(journal, encoding="utf-8") as f:
+        names = json.load(f)["files"]
+    names = [n for n in names if n != store_lib.COMPLETE_FILE] + [store_lib.COMPLETE_FILE]
+    # Without COMPLETE the folder reads as unfinished, never as a mix of old and new files.
+    if os.path.isfile(os.path.join(directory, store_lib.COMPLETE_FILE + ".new")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, store_lib.COMPLETE_FILE))
+    for name in names:
+        src = os.path.join(directory, name + ".new")
+        if os.path.exists(src):
+            os.replace(src, os.path.join(directory, name))
+    os.unlink(journal)
+
+
+def _recover(directory: str) -> None:
+    """Completes a journalled commit cut short, or discards one that never reached its journal."""
+    if not os.path.isdir(directory):
+        return
+    if os.path.isfile(os.path.join(directory, COMMIT_FILE)):
+        log.warning("completing an interrupted update of the index %s", directory)
+        _finish_commit(directory)
+        return
+    for name in _INDEX_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name + ".new"))
+
+
+def _prepare_array(image: Any, bbox: Sequence[float] | None, image_size: int | None):
+    """An in-memory query as the file loader would deliver it: uint8 [h, w, 3], shrunk.
+
+    PIL images: cropped to `bbox` in their stored frame, then EXIF-oriented (as files are).
+    Transparent pixels are composited on white, grayscale becomes RGB, floats are clipped to
+    0..255; the crop is scaled by the factor of its full image (`resize_longest`).
+    """
+    from PIL import Image
+
+    from cbir_tf.data.pipeline import resize_longest
+
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        arr = np.asarray(image)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+            raise ValueError(
+                f"a query array must be an image [H, W], [H, W, 3] or [H, W, 4], got {arr.shape}"
+            )
+        if 0 in arr.shape:
+            raise ValueError(f"a query array is empty: shape {arr.shape}")
+        if arr.dtype != np.uint8:
+            arr = np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(arr)
+    width, height = img.size
+    if bbox is not None:
+        x1, y1, x2, y2 = (round(float(v)) for v in bbox)
+        x1, x2 = max(0, min(x1, width)), max(0, min(x2, width))
+        y1, y2 = max(0, min(y1, height)), max(0, min(y2, height))
+        if x2 <= x1 or y2 <= y1:
+            raise ValueError(f"query bbox {tuple(bbox)} is empty inside the {width}x{height} image")
+        img = img.crop((x1, y1, x2, y2))
+    if isinstance(image, Image.Image):
+        img = _upright(image, img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    if not image_size:
+        return rgb
+    return resize_longest(rgb, int(image_size), max(width, height) if bbox is not None else None)
+
+
+def _upright(original: Any, img: Any) -> Any:
+    """`img` (the image `original` or a crop of it) turned by `original`'s EXIF orientation."""
+    from PIL import Image
+
+    transpose = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }
+    try:
+        orientation = original.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block: keep the pixels as stored, as the file loader does
+        orientation = 1
+    return img.transpose(transpose[orientation]) if orientation in transpose else img
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def run_search(
+    index_dir: str | os.PathLike,
+    query: str | os.PathLike,
+    *,
+    k: int = 10,
+    rerank: str = "none",
+    out: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    recursive: bool = True,
+    embed: bool = False,
+    stream: Any = None,
+) -> list[tuple[str, list[SearchResult]]]:
+    """What `search.py` runs: searches an index, prints ranked tables, writes HTML and PNGs.
+
+    Args:
+      index_dir: an index folder (extract.py --images, or `Retriever.save`).
+      query: an image file, or a folder of query images (one result page per image).
+      k: results per query.
+      rerank: 'none', 'aqe', 'diffusion' or 'aqe+diffusion'.
+      out: folder for `<query>.html` pages, `<query>.png` grids (and `index.html` for several
+        queries); None writes nothing.
+      model: a `.keras` model replacing the one the index names.
+      root: the collection root, when the images moved since indexing.
+      recursive: scan sub-folders of a query folder.
+      embed: embed images in the pages as base64.
+      stream: where tables are printed (default sys.stdout).
+
+    Returns:
+      [(query path, results)] in query order.
+    """
+    import sys
+
+    from cbir_tf.data.folder import list_images
+
+    stream = sys.stdout if stream is None else stream
+    query = os.path.expanduser(os.fspath(query))
+    if os.path.isdir(query):
+        queries = [os.path.join(query, *p.split("/")) for p in list_images(query, recursive)]
+        if not queries:
+            raise ValueError(f"no images found in the query folder {query}")
+    elif os.path.isfile(query):
+        queries = [query]
+    else:
+        raise FileNotFoundError(f"query {query} does not exist")
+    retriever = Retriever.load(index_dir, model=model, root=root)
+    all_results = retriever.search_batch(queries, k=k, rerank=rerank)
+    pairs = list(zip(queries, all_results, strict=True))
+    for q, results in pairs:
+        stream.write(format_results(results, title=f"query: {q}") + "\n")
+    if out:
+        from cbir_tf import html
+
+        meta = {
+            "index": os.path.abspath(os.fspath(index_dir)),
+            "images indexed": len(retriever),
+            "k": k,
+            "rerank": rerank,
+        }
+        written = html.write_search_report(out, pairs, meta=meta, embed=embed)
+        main_page = written["index"] or written["pages"][0]
+        stream.write(f"results page: {main_page}\n")
+    return pairs
