@@ -668,8 +668,9 @@ def run_benchmark(
         "seconds": round(time.perf_counter() - t0, 1),
         "config": cfg.to_dict(),
     }
+    extra["report"] = "report.html"
     files = report.write_results(out_dir, results, kappas, extra=extra)
-    files.update(_visual_report(out_dir, ds, results, rankings, cfg, title))
+    files.update(_visual_report(out_dir, ds, results, rankings, cfg, title, files, meta))
     log.info("results written to %s", out_dir)
     return {"results": results, "table": table, "files": files, "rankings": rankings}
 
@@ -699,6 +700,47 @@ def _visual_report(
     rankings: Mapping[str, np.ndarray],
     cfg: Any,
     title: str,
+    files: Mapping[str, str],
+    meta: Mapping[str, Any],
 ) -> dict[str, str]:
-    """Result grids and the HTML report (left empty when the visual modules are missing)."""
-    return {}
+    """Writes precision-recall plots, per-query result grids and the HTML report.
+
+    Grids need the images; with precomputed descriptors and no images on disk only the plots
+    and the table go into the report.
+    """
+    from cbir_tf import html, visualize
+
+    query_paths = ds.query_paths()
+    have_images = bool(query_paths) and all(os.path.exists(p) for p in query_paths[:1])
+    figures = visualize.evaluation_figures(
+        out_dir,
+        rankings,
+        ds.gnd,
+        query_paths,
+        ds.image_paths(),
+        num_queries=int(cfg.eval.num_visualize) if have_images else 0,
+        top=int(cfg.eval.top_visualize),
+        query_names=list(ds.qimlist),
+        database_names=list(ds.imlist),
+        query_bboxes=ds.query_bboxes(),
+    )
+    described = {"dataset": ds.name, "images": ds.num_images, "queries": ds.num_queries}
+    described.update(
+        {
+            k: v
+            for k, v in meta.items()
+            if k
+            in ("backbone", "weights", "pooling", "image_size", "scales", "whitening", "source")
+        }
+    )
+    page = html.evaluation_report(
+        out_dir,
+        results,
+        kappas=tuple(int(k) for k in cfg.eval.kappas),
+        pr_plots=figures["pr_plots"],
+        grids=figures["grids"],
+        meta=described,
+        links={"results (JSON)": files["json"], "results (CSV)": files["csv"]},
+        title=title,
+    )
+    return {"report": page}

@@ -92,7 +92,11 @@ def merge(shards: Sequence[str], out: str | None) -> None:
 
     if not out:
         raise ValueError("--out is needed with --merge: the folder of the merged store")
-    if all(os.path.isdir(os.path.join(s, "db")) for s in shards):
+    if all(os.path.exists(os.path.join(s, "manifest.json")) for s in shards):
+        from cbir_tf import retriever
+
+        retriever.merge_indexes(list(shards), out)
+    elif all(os.path.isdir(os.path.join(s, "db")) for s in shards):
         for part in ("db", "queries"):
             store.merge_shards([os.path.join(s, part) for s in shards], os.path.join(out, part))
             log.info("merged %d %s shards into %s", len(shards), part, os.path.join(out, part))
