@@ -1,0 +1,458 @@
+"""Global descriptor extraction: images -> float32 [N, D] L2-normalised rows, streamed to a store.
+
+Images keep their own size (longest side `image_size`, aspect kept): padding images of different
+sizes into one batch would change their descriptors, so each image runs alone through ONE
+compiled function whose input signature is ``[1, None, None, 3]``; it is traced once and reused
+for every image shape (`build_extract_function`). Decoding runs ahead in `tf.data` threads
+(`cbir_tf.data.pipeline.image_dataset`), so the network is never waiting on JPEG decoding.
+
+Multi-scale extraction follows the reference (cnnimageretrieval-pytorch ``extract_ms``): for each
+scale s the image is resized by s with bilinear interpolation, the network's L2-normalised
+vector v_s computed, and the vectors combined as
+
+    v = (1/S * sum_s v_s ** p) ** (1/p),   then v / (||v|| + 1e-6)
+
+with p = ``ms_power``. The reference uses p = 1 by default and p = GeM's p for GeM pooling
+without whitening (``msp = net.pool.p``); do the same here by passing ``ms_power=gem_p``. A power
+p != 1 requires non-negative vectors (GeM, MAC, SPoC without whitening). Resizing by s uses
+``floor(h * s), floor(w * s)`` like the reference's ``interpolate(scale_factor=s)``; unlike the
+reference it antialiases by default when shrinking (``antialias=True``), which avoids aliasing at
+s = 1/2; ``antialias=False`` reproduces the reference's plain bilinear resize.
+
+Sharding splits the (ids, paths) list into `num_shards` contiguous, ordered slices
+(`cbir_tf.store.shard_range`); `cbir_tf.store.merge_shards` joins the shard stores back into the
+original order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from cbir_tf.store import (
+    DescriptorStore,
+    NonFiniteDescriptorError,
+    _normalize,
+    _validate_ids,
+    library_versions,
+    shard_range,
+)
+
+__all__ = [
+    "ExtractionResult",
+    "NonFiniteDescriptorError",
+    "build_extract_function",
+    "extract",
+]
+
+
+@dataclasses.dataclass
+class ExtractionResult:
+    """What `extract` returns.
+
+    Attributes:
+      descriptors: float32 [N, D] L2-normalised rows of the images that were read (memory-mapped
+        from the store when `store_dir` was given).
+      ids: N ids, in input order (skipped images left out).
+      skipped: (id, reason) of every image that could not be read, in input order.
+      meta: the store's metadata (extraction settings, dim, counts).
+      num_resumed: images found already done in the store (not computed again).
+      num_computed: images this call ran through the network.
+      seconds: wall time of this call.
+      images_per_second: images computed (or skipped) per second by this call.
+      num_traces: how many times the compiled function was traced (1 unless shapes retrace).
+    """
+
+    descriptors: np.ndarray
+    ids: list[str]
+    skipped: list[tuple[str, str]]
+    meta: dict[str, Any]
+    num_resumed: int = 0
+    num_computed: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    num_traces: int = 0
+
+
+# One compiled function per (model, settings): extracting the database and then the queries
+# with the same model reuses the traced graph.
+_FUNCTION_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _validate_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    scales = tuple(float(s) for s in scales)
+    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
+        raise ValueError(f"scales must be a non-empty list of positive numbers, got {scales}")
+    return scales
+
+
+def build_extract_function(
+    model, scales: Sequence[float] = (1.0,), ms_power: float = 1.0, antialias: bool = True
+):
+    """The compiled per-image descriptor function.
+
+    Args:
+      model: keras model mapping float32 RGB 0..255 [1, H, W, 3] to [1, D] L2-normalised vectors.
+      scales: image scales; (1.0,) is the plain single-scale descriptor.
+      ms_power: power p of the generalised mean combining the scales (see module docstring).
+      antialias: antialias when shrinking the image for a scale < 1.
+
+    Returns:
+      A `tf.function` with input signature float32 [1, None, None, 3] returning float32 [1, D]:
+      one trace serves every image size (check with `experimental_get_tracing_count()`).
+    """
+    import tensorflow as tf
+
+    scales = _validate_scales(scales)
+    p = float(ms_power)
+    if not math.isfinite(p) or p <= 0:
+        raise ValueError(f"ms_power must be a positive number, got {ms_power}")
+    key = (scales, p, bool(antialias))
+    try:
+        per_model = _FUNCTION_CACHE.setdefault(model, {})
+    except TypeError:  # a model that cannot be weakly referenced: no caching
+        per_model = {}
+    if key in per_model:
+        return per_model[key]
+
+    def forward(x):
+        return tf.cast(model(x, training=False), tf.float32)
+
+    if scales == (1.0,):
+
+        def descriptor(image):
+            return forward(image)
+
+    else:
+
+        def descriptor(image):
+            shape = tf.shape(image)
+            h = tf.cast(shape[1], tf.float64)
+            w = tf.cast(shape[2], tf.float64)
+            total = None
+            for s in scales:
+                if s == 1.0:
+                    x = image
+                else:
+                    size = tf.stack(
+                        [
+                            tf.maximum(tf.cast(tf.floor(h * s), tf.int32), 1),
+                            tf.maximum(tf.cast(tf.floor(w * s), tf.int32), 1),
+                        ]
+                    )
+                    x = tf.image.resize(image, size, method="bilinear", antialias=antialias)
+                v = forward(x)
+                v = v if p == 1.0 else tf.pow(v, p)
+                total = v if total is None else total + v
+            v = total / float(len(scales))
+            if p != 1.0:
+                v = tf.pow(v, 1.0 / p)
+            return v / (tf.norm(v, axis=-1, keepdims=True) + 1e-6)
+
+    fn = tf.function(
+        descriptor,
+        input_signature=[tf.TensorSpec([1, None, None, 3], tf.float32)],
+    )
+    per_model[key] = fn
+    return fn
+
+
+def _is_array(item: Any) -> bool:
+    return isinstance(item, np.ndarray) or (
+        hasattr(item, "shape") and hasattr(item, "dtype") and not isinstance(item, (str, bytes))
+    )
+
+
+def _iter_images(
+    items: Sequence[Any],
+    image_size: int | None,
+    bboxes: Sequence[Any] | None,
+    num_parallel_calls: int | None,
+) -> Iterator[tuple[int, Any, str]]:
+    """Yields (position in `items`, float32 [1, H, W, 3] network input or None, error or '')."""
+    if not items:
+        return
+    if all(_is_array(it) for it in items):
+        # Already-decoded images (tests, benchmarks, callers with their own loader): used as
+        # given, without resizing.
+        for k, image in enumerate(items):
+            image = np.asarray(image)
+            if image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
+                yield k, None, f"expected an RGB image [H, W, 3], got shape {image.shape}"
+            else:
+                yield k, image[np.newaxis].astype(np.float32), ""
+        return
+    if any(_is_array(it) for it in items):
+        raise TypeError("pass either image paths or decoded image arrays, not a mixture")
+    import tensorflow as tf
+
+    from cbir_tf.data.pipeline import image_dataset
+
+    kwargs = {}
+    if num_parallel_calls is not None:
+        kwargs["num_parallel_calls"] = num_parallel_calls
+    dataset = image_dataset([os.fspath(p) for p in items], image_size, bboxes=bboxes, **kwargs)
+
+    @tf.autograph.experimental.do_not_convert  # plain ops: no need to pay for conversion
+    def to_input(element):
+        return element["index"], tf.cast(element["image"], tf.float32)[tf.newaxis], element["error"]
+
+    # The cast to the network's input runs in tf.data's threads, ahead of the network.
+    dataset = dataset.map(to_input).prefetch(2)
+    for index, image, error in dataset:
+        error = error.numpy().decode("utf-8", "replace")
+        if not error and 0 in image.shape:
+            error = f"decoded to an empty image of shape {tuple(image.shape[1:])}"
+        yield int(index), (None if error else image), error
+
+
+def extract(
+    model,
+    paths: Sequence[Any],
+    *,
+    ids: Sequence[str] | None = None,
+    image_size: int | None = 1024,
+    scales: Sequence[float] = (1.0,),
+    ms_power: float = 1.0,
+    bboxes: Sequence[Any] | None = None,
+    store_dir: str | os.PathLike | None = None,
+    meta: dict[str, Any] | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    flush_every: int = 64,
+    progress: bool = True,
+    antialias: bool = True,
+    num_parallel_calls: int | None = None,
+) -> ExtractionResult:
+    """Computes one global descriptor per image, resumably, optionally into a store.
+
+    Args:
+      model: keras model, float32 RGB 0..255 [1, H, W, 3] -> [1, D] L2-normalised (e.g.
+        `cbir_tf.models.build_descriptor_model`).
+      paths: image files (decoded by `cbir_tf.data.pipeline.image_dataset`: EXIF-oriented RGB,
+        cropped to `bboxes`, longest side resized to `image_size`), or already-decoded uint8
+        arrays [H, W, 3] used as given.
+      ids: one unique single-line id per image (default: the paths as given, or "0", "1", ...
+        for arrays); the store's ids.txt.
+      image_size: longest side in pixels (images are only shrunk); None keeps the size.
+      scales: multi-scale factors, e.g. (1, 2 ** -0.5, 0.5); see the module docstring.
+      ms_power: power of the generalised mean combining the scales (1 = arithmetic mean; the
+        reference uses GeM's p for GeM pooling).
+      bboxes: per image None or (x1, y1, x2, y2) crop box (query images).
+      store_dir: write the descriptors there (chunks every `flush_every` images; an interrupted
+        run resumes; a complete store with the same settings and images is just loaded).
+      meta: the model's description (backbone, weights, pooling, whitening, ...) saved in
+        meta.json; a resumed run must pass the same.
+      shard_index: which shard of the (ids, paths) list this call handles.
+      num_shards: how many contiguous shards the list is split into (`shard_range`).
+      flush_every: images per saved chunk.
+      progress: show a progress bar (images/s, ETA) and a summary of skipped images.
+      antialias: antialias when shrinking for a scale < 1 (False = the reference's resize).
+      num_parallel_calls: parallel decodes (default: the pipeline's).
+
+    Returns:
+      ExtractionResult of this shard: descriptors float32 [N, D], ids, skipped (id, reason).
+
+    Raises:
+      NonFiniteDescriptorError: a descriptor holds NaN or Inf (the message names the image);
+        images finished before it are saved.
+      cbir_tf.io.LockError: another process writes `store_dir`.
+      cbir_tf.store.StoreMismatchError: `store_dir` holds work of other settings or images.
+      cbir_tf.store.StoreWriteError: the disk filled up (the store stays resumable).
+    """
+    start_time = time.perf_counter()
+    items = list(paths)
+    if ids is None:
+        ids = [str(k) if _is_array(p) else os.fspath(p) for k, p in enumerate(items)]
+    ids = _validate_ids(ids)
+    if len(ids) != len(items):
+        raise ValueError(f"{len(ids)} ids for {len(items)} images")
+    if bboxes is not None and len(bboxes) != len(items):
+        raise ValueError(f"{len(bboxes)} bboxes for {len(items)} images")
+    scales = _validate_scales(scales)
+    if flush_every < 1:
+        raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+
+    total_images = len(items)
+    lo, hi = shard_range(total_images, shard_index, num_shards)
+    items, ids = items[lo:hi], ids[lo:hi]
+    bboxes = None if bboxes is None else list(bboxes)[lo:hi]
+
+    run_meta = _normalize(dict(meta or {}))
+    settings = {
+        "image_size": image_size,
+        "scales": list(scales),
+        "ms_power": float(ms_power),
+        "ms_antialias": bool(antialias) if len(scales) > 1 else None,
+    }
+    for key, value in settings.items():
+        if key in run_meta and run_meta[key] != _normalize(value) and key != "ms_antialias":
+            raise ValueError(
+                f"meta[{key!r}] = {run_meta[key]!r} disagrees with the extraction argument "
+                f"{key}={value!r}"
+            )
+    run_meta.update(_normalize(settings))
+    run_meta.update(
+        {
+            "shard_index": int(shard_index),
+            "num_shards": int(num_shards),
+            "shard_start": lo,
+            "shard_stop": hi,
+            "total_images": total_images,
+        }
+    )
+
+    fn = build_extract_function(model, scales, ms_power, antialias)
+    traces_before = fn.experimental_get_tracing_count()
+
+    writer_context = (
+        DescriptorStore(store_dir).writer(ids, run_meta, flush_every=flush_every)
+        if store_dir is not None
+        else contextlib.nullcontext()
+    )
+    # Leaving this block with an error saves the images finished so far (StoreWriter.__exit__).
+    with writer_context as writer:
+        done = writer.done if writer is not None else set()
+        num_resumed = len(done)
+        todo = [k for k, i in enumerate(ids) if i not in done]
+        vectors: dict[int, np.ndarray] = {}
+        skipped_now: dict[int, str] = {}
+        if progress and num_resumed:
+            print(
+                f"resuming {os.fspath(store_dir)}: {num_resumed} of {len(ids)} images already done",
+                file=sys.stderr,
+            )
+        bar = _progress_bar(len(ids), num_resumed, progress, store_dir)
+        computed = 0
+
+        def settle(k: int, output) -> None:
+            nonlocal computed
+            vec = output.numpy()[0]
+            if not np.isfinite(vec).all():
+                raise NonFiniteDescriptorError(
+                    _non_finite_message(ids[k], items[k], scales, ms_power)
+                )
+            computed += 1
+            if writer is not None:
+                writer.add(ids[k], vec)
+            else:
+                vectors[k] = vec
+            if bar is not None:
+                bar.update(1)
+
+        try:
+            sub_items = [items[k] for k in todo]
+            sub_boxes = None if bboxes is None else [bboxes[k] for k in todo]
+            # One image in flight: the next image is dispatched before the previous result is
+            # read back, so that an accelerator never idles while the host copies a vector.
+            in_flight = None
+            for j, inputs, error in _iter_images(
+                sub_items, image_size, sub_boxes, num_parallel_calls
+            ):
+                k = todo[j]
+                if error:
+                    skipped_now[k] = error
+                    if writer is not None:
+                        writer.skip(ids[k], error)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(skipped=len(skipped_now), refresh=False)
+                    continue
+                output = fn(inputs)
+                if in_flight is not None:
+                    settle(*in_flight)
+                in_flight = (k, output)
+            if in_flight is not None:
+                settle(*in_flight)
+        finally:
+            if bar is not None:
+                bar.close()
+        missing = len(todo) - computed - len(skipped_now)
+        if missing:
+            raise RuntimeError(
+                f"the image pipeline yielded {len(todo) - missing} of {len(todo)} images"
+            )
+
+        if writer is not None:
+            store = writer.finalize()
+            descriptors, out_ids, out_meta = store.load(mmap=True)
+            skipped = store.skipped()
+        else:
+            order = [k for k in range(len(ids)) if k in vectors]
+            dim = next(iter(vectors.values())).shape[0] if vectors else 0
+            descriptors = (
+                np.stack([vectors[k] for k in order]).astype(np.float32, copy=False)
+                if order
+                else np.zeros((0, dim), np.float32)
+            )
+            out_ids = [ids[k] for k in order]
+            skipped = [(ids[k], skipped_now[k]) for k in sorted(skipped_now)]
+            out_meta = dict(
+                run_meta,
+                num_images=len(order),
+                num_skipped=len(skipped),
+                dim=dim,
+                versions=library_versions(),
+            )
+
+    seconds = time.perf_counter() - start_time
+    if progress:
+        _print_summary(len(ids), num_resumed, computed, skipped, skipped_now, seconds)
+    return ExtractionResult(
+        descriptors=descriptors,
+        ids=list(out_ids),
+        skipped=list(skipped),
+        meta=out_meta,
+        num_resumed=num_resumed,
+        num_computed=computed,
+        seconds=seconds,
+        images_per_second=(computed + len(skipped_now)) / seconds if seconds > 0 else 0.0,
+        num_traces=fn.experimental_get_tracing_count() - traces_before,
+    )
+
+
+def _non_finite_message(image_id: str, item: Any, scales, ms_power: float) -> str:
+    where = "" if _is_array(item) else f" ({os.fspath(item)})"
+    msg = f"the descriptor of image {image_id!r}{where} holds NaN or Inf"
+    if len(scales) > 1 and ms_power != 1.0:
+        msg += (
+            f"; ms_power={ms_power} needs non-negative vectors (GeM/MAC/SPoC without "
+            "whitening): use ms_power=1 for whitened or R-MAC descriptors"
+        )
+    else:
+        msg += "; the model produces invalid values for it (check the weights and the image)"
+    return msg
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, store_dir):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    desc = "descriptors" if store_dir is None else f"descriptors -> {os.fspath(store_dir)}"
+    return tqdm(
+        total=total, initial=initial, unit="img", desc=desc, smoothing=0.05, dynamic_ncols=True
+    )
+
+
+def _print_summary(total, resumed, computed, skipped, skipped_now, seconds) -> None:
+    rate = (computed + len(skipped_now)) / seconds if seconds > 0 else 0.0
+    lines = [
+        f"extracted {computed} images in {seconds:.1f} s ({rate:.2f} images/s)"
+        + (f", {resumed} already done" if resumed else "")
+        + f"; {len(skipped)} of {total} skipped"
+    ]
+    for image_id, reason in skipped[:20]:
+        lines.append(f"  skipped {image_id}: {reason}")
+    if len(skipped) > 20:
+        lines.append(f"  ... and {len(skipped) - 20} more (see skipped.json)")
+    print("\n".join(lines), file=sys.stderr)
