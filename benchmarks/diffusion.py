@@ -1,0 +1,162 @@
+"""Time and memory of diffusion re-ranking: graph building, solving, and the per-query baseline.
+
+For random L2-normalised descriptors (512-D by default) and 70 queries, for each size N:
+- full diffusion (N <= --full-max): time and peak memory of building the mutual kNN graph and
+  of the vectorised CG solve of all queries at once; then the same graph solved with one
+  `scipy.sparse.linalg.cg` call per query, at the reference setting (20 iterations, rtol 1e-6)
+  and to convergence (rtol 1e-10), printing the speed ratio and the largest score difference
+  (at the reference setting scipy returns its last iterate where ours, like Matlab's pcg,
+  returns the smallest-residual one, so the converged comparison is the one that must agree);
+- truncated diffusion (every N): time and peak memory of the top-n search (the only step that
+  grows with N) and of the per-query sub-graphs and solve (which must not).
+
+    python benchmarks/diffusion.py                           # N = 6 400, 100 000, 1 000 000
+    python benchmarks/diffusion.py --sizes 6400              # quick
+    python benchmarks/diffusion.py --sizes 6400 20000 --full-max 6400   # 1M code path, small
+
+Data is generated chunk by chunk in float32 (2 GiB at N = 1 000 000 x 512; pass --memmap DIR to
+keep it on disk). Peak memory is measured with tracemalloc (numpy and scipy allocations) per
+phase; the process's peak RSS is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import resource
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cbir_tf import search  # noqa: E402
+from cbir_tf.rerank import diffusion as dfu  # noqa: E402
+
+
+def random_unit(n: int, d: int, seed: int, out: np.ndarray | None = None, chunk: int = 65536):
+    """float32 [n, d] random unit rows, generated chunk by chunk (bounded temporary memory)."""
+    out = np.empty((n, d), np.float32) if out is None else out
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, chunk):
+        block = rng.standard_normal((min(chunk, n - start), d), dtype=np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[start : start + block.shape[0]] = block
+    return out
+
+
+class Phase:
+    """Context manager timing a block and recording its tracemalloc peak (MiB)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.seconds = 0.0
+        self.peak_mib = 0.0
+
+    def __enter__(self):
+        tracemalloc.reset_peak()
+        self._base = tracemalloc.get_traced_memory()[0]
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t0
+        self.peak_mib = (tracemalloc.get_traced_memory()[1] - self._base) / 2**20
+        print(f"  {self.name:<44s} {self.seconds:9.2f} s  peak +{self.peak_mib:9.1f} MiB")
+        return False
+
+
+def scipy_per_query(m: sp.csr_matrix, y: np.ndarray, max_iter: int, tol: float) -> np.ndarray:
+    """The baseline: one scipy CG call per query (column of y)."""
+    out = np.empty((y.shape[1], y.shape[0]))
+    for q in range(y.shape[1]):
+        out[q], _ = spla.cg(m, y[:, q], rtol=tol, maxiter=max_iter)
+    return out
+
+
+def run_full(x, queries, args) -> None:
+    with Phase("graph: kNN search + mutual affinity") as g:
+        affinity = dfu.knn_affinity(x, args.k, args.gamma, validate=False)
+    with Phase("normalise S, query vectors y"):
+        s = dfu.normalize_affinity(affinity)
+        y = dfu.query_vectors(queries, x, args.kq, args.gamma)
+    print(f"  graph: {affinity.nnz} edges ({affinity.nnz / x.shape[0]:.1f} per node), "
+          f"{int((np.diff(affinity.indptr) == 0).sum())} isolated nodes")  # fmt: skip
+    op = dfu.diffusion_operator(s, args.alpha)
+    m = (sp.identity(x.shape[0], format="csr") - args.alpha * s).tocsr()
+    for label, max_iter, tol in (
+        ("reference setting", args.max_iter, args.tol),
+        ("to convergence", 1000, 1e-10),
+    ):
+        with Phase(f"solve {label}: vectorised CG, {y.shape[1]} queries") as v:
+            f, info = dfu.conjugate_gradient(op, y, max_iter=max_iter, tol=tol)
+        with Phase(f"solve {label}: scipy cg per query") as b:
+            ref = scipy_per_query(m, y, max_iter, tol)
+        diff = np.abs(f.T - ref).max() / np.abs(ref).max()
+        print(f"  -> {label}: speed-up {b.seconds / v.seconds:.1f}x (goal >= 5x), "
+              f"max |score diff| / max |score| = {diff:.2e}; {info.summary()}")  # fmt: skip
+    print(f"  graph build {g.seconds:.2f} s")
+
+
+def run_truncated(x, queries, args) -> None:
+    index = search.SearchIndex(x, validate=False)
+    with Phase(f"truncated: top-{args.truncate} search over N") as s:
+        index.search(queries, min(args.truncate, x.shape[0]), validate=False)
+    with Phase(f"truncated: search + sub-graphs + solve (n={args.truncate})") as t:
+        _, _, info = dfu.truncated_diffusion(
+            queries, x, args.truncate, k=args.k, kq=args.kq, gamma=args.gamma,
+            alpha=args.alpha, max_iter=args.max_iter, tol=args.tol, index=index,
+            validate=False,
+        )  # fmt: skip
+    print(f"  -> beyond the search: {t.seconds - s.seconds:.2f} s for {queries.shape[0]} "
+          f"queries (independent of N); {info.summary()}")  # fmt: skip
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[6400, 100_000, 1_000_000])
+    parser.add_argument("--full-max", type=int, default=100_000,
+                        help="largest N given full (non-truncated) diffusion")  # fmt: skip
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--queries", type=int, default=70)
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--kq", type=int, default=10)
+    parser.add_argument("--gamma", type=float, default=3.0)
+    parser.add_argument("--alpha", type=float, default=0.99)
+    parser.add_argument("--max-iter", type=int, default=20)
+    parser.add_argument("--tol", type=float, default=1e-6)
+    parser.add_argument("--truncate", type=int, default=1000)
+    parser.add_argument("--memmap", type=str, default=None, help="folder for on-disk data")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    tracemalloc.start()
+    print(f"diffusion benchmark: D={args.dim}, Q={args.queries}, k={args.k}, kq={args.kq}, "
+          f"gamma={args.gamma}, alpha={args.alpha}, CG {args.max_iter} it / tol {args.tol}, "
+          f"{os.cpu_count()} CPUs")  # fmt: skip
+    queries = random_unit(args.queries, args.dim, args.seed + 1)
+    for n in args.sizes:
+        print(f"\nN = {n}")
+        with Phase("generate data (chunked, float32)"):
+            if args.memmap:
+                path = pathlib.Path(args.memmap) / f"diffusion_bench_{n}x{args.dim}.npy"
+                x = np.lib.format.open_memmap(path, "w+", np.float32, (n, args.dim))
+                random_unit(n, args.dim, args.seed, out=x)
+            else:
+                x = random_unit(n, args.dim, args.seed)
+        if n <= args.full_max:
+            run_full(x, queries, args)
+        run_truncated(x, queries, args)
+        del x
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nprocess peak RSS {rss:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
