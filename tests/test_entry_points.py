@@ -23,8 +23,10 @@ def _run(args, cwd=ROOT, timeout=600):
 @pytest.mark.parametrize("script", ["train.py", "extract.py", "evaluate.py", "search.py"])
 def test_help(script):
     proc = _run([script, "--help"])
-    assert proc.returncode == 0, proc.stderr
-    assert "--config" in proc.stdout or "--index" in proc.stdout
+    # absl's --help prints the usage and exits with status 1 by design.
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "--config" in proc.stdout or "--index" in proc.stdout, proc.stdout
 
 
 def test_readme_opens_with_the_commands_ci_runs():
@@ -65,7 +67,7 @@ def test_evaluate_demo_end_to_end(demo_run):
 
 def test_evaluate_precomputed_store_and_mat_give_the_same_table(demo_run, tmp_path):
     work, proc = demo_run
-    stores = [p.parent for p in (work / "descriptors" / "demo").glob("*/db/descriptors.npy")]
+    stores = [p.parent.parent for p in (work / "descriptors" / "demo").glob("*/db/descriptors.npy")]
     assert len(stores) == 1
     root = stores[0]
     args = [*DEMO, f"--workdir={work}", f"--data_root={work / 'data'}"]
