@@ -135,7 +135,9 @@ def result_grid(
     grid = fig.add_gridspec(rows, columns + 1, wspace=0.08, hspace=0.35)
 
     ax = fig.add_subplot(grid[0, 0])
-    _show(ax, load_thumbnail(query_image, thumb_size), "#1f77b4", query_title, bold=True)
+    # Long file names would run into the first result's caption: keep their tail, as below.
+    query_caption = _shorten(str(query_title), 24) if query_title else query_title
+    _show(ax, load_thumbnail(query_image, thumb_size), "#1f77b4", query_caption, bold=True)
     for i in range(k):
         r, c = divmod(i, columns)
         ax = fig.add_subplot(grid[r, c + 1])
