@@ -308,7 +308,7 @@ def model_meta(cfg: Any, model_path: str | None, whitening: Any | None) -> dict[
     meta = {
         "backbone": m.backbone,
         "alpha": float(m.alpha),
-        "weights": os.path.abspath(model_path) if model_path else str(m.weights),
+        "weights": os.path.abspath(model_path) if model_path else _weights_name(str(m.weights)),
         "pooling": m.pooling,
         "gem_p": float(m.gem_p),
         "rmac_levels": int(m.rmac_levels),
@@ -328,6 +328,12 @@ def model_meta(cfg: Any, model_path: str | None, whitening: Any | None) -> dict[
             "shrinkage": float(info.get("shrinkage", 0.0)),
         }
     return meta
+
+
+def _weights_name(weights: str) -> str:
+    # A weights file is named by its absolute path so that a resumed run given a relative path
+    # (or the other way round) is recognised as the same extraction.
+    return weights if weights.lower() in ("imagenet", "none") else os.path.abspath(weights)
 
 
 def whitening_dataset(dataset: str, cfg_whitening: Any) -> str | None:
