@@ -27,6 +27,7 @@ setup(
         "pillow>=10.0",
         "h5py>=3.10",
         "matplotlib>=3.8",
+        "tensorboard>=2.16",
     ],
     extras_require={
         "faiss": ["faiss-cpu>=1.8"],

@@ -83,6 +83,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.num_negatives = 5
     c.train.tuples_per_epoch = 1000
     c.train.early_stopping_patience = 3
+    c.train.val_fraction = 0.1  # held out for validation when no --val_dir is given (0 = none)
+    c.train.cache = "auto"  # decoded images: memory | none (decode each epoch) | auto
+    c.train.crop_scale = (0.35, 1.0)  # random resized crop: bounds of the kept area fraction
+    c.train.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)  # random resized crop: bounds of width / height
+    c.train.flip = True  # random horizontal flip
+    c.train.color_jitter = 0.2  # colour jitter strength in [0, 1] (0 = off)
+    c.train.descriptor = "auto"  # head recipe: pooled | projected | auto (better validation mAP)
+    c.train.whitening = "auto"  # metric recipe: pca | none | auto (kept if validation mAP gains)
+    c.train.metric_blocks = 0  # metric recipe: top backbone blocks trained (0 = all)
+    c.train.mixed_precision = "auto"  # auto (on with a fast-float16 GPU) | on | off
+    c.train.strategy = "auto"  # auto (MirroredStrategy with several GPUs) | mirrored | default
+    c.train.tfds_data_dir = ""  # TensorFlow Datasets folder ('' = TFDS default)
     c.train.seed = 0
 
     c.workdir = "runs/default"
