@@ -318,7 +318,7 @@ def model_meta(cfg: Any, model_path: str | None, whitening: Any | None) -> dict[
         "whitening": None,
     }
     if model_path:
-        meta.update(backbone="saved-model", pooling="saved-model")
+        meta.update(_saved_model_info(model_path))
     if whitening is not None:
         info = dict(whitening.info)
         meta["whitening"] = {
@@ -328,6 +328,25 @@ def model_meta(cfg: Any, model_path: str | None, whitening: Any | None) -> dict[
             "shrinkage": float(info.get("shrinkage", 0.0)),
         }
     return meta
+
+
+def _saved_model_info(model_path: str) -> dict[str, Any]:
+    """What a saved model is made of, from the `model.json` train.py writes beside it."""
+    info_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.json")
+    info: dict[str, Any] = {}
+    if os.path.exists(info_path):
+        import json
+
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        if info.get("model") != os.path.basename(model_path):
+            info = {}  # describes another model of the same folder
+    return {
+        "backbone": info.get("backbone", "saved-model"),
+        "alpha": float(info.get("alpha", 1.0)),
+        "pooling": info.get("pooling", "saved-model"),
+        "fine_tuning": info.get("recipe"),
+    }
 
 
 def _weights_name(weights: str) -> str:
