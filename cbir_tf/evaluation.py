@@ -706,16 +706,16 @@ def _whitening_tag(meta: Mapping[str, Any]) -> str:
 
 
 def _describe(meta: Mapping[str, Any]) -> str:
+    size = f"{meta['image_size']} px, scales {meta['scales']}"
+    if "fine_tuning" in meta:  # a saved model carries its own pooling and whitening
+        return f"saved model {meta['weights']} ({meta['backbone']} + {meta['pooling']}), {size}"
     w = meta.get("whitening")
     wt = (
         "no whitening"
         if not w
         else (f"{'regional ' if w['regional'] else ''}PCA-whitening learned on {w['learned_on']}")
     )
-    return (
-        f"{meta['backbone']} ({meta['weights']}) + {meta['pooling']}, {wt}, "
-        f"{meta['image_size']} px, scales {meta['scales']}"
-    )
+    return f"{meta['backbone']} ({meta['weights']}) + {meta['pooling']}, {wt}, {size}"
 
 
 def _visual_report(
