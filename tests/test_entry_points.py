@@ -106,3 +106,28 @@ def test_evaluate_refuses_missing_descriptor_folder(tmp_path):
     assert proc.returncode == 1
     assert "error:" in proc.stderr and "db/" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_with_a_saved_keras_model(demo_run, tmp_path):
+    from cbir_tf import models
+
+    work, _ = demo_run
+    path = tmp_path / "model.keras"
+    models.build_descriptor_model(
+        backbone="mobilenet", weights="none", alpha=0.25, pooling="gem"
+    ).save(path)
+    proc = _run(
+        [
+            "evaluate.py",
+            *DEMO,
+            f"--workdir={tmp_path}",
+            f"--data_root={work / 'data'}",
+            f"--model={path}",
+            "--config.rerank.methods=('plain',)",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"saved model {path}" in proc.stdout
+    results = json.loads((tmp_path / "eval" / "demo" / "results.json").read_text())
+    assert [r["method"] for r in results["table"]] == ["plain"]
+    assert results["descriptors"]["weights"] == str(path)
