@@ -1071,7 +1071,17 @@ def _prepare_download(
         )
 
     if problems:
-        still_missing = bool(missing_images()) if have_gnd else True
+        absent = missing_images() if have_gnd else []
+        if images and absent:
+            # Name the images themselves: a few deleted files must not read as "fetch the
+            # whole archive" only.
+            problems.insert(
+                0,
+                f"{len(absent)} of the {len(needed)} images listed in {gnd_path} are missing "
+                f"from {jpg_dir}: {', '.join(absent[:10])}"
+                f"{' ...' if len(absent) > 10 else ''}",
+            )
+        still_missing = bool(absent) if have_gnd else True
         raise DatasetUnavailableError(
             f"dataset {spec.name} ({spec.title}) is not ready in {folder}:\n"
             + "\n".join(f"  - {p}" for p in problems)
