@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import os
 import socket
 import sys
@@ -389,6 +390,32 @@ def _build_from_file(spec: BackboneSpec, alpha: float, path: str) -> keras.Model
         ) from None
 
 
+def _seeded_initialize(model: keras.Model, seed: int) -> None:
+    """Re-draws every random kernel from its own Keras initializer, seeded by `seed` + layer.
+
+    Keras draws random weights from a process-global generator, so every build is another
+    network: an interrupted extraction would resume with a different network, and a whitening
+    learned in one run would not fit the next. Each kernel is drawn again from the layer's own
+    initializer (same distribution as Keras', so random networks keep Keras' semantics) with a
+    seed derived from `seed` and the layer's name, independent of the order of layers.
+    """
+    for layer in model.layers:
+        for weight in layer.weights:
+            name = weight.path.rsplit("/", 1)[-1]
+            if not name.endswith("kernel"):
+                continue
+            init = getattr(layer, f"{name}_initializer", None)
+            if init is None and isinstance(layer, keras.layers.DepthwiseConv2D):
+                init = getattr(layer, "depthwise_initializer", None)
+            if init is None:
+                continue
+            config = keras.initializers.serialize(keras.initializers.get(init))
+            digest = hashlib.sha256(f"{seed}/{layer.name}/{name}".encode()).digest()
+            config["config"]["seed"] = int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+            seeded = keras.initializers.deserialize(config)
+            weight.assign(seeded(tuple(weight.shape), dtype=weight.dtype))
+
+
 def build_backbone(
     name: str = DEFAULT_BACKBONE,
     weights: str | os.PathLike | None = "imagenet",
@@ -396,8 +423,13 @@ def build_backbone(
     *,
     cache_dir: str | None = None,
     download_timeout: float | None = DEFAULT_DOWNLOAD_TIMEOUT_S,
+    seed: int = 0,
 ) -> keras.Model:
     """Builds a backbone cut at its feature layer.
+
+    Random weights ('none') are drawn reproducibly from `seed` (see `_seeded_initialize`), so
+    two processes building the same backbone get the same network: an interrupted extraction
+    resumes with the network it started with, and a whitening learned in one run fits the next.
 
     Args:
       name: registry name (see `BACKBONES`).
@@ -405,6 +437,7 @@ def build_backbone(
       alpha: width multiplier (mobilenet, mobilenetv2 only; must be 1.0 for the others).
       cache_dir: Keras cache folder for downloads (default `~/.keras`).
       download_timeout: seconds a stalled download may wait for the server.
+      seed: seed of the random weights when `weights` is 'none'.
 
     Returns:
       A `keras.Model` named `name` mapping preprocessed float32 [B, None, None, 3] to the feature
@@ -436,6 +469,7 @@ def build_backbone(
         base = _build_imagenet(spec, alpha, cache_dir, download_timeout)
     elif mode == "none":
         base = spec.constructor(weights=None, **_constructor_kwargs(spec, alpha))
+        _seeded_initialize(base, seed)
     else:
         base = _build_from_file(spec, alpha, mode)
 

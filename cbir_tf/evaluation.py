@@ -140,6 +140,24 @@ def evaluate_rankings(
     return out
 
 
+def _warn_unless_unit_norm(x: np.ndarray, name: str) -> None:
+    # Scores, query expansion weights and diffusion affinities all assume unit vectors; rows of
+    # another length (e.g. a random network whose activations vanish under the L2 eps) give
+    # numbers that mean little, which the user must hear about.
+    norms = np.linalg.norm(np.asarray(x, np.float64), axis=1)
+    off = np.abs(norms - 1.0) > 1e-3
+    if off.any():
+        log.warning(
+            "%d of %d %s descriptors are not L2-normalised (norms %.3g to %.3g): scores and "
+            "re-ranking assume unit vectors (random weights give vanishing activations)",
+            int(off.sum()),
+            len(norms),
+            name,
+            norms.min(),
+            norms.max(),
+        )
+
+
 def evaluate_methods(
     queries: np.ndarray,
     database: np.ndarray,
@@ -172,8 +190,9 @@ def evaluate_methods(
         raise ValueError(
             f"{len(queries)} query descriptors for {len(gnd)} queries in the ground truth"
         )
-    search.validate_descriptors(queries, "queries")
-    search.validate_descriptors(database, "database")
+    for name, x in (("queries", queries), ("database", database)):
+        search.validate_descriptors(x, name)
+        _warn_unless_unit_norm(x, name)
     results: dict[str, Any] = {}
     rankings: dict[str, np.ndarray] = {}
     for method in methods:

@@ -622,12 +622,19 @@ def test_ground_truth_and_image_folder_mismatch_names_the_missing_files(tmp_path
 
 
 def test_whitening_learned_for_another_backbone_is_refused(demo_run):
-    from cbir_tf import models, whitening
+    from cbir_tf import evaluation, models, whitening
+    from configs import demo
 
     work, _ = demo_run
+    cfg = demo.get_config()
+    cfg.whitening.kind = "pca"  # off in the demo config
+    cfg.whitening.dataset = "demo"
+    cfg.data.image_size = IMAGE_SIZE
+    cfg.data.data_root = str(work / "data")
+    evaluation.learn_benchmark_whitening(cfg, "demo", workdir=str(work), progress=False)
     files = sorted((work / "whitening").glob("*.npz"))
     assert len(files) == 1, files
-    w = whitening.Whitening.load(files[0])  # learned by the demo run: MobileNet 0.25, R-MAC
+    w = whitening.Whitening.load(files[0])  # learned as a run would: MobileNet 0.25, R-MAC
     assert w.info["backbone"] == "mobilenet"
     kwargs = dict(weights="none", pooling="rmac", whitening=w, regional_whitening=True)
     with pytest.raises(ValueError, match="another backbone"):
