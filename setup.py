@@ -32,7 +32,7 @@ setup(
     extras_require={
         "faiss": ["faiss-cpu>=1.8"],
         "tfds": ["tensorflow-datasets>=4.9"],
-        "dev": ["pytest>=8.0", "ruff>=0.5", "tensorflow-datasets>=4.9"],
+        "dev": ["pytest>=8.0", "ruff>=0.5", "tensorflow-datasets>=4.9", "faiss-cpu>=1.8"],
     },
     license="Apache-2.0",
 )
