@@ -17,18 +17,11 @@ from ml_collections import config_flags
 from cbir_tf import cli
 
 config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (ml-collections).")
-flags.DEFINE_string("dataset", None, "paris6k | oxford5k | rparis6k | roxford5k | demo.")
-flags.DEFINE_string("data_root", None, "Folder holding datasets/<name>/ (default: config).")
-flags.DEFINE_string("workdir", None, "Folder for descriptors, whitening and results.")
 flags.DEFINE_string("out", None, "Folder for the results (default <workdir>/eval/<dataset>).")
-flags.DEFINE_string("backbone", None, "Backbone name (overrides config.model.backbone).")
-flags.DEFINE_string("weights", None, "'imagenet', 'none', or a weights file (.h5).")
-flags.DEFINE_string("model", None, "A saved .keras descriptor model (from train.py).")
 flags.DEFINE_string(
     "descriptors", None, "Precomputed descriptors: a store folder (db/, queries/) or a .mat file."
 )
-flags.DEFINE_bool("download", True, "Download missing benchmark files.")
-flags.DEFINE_bool("verbose", False, "Debug logging.")
+cli.define_benchmark_flags()
 FLAGS = flags.FLAGS
 
 
@@ -36,16 +29,7 @@ def main(argv):
     del argv
     cli.setup_logging(FLAGS.verbose)
     cfg = FLAGS.config
-    cli.apply_overrides(
-        cfg,
-        {
-            "data.dataset": FLAGS.dataset,
-            "data.data_root": FLAGS.data_root,
-            "workdir": FLAGS.workdir,
-            "model.backbone": FLAGS.backbone,
-            "model.weights": FLAGS.weights,
-        },
-    )
+    cli.apply_overrides(cfg, cli.benchmark_overrides(FLAGS))
     from cbir_tf import evaluation  # TensorFlow loads only after the flags parsed
 
     cli.run_main(

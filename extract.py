@@ -18,18 +18,11 @@ from cbir_tf import cli
 
 config_flags.DEFINE_config_file("config", "configs/default.py", "Config file (ml-collections).")
 flags.DEFINE_string("images", None, "A folder of images (searched recursively) to index.")
-flags.DEFINE_string("dataset", None, "Benchmark: paris6k | oxford5k | rparis6k | roxford5k | demo.")
 flags.DEFINE_string("out", None, "Output store / index folder.")
-flags.DEFINE_string("data_root", None, "Folder holding datasets/<name>/ (default: config).")
-flags.DEFINE_string("workdir", None, "Folder for cached whitening and descriptors.")
-flags.DEFINE_string("backbone", None, "Backbone name (overrides config.model.backbone).")
-flags.DEFINE_string("weights", None, "'imagenet', 'none', or a weights file (.h5).")
-flags.DEFINE_string("model", None, "A saved .keras descriptor model (from train.py).")
 flags.DEFINE_integer("shard_index", None, "This process's shard (0-based).")
 flags.DEFINE_integer("num_shards", None, "Number of shards the collection is split into.")
 flags.DEFINE_list("merge", None, "Shard stores to merge into --out (no extraction).")
-flags.DEFINE_bool("download", True, "Download missing benchmark files.")
-flags.DEFINE_bool("verbose", False, "Debug logging.")
+cli.define_benchmark_flags()
 FLAGS = flags.FLAGS
 
 
@@ -40,11 +33,7 @@ def main(argv):
     cli.apply_overrides(
         cfg,
         {
-            "data.dataset": FLAGS.dataset,
-            "data.data_root": FLAGS.data_root,
-            "workdir": FLAGS.workdir,
-            "model.backbone": FLAGS.backbone,
-            "model.weights": FLAGS.weights,
+            **cli.benchmark_overrides(FLAGS),
             "extract.out": FLAGS.out,
             "extract.shard_index": FLAGS.shard_index,
             "extract.num_shards": FLAGS.num_shards,

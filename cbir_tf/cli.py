@@ -73,3 +73,28 @@ def run_main(fn: Callable[[], Any]) -> Any:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(1)
+
+
+def define_benchmark_flags() -> None:
+    """Defines the short flags `extract.py` and `evaluate.py` share (see `benchmark_overrides`)."""
+    from absl import flags
+
+    flags.DEFINE_string("dataset", None, "paris6k | oxford5k | rparis6k | roxford5k | demo.")
+    flags.DEFINE_string("data_root", None, "Folder holding datasets/<name>/ (default: config).")
+    flags.DEFINE_string("workdir", None, "Folder for cached whitening, descriptors and results.")
+    flags.DEFINE_string("backbone", None, "Backbone name (overrides config.model.backbone).")
+    flags.DEFINE_string("weights", None, "'imagenet', 'none', or a weights file (.h5).")
+    flags.DEFINE_string("model", None, "A saved .keras descriptor model (from train.py).")
+    flags.DEFINE_bool("download", True, "Download missing benchmark files.")
+    flags.DEFINE_bool("verbose", False, "Debug logging.")
+
+
+def benchmark_overrides(values: Any) -> dict[str, Any]:
+    """Config fields set by the flags of `define_benchmark_flags` (for `apply_overrides`)."""
+    return {
+        "data.dataset": values.dataset,
+        "data.data_root": values.data_root,
+        "workdir": values.workdir,
+        "model.backbone": values.backbone,
+        "model.weights": values.weights,
+    }
