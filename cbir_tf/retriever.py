@@ -1243,7 +1243,7 @@ def _prepare_array(image: Any, bbox: Sequence[float] | None, image_size: int | N
     """
     from PIL import Image
 
-    from cbir_tf.data.pipeline import resize_longest
+    from cbir_tf.data.pipeline import ImageError, resize_longest, upright_rgb
 
     if isinstance(image, Image.Image):
         img = image
@@ -1260,44 +1260,14 @@ def _prepare_array(image: Any, bbox: Sequence[float] | None, image_size: int | N
         if arr.dtype != np.uint8:
             arr = np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 255).round().astype(np.uint8)
         img = Image.fromarray(arr)
-    width, height = img.size
-    if bbox is not None:
-        x1, y1, x2, y2 = (round(float(v)) for v in bbox)
-        x1, x2 = max(0, min(x1, width)), max(0, min(x2, width))
-        y1, y2 = max(0, min(y1, height)), max(0, min(y2, height))
-        if x2 <= x1 or y2 <= y1:
-            raise ValueError(f"query bbox {tuple(bbox)} is empty inside the {width}x{height} image")
-        img = img.crop((x1, y1, x2, y2))
-    if isinstance(image, Image.Image):
-        img = _upright(image, img)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    try:
+        rgb, longest = upright_rgb(img, bbox, "query image")
+    except ImageError as e:
+        raise ValueError(f"query image: {e.reason}") from None
+    rgb = np.asarray(rgb, dtype=np.uint8)
     if not image_size:
         return rgb
-    return resize_longest(rgb, int(image_size), max(width, height) if bbox is not None else None)
-
-
-def _upright(original: Any, img: Any) -> Any:
-    """`img` (the image `original` or a crop of it) turned by `original`'s EXIF orientation."""
-    from PIL import Image
-
-    transpose = {
-        2: Image.Transpose.FLIP_LEFT_RIGHT,
-        3: Image.Transpose.ROTATE_180,
-        4: Image.Transpose.FLIP_TOP_BOTTOM,
-        5: Image.Transpose.TRANSPOSE,
-        6: Image.Transpose.ROTATE_270,
-        7: Image.Transpose.TRANSVERSE,
-        8: Image.Transpose.ROTATE_90,
-    }
-    try:
-        orientation = original.getexif().get(0x0112, 1)
-    except Exception:  # a broken EXIF block: keep the pixels as stored, as the file loader does
-        orientation = 1
-    return img.transpose(transpose[orientation]) if orientation in transpose else img
+    return resize_longest(rgb, int(image_size), longest if bbox is not None else None)
 
 
 def _now() -> str:

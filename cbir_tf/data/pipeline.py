@@ -223,11 +223,37 @@ def _open_rgb(
             raise ImageError(
                 path, f"truncated or corrupt image data: {type(e).__name__}: {e}"
             ) from None
+    return upright_rgb(img, bbox, path, orientation)
+
+
+def upright_rgb(
+    img: Image.Image,
+    bbox: _BoxLike | None = None,
+    name: str = "<in-memory image>",
+    orientation: int | None = None,
+) -> tuple[Image.Image, int]:
+    """A decoded image as files are delivered: cropped, EXIF-oriented, RGB (see module doc).
+
+    Args:
+      img: a decoded PIL image (a file's, or one given in memory).
+      bbox: optional crop (x1, y1, x2, y2) in the stored pixel frame.
+      name: what error messages call the image.
+      orientation: its EXIF orientation if already read (default: read from `img`).
+
+    Returns:
+      (RGB PIL image, longest side of the full image before cropping).
+
+    Raises:
+      ImageError: an empty or invalid bbox, or a colour mode that cannot become RGB.
+    """
+    width, height = img.size
+    if orientation is None:
+        orientation = _orientation(img)
     if bbox is not None:
-        img = img.crop(_crop_box(bbox, width, height, path))
+        img = img.crop(_crop_box(bbox, width, height, name))
     if orientation != 1:
         img = img.transpose(_ORIENTATION_TRANSPOSE[orientation])
-    return _to_rgb(img, path), max(width, height)
+    return _to_rgb(img, name), max(width, height)
 
 
 def load_image(
