@@ -70,18 +70,8 @@ def rank_method(
             q, database, n=int(qe["n"]), alpha=float(qe["alpha"])
         )
     if "diffusion" in parts:
-        d = rerank_cfg["diffusion"]
         scores, dinfo = diffusion_lib.diffusion_scores(
-            q,
-            database,
-            k=int(d["k"]),
-            kq=int(d["kq"]),
-            gamma=float(d["gamma"]),
-            alpha=float(d["alpha"]),
-            max_iter=int(d["max_iter"]),
-            tol=float(d["tol"]),
-            truncate=int(d["truncate"]) or None,
-            return_info=True,
+            q, database, **diffusion_lib.config_kwargs(rerank_cfg["diffusion"]), return_info=True
         )
         ranks = _ranks_from_scores(scores)
         info["diffusion"] = _diffusion_info(dinfo)

@@ -939,7 +939,6 @@ class Retriever:
 
         d = self.rerank_settings["diffusion"]
         n = database.shape[0]
-        truncate = int(d.get("truncate") or 0) or None
         key = (int(d["k"]), float(d["gamma"]), self.backend)
         if int(d["k"]) >= n:
             log.warning(
@@ -954,16 +953,13 @@ class Retriever:
                 backend=self.backend,
             )  # fmt: skip
             self._affinity = (key, graph)
+        settings = diffusion.config_kwargs(d)
+        if settings["truncate"]:
+            settings["truncate"] = min(settings["truncate"], n)
         scores = diffusion.diffusion_scores(
             queries,
             database,
-            k=int(d["k"]),
-            kq=int(d["kq"]),
-            gamma=float(d["gamma"]),
-            alpha=float(d["alpha"]),
-            max_iter=int(d["max_iter"]),
-            tol=float(d["tol"]),
-            truncate=min(truncate, n) if truncate else None,
+            **settings,
             affinity=self._affinity[1],
             block_size=self.block_size,
             backend=self.backend,

@@ -35,8 +35,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -575,6 +576,26 @@ def _prepare(queries, database, block_size):
         raise ValueError("database is empty: nothing to re-rank")
     queries = search.validate_descriptors(queries, "queries", dim=database.shape[1])
     return queries, database
+
+
+def config_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """`diffusion_scores` keyword arguments from a config's `rerank.diffusion` block.
+
+    Args:
+      cfg: mapping with k, kq, gamma, alpha, max_iter, tol and optionally truncate (0 = off).
+
+    Returns:
+      {'k', 'kq', 'gamma', 'alpha', 'max_iter', 'tol', 'truncate' (int or None)}.
+    """
+    return {
+        "k": int(cfg["k"]),
+        "kq": int(cfg["kq"]),
+        "gamma": float(cfg["gamma"]),
+        "alpha": float(cfg["alpha"]),
+        "max_iter": int(cfg["max_iter"]),
+        "tol": float(cfg["tol"]),
+        "truncate": int(cfg.get("truncate") or 0) or None,
+    }
 
 
 def diffusion_scores(
