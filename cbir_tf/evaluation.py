@@ -621,7 +621,8 @@ def extract_benchmark(
         shard_index=shard_index,
         num_shards=num_shards,
     )
-    return db, qr, meta
+    # Where the stores are, for the summary and the results file (not part of the settings).
+    return db, qr, dict(meta, store=store_root)
 
 
 def run_benchmark(

@@ -42,7 +42,7 @@ def extract_dataset(
         download=download,
         progress=progress,
     )
-    db, qr, _ = evaluation.extract_benchmark(
+    db, qr, meta = evaluation.extract_benchmark(
         cfg,
         ds,
         model_path=model_path,
@@ -51,8 +51,8 @@ def extract_dataset(
         shard_index=int(cfg.extract.shard_index),
         num_shards=int(cfg.extract.num_shards),
     )
-    print(_summary(f"{ds.name} database", db, getattr(db, "store_dir", None)))
-    print(_summary(f"{ds.name} queries", qr, getattr(qr, "store_dir", None)))
+    print(_summary(f"{ds.name} database", db, os.path.join(meta["store"], "db")))
+    print(_summary(f"{ds.name} queries", qr, os.path.join(meta["store"], "queries")))
     return db, qr
 
 
