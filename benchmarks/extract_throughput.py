@@ -4,8 +4,9 @@ Prints, for each longest side in --sizes:
   * bare:  images/s of the bare backbone forward pass (one compiled function, input signature
            [1, None, None, 3]) over images already decoded and resized, held in memory;
   * full:  images/s of the full `cbir_tf.descriptors.extract` path on the same images as JPEG
-           files: tf.data decoding and resizing, the descriptor model (backbone + pooling + L2),
-           NaN checks and the resumable store with its chunks, finalize included;
+           files: decoding and resizing (low-priority threads, `pipeline.iter_images`), the
+           descriptor model (backbone + pooling + L2), NaN checks and the resumable store with
+           its chunks, finalize included;
   * ratio: full / bare (goal >= 0.90), and the same ratio in CPU time per image, which a
            machine shared with other work measures more reliably than wall-clock rates.
 Then the peak RSS of the full path for each count in --rss_counts, each run in its own
@@ -22,7 +23,7 @@ Reduced (a quick check):
 GPU, mixed precision:
   python benchmarks/extract_throughput.py --mixed_precision --num_images=200
 
-Each `extract` call has a fixed cost of about 0.1-0.15 s (building the tf.data pipeline, the
+Each `extract` call has a fixed cost of a few tens of ms (starting the decoding threads, the
 first image's decoding, which nothing can overlap, and finalizing the store); with few images it
 weighs on the ratio, which is why the default is 100 images per run.
 """

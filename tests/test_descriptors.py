@@ -136,7 +136,8 @@ def test_unreadable_images_are_skipped_counted_and_reported(model, tmp_path, cap
     assert "2 of 5 skipped" in err and "skipped im1:" in err and "img/s" in err
 
 
-def test_image_files_go_through_the_pipeline(model, tmp_path):
+@pytest.mark.parametrize("num_parallel_calls", [None, 0, 3])
+def test_image_files_go_through_the_pipeline(model, tmp_path, num_parallel_calls):
     from cbir_tf.data.pipeline import load_resized
 
     images = _images(4, seed=5, lo=60, hi=120)
@@ -148,7 +149,14 @@ def test_image_files_go_through_the_pipeline(model, tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
     paths.insert(2, str(tmp_path / "bad.jpg"))
     bboxes = [None, (5, 5, 40, 30), None, None, None]
-    result = extract(model, paths, image_size=64, bboxes=bboxes, progress=False)
+    result = extract(
+        model,
+        paths,
+        image_size=64,
+        bboxes=bboxes,
+        progress=False,
+        num_parallel_calls=num_parallel_calls,
+    )
     assert result.ids == [p for p in paths if not p.endswith("bad.jpg")]
     assert [s for s, _ in result.skipped] == [str(tmp_path / "bad.jpg")]
     assert result.skipped[0][1]

@@ -1,4 +1,4 @@
-"""Image loading: a generated bad-image corpus, EXIF, crops, resizing and the tf.data pipeline."""
+"""Image loading: a bad-image corpus, EXIF, crops, resizing, decoding threads and tf.data."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -527,6 +528,131 @@ def test_image_dataset_with_bboxes(corpus):
     assert items[2]["image"].shape == (2, 2, 3)  # floor(48 * 5 / 96) = 2
     with pytest.raises(ValueError, match="2 bboxes for 3 images"):
         image_dataset([corpus["png"]] * 3, 48, bboxes=boxes[:2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding threads (iter_images)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_threads", [0, 1, 3])
+def test_iter_images_keeps_order_and_reports_failures(corpus, num_threads):
+    names, paths = _corpus_paths(corpus)
+    items = list(pipeline.iter_images(paths, 32, num_threads=num_threads, prefetch=2))
+    assert [k for k, _, _ in items] == list(range(len(paths)))
+    failed = {names[k]: error for k, image, error in items if error}
+    assert set(failed) == {"zero", "truncated", "random", "text", "bomb"}
+    assert "decompression bomb" in failed["bomb"] and "empty file" in failed["zero"]
+    for k, image, error in items:
+        if error:
+            assert image is None
+        else:
+            expected = pipeline.load_resized(paths[k], 32)
+            np.testing.assert_array_equal(image, expected, err_msg=names[k])
+
+
+def test_iter_images_equals_image_dataset(corpus):
+    names, paths = _corpus_paths(corpus)
+    boxes = [(4, 4, 40, 30) if n == "png" else None for n in names]
+    threaded = list(pipeline.iter_images(paths, 40, bboxes=boxes))
+    dataset = list(image_dataset(paths, 40, bboxes=boxes).as_numpy_iterator())
+    for (k, image, error), ref in zip(threaded, dataset, strict=True):
+        assert k == int(ref["index"]) and error == ref["error"].decode()
+        if not error:
+            np.testing.assert_array_equal(image, ref["image"], err_msg=names[k])
+    assert threaded[0][1].shape == (11, 15, 3)  # a 36 x 26 crop scaled like its image: 40 / 96
+    with pytest.raises(ValueError, match="2 bboxes for 3 images"):
+        pipeline.iter_images([corpus["png"]] * 3, 48, bboxes=boxes[:2])  # before any decoding
+    with pytest.raises(ValueError, match="num_threads"):
+        pipeline.iter_images([corpus["png"]], 48, num_threads=-1)
+    assert list(pipeline.iter_images([], 48)) == []
+
+
+def test_iter_images_transform_runs_per_image_and_its_errors_become_reasons(corpus):
+    def transform(image):
+        if image.shape[1] == 48:
+            raise ImageError("", "too wide")
+        if image.shape[1] == 24:
+            raise RuntimeError("boom")
+        return threading.current_thread().name, image.sum()
+
+    paths = [corpus["png"], corpus["zero"], corpus["png"], corpus["png"]]
+    boxes = [None, None, (0, 0, 48, 32), (0, 0, 96, 16)]
+    items = list(pipeline.iter_images(paths, 48, bboxes=boxes, transform=transform))
+    assert [(k, error) for k, _, error in items] == [
+        (0, "too wide"),
+        (1, "empty file (0 bytes)"),
+        (2, "unexpected RuntimeError: boom"),
+        (3, "too wide"),
+    ]
+    assert all(image is None for _, image, _ in items)
+    (_, out, _), *_ = pipeline.iter_images([corpus["png"]], 16, transform=transform)
+    assert out[1] == pipeline.load_resized(corpus["png"], 16).sum()
+
+
+def test_iter_images_bounds_the_images_decoded_ahead(corpus, monkeypatch):
+    real = pipeline.load_resized
+    decoded = []
+    monkeypatch.setattr(
+        pipeline, "load_resized", lambda *a, **k: (decoded.append(1), real(*a, **k))[1]
+    )
+    consumed = 0
+    for _ in pipeline.iter_images([corpus["png"]] * 30, 16, num_threads=3, prefetch=4):
+        time.sleep(0.01)  # a slow consumer: the threads must wait for it
+        consumed += 1
+        assert len(decoded) <= consumed + 4
+    assert consumed == 30 and len(decoded) == 30
+
+
+def test_iter_images_decodes_itself_when_the_workers_are_starved(corpus, monkeypatch):
+    """A worker that never gets the CPU must not hold the run up: the caller takes over."""
+    real = pipeline.load_resized
+    release = threading.Event()
+
+    def starved_in_workers(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_resized", starved_in_workers)
+    monkeypatch.setattr(pipeline, "_FIRST_PATIENCE_S", 0.05)
+    paths = [corpus["png"], corpus["zero"]] * 5
+    start = time.perf_counter()
+    try:
+        items = list(pipeline.iter_images(paths, 16, num_threads=2))
+        assert time.perf_counter() - start < 10  # closing does not wait for starved workers
+    finally:
+        release.set()
+    assert [k for k, _, _ in items] == list(range(10))
+    assert all(bool(error) == (k % 2 == 1) for k, _, error in items)
+
+
+def test_iter_images_stops_its_threads_when_closed_early(corpus):
+    before = {t.ident for t in threading.enumerate()}
+    iterator = pipeline.iter_images([corpus["png"]] * 50, 16, num_threads=3)
+    next(iterator)
+    assert {t.name for t in threading.enumerate()} >= {"cbir-decode-0", "cbir-decode-1"}
+    iterator.close()
+    assert {t.ident for t in threading.enumerate() if t.is_alive()} <= before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority: Linux")
+def test_iter_images_workers_run_at_low_priority(corpus, monkeypatch):
+    real = pipeline.load_resized
+    seen = {}
+
+    def record(*args, **kwargs):
+        tid = threading.get_native_id()
+        seen[threading.current_thread().name] = os.getpriority(os.PRIO_PROCESS, tid)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_resized", record)
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for _ in pipeline.iter_images([corpus["png"]] * 6, 16, num_threads=2, prefetch=2):
+        time.sleep(0.02)
+    workers = {name: nice for name, nice in seen.items() if name.startswith("cbir-decode")}
+    assert workers and all(nice == min(19, main_nice + 19) for nice in workers.values())
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
 
 
 def test_image_error_pickles():
