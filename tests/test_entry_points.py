@@ -131,3 +131,37 @@ def test_evaluate_with_a_saved_keras_model(demo_run, tmp_path):
     results = json.loads((tmp_path / "eval" / "demo" / "results.json").read_text())
     assert [r["method"] for r in results["table"]] == ["plain"]
     assert results["descriptors"]["weights"] == str(path)
+
+
+def test_extract_demo_in_two_shards_then_merge_equals_one_run(demo_run, tmp_path):
+    from cbir_tf import store
+
+    work, _ = demo_run
+    common = [*DEMO, f"--workdir={tmp_path}", f"--data_root={work / 'data'}"]
+    for i in range(2):
+        proc = _run(
+            [
+                "extract.py",
+                *common,
+                f"--out={tmp_path / f'shard{i}'}",
+                f"--shard_index={i}",
+                "--num_shards=2",
+            ]
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "demo database: " in proc.stdout and str(tmp_path / f"shard{i}") in proc.stdout
+    proc = _run(
+        [
+            "extract.py",
+            "--merge",
+            f"{tmp_path / 'shard0'},{tmp_path / 'shard1'}",
+            f"--out={tmp_path / 'merged'}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    whole = [p.parent.parent for p in (work / "descriptors" / "demo").glob("*/db/descriptors.npy")]
+    for part in ("db", "queries"):
+        x, ids, _ = store.load_store(tmp_path / "merged" / part)
+        y, y_ids, _ = store.load_store(whole[0] / part)
+        assert ids == y_ids
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
