@@ -36,19 +36,10 @@ import scipy.sparse.linalg as spla
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _data import random_unit  # noqa: E402
+
 from cbir_tf import search  # noqa: E402
 from cbir_tf.rerank import diffusion as dfu  # noqa: E402
-
-
-def random_unit(n: int, d: int, seed: int, out: np.ndarray | None = None, chunk: int = 65536):
-    """float32 [n, d] random unit rows, generated chunk by chunk (bounded temporary memory)."""
-    out = np.empty((n, d), np.float32) if out is None else out
-    rng = np.random.default_rng(seed)
-    for start in range(0, n, chunk):
-        block = rng.standard_normal((min(chunk, n - start), d), dtype=np.float32)
-        block /= np.linalg.norm(block, axis=1, keepdims=True)
-        out[start : start + block.shape[0]] = block
-    return out
 
 
 class Phase:

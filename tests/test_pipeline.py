@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image, ImageFile
+from png_bytes import bomb_png, raw_png
 
 from cbir_tf.data import pipeline
 from cbir_tf.data.pipeline import ImageError, image_dataset, load_image, resize_longest
@@ -25,30 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ---------------------------------------------------------------------------------------------
 # Corpus generation
 # ---------------------------------------------------------------------------------------------
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _raw_png(width: int, height: int, bit_depth: int, color_type: int, rows) -> bytes:
-    """A PNG from an iterable of raw scanlines (filter byte included), compressed as it goes."""
-    compressor = zlib.compressobj(9)
-    data = b"".join(compressor.compress(r) for r in rows) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", data)
-        + _png_chunk(b"IEND", b"")
-    )
-
-
-def _bomb_png(side: int = 30_000) -> bytes:
-    """A side x side 1-bit PNG of zeros: ~100 KB on disk, 900 M pixels decoded."""
-    row = b"\x00" * (1 + (side + 7) // 8)
-    block = row * 1000
-    return _raw_png(side, side, 1, 0, (block for _ in range(side // 1000)))
 
 
 def _pattern(height: int = 32, width: int = 48, seed: int = 0) -> np.ndarray:
@@ -106,7 +81,7 @@ def corpus(tmp_path_factory):
     raw = b"".join(b"\x00" + r.astype(">u2").tobytes() for r in rgb16)
     files["rgb16"] = str(d / "rgb16.png")
     with open(files["rgb16"], "wb") as f:
-        f.write(_raw_png(2, 1, 16, 2, [raw]))
+        f.write(raw_png(2, 1, 16, 2, [raw]))
 
     files["gray"] = _save(Image.fromarray(photo[..., 0], "L"), d / "gray.png")
     files["cmyk"] = _save(Image.fromarray(photo).convert("CMYK"), d / "cmyk.jpg", quality=95)
@@ -141,7 +116,7 @@ def corpus(tmp_path_factory):
 
     files["bomb"] = str(d / "bomb.png")
     with open(files["bomb"], "wb") as f:
-        f.write(_bomb_png())
+        f.write(bomb_png())
     files["photo"] = photo
     files["upright_pixels"] = upright
     return files

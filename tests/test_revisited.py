@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import os
 import pickle
@@ -11,12 +10,12 @@ import shutil
 import socket
 import sys
 import tarfile
-import threading
 import urllib.error
 import zipfile
 
 import numpy as np
 import pytest
+from file_server import RangeServer
 
 from cbir_tf.data import revisited
 from cbir_tf.data.download import (
@@ -439,52 +438,6 @@ def test_hostile_original_ground_truth_is_refused(rparis_folder):
 # ----------------------------------------------------------------------------------------------
 
 
-class _Server:
-    """127.0.0.1 file server with Range support; can drop a connection once per path."""
-
-    def __init__(self, files):
-        self.files = files
-        self.requests: list[tuple[str, str | None]] = []
-        self.die_after: dict[str, int] = {}
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                rng = self.headers.get("Range")
-                server.requests.append((self.path, rng))
-                body = server.files.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-                self.send_response(206 if rng else 200)
-                if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                cut = server.die_after.pop(self.path, None)
-                self.wfile.write(body[start : start + cut] if cut is not None else body[start:])
-                if cut is not None:
-                    self.close_connection = True
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
-
-    def url(self, path):
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def paths(self):
-        return [p for p, _ in self.requests]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A small synthetic 'roxford5k' and its files as a server would publish them."""
@@ -516,7 +469,7 @@ def source(tmp_path_factory):
 @pytest.fixture
 def served(source, monkeypatch):
     folder, jpgs, files = source
-    server = _Server(dict(files))
+    server = RangeServer(dict(files))
     spec = DatasetSpec(
         name="roxford5k",
         title="Revisited Oxford5k",

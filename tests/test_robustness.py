@@ -22,15 +22,14 @@ import re
 import shlex
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
+from png_bytes import bomb_png, raw_png
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
@@ -104,28 +103,6 @@ ODD = (
 NUM_NORMAL = 240  # enough that a SIGKILL lands part-way through the extraction
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _raw_png(width: int, height: int, bit_depth: int, color_type: int, rows) -> bytes:
-    compressor = zlib.compressobj(9)
-    data = b"".join(compressor.compress(r) for r in rows) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", data)
-        + _png_chunk(b"IEND", b"")
-    )
-
-
-def _bomb_png(side: int = 30_000) -> bytes:
-    """A complete, valid side x side 1-bit PNG: ~110 KB on disk, 900 M pixels (2.7 GB as RGB)."""
-    block = (b"\x00" * (1 + (side + 7) // 8)) * 1000
-    return _raw_png(side, side, 1, 0, (block for _ in range(side // 1000)))
-
-
 def _blocks(height: int, width: int, seed: int) -> np.ndarray:
     """RGB of constant 8x8 blocks: JPEG (quality 95, no chroma subsampling) keeps the pixels of
     its rotations exactly rotated, so EXIF orientation can be tested to float precision."""
@@ -142,7 +119,7 @@ def _write_corpus(d: pathlib.Path) -> None:
     (d / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
     (d / "random.jpg").write_bytes(np.random.RandomState(0).bytes(4096))
     (d / "notes.jpg").write_text("this is a text file, not a photo\n" * 50)
-    (d / "bomb.png").write_bytes(_bomb_png())
+    (d / "bomb.png").write_bytes(bomb_png())
 
     rgba = np.zeros((40, 40, 4), np.uint8)
     rgba[..., :3] = photo[:40, :40]
@@ -151,7 +128,7 @@ def _write_corpus(d: pathlib.Path) -> None:
     ramp = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)
     Image.fromarray(ramp).save(d / "gray16.png")
     rows = [b"\x00" + (photo[r].astype(">u2") * 257).tobytes() for r in range(photo.shape[0])]
-    (d / "rgb16.png").write_bytes(_raw_png(96, 64, 16, 2, rows))
+    (d / "rgb16.png").write_bytes(raw_png(96, 64, 16, 2, rows))
     Image.fromarray(photo[..., 0], "L").save(d / "gray.png")
     Image.fromarray(photo).convert("CMYK").save(d / "cmyk.jpg", quality=95)
     palette = Image.fromarray(np.random.RandomState(5).randint(0, 4, (30, 44)).astype(np.uint8))
