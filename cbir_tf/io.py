@@ -14,7 +14,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -76,7 +76,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes `obj` as indented JSON to `path` atomically (NaN written as null)."""
-    atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n")
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -102,19 +102,29 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def _json_safe(obj: Any) -> Any:
-    """Converts numpy scalars/arrays to Python values and NaN/Inf to None for strict JSON."""
+def json_safe(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
+    """`obj` as plain JSON values: numpy arrays/scalars to Python, tuples to lists, paths to
+    strings, NaN/Inf to None (strict JSON has neither).
+
+    Args:
+      obj: nested dicts / lists / tuples of values.
+      default: applied to any other object (e.g. `repr`); None leaves it as it is.
+    """
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v, default) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v, default) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
+        return json_safe(obj.tolist(), default)
     if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
+        return json_safe(obj.item(), default)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
     if isinstance(obj, float) and not np.isfinite(obj):
         return None
-    return obj
+    if obj is None or isinstance(obj, (str, int, float, bool)) or default is None:
+        return obj
+    return default(obj)
 
 
 class LockError(RuntimeError):

@@ -42,7 +42,13 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf.io import atomic_open, atomic_write_json, atomic_write_text, folder_lock
+from cbir_tf.io import (
+    atomic_open,
+    atomic_write_json,
+    atomic_write_text,
+    folder_lock,
+    json_safe,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,21 +116,11 @@ class NonFiniteDescriptorError(ValueError):
 
 
 def _normalize(obj: Any) -> Any:
-    """JSON-normalises `obj` (tuples -> lists, numpy -> Python) so that equality is meaningful."""
-    if isinstance(obj, dict):
-        return {str(k): _normalize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_normalize(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _normalize(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    # Anything else (e.g. a Whitening object) is recorded by its description, never pickled.
-    return repr(obj)
+    """JSON-normalises `obj` (tuples -> lists, numpy -> Python) so that equality is meaningful.
+
+    Anything else (e.g. a Whitening object) is recorded by its description, never pickled.
+    """
+    return json_safe(obj, default=repr)
 
 
 def library_versions() -> dict[str, str | None]:

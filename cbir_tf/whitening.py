@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf.io import atomic_save_npz
+from cbir_tf.io import atomic_save_npz, json_safe
 
 _EPS = 1e-6  # added to norms, as the reference's l2n
 
@@ -111,7 +111,7 @@ class Whitening:
             mean=self.mean,
             projection=self.projection,
             eigenvalues=self.eigenvalues,
-            info_json=np.array(json.dumps(_json_safe(self.info))),
+            info_json=np.array(json.dumps(json_safe(self.info))),
         )
 
     @classmethod
@@ -132,18 +132,6 @@ class Whitening:
                 eigenvalues=data["eigenvalues"],
                 info=info,
             )
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def _l2n(x: np.ndarray, axis: int = -1) -> np.ndarray:
