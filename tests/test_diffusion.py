@@ -200,6 +200,119 @@ def test_breakdown_is_reported_without_nan():
         dfu.conjugate_gradient(m, np.array([np.nan, 1.0]))
 
 
+class _FusedOperator:
+    """A matrix behind the `writes_out` protocol (out= and col_dots=), as DiffusionOperator."""
+
+    writes_out = True
+
+    def __init__(self, m):
+        self.m = m
+        self.calls = 0
+
+    def __call__(self, p, cols=None, out=None, col_dots=False):
+        self.calls += 1
+        q = np.asarray(self.m @ p)
+        if out is not None:
+            out[...] = q
+            q = out
+        return (q, np.einsum("ij,ij->j", p, q)) if col_dots else q
+
+
+@pytest.fixture(scope="module")
+def staggered(golden, golden_affinity):
+    """M = I - 0.99 S on the golden graph and 70 right-hand sides that finish at different
+    iterations: 40 eigenvectors of S (one step each), 29 query vectors and a zero column."""
+    s = dfu.normalize_affinity(golden_affinity)
+    _, vecs = spla.eigsh(s, k=40, which="LA")
+    y = dfu.query_vectors(golden["Q"], golden["X"], 10, 3.0)
+    y = np.concatenate([y, y[:, :9] + 0.5 * y[:, 10:19]], 1)
+    b = np.concatenate([vecs[:, :20], y[:, :15], np.zeros((s.shape[0], 1)), vecs[:, 20:],
+                        y[:, 15:]], 1)  # fmt: skip
+    return s, b
+
+
+@pytest.mark.parametrize("max_iter, tol", [(500, 1e-10), (12, 1e-12)])
+def test_fused_operator_parks_and_compacts_like_single_solves(
+    staggered, monkeypatch, max_iter, tol
+):
+    # Several row ranges (run in threads) of several chunks, whatever the machine; early
+    # columns are parked, then compacted; with max_iter 12 every column with 12 iterations ends
+    # by the xmin rule.
+    monkeypatch.setenv("CBIR_NUM_THREADS", "3")
+    monkeypatch.setattr(dfu._RowRanges, "_MIN_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(dfu, "_CHUNK_BYTES", 1 << 15)
+    s, b = staggered
+    n = s.shape[0]
+    assert len(dfu._RowRanges(n, b.shape[1]).slices) == 3
+    op = dfu.diffusion_operator(s, 0.99)
+    x, info = dfu.conjugate_gradient(op, b, max_iter=max_iter, tol=tol)
+    assert np.isfinite(x).all() and not info.breakdown.any()
+    assert (info.iterations[:20] == 1).all() and (info.iterations[36:56] == 1).all()
+    assert info.iterations[35] == 0 and info.converged[35] and (x[:, 35] == 0).all()
+    assert len(set(info.iterations[info.iterations > 1].tolist())) >= 2  # staggered finishes
+    m = sp.identity(n, format="csr") - 0.99 * s
+    for c in range(b.shape[1]):
+        xc, ic = dfu.conjugate_gradient(m, b[:, c], max_iter=max_iter, tol=tol)
+        np.testing.assert_allclose(x[:, c], xc, rtol=0, atol=1e-9 * max(1e-12, np.abs(xc).max()))
+        assert ic.converged[0] == info.converged[c]
+        assert abs(int(ic.iterations[0]) - int(info.iterations[c])) <= 1
+        assert ic.residuals[0] == pytest.approx(info.residuals[c], rel=1e-6, abs=1e-14)
+    if max_iter == 12:
+        assert not info.converged[info.iterations > 1].any()
+
+
+def test_fused_protocol_equals_plain_operator():
+    # Same matrix behind the fused protocol and as a plain matrix: identical recurrences,
+    # including the xmin rule and a breakdown column (indefinite M).
+    m = _spd(30, 4, low=1e-2)
+    m[0, 0] = -m[0, 0] - 1.0  # makes some p'Mp <= 0
+    rng = np.random.default_rng(5)
+    b = rng.standard_normal((30, 6))
+    b[:, 1] = 0.0
+    b[:, 2] = np.eye(30)[0]  # p'Mp < 0 at once: breakdown
+    fused = _FusedOperator(m)
+    x1, i1 = dfu.conjugate_gradient(fused, b, max_iter=8, tol=1e-12)
+    x2, i2 = dfu.conjugate_gradient(m, b, max_iter=8, tol=1e-12)
+    np.testing.assert_allclose(x1, x2, rtol=1e-12, atol=1e-14)
+    for field in ("iterations", "converged", "breakdown"):
+        np.testing.assert_array_equal(getattr(i1, field), getattr(i2, field))
+    np.testing.assert_allclose(i1.residuals, i2.residuals, rtol=1e-12)
+    assert i1.breakdown[2] and np.isfinite(x1).all() and fused.calls > 0
+
+
+def test_num_threads(monkeypatch):
+    monkeypatch.delenv("CBIR_NUM_THREADS", raising=False)
+    assert 1 <= dfu.num_threads() <= 32
+    monkeypatch.setenv("CBIR_NUM_THREADS", "5")
+    assert dfu.num_threads() == 5
+    monkeypatch.setenv("CBIR_NUM_THREADS", "0")
+    with pytest.raises(ValueError, match="CBIR_NUM_THREADS"):
+        dfu.num_threads()
+
+
+def test_blocked_sparse_product():
+    rng = np.random.default_rng(11)
+    s = sp.random(3000, 3000, density=0.01, random_state=12, format="csr")
+    p = rng.standard_normal((3000, 40))
+    direct = 1.5 * p - 0.7 * (s @ p)
+    # Small cache: several column blocks; three row ranges in threads.
+    product = dfu.BlockedSparseProduct(s, cache_bytes=8 * 40 * 1024, threads=3)
+    out = np.full((3000, 40), np.nan)
+    got, dots = product(p, out=out, scale=-0.7, shift=1.5, col_dots=True)
+    assert got is out and len(product._parts) == 3 and len(product._parts[0][2]) == 3
+    np.testing.assert_allclose(got, direct, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dots, np.einsum("ij,ij->j", p, direct), rtol=1e-12)
+    np.testing.assert_allclose(product(p[:, ::2]), s @ p[:, ::2], rtol=1e-12, atol=1e-12)
+    # One column (scipy's own product) and a non-contiguous p.
+    got1, dots1 = product(p[:, 3:4], scale=2.0, col_dots=True)
+    np.testing.assert_allclose(got1, 2.0 * (s @ p[:, 3:4]), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dots1, [p[:, 3] @ got1[:, 0]], rtol=1e-12)
+    with pytest.raises(ValueError, match="C-contiguous float64"):
+        product(p, out=np.empty((40, 3000)).T)
+    with pytest.raises(ValueError, match="shape"):
+        product(p, out=np.empty((3000, 39)))
+
+
 # ---------------------------------------------------------------- graph pieces
 
 

@@ -17,9 +17,12 @@ golden values computed with it):
 
 Differences from the reference, all for speed or scale, none changing the numbers:
 - all queries are solved at once: `conjugate_gradient` runs independent CG recurrences for the
-  columns of an `[N, Q]` right-hand side (per-column step sizes and convergence masks; converged
+  columns of an `[N, Q]` right-hand side (per-column step sizes and convergence masks; finished
   columns are frozen and dropped from the work), so each sparse product serves every query
-  (`BlockedSparseProduct`: cache-blocked over S's columns and multi-threaded over its rows);
+  (`BlockedSparseProduct`: cache-blocked over S's columns, with the rest of the operator and
+  p'Mp computed while each block of rows is in cache); the products and the vector updates run
+  over row ranges on all cores (`num_threads`, $CBIR_NUM_THREADS) and allocate nothing per
+  iteration;
 - kNN lists come from a blocked float32 search re-scored in float64 (`refine` extra candidates),
   which gives the float64 ranking of the reference at float32 cost (small problems compute all
   float64 similarities directly);
@@ -33,6 +36,7 @@ Differences from the reference, all for speed or scale, none changing the number
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +51,7 @@ from cbir_tf import search
 __all__ = [
     "BlockedSparseProduct",
     "CGInfo",
+    "DiffusionOperator",
     "OfflineDiffusion",
     "conjugate_gradient",
     "diffusion_operator",
@@ -54,6 +59,7 @@ __all__ = [
     "knn_affinity",
     "mutual_knn_affinity",
     "normalize_affinity",
+    "num_threads",
     "query_vectors",
     "truncated_diffusion",
 ]
@@ -138,6 +144,148 @@ def _col_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->j", a, b)
 
 
+def _apply(matvec: Operator, p: np.ndarray, cols: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """M p, written into `out` when the operator can (no fresh [N, q] array per product)."""
+    if out is not None and getattr(matvec, "writes_out", False):
+        return matvec(p, cols, out=out)
+    return np.asarray(matvec(p, cols), dtype=np.float64)
+
+
+def _copy_columns(dst: np.ndarray, src: np.ndarray, mask: np.ndarray) -> None:
+    if mask.all():
+        np.copyto(dst, src)  # one contiguous pass instead of a fancy-indexed gather and scatter
+    else:
+        dst[:, mask] = src[:, mask]
+
+
+def _beta(rho: np.ndarray, rho_prev: np.ndarray) -> np.ndarray:
+    # Parked columns have rho_prev = 0 (their r is 0): beta 0 keeps their p at 0.
+    return np.divide(rho, rho_prev, out=np.zeros_like(rho), where=rho_prev > 0)
+
+
+def _col_dot_rows(a: np.ndarray, b: np.ndarray, s: slice) -> np.ndarray:
+    return _col_dot(a[s], b[s])
+
+
+def _next_direction(w: _CGWork, beta: np.ndarray, s: slice) -> None:
+    """Rows s: p <- r + beta p."""
+    p = w.p[s]
+    p *= beta
+    p += w.r[s]
+
+
+# Row chunks of the CG updates: several updates of a chunk run while it is in the L2 cache,
+# and their temporaries are small enough to be reused by the allocator (no page faults).
+_CHUNK_BYTES = 1 << 19
+
+
+def _row_chunks(s: slice, width: int) -> list[slice]:
+    """Splits the row range s into chunks of about `_CHUNK_BYTES` per `[rows, width]` array."""
+    size = max(1, _CHUNK_BYTES // (8 * max(1, width)))
+    return [slice(a, min(a + size, s.stop)) for a in range(s.start, s.stop, size)]
+
+
+def _step_residual(w: _CGWork, step: np.ndarray, s: slice) -> np.ndarray:
+    """Rows s: r <- r - step q; returns their partial r'r."""
+    rr = np.zeros(w.width)
+    for c in _row_chunks(s, w.width):
+        r = w.r[c]
+        r -= w.q[c] * step
+        rr += _col_dot(r, r)
+    return rr
+
+
+class _RowRanges:
+    """Runs a function over row ranges of `[N, w]` arrays in the shared thread pool.
+
+    numpy releases the GIL in its loops, so the CG vector updates scale with the cores as the
+    sparse product does; a range of rows of C-ordered arrays is contiguous, and several
+    updates of the same range in one task reuse it while it is in cache.
+    """
+
+    # Per range: smaller work does not pay for a task (and more threads wait for the GIL
+    # between numpy calls than they gain).
+    _MIN_ELEMENTS = 1 << 17
+
+    def __init__(self, n: int, width: int):
+        parts = max(1, min(num_threads(), n * width // self._MIN_ELEMENTS))
+        bounds = np.linspace(0, n, parts + 1).round().astype(int)
+        self.slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+    def run(self, fn: Callable[[slice], Any]) -> list:
+        if len(self.slices) <= 1:
+            return [fn(s) for s in self.slices]
+        return list(_thread_pool().map(fn, self.slices))
+
+    def sum(self, fn: Callable[[slice], np.ndarray]) -> np.ndarray:
+        """The sum of fn's per-range column vectors (partial column dot products)."""
+        parts = self.run(fn)
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total
+
+
+class _CGWork:
+    """Working state of `conjugate_gradient`: one column per right-hand side still in the work.
+
+    Arrays are `[N, w]`; `cols` maps working columns to columns of b. A finished column is
+    parked (p = r = 0, so it no longer moves) rather than dropped at once: the arrays are only
+    compacted when at most half of their columns are live, so they are reallocated O(log Q)
+    times instead of at every convergence (fresh arrays cost page faults, the copies a pass).
+    """
+
+    _ARRAYS = ("b", "x", "r", "p", "q", "x_min")
+    _VECTORS = ("cols", "tolb", "rho", "rho_prev", "res_min", "it_min", "res_last", "live",
+                "min_is_x")  # fmt: skip
+
+    def __init__(self, b: np.ndarray, cols: np.ndarray, tolb: np.ndarray):
+        n, w = b.shape
+        self.b = b
+        self.x = np.zeros((n, w))
+        self.r = b.copy()
+        self.p = b.copy()  # the first search direction: r
+        self.q = np.empty((n, w))  # M p, written by the operator
+        # The best iterate so far (smallest residual norm). Kept lazily: while the best is the
+        # current x itself (min_is_x, the usual case as residuals mostly decrease), nothing is
+        # copied; x is saved here only just before it moves on to a worse iterate.
+        self.x_min = np.empty((n, w))
+        self.min_is_x = np.ones(w, bool)
+        self.cols = cols
+        self.tolb = tolb
+        self.rho = _col_dot(self.r, self.r)
+        self.rho_prev = np.ones(w)
+        self.res_min = np.sqrt(self.rho)  # residual norm of the best iterate (x = 0: ||b||)
+        self.it_min = np.zeros(w, np.int64)
+        self.res_last = self.res_min.copy()
+        self.live = np.ones(w, bool)
+
+    def beta(self) -> np.ndarray:
+        return _beta(self.rho, self.rho_prev)
+
+    @property
+    def width(self) -> int:
+        return self.x.shape[1]
+
+    def best(self, sel: np.ndarray) -> np.ndarray:
+        """The best iterates of working columns `sel`, `[N, len(sel)]`."""
+        return np.where(self.min_is_x[sel], self.x[:, sel], self.x_min[:, sel])
+
+    def park(self, done: np.ndarray) -> None:
+        self.live &= ~done
+        if not self.live.any():
+            return  # the solve is over
+        self.p[:, done] = 0.0
+        self.r[:, done] = 0.0
+        if 2 * int(self.live.sum()) <= self.width:
+            keep = self.live
+            for name in self._ARRAYS:
+                # (Fancy indexing along axis 1 gives a Fortran-ordered copy: made C-ordered.)
+                setattr(self, name, np.ascontiguousarray(getattr(self, name)[:, keep]))
+            for name in self._VECTORS:
+                setattr(self, name, getattr(self, name)[keep])
+
+
 def conjugate_gradient(
     operator,
     b: np.ndarray,
@@ -157,14 +305,19 @@ def conjugate_gradient(
     - when max_iter is reached (or the recurrence breaks down) the column returns, among the
       iterates computed, the one with the smallest residual norm (Matlab's xmin rule: the last
       iterate is kept when its residual is not larger than xmin's true residual).
-    Converged columns are frozen: they leave the working arrays, so later iterations cost less.
-    Unlike `pcg`, there is no stagnation test (it only matters for tolerances near eps).
+    Finished columns are frozen and leave the working arrays once they are half of them, so
+    later iterations cost less. The loop allocates no `[N, Q]` array per iteration: products
+    go into a reused buffer when the operator accepts one (`writes_out`, as
+    `diffusion_operator`'s does). Unlike `pcg`, there is no stagnation test (it only matters
+    for tolerances near eps).
 
     Args:
       operator: the symmetric positive-definite M `[N, N]`: a scipy sparse matrix, a dense array
         or a callable `(p [N, q], columns int [q]) -> M p [N, q]`, where `columns` holds the
         original column indices of p's columns (for per-column operators such as the block
-        diagonal of truncated diffusion).
+        diagonal of truncated diffusion). A callable with a true attribute `writes_out` is
+        also called as `(p, columns, out=array)`, returning `out` holding M p, and as
+        `(p, columns, out=array, col_dots=True)`, returning `(out, column dots of p and M p)`.
       b: float `[N]` or `[N, Q]` right-hand sides.
       max_iter: iteration limit (>= 0).
       tol: relative residual tolerance (scipy's `rtol`).
@@ -199,112 +352,167 @@ def conjugate_gradient(
     converged[done0] = True
     residuals[done0 & (n2b > 0)] = 1.0
     act = np.flatnonzero(~done0)
-
-    # Working arrays hold the active columns only (frozen columns are written out and dropped).
-    bb = b[:, act]
-    x = np.zeros((n, act.size))
-    r = bb.copy()
-    p = np.empty_like(r)
-    x_min = x.copy()
-    res_min = n2b[act].copy()  # residual norm of x_min (x = 0: ||b||)
-    it_min = np.zeros(act.size, np.int64)
-    res_last = n2b[act].copy()
-    stop = np.zeros(act.size, bool)  # stopped by breakdown: goes to the xmin rule
-    tolb_a = tolb[act]
-    rho_prev = np.ones(act.size)
+    # (b itself when every column is active: no copy; fancy indexing would give one.)
+    w = _CGWork(np.ascontiguousarray(b if act.size == m else b[:, act]), act, tolb[act])
+    # The vector updates run over row ranges in parallel, like the sparse product.
+    rows = _RowRanges(n, w.width)
+    p_ready = True  # p holds this iteration's search direction
 
     for it in range(1, max_iter + 1):
-        if act.size == 0:
+        if not w.live.any():
             break
-        rho = _col_dot(r, r)
-        if it == 1:
-            p[...] = r
+        if not p_ready:
+            beta = w.beta()
+            rows.run(functools.partial(_next_direction, w, beta))
+        if getattr(matvec, "writes_out", False):
+            q, pq = matvec(w.p, w.cols, out=w.q, col_dots=True)
         else:
-            p *= rho / rho_prev
-            p += r
-        q = np.asarray(matvec(p, act), dtype=np.float64)
-        pq = _col_dot(p, q)
-        bad = ~(pq > 0) | ~np.isfinite(pq) | ~(rho > 0)
-        step = np.where(bad, 0.0, rho / np.where(bad, 1.0, pq))
-        x += step * p
-        r -= step * q
-        res = np.linalg.norm(r, axis=0)
-        # Confirm apparent convergence with the true residual (recursive residuals drift).
-        cand = np.flatnonzero((res <= tolb_a) & ~bad)
-        if cand.size:
-            r_true = bb[:, cand] - np.asarray(matvec(x[:, cand], act[cand]), dtype=np.float64)
-            r[:, cand] = r_true
-            res[cand] = np.linalg.norm(r_true, axis=0)
-        ok = ~bad
-        conv = ok & (res <= tolb_a)
-        better = ok & (res < res_min)
-        if better.any():
-            x_min[:, better] = x[:, better]
-            res_min[better] = res[better]
-            it_min[better] = it
-        res_last = np.where(ok, res, res_last)
-        stop |= bad
+            w.q = q = np.asarray(matvec(w.p, w.cols), dtype=np.float64)
+            pq = rows.sum(functools.partial(_col_dot_rows, w.p, q))
+        bad = w.live & (~(pq > 0) | ~np.isfinite(pq) | ~(w.rho > 0))
+        ok = w.live & ~bad
+        step = np.where(ok, w.rho / np.where(ok, pq, 1.0), 0.0)
+        # r first: its new norm tells whether x must be saved as the best before it moves.
+        rho = rows.sum(functools.partial(_step_residual, w, step))
+        # Apparent convergence is confirmed with the true residual (recursive residuals drift),
+        # which needs the new x: such columns save their best first, whatever their residual.
+        cand = ok & (rho <= w.tolb * w.tolb)
+        save = ok & w.min_is_x & (cand | ~(np.sqrt(rho) < w.res_min))
+        # Without such columns r is final, and the next direction is made in the same pass.
+        p_ready = not cand.any()
+        beta = _beta(rho, w.rho) if p_ready else None
+        rows.run(functools.partial(_step_solution, w, step, save, beta))
+        w.min_is_x[save] = False
+        if not p_ready:
+            rho[cand] = _true_residuals(matvec, w, cand, rows)
+        res = np.sqrt(rho)
+        w.rho_prev, w.rho = w.rho, rho
+        better = ok & (res < w.res_min)
+        w.res_min[better] = res[better]
+        w.it_min[better] = it
+        w.min_is_x[better] = True
+        w.res_last = np.where(ok, res, w.res_last)
 
+        conv = ok & (res <= w.tolb)
         if conv.any():
-            cols = act[conv]
-            x_out[:, cols] = x[:, conv]
+            cols = w.cols[conv]
+            if cols.size == m:
+                np.copyto(x_out, w.x)  # all at once, as is usual: no column gather
+            else:
+                x_out[:, cols] = w.x[:, conv]
             iterations[cols] = it
             residuals[cols] = res[conv] / n2b[cols]
             converged[cols] = True
+        if bad.any():
+            # x did not move (step 0): the best of iterates 0 .. it - 1 goes out.
+            _finish_unconverged(matvec, w, bad, it - 1, x_out, iterations, residuals, n2b)
+            breakdown[w.cols[bad]] = True
         if conv.any() or bad.any():
-            finished_bad = np.flatnonzero(bad)
-            if finished_bad.size:
-                _finish_unconverged(
-                    matvec, bb, x, x_min, res_min, it_min, res_last, act, finished_bad, it - 1,
-                    x_out, iterations, residuals, n2b,
-                )  # fmt: skip
-                breakdown[act[finished_bad]] = True
-            keep = ~(conv | bad)
-            act, bb, x, r, p = act[keep], bb[:, keep], x[:, keep], r[:, keep], p[:, keep]
-            x_min, res_min, it_min = x_min[:, keep], res_min[keep], it_min[keep]
-            res_last, tolb_a, rho, stop = res_last[keep], tolb_a[keep], rho[keep], stop[keep]
-        rho_prev = rho
+            w.park(conv | bad)
 
-    if act.size:
-        _finish_unconverged(
-            matvec, bb, x, x_min, res_min, it_min, res_last, act, np.arange(act.size), max_iter,
-            x_out, iterations, residuals, n2b,
-        )  # fmt: skip
+    if w.live.any():
+        _finish_unconverged(matvec, w, w.live, max_iter, x_out, iterations, residuals, n2b)
     info = CGInfo(iterations, residuals, converged, breakdown, int(max_iter), float(tol))
     return (x_out[:, 0] if vector else x_out), info
 
 
+def _step_solution(
+    w: _CGWork, step: np.ndarray, save: np.ndarray, beta: np.ndarray | None, s: slice
+) -> None:
+    """Rows s: saves x into x_min where `save`, x <- x + step p, then p <- r + beta p if given."""
+    any_save = save.any()
+    for c in _row_chunks(s, w.width):
+        x, p = w.x[c], w.p[c]
+        if any_save:
+            _copy_columns(w.x_min[c], x, save)
+        x += p * step
+        if beta is not None:
+            _next_direction(w, beta, c)
+
+
+def _true_residuals(matvec: Operator, w: _CGWork, cand: np.ndarray, rows: _RowRanges) -> np.ndarray:
+    """Replaces r by b - M x in the working columns `cand` (bool); returns their squared norms."""
+    full = 2 * int(cand.sum()) >= w.width
+    if full:
+        # Most columns: one product of all of x into q (free after the r update) beats
+        # gathering columns.
+        w.q = mx = _apply(matvec, w.x, w.cols, w.q)
+    else:
+        mx = _apply(matvec, w.x[:, cand], w.cols[cand], None)
+    every = bool(cand.all())
+
+    def update(s: slice) -> np.ndarray:
+        rr = np.zeros(int(cand.sum()))
+        for c in _row_chunks(s, w.width):
+            r = w.r[c]
+            if every:
+                np.subtract(w.b[c], mx[c], out=r)
+                rr += _col_dot(r, r)
+            else:
+                r_true = w.b[c][:, cand] - (mx[c][:, cand] if full else mx[c])
+                r[:, cand] = r_true
+                rr += _col_dot(r_true, r_true)
+        return rr
+
+    return rows.sum(update)
+
+
 def _finish_unconverged(
-    matvec, bb, x, x_min, res_min, it_min, res_last, act, sel, last_it, x_out, iterations,
-    residuals, n2b,
-) -> None:  # fmt: skip
-    """Matlab pcg's exit for unconverged columns: xmin if its true residual <= the last one."""
-    if sel.size == 0:
-        return
-    cols = act[sel]
-    xm = x_min[:, sel]
-    true_min = np.linalg.norm(bb[:, sel] - np.asarray(matvec(xm, cols), np.float64), axis=0)
-    use_min = true_min <= res_last[sel]
-    x_out[:, cols] = np.where(use_min, xm, x[:, sel])
-    iterations[cols] = np.where(use_min, it_min[sel], last_it)
-    residuals[cols] = np.where(use_min, true_min, res_last[sel]) / n2b[cols]
+    matvec: Operator,
+    w: _CGWork,
+    sel: np.ndarray,
+    last_it: int,
+    x_out: np.ndarray,
+    iterations: np.ndarray,
+    residuals: np.ndarray,
+    n2b: np.ndarray,
+) -> None:
+    """Matlab pcg's exit for unconverged working columns `sel` (bool): xmin if its true
+    residual is not larger than the last iterate's residual, else the last iterate."""
+    cols = w.cols[sel]
+    xm = w.best(sel)
+    true_min = np.linalg.norm(w.b[:, sel] - _apply(matvec, xm, cols, None), axis=0)
+    use_min = true_min <= w.res_last[sel]
+    x_out[:, cols] = np.where(use_min, xm, w.x[:, sel])
+    iterations[cols] = np.where(use_min, w.it_min[sel], last_it)
+    residuals[cols] = np.where(use_min, true_min, w.res_last[sel]) / n2b[cols]
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def num_threads() -> int:
+    """Threads of the sparse products and CG updates: $CBIR_NUM_THREADS if set, else the CPUs
+    this process may run on (its affinity mask, not the machine's count), at most 32."""
+    value = os.environ.get("CBIR_NUM_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"CBIR_NUM_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover (not Linux)
+        count = os.cpu_count() or 1
+    return max(1, min(count, 32))
 
 
 def _thread_pool() -> ThreadPoolExecutor:
-    """One pool shared by all products (created on first use)."""
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(min(os.cpu_count() or 1, 8), thread_name_prefix="cbir-spmm")
+    """One pool shared by the products and the CG updates, of `num_threads()` workers."""
+    global _POOL, _POOL_SIZE
+    size = num_threads()
+    if _POOL is None or _POOL_SIZE != size:
+        # (Re)started when CBIR_NUM_THREADS changes; the old pool still ends its tasks.
+        old, _POOL, _POOL_SIZE = _POOL, ThreadPoolExecutor(size, thread_name_prefix="cbir"), size
+        if old is not None:
+            old.shutdown(wait=False)
     return _POOL
 
 
 def _forget_pool_after_fork() -> None:
     # A forked child inherits the pool object but not its threads: start a new one there.
-    global _POOL
-    _POOL = None
+    global _POOL, _POOL_SIZE
+    _POOL, _POOL_SIZE = None, 0
 
 
 os.register_at_fork(after_in_child=_forget_pool_after_fork)
@@ -322,17 +530,21 @@ class BlockedSparseProduct:
     parallel (scipy's kernels release the GIL), each writing its own rows of Y.
     """
 
+    _MIN_WORK = 1 << 20
+
     def __init__(self, matrix: sp.spmatrix, cache_bytes: int = 6 << 20, threads: int | None = None):
         self.matrix = sp.csr_matrix(matrix)
         self.cache_bytes = int(cache_bytes)
-        self.threads = max(1, int(threads if threads is not None else min(os.cpu_count() or 1, 8)))
+        self.threads = max(1, int(threads if threads is not None else num_threads()))
         self._parts: list[tuple[int, int, list[tuple[int, int, sp.csr_matrix]]]] | None = None
 
-    def _split(self, block_cols: int) -> list:
+    def _split(self, block_cols: int, q: int) -> list:
         n_rows, n_cols = self.matrix.shape
         indptr = self.matrix.indptr
-        # Row ranges with about the same number of non-zeros each.
-        targets = np.linspace(0, indptr[-1], self.threads + 1)[1:-1]
+        # Row ranges with about the same number of non-zeros each, at least _MIN_WORK
+        # multiply-adds per range (smaller ones cost more to schedule than they save).
+        parts = max(1, min(self.threads, self.matrix.nnz * q // self._MIN_WORK))
+        targets = np.linspace(0, indptr[-1], parts + 1)[1:-1]
         bounds = np.unique(np.concatenate([[0], np.searchsorted(indptr, targets), [n_rows]]))
         parts = []
         for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
@@ -344,47 +556,118 @@ class BlockedSparseProduct:
             parts.append((int(r0), int(r1), blocks))
         return parts
 
-    def __call__(self, p: np.ndarray) -> np.ndarray:
+    def __call__(
+        self,
+        p: np.ndarray,
+        out: np.ndarray | None = None,
+        *,
+        scale: float = 1.0,
+        shift: float = 0.0,
+        col_dots: bool = False,
+    ):
+        """(shift I + scale S) p for p `[N, q]`, the terms added row range by row range.
+
+        Args:
+          p: float `[N, q]`.
+          out: C-contiguous float64 `[N, q]` to write into (must not be p); default a new one.
+          scale: factor of S p.
+          shift: factor of p (1 with scale = -alpha gives the diffusion operator I - alpha S).
+          col_dots: also return the column dot products of p and the result (CG's p'Mp),
+            summed while each range of rows is in cache.
+
+        Returns:
+          `out`, float64 `[N, q]`; with col_dots, `(out, dots)` with dots float64 `[q]`.
+        """
         p = np.ascontiguousarray(p, dtype=np.float64)
         n_rows, n_cols = self.matrix.shape
         q = p.shape[1]
+        if out is None:
+            out = np.empty((n_rows, q))
+        elif out.shape != (n_rows, q) or out.dtype != np.float64 or not out.flags.c_contiguous:
+            raise ValueError(
+                f"out must be a C-contiguous float64 array of shape {(n_rows, q)}, got "
+                f"{out.dtype} {out.shape}"
+            )
         if q <= 1 or self.matrix.nnz * q < 1 << 16:
-            return self.matrix @ p  # too small for blocking or threads to pay
+            np.copyto(out, self.matrix @ p)  # too small for blocking or threads to pay
+            _affine(out, p, scale, shift)
+            return (out, _col_dot(p, out)) if col_dots else out
         if self._parts is None:
             # Built once, for the widest P (the first call); narrower P only fit better.
-            self._parts = self._split(max(1024, self.cache_bytes // (8 * q)))
-        y = np.zeros((n_rows, q))
+            self._parts = self._split(max(1024, self.cache_bytes // (8 * q)), q)
 
-        def run(part) -> None:
+        def run(part) -> np.ndarray | None:
             r0, r1, blocks = part
-            out = y[r0:r1]
+            rows = out[r0:r1]
+            rows[...] = 0.0
             for c0, c1, block in blocks:
                 pb = p[c0:c1]
                 if _csr_matvecs is not None:
-                    # Adds into `out` in place: no [rows, Q] temporary per block.
+                    # Adds into `rows` in place: no [rows, Q] temporary per block.
                     _csr_matvecs(
                         r1 - r0, c1 - c0, q, block.indptr, block.indices, block.data,
-                        pb.ravel(), out.ravel(),
+                        pb.ravel(), rows.ravel(),
                     )  # fmt: skip
                 else:
-                    out += block @ pb
+                    rows += block @ pb
+            if scale == 1.0 and shift == 0.0 and not col_dots:
+                return None
+            dots = np.zeros(q) if col_dots else None
+            for c in _row_chunks(slice(r0, r1), q):  # both steps while a chunk is in cache
+                _affine(out[c], p[c], scale, shift)
+                if col_dots:
+                    dots += _col_dot(p[c], out[c])
+            return dots
 
         if len(self._parts) == 1:
-            run(self._parts[0])
+            dots = [run(self._parts[0])]
         else:
-            list(_thread_pool().map(run, self._parts))
-        return y
+            dots = list(_thread_pool().map(run, self._parts))
+        return (out, sum(dots[1:], dots[0])) if col_dots else out
 
 
-def diffusion_operator(transition: sp.spmatrix, alpha: float) -> Operator:
+def _affine(sp_rows: np.ndarray, p_rows: np.ndarray, scale: float, shift: float) -> None:
+    """sp_rows <- shift p_rows + scale sp_rows, in place."""
+    if scale != 1.0:
+        sp_rows *= scale
+    if shift != 0.0:
+        if shift == 1.0:
+            sp_rows += p_rows
+        else:
+            sp_rows += shift * p_rows
+
+
+class DiffusionOperator:
+    """p -> (I - alpha S) p for `conjugate_gradient` (S from `normalize_affinity`).
+
+    Writes into the solver's buffer and returns p'Mp with the product (`writes_out`), so the
+    solver's loop allocates nothing and reads p and M p once less.
+    """
+
+    writes_out = True
+
+    def __init__(self, transition: sp.spmatrix, alpha: float):
+        _check_alpha(alpha)
+        self.alpha = float(alpha)
+        self.product = BlockedSparseProduct(transition)
+
+    def __call__(
+        self,
+        p: np.ndarray,
+        cols: np.ndarray | None = None,
+        out: np.ndarray | None = None,
+        col_dots: bool = False,
+    ):
+        """(I - alpha S) p for p `[N, q]` (`cols` unused: one operator for every column).
+
+        With col_dots, returns `(M p, p'Mp [q])` (see `BlockedSparseProduct.__call__`).
+        """
+        return self.product(p, out=out, scale=-self.alpha, shift=1.0, col_dots=col_dots)
+
+
+def diffusion_operator(transition: sp.spmatrix, alpha: float) -> DiffusionOperator:
     """The operator p -> (I - alpha S) p for `conjugate_gradient` (S from `normalize_affinity`)."""
-    _check_alpha(alpha)
-    product = BlockedSparseProduct(transition)
-
-    def matvec(p: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        return p - alpha * product(p)
-
-    return matvec
+    return DiffusionOperator(transition, alpha)
 
 
 def _check_alpha(alpha: float) -> None:
