@@ -290,7 +290,8 @@ def test_num_threads(monkeypatch):
         dfu.num_threads()
 
 
-def test_blocked_sparse_product():
+def test_blocked_sparse_product(monkeypatch):
+    monkeypatch.setattr(dfu.BlockedSparseProduct, "_MIN_WORK", 1 << 16)  # several ranges
     rng = np.random.default_rng(11)
     s = sp.random(3000, 3000, density=0.01, random_state=12, format="csr")
     p = rng.standard_normal((3000, 40))
