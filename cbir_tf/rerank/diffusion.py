@@ -174,8 +174,9 @@ def _next_direction(w: _CGWork, beta: np.ndarray, s: slice) -> None:
     p += w.r[s]
 
 
-# Row chunks of the CG updates: several updates of a chunk run while it is in the L2 cache,
-# and their temporaries are small enough to be reused by the allocator (no page faults).
+# Row chunks of the CG updates: the updates of a chunk run one after the other while it is
+# still in cache, and their temporaries stay one chunk big (reused by the allocator instead of
+# fresh [N, Q] arrays, whose page faults are costly).
 _CHUNK_BYTES = 1 << 19
 
 
@@ -198,14 +199,13 @@ def _step_residual(w: _CGWork, step: np.ndarray, s: slice) -> np.ndarray:
 class _RowRanges:
     """Runs a function over row ranges of `[N, w]` arrays in the shared thread pool.
 
-    numpy releases the GIL in its loops, so the CG vector updates scale with the cores as the
-    sparse product does; a range of rows of C-ordered arrays is contiguous, and several
-    updates of the same range in one task reuse it while it is in cache.
+    numpy releases the GIL in its loops, so large CG vector updates (memory-bound: N = 100 000,
+    Q = 70 is 56 MB per array) gain from several cores; a range of rows of C-ordered arrays is
+    contiguous. Small problems get few ranges or one: their numpy calls are too short for
+    threads to gain more than they lose waiting for the GIL between calls.
     """
 
-    # Per range: smaller work does not pay for a task (and more threads wait for the GIL
-    # between numpy calls than they gain).
-    _MIN_ELEMENTS = 1 << 16
+    _MIN_ELEMENTS = 1 << 16  # per range (tuned on 2 and 16 cores)
 
     def __init__(self, n: int, width: int):
         parts = max(1, min(num_threads(), n * width // self._MIN_ELEMENTS))
@@ -530,9 +530,7 @@ class BlockedSparseProduct:
     parallel (scipy's kernels release the GIL), each writing its own rows of Y.
     """
 
-    # Multiply-adds per row range: measured on 16 cores, smaller ranges cost more in
-    # scheduling and GIL hand-offs than they gain.
-    _MIN_WORK = 1 << 21
+    _MIN_WORK = 1 << 21  # multiply-adds per row range (tuned on 2 and 16 cores)
 
     def __init__(self, matrix: sp.spmatrix, cache_bytes: int = 6 << 20, threads: int | None = None):
         self.matrix = sp.csr_matrix(matrix)
@@ -544,9 +542,10 @@ class BlockedSparseProduct:
         n_rows, n_cols = self.matrix.shape
         indptr = self.matrix.indptr
         # Row ranges with about the same number of non-zeros each, at least _MIN_WORK
-        # multiply-adds per range (smaller ones cost more to schedule than they save).
-        parts = max(1, min(self.threads, self.matrix.nnz * q // self._MIN_WORK))
-        targets = np.linspace(0, indptr[-1], parts + 1)[1:-1]
+        # multiply-adds per range: smaller ones cost more in scheduling and GIL hand-offs
+        # than they save.
+        count = max(1, min(self.threads, self.matrix.nnz * q // self._MIN_WORK))
+        targets = np.linspace(0, indptr[-1], count + 1)[1:-1]
         bounds = np.unique(np.concatenate([[0], np.searchsorted(indptr, targets), [n_rows]]))
         parts = []
         for r0, r1 in zip(bounds[:-1], bounds[1:], strict=True):
