@@ -260,9 +260,6 @@ class _CGWork:
         self.res_last = self.res_min.copy()
         self.live = np.ones(w, bool)
 
-    def beta(self) -> np.ndarray:
-        return _beta(self.rho, self.rho_prev)
-
     @property
     def width(self) -> int:
         return self.x.shape[1]
@@ -362,8 +359,7 @@ def conjugate_gradient(
         if not w.live.any():
             break
         if not p_ready:
-            beta = w.beta()
-            rows.run(functools.partial(_next_direction, w, beta))
+            rows.run(functools.partial(_next_direction, w, _beta(w.rho, w.rho_prev)))
         if getattr(matvec, "writes_out", False):
             q, pq = matvec(w.p, w.cols, out=w.q, col_dots=True)
         else:
