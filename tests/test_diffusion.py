@@ -314,6 +314,19 @@ def test_blocked_sparse_product(monkeypatch):
         product(p, out=np.empty((3000, 39)))
 
 
+def test_blocked_sparse_product_default_blocks(monkeypatch):
+    # A P that fits the last-level cache gets L2-sized column blocks, a larger one LLC-sized.
+    s = sp.random(3000, 3000, density=0.01, random_state=12, format="csr")
+    p = np.random.default_rng(11).standard_normal((3000, 40))  # 960 000 bytes
+    monkeypatch.setattr(dfu.BlockedSparseProduct, "_L2_BLOCK", 8 * 40 * 1024)
+    monkeypatch.setattr(dfu.BlockedSparseProduct, "_LLC_BLOCK", 8 * 40 * 2048)
+    for small_p, blocks in ((960_000, 3), (959_999, 2)):
+        monkeypatch.setattr(dfu.BlockedSparseProduct, "_SMALL_P", small_p)
+        product = dfu.BlockedSparseProduct(s, threads=1)
+        np.testing.assert_allclose(product(p), s @ p, rtol=1e-12, atol=1e-12)
+        assert len(product._parts) == 1 and len(product._parts[0][2]) == blocks
+
+
 # ---------------------------------------------------------------- graph pieces
 
 
