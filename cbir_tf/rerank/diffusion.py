@@ -158,6 +158,11 @@ def _copy_columns(dst: np.ndarray, src: np.ndarray, mask: np.ndarray) -> None:
         dst[:, mask] = src[:, mask]
 
 
+def _copy_rows(src: np.ndarray, dsts: Sequence[np.ndarray], s: slice) -> None:
+    for dst in dsts:
+        np.copyto(dst[s], src[s])
+
+
 def _beta(rho: np.ndarray, rho_prev: np.ndarray) -> np.ndarray:
     # Parked columns have rho_prev = 0 (their r is 0): beta 0 keeps their p at 0.
     return np.divide(rho, rho_prev, out=np.zeros_like(rho), where=rho_prev > 0)
@@ -239,12 +244,17 @@ class _CGWork:
     _VECTORS = ("cols", "tolb", "rho", "rho_prev", "res_min", "it_min", "res_last", "live",
                 "min_is_x")  # fmt: skip
 
-    def __init__(self, b: np.ndarray, cols: np.ndarray, tolb: np.ndarray):
+    def __init__(self, b: np.ndarray, cols: np.ndarray, tolb: np.ndarray, rows: _RowRanges):
         n, w = b.shape
         self.b = b
         self.x = np.zeros((n, w))
-        self.r = b.copy()
-        self.p = b.copy()  # the first search direction: r
+        self.r = np.empty((n, w))
+        self.p = np.empty((n, w))  # the first search direction: r
+        # Copied range by range in the threads that will update those rows: fresh memory is
+        # paged in by the thread that first writes it (costly on VMs, where the pages of a
+        # [N, Q] array take about as long as a product), so the page faults run in parallel
+        # too, like those of x, q and x_min, first written in the row-parallel updates.
+        rows.run(functools.partial(_copy_rows, b, (self.r, self.p)))
         self.q = np.empty((n, w))  # M p, written by the operator
         # The best iterate so far (smallest residual norm). Kept lazily: while the best is the
         # current x itself (min_is_x, the usual case as residuals mostly decrease), nothing is
@@ -336,7 +346,7 @@ def conjugate_gradient(
     if not np.isfinite(b).all():
         raise ValueError("b holds NaN or Inf values")
     n, m = b.shape
-    x_out = np.zeros((n, m))
+    x_out = np.zeros((n, m))  # (calloc'd: its pages cost nothing until columns are written)
     iterations = np.zeros(m, np.int64)
     residuals = np.zeros(m)
     converged = np.zeros(m, bool)
@@ -349,10 +359,10 @@ def conjugate_gradient(
     converged[done0] = True
     residuals[done0 & (n2b > 0)] = 1.0
     act = np.flatnonzero(~done0)
-    # (b itself when every column is active: no copy; fancy indexing would give one.)
-    w = _CGWork(np.ascontiguousarray(b if act.size == m else b[:, act]), act, tolb[act])
     # The vector updates run over row ranges in parallel, like the sparse product.
-    rows = _RowRanges(n, w.width)
+    rows = _RowRanges(n, act.size)
+    # (b itself when every column is active: no copy; fancy indexing would give one.)
+    w = _CGWork(np.ascontiguousarray(b if act.size == m else b[:, act]), act, tolb[act], rows)
     p_ready = True  # p holds this iteration's search direction
 
     for it in range(1, max_iter + 1):
@@ -393,7 +403,9 @@ def conjugate_gradient(
         if conv.any():
             cols = w.cols[conv]
             if cols.size == m:
-                np.copyto(x_out, w.x)  # all at once, as is usual: no column gather
+                # Every column at once, as is usual (w.x then holds them all, in order): x is
+                # the output, with no copy (x_out, never written, was never paged in).
+                x_out = w.x
             else:
                 x_out[:, cols] = w.x[:, conv]
             iterations[cols] = it
