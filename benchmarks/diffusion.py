@@ -80,7 +80,7 @@ class Phase:
             peak = f"peak +{self.peak_mib:9.1f} MiB"
         else:
             tracemalloc.start()
-            # Time in the kernel: mostly paging in fresh memory, slow on some VMs.
+            # Time in the kernel, summed over threads: mostly paging in fresh memory.
             sys_s = resource.getrusage(resource.RUSAGE_SELF).ru_stime - self._sys0
             peak = f"(untraced; {sys_s:.2f} s in the kernel)"
         print(f"  {self.name:<44s} {self.seconds:9.2f} s  {peak}")
@@ -163,8 +163,8 @@ def run_full(x, queries, args) -> None:
               f"max |score diff| / max |score| = {diff:.2e}; "
               f"{info.summary()}")  # fmt: skip
         tprod, trest, calls = split_solve(op, y, max_iter, tol, args.repeats)
-        print(f"     vectorised solve: {calls} products {tprod:.3f} s, vector updates "
-              f"{trest:.3f} s; the products alone bound the speed-up at "
+        print(f"     vectorised solve: {calls} products {tprod:.3f} s, the rest (vector "
+              f"updates) {trest:.3f} s; the products alone bound the speed-up at "
               f"{min(base) / tprod:.1f}x")  # fmt: skip
     print(f"  graph build {g.seconds:.2f} s")
 
