@@ -40,6 +40,7 @@ __all__ = [
     "WeightsFileError",
     "WeightsUnavailableError",
     "build_backbone",
+    "fetch_imagenet_weights",
     "get_backbone_spec",
     "normalize_weights",
 ]
@@ -277,10 +278,10 @@ def _unavailable_message(spec: BackboneSpec, alpha: float, file_name, url, cause
     )
 
 
-def _build_imagenet(
-    spec: BackboneSpec, alpha: float, cache_dir: str | None, timeout: float | None
-) -> keras.Model:
-    fetched: dict[str, str] = {}
+def _fetching_get_file(
+    spec: BackboneSpec, alpha: float, cache_dir: str | None, timeout: float | None, fetched: dict
+) -> Callable[..., str]:
+    """A `get_file` handler that downloads with a socket timeout into `fetched['path']`."""
 
     def get_file(original_get_file, fname=None, origin=None, *args, **kwargs):
         if cache_dir is not None:
@@ -294,6 +295,53 @@ def _build_imagenet(
             raise WeightsUnavailableError(
                 _unavailable_message(spec, alpha, fname, origin, cause), spec.name, fname, origin
             ) from None
+
+    return get_file
+
+
+def fetch_imagenet_weights(
+    name: str,
+    alpha: float = 1.0,
+    *,
+    cache_dir: str | None = None,
+    download_timeout: float | None = DEFAULT_DOWNLOAD_TIMEOUT_S,
+) -> None:
+    """Makes sure the official no-top ImageNet file of a backbone is in the Keras cache.
+
+    Downloads it when missing, without building the network (so a caller can learn whether
+    ImageNet weights can be had before choosing a model).
+
+    Raises:
+      KeyError: unknown backbone.
+      WeightsUnavailableError: the file cannot be downloaded (offline machine, firewall).
+    """
+    spec = get_backbone_spec(name)
+    alpha = float(alpha)
+
+    class _Fetched(Exception):
+        pass
+
+    fetch = _fetching_get_file(spec, alpha, cache_dir, download_timeout, {})
+
+    def get_file(original_get_file, *args, **kwargs):
+        fetch(original_get_file, *args, **kwargs)
+        raise _Fetched  # stop before the constructor builds the network
+
+    with _swapped_get_file(spec, get_file) as swapped, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if not swapped:  # this Keras version cannot be intercepted: a whole build fetches it
+            build_backbone(name, "imagenet", alpha, cache_dir=cache_dir,
+                           download_timeout=download_timeout)  # fmt: skip
+            return
+        with contextlib.suppress(_Fetched):
+            spec.constructor(weights="imagenet", **_constructor_kwargs(spec, alpha))
+
+
+def _build_imagenet(
+    spec: BackboneSpec, alpha: float, cache_dir: str | None, timeout: float | None
+) -> keras.Model:
+    fetched: dict[str, str] = {}
+    get_file = _fetching_get_file(spec, alpha, cache_dir, timeout, fetched)
 
     kwargs = _constructor_kwargs(spec, alpha)
     with _swapped_get_file(spec, get_file) as swapped, warnings.catch_warnings():

@@ -601,7 +601,9 @@ def extract_benchmark(
     from cbir_tf import models
 
     w = None
+    fallback = None
     if model_path is None:
+        fallback = use_fallback_weights(cfg)
         w = learn_benchmark_whitening(
             cfg, ds.name, workdir=cfg.workdir, download=download, progress=progress
         )
@@ -621,8 +623,46 @@ def extract_benchmark(
         shard_index=shard_index,
         num_shards=num_shards,
     )
-    # Where the stores are, for the summary and the results file (not part of the settings).
-    return db, qr, dict(meta, store=store_root)
+    # Where the stores are and how the network behaved, for the summary and the results file
+    # (not part of the settings the stores are checked against).
+    scale = _feature_scale(model, ds.image_paths()[:2], int(cfg.data.image_size))
+    return db, qr, dict(meta, store=store_root, weights_fallback=fallback, feature_scale=scale)
+
+
+def use_fallback_weights(cfg: Any) -> str | None:
+    """Switches `cfg.model.weights` to `cfg.model.weights_fallback` when ImageNet weights cannot be
+    had (offline); the demo runs everywhere this way, and says so.
+
+    Returns:
+      Why the fallback was taken (for the table title), or None when it was not.
+    """
+    from cbir_tf import backbones
+
+    m = cfg.model
+    fallback = str(m.get("weights_fallback", "") or "")
+    if str(m.weights).lower() != "imagenet" or not fallback:
+        return None
+    try:
+        backbones.fetch_imagenet_weights(m.backbone, float(m.alpha))
+        return None
+    except backbones.WeightsUnavailableError as e:
+        log.warning("ImageNet weights unavailable, using weights=%r instead: %s", fallback,
+                    str(e).splitlines()[0])  # fmt: skip
+        m.weights = fallback
+        return "ImageNet weights could not be downloaded"
+
+
+def _feature_scale(model: Any, paths: Sequence[str], image_size: int) -> float | None:
+    """`models.feature_scale` over the first readable images of `paths`."""
+    from cbir_tf import models
+    from cbir_tf.data import pipeline
+
+    images = [
+        item["image"]
+        for item in pipeline.image_dataset(list(paths), image_size).as_numpy_iterator()
+        if not item["error"]
+    ]
+    return models.feature_scale(model, images)
 
 
 def run_benchmark(
@@ -715,17 +755,41 @@ def _whitening_tag(meta: Mapping[str, Any]) -> str:
     return f"w{'r' if w['regional'] else 'g'}-{w['learned_on']}-d{w['dim']}-sh{w['shrinkage']:g}"
 
 
+# Below this largest feature-map activation the network's signal has vanished (trained networks
+# give activations of order 1 to 100; a random MobileNet ~1e-8).
+VANISHING_ACTIVATION = 1e-3
+
+
 def _describe(meta: Mapping[str, Any]) -> str:
     size = f"{meta['image_size']} px, scales {meta['scales']}"
     if "fine_tuning" in meta:  # a saved model carries its own pooling and whitening
-        return f"saved model {meta['weights']} ({meta['backbone']} + {meta['pooling']}), {size}"
+        text = f"saved model {meta['weights']} ({meta['backbone']} + {meta['pooling']}), {size}"
+        return text + _vanishing_note(meta)
     w = meta.get("whitening")
     wt = (
         "no whitening"
         if not w
         else (f"{'regional ' if w['regional'] else ''}PCA-whitening learned on {w['learned_on']}")
     )
-    return f"{meta['backbone']} ({meta['weights']}) + {meta['pooling']}, {wt}, {size}"
+    weights = {"none": "random weights", "imagenet": "ImageNet weights"}.get(
+        str(meta["weights"]).lower(), meta["weights"]
+    )
+    if meta.get("weights_fallback"):
+        weights += f": {meta['weights_fallback']}"
+    text = f"{meta['backbone']} ({weights}) + {meta['pooling']}, {wt}, {size}"
+    return text + _vanishing_note(meta)
+
+
+def _vanishing_note(meta: Mapping[str, Any]) -> str:
+    scale = meta.get("feature_scale")
+    if scale is None or scale >= VANISHING_ACTIVATION:
+        return ""
+    log.warning(
+        "the network's activations vanish (largest %.2g): descriptors are unit vectors of little "
+        "signal; use trained weights for real numbers",
+        scale,
+    )
+    return f"; vanishing activations (max {scale:.1g}), descriptors normalised exactly"
 
 
 def _visual_report(

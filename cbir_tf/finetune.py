@@ -50,7 +50,6 @@ import tensorflow as tf
 
 from cbir_tf import backbones, io, losses, models, whitening
 from cbir_tf.data import folder, training, tuples
-from cbir_tf.layers import L2Normalization
 
 logger = logging.getLogger(__name__)
 
@@ -545,7 +544,7 @@ def build_training_models(s: Settings, num_classes: int) -> TrainingModels:
         )(x)
         train_model = keras.Model(desc.input, probs, name="head_classifier")
         projected = keras.Model(
-            desc.input, L2Normalization(name="projected_l2", dtype="float32")(proj)
+            desc.input, models.unit_normalization("projected_l2", dtype="float32")(proj)
         )
         return TrainingModels(desc, train_model, backbone, pool_layer, projected)
     tuple_model = TupleModel(desc, s.image_size, name="tuple_model")
@@ -1130,7 +1129,7 @@ def _final_model(
     dense = keras.layers.Dense(s.dense_units, name="projection", dtype="float32")
     x = dense(pooled)
     _copy_weights(m.train.get_layer("projection"), dense)
-    out = L2Normalization(name="l2", dtype="float32")(x)
+    out = models.unit_normalization("l2", dtype="float32")(x)
     return keras.Model(final.input, out, name=f"{spec.name}_{s.pooling}_projected")
 
 

@@ -32,13 +32,23 @@ __all__ = [
     "Preprocess",
     "UnsafeModelError",
     "build_descriptor_model",
+    "feature_scale",
     "load_descriptor_model",
     "model_from_config",
+    "unit_normalization",
 ]
 
 POOLINGS = ("mac", "spoc", "gem", "rmac")
 OUTPUTS = ("descriptor", "regions")
 MIN_IMAGE_SIZE = 32  # the backbones' total stride: every one gives >= 1 feature cell
+# Lower bound of the norm a descriptor is divided by: far below the norms of any network's
+# pooled activations (a random MobileNet's vanish to ~1e-8), so descriptors are unit length.
+UNIT_EPS = 1e-12
+
+
+def unit_normalization(name: str, **kwargs: Any) -> L2Normalization:
+    """The L2 normalisation of a descriptor: exactly unit length, whatever its scale."""
+    return L2Normalization(eps=UNIT_EPS, clamp=True, name=name, **kwargs)
 
 
 class UnsafeModelError(ValueError):
@@ -218,14 +228,38 @@ def build_descriptor_model(
         x = PCAWhitening.from_whitening(whitening, name="whitening")(x)
         x = L2Normalization(name="whitened_region_l2")(x)
         x = SumRegions(name="sum_regions")(x)
-        out = L2Normalization(name="l2", dtype="float32")(x)
+        out = unit_normalization("l2", dtype="float32")(x)
     else:
         x = _pooling_layer(pooling, gem_p, rmac_levels)(x)
         if whitening is not None:
-            x = L2Normalization(name="pooled_l2")(x)
+            x = unit_normalization("pooled_l2")(x)
             x = PCAWhitening.from_whitening(whitening, name="whitening")(x)
-        out = L2Normalization(name="l2", dtype="float32")(x)
+        out = unit_normalization("l2", dtype="float32")(x)
     return keras.Model(image, out, name=f"{spec.name}_{pooling}")
+
+
+def feature_scale(model: keras.Model, images: Any) -> float | None:
+    """Largest absolute activation of the feature map a descriptor model pools, over `images`.
+
+    A random network's activations can vanish (~1e-8 for a random MobileNet): its descriptors
+    are still unit vectors, but carry little signal, which a report must say.
+
+    Args:
+      model: a descriptor model holding one of this toolkit's pooling layers.
+      images: iterable of float or uint8 [H, W, 3] RGB images (0..255).
+
+    Returns:
+      The largest |activation|, or None when `model` has no such pooling layer (or no image).
+    """
+    pools = [layer for layer in model.layers if isinstance(layer, (MAC, SPoC, GeM, RMAC))]
+    if not pools:
+        return None
+    probe = keras.Model(model.input, pools[0].input)
+    scales = [
+        float(tf.reduce_max(tf.abs(probe(tf.cast(image, tf.float32)[None], training=False))))
+        for image in images
+    ]
+    return max(scales) if scales else None
 
 
 def _unsafe_message(path: str, error: Exception) -> str:
@@ -315,9 +349,9 @@ def model_from_config(
                 f"the whitening was learned on {whitening.projection.shape[0]}-dimensional "
                 f"vectors but the model {weights} gives {dim}"
             )
-        x = L2Normalization(name="pooled_l2")(model.output)
+        x = unit_normalization("pooled_l2")(model.output)
         x = PCAWhitening.from_whitening(whitening, name="whitening")(x)
-        out = L2Normalization(name="whitened_l2", dtype="float32")(x)
+        out = unit_normalization("whitened_l2", dtype="float32")(x)
         return keras.Model(model.input, out, name=f"{model.name}_whitened")
     return build_descriptor_model(
         backbone=_get(config, "backbone", backbones.DEFAULT_BACKBONE),

@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.backbone = "efficientnetb1"  # see cbir_tf.backbones.BACKBONES
     c.model.alpha = 1.0  # width multiplier (mobilenet / mobilenetv2 only)
     c.model.weights = "imagenet"  # 'imagenet', 'none', a .h5/.weights.h5 file or a .keras model
+    c.model.weights_fallback = ""  # used when ImageNet weights cannot be downloaded ('' = fail)
     c.model.pooling = "rmac"  # mac | spoc | gem | rmac
     c.model.gem_p = 3.0
     c.model.rmac_levels = 3

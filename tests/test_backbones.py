@@ -15,6 +15,7 @@ from cbir_tf.backbones import (
     WeightsFileError,
     WeightsUnavailableError,
     build_backbone,
+    fetch_imagenet_weights,
     get_backbone_spec,
 )
 
@@ -245,3 +246,16 @@ def test_corrupt_cached_imagenet_file_says_what_to_delete(tmp_path):
     with pytest.raises(WeightsFileError) as info:
         build_backbone("mobilenet", "imagenet", alpha=0.25, cache_dir=str(tmp_path))
     assert str(cached) in str(info.value) and "delete that file" in str(info.value)
+
+
+def test_fetch_imagenet_weights_finds_the_cache_or_fails_clearly(monkeypatch, tmp_path, no_proxy):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _point_mobilenet_at(monkeypatch, f"http://127.0.0.1:{port}/keras/")
+    with pytest.raises(WeightsUnavailableError, match="Could not download") as info:
+        fetch_imagenet_weights("mobilenet", 0.25, cache_dir=str(tmp_path))
+    assert info.value.file_name == MOBILENET_FILE
+    # Already in the Keras cache: found without network and without building the network.
+    (tmp_path / "models" / MOBILENET_FILE).write_bytes(b"cached")
+    assert fetch_imagenet_weights("mobilenet", 0.25, cache_dir=str(tmp_path)) is None

@@ -40,6 +40,7 @@ def test_readme_opens_with_the_commands_ci_runs():
 
 DEMO = [
     "--config=configs/demo.py",
+    "--weights=none",  # never download in a test (the demo's offline fallback, taken at once)
     "--config.data.image_size=96",
     "--config.rerank.diffusion.k=8",
 ]
@@ -63,6 +64,24 @@ def test_evaluate_demo_end_to_end(demo_run):
     assert [r["method"] for r in results["table"]] == ["plain", "aqe", "diffusion", "aqe+diffusion"]
     assert all(0 <= r["mAP M"] <= 100 for r in results["table"])
     assert (work / "eval" / "demo" / "results.csv").exists()
+
+
+def test_demo_descriptors_are_unit_vectors_and_its_rows_differ(demo_run):
+    work, proc = demo_run
+    title = proc.stdout.splitlines()[0]
+    assert "mobilenet (random weights)" in title and "vanishing activations" in title, title
+    stores = sorted((work / "descriptors" / "demo").glob("*/*/descriptors.npy"))
+    assert [p.parent.name for p in stores] == ["db", "queries"]
+    x, q = (np.load(p) for p in stores)
+    for d in (x, q):
+        np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-5)
+    # Ranking by inner product is ranking by cosine.
+    raw = q @ x.T
+    cos = raw / np.outer(np.linalg.norm(q, axis=1), np.linalg.norm(x, axis=1))
+    np.testing.assert_array_equal(np.argsort(-raw, 1, "stable"), np.argsort(-cos, 1, "stable"))
+    table = json.loads((work / "eval" / "demo" / "results.json").read_text())["table"]
+    rows = {r["method"]: {k: v for k, v in r.items() if k != "method"} for r in table}
+    assert rows["aqe"] != rows["plain"] and rows["diffusion"] != rows["plain"], rows
 
 
 def test_evaluate_precomputed_store_and_mat_give_the_same_table(demo_run, tmp_path):

@@ -100,3 +100,45 @@ def test_load_mat_descriptors_converts_columns_to_rows(tmp_path):
     scipy.io.savemat(path, {"X": x.T})
     with pytest.raises(ValueError, match="'X' and 'Q'"):
         evaluation.load_mat_descriptors(path)
+
+
+def _model_cfg(weights="imagenet", fallback="none"):
+    import ml_collections
+
+    return ml_collections.ConfigDict(
+        {"model": {"backbone": "mobilenet", "alpha": 0.25, "weights": weights,
+                   "weights_fallback": fallback}}
+    )  # fmt: skip
+
+
+def test_offline_fallback_to_random_weights_is_named_in_the_title(monkeypatch):
+    from cbir_tf import backbones
+
+    def offline(name, alpha):
+        raise backbones.WeightsUnavailableError("no network", name, None, None)
+
+    monkeypatch.setattr(backbones, "fetch_imagenet_weights", offline)
+    cfg = _model_cfg()
+    reason = evaluation.use_fallback_weights(cfg)
+    assert cfg.model.weights == "none" and "could not be downloaded" in reason
+    meta = {"backbone": "mobilenet", "weights": "none", "pooling": "gem", "image_size": 224,
+            "scales": [1.0], "whitening": None, "weights_fallback": reason,
+            "feature_scale": 3e-15}  # fmt: skip
+    title = evaluation._describe(meta)
+    assert "mobilenet (random weights: ImageNet weights could not be downloaded)" in title
+    assert "vanishing activations (max 3e-15)" in title
+    assert "vanishing" not in evaluation._describe(dict(meta, feature_scale=6.0))
+    # Without a fallback, or with weights given, nothing is tried: a failure stays an error.
+    for cfg in (_model_cfg(fallback=""), _model_cfg(weights="none")):
+        weights = cfg.model.weights
+        assert evaluation.use_fallback_weights(cfg) is None and cfg.model.weights == weights
+
+
+def test_available_imagenet_weights_are_kept(monkeypatch):
+    from cbir_tf import backbones
+
+    fetched = []
+    monkeypatch.setattr(backbones, "fetch_imagenet_weights", lambda n, a: fetched.append((n, a)))
+    cfg = _model_cfg()
+    assert evaluation.use_fallback_weights(cfg) is None
+    assert cfg.model.weights == "imagenet" and fetched == [("mobilenet", 0.25)]

@@ -118,6 +118,17 @@ def test_l2_normalization_layer(tmp_path):
         expected_dynamic_output_shape=(None, None, 6),
         other_input_data=[regions[:, :1]],
     )
+    # clamp: tiny vectors (vanishing activations) come out exactly unit length.
+    tiny = x * 1e-8
+    run_layer_test(
+        layers.L2Normalization,
+        {"axis": -1, "eps": 1e-12, "clamp": True},
+        tiny,
+        (4, 6),
+        tmp_path,
+        expected_output_data=x / np.linalg.norm(x, axis=1, keepdims=True),
+        other_input_data=[tiny[:1]],
+    )
 
 
 def test_sum_regions_layer(tmp_path):

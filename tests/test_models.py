@@ -16,6 +16,7 @@ from cbir_tf.models import (
     Preprocess,
     UnsafeModelError,
     build_descriptor_model,
+    feature_scale,
     load_descriptor_model,
     model_from_config,
 )
@@ -228,6 +229,26 @@ def test_dynamic_shapes_in_graph_mode(features_and_regions):
         x = _images(*shape, seed=sum(shape))
         np.testing.assert_allclose(fn(x), model(x), rtol=1e-5, atol=1e-6)
     assert len(fn._list_all_concrete_functions()) == 1  # traced once for every size
+
+
+@pytest.mark.parametrize("pooling", ["gem", "rmac"])
+def test_random_weights_give_unit_descriptors_and_report_vanishing_activations(
+    pooling, features_and_regions
+):
+    # Keras' own random MobileNet: activations end near 1e-15 (see `_lively`).
+    keras.utils.set_random_seed(1)
+    model = build_descriptor_model(pooling=pooling, **SMALL)
+    x = _images(3)
+    out = model(x).numpy()
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    # Inner products are then cosines: both rank alike.
+    raw = out @ out.T
+    cos = raw / np.outer(np.linalg.norm(out, axis=1), np.linalg.norm(out, axis=1))
+    np.testing.assert_array_equal(np.argsort(-raw, 1, "stable"), np.argsort(-cos, 1, "stable"))
+    assert feature_scale(model, list(x)) < 1e-6
+    lively, _ = features_and_regions
+    assert feature_scale(lively, list(x)) > 1e-2
+    assert feature_scale(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), []) is None
 
 
 @pytest.mark.parametrize("backbone", ["vgg16", "efficientnetb0"])

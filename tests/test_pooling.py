@@ -198,6 +198,16 @@ def test_gradients_are_finite_on_zero_maps():
     np.testing.assert_array_equal(l2_normalize(tf.zeros([2, 3])).numpy(), np.zeros([2, 3]))
 
 
+def test_clamped_normalisation_gives_unit_vectors_whatever_the_scale():
+    x = np.random.default_rng(7).normal(size=(3, 16)).astype(np.float32)
+    for scale in (1e-9, 1e-7, 1.0, 1e4):
+        y = l2_normalize(x * scale, clamp=True, eps=1e-12).numpy()
+        np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, rtol=1e-6)
+    # The reference's norm + eps (kept for R-MAC regions) lets eps dominate tiny vectors.
+    assert np.linalg.norm(l2_normalize(x * 1e-8).numpy(), axis=1).max() < 0.1
+    np.testing.assert_array_equal(l2_normalize(tf.zeros([2, 3]), clamp=True), np.zeros([2, 3]))
+
+
 def test_half_precision_inputs_stay_finite():
     rng = np.random.default_rng(6)
     x = (rng.random((1, 9, 12, 64)) * 60).astype(np.float32)
