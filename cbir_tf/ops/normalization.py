@@ -14,9 +14,7 @@ import tensorflow as tf
 _HALF_DTYPES = (tf.float16, tf.bfloat16)
 
 
-def l2_normalize(
-    x: tf.Tensor, axis: int = -1, eps: float = 1e-6, clamp: bool = False
-) -> tf.Tensor:
+def l2_normalize(x: tf.Tensor, axis: int = -1, eps: float = 1e-6, clamp: bool = False) -> tf.Tensor:
     """Divides `x` by its L2 norm along `axis` plus `eps` (reference `l2n`), or by max(norm, eps).
 
     Half-precision inputs are normalised in float32 (a sum of 1280 squared activations overflows
