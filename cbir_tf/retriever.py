@@ -299,7 +299,8 @@ class Retriever:
           model: a model to use instead of the one the manifest names (a Keras model or a
             `.keras` path), e.g. when the original file moved.
           root: the collection root, when the images moved since indexing.
-          **kwargs: constructor arguments overriding the defaults (rerank, backend, ...).
+          **kwargs: constructor arguments overriding the defaults (backend, ...) or the
+            re-ranking settings saved with the index (rerank).
 
         Raises:
           FileNotFoundError: not an index folder (no manifest.json).
@@ -318,6 +319,8 @@ class Retriever:
             model = models.load_descriptor_model(path)
             ref = {"kind": "keras", "path": path, "reproducible": True}
         meta = store_lib.DescriptorStore(directory).meta()
+        # The re-ranking settings the index was built with (indexes before them: the defaults).
+        kwargs.setdefault("rerank", manifest.get("rerank"))
         return cls(
             model,
             model_ref=ref,
@@ -663,6 +666,7 @@ class Retriever:
             "scales": list(self.scales),
             "ms_power": self.ms_power,
             "descriptor_meta": self.descriptor_meta,
+            "rerank": self.rerank_settings,
             "paths": {i: p for i, p in self._paths.items() if i in present},
             "files": {i: self._stat[i] for i in ids if i in self._stat},
             "failed": self._failed,

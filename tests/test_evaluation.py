@@ -142,3 +142,45 @@ def test_available_imagenet_weights_are_kept(monkeypatch):
     cfg = _model_cfg()
     assert evaluation.use_fallback_weights(cfg) is None
     assert cfg.model.weights == "imagenet" and fetched == [("mobilenet", 0.25)]
+
+
+def test_benchmark_queries_are_described_cropped_to_their_box(tmp_path):
+    """Query descriptors are those of the cropped query images, scaled like the full image."""
+    import keras
+    import ml_collections
+    from PIL import Image
+
+    from cbir_tf.data import revisited
+    from cbir_tf.layers import GeM
+    from cbir_tf.models import unit_normalization
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inp)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
+    model = keras.Model(inp, unit_normalization("l2")(GeM()(x)))
+    ds = revisited.prepare_dataset("demo", tmp_path / "data", progress=False)
+    cfg = ml_collections.ConfigDict(
+        {
+            "data": {"image_size": 96, "scales": (1.0,), "ms_power": 1.0},
+            "extract": {"flush_every": 64},
+        }
+    )
+    _, queries = evaluation.benchmark_descriptors(cfg, ds, model, {"m": 1}, str(tmp_path / "s"),
+                                                  progress=False)  # fmt: skip
+    assert list(queries.ids) == list(ds.qimlist)
+
+    def described(path, box):
+        img = Image.open(path).convert("RGB")
+        full = max(img.size)
+        if box is not None:
+            img = img.crop(tuple(box))  # PIL rounds a float box
+        size = max(1, int(96 * max(img.size) / full))
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+        return model(np.asarray(img, np.float32)[None]).numpy()[0]
+
+    boxes = ds.query_bboxes()
+    for i, path in enumerate(ds.query_paths()):
+        cropped = described(path, boxes[i])
+        np.testing.assert_allclose(queries.descriptors[i], cropped, atol=1e-5)
+        assert np.abs(cropped - described(path, None)).max() > 1e-2

@@ -66,6 +66,29 @@ def test_matches_reference_formulation_up_to_component_signs():
     np.testing.assert_allclose(ours * signs, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("dim, regional", [(0, False), (5, False), (0, True)])
+def test_each_component_has_its_largest_magnitude_entry_positive(dim, regional):
+    # The documented sign rule: results across LAPACK builds rely on it. Each projection column
+    # is an eigenvector times a positive scale, so the rule holds for the columns themselves.
+    X = _correlated(400, 8, seed=3)
+    if regional:
+        w = learn_regional_whitening([X[:200].astype(np.float32), X[200:].astype(np.float32)])
+    else:
+        w = learn_pca_whitening(X, dim=dim)
+    cols = np.asarray(w.projection, np.float64)
+    largest = cols[np.argmax(np.abs(cols), axis=0), np.arange(cols.shape[1])]
+    assert np.all(largest > 0), largest
+    # Hand-worked: a 2-D cloud stretched along (1, -2): the first component points to (-1, 2)
+    # (its largest-magnitude entry, -2 -> +2, made positive), the second to (2, 1).
+    t, u = np.array([1.0, 1.0, -1.0, -1.0]), np.array([0.1, -0.1, 0.1, -0.1])  # uncorrelated
+    pts = t[:, None] * np.array([1.0, -2.0]) + u[:, None] * np.array([2.0, 1.0])
+    p = learn_pca_whitening(pts).projection
+    np.testing.assert_allclose(p[:, 0] / np.linalg.norm(p[:, 0]), [-1 / 5**0.5, 2 / 5**0.5],
+                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(p[:, 1] / np.linalg.norm(p[:, 1]), [2 / 5**0.5, 1 / 5**0.5],
+                               atol=1e-6)  # fmt: skip
+
+
 def test_dimension_reduction_keeps_top_components():
     X = _correlated(2000, 10, seed=2)
     full = learn_pca_whitening(X)
