@@ -3,7 +3,8 @@
 Dense float64 numpy, a few lines per method, no shared code with the library: the tests compare
 every ranking the toolkit reports (evaluation, `Retriever`, `search.py`) with these.
 
-- α-QE (Radenović, Tolias, Chum, TPAMI 2018): q' = normalise(q + sum_{j in top n} max(s_j, 0)^α x_j).
+- α-QE (Radenović, Tolias, Chum, TPAMI 2018):
+  q' = normalise(q + sum_{j in top n} max(s_j, 0)^α x_j).
 - Diffusion (Iscen et al., CVPR 2017): mutual kNN graph over the database (each node's k nearest,
   itself included), weights max(s, 0)^γ, zero diagonal; S = D^-1/2 A D^-1/2; y = the query's kq
   nearest items with weights max(s, 0)^γ; f solves (I - α S) f = y; items ranked by f.
