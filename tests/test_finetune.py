@@ -297,9 +297,7 @@ def test_metric_recipe_end_to_end_with_whitening(weights, e2e_data, metric_run):
     assert finetune.leave_one_out_map(desc, val.labels)[0] == pytest.approx(result.best_val_map)
 
 
-def test_metric_training_raises_validation_map_on_a_learnable_problem(
-    weights, data_dir, tmp_path
-):
+def test_metric_training_raises_validation_map_on_a_learnable_problem(weights, data_dir, tmp_path):
     # Noisy colour classes: the calibrated random MobileNet gives 0.454; two metric epochs 0.688.
     config = tiny_config(weights, "metric", epochs=2, whitening="none", learning_rate=1e-3)
     result = finetune.train(config, data_dir, str(tmp_path / "run"), progress=False)
