@@ -398,6 +398,10 @@ class Retriever:
 
         Returns:
           Counts {'added', 'updated', 'unchanged', 'failed', 'removed', 'total'}.
+
+        Raises:
+          FileNotFoundError: a single path that does not exist.
+          ValueError: a folder holding no image file (unless `prune`).
         """
         if self.directory:
             with folder_lock(self.directory, what="this index"):
@@ -413,7 +417,7 @@ class Retriever:
             self._open(self.directory)
 
     def _index(self, paths_or_folder, ids, recursive, prune, progress) -> dict[str, int]:
-        files, file_ids, folder = self._resolve(paths_or_folder, ids, recursive)
+        files, file_ids, folder = self._resolve(paths_or_folder, ids, recursive, prune)
         todo_ids, new_paths, stats = [], {}, {}
         counts = {"added": 0, "updated": 0, "unchanged": 0, "failed": 0, "removed": 0}
         for path, image_id in zip(files, file_ids, strict=True):
@@ -456,23 +460,30 @@ class Retriever:
         )  # fmt: skip
         return counts
 
-    def _resolve(self, paths_or_folder, ids, recursive):
+    def _resolve(self, paths_or_folder, ids, recursive, prune=False):
         """(absolute file paths, ids, folder or None) of what `index` was given."""
         from cbir_tf.data.folder import list_images
 
-        if isinstance(paths_or_folder, (str, os.PathLike)) and os.path.isdir(
-            os.path.expanduser(os.fspath(paths_or_folder))
-        ):
+        one = isinstance(paths_or_folder, (str, os.PathLike))
+        if one and os.path.isdir(os.path.expanduser(os.fspath(paths_or_folder))):
             if ids is not None:
                 raise ValueError("ids can only be given with a list of image paths")
             folder = os.path.abspath(os.path.expanduser(os.fspath(paths_or_folder)))
+            rel = list_images(folder, recursive=recursive)
+            if not rel and not prune:
+                # Indexing nothing would "succeed" silently; an empty prune may drop files.
+                raise ValueError(no_images_message(folder, recursive))
             if self.root is None:
                 self.root = folder
-            rel = list_images(folder, recursive=recursive)
             files = [os.path.join(folder, *r.split("/")) for r in rel]
         else:
             folder = None
-            if isinstance(paths_or_folder, (str, os.PathLike)):
+            if one:
+                if not os.path.exists(os.path.expanduser(os.fspath(paths_or_folder))):
+                    raise FileNotFoundError(
+                        f"{os.fspath(paths_or_folder)} does not exist: give an image folder, "
+                        "an image file or a list of image files"
+                    )
                 paths_or_folder = [paths_or_folder]
             files = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths_or_folder]
         if ids is None:
@@ -860,7 +871,7 @@ class Retriever:
 
         Args:
           query: a path, a PIL image, or a uint8 array [H, W, 3].
-          k: results wanted (fewer when the index is smaller).
+          k: results wanted, >= 1 (the whole index when it holds fewer images).
           rerank: 'none', 'aqe' (α-query expansion), 'diffusion' or 'aqe+diffusion'.
           bbox: optional crop box (x1, y1, x2, y2) of the query, pixels.
 
@@ -882,6 +893,7 @@ class Retriever:
         Returns:
           One ranked list per query.
         """
+        check_k(k)  # before the costly description of the queries
         if not len(queries):
             return []
         self._require_nonempty()
@@ -915,7 +927,7 @@ class Retriever:
                 f"queries have {queries.shape[1]} dimensions, the index {database.shape[1]}"
             )
         n = database.shape[0]
-        k = max(1, min(int(k), n))
+        k = min(check_k(k), n)
         parts = rerank.split("+")
         if "aqe" in parts:
             from cbir_tf.rerank import query_expansion
@@ -1022,6 +1034,10 @@ def build_index(
 
     cfg = _to_dict(config)
     images = os.path.abspath(os.path.expanduser(os.fspath(images)))
+    # Checked before a model is built or `out` created: a wrong folder fails at once.
+    rel = list_images(images, recursive=True)  # FileNotFoundError / NotADirectoryError
+    if not rel:
+        raise ValueError(no_images_message(images, recursive=True))
     if model_path:
         data = cfg.get("data", {})
         r = Retriever.from_model(
@@ -1039,7 +1055,6 @@ def build_index(
     if int(num_shards) <= 1:
         r.index(images, progress=progress)
         return r
-    rel = list_images(images, recursive=True)
     lo, hi = store_lib.shard_range(len(rel), int(shard_index), int(num_shards))
     # Recorded in meta.json so that `store.merge_shards` can check and order the shards.
     r.descriptor_meta.update(
@@ -1106,6 +1121,28 @@ def merge_indexes(
         )
     atomic_write_json(os.path.join(out, MANIFEST_FILE), manifest)
     return out
+
+
+def no_images_message(folder: str, recursive: bool) -> str:
+    """The one-line error for a folder that holds no image file."""
+    from cbir_tf.data.folder import IMAGE_EXTENSIONS
+
+    where = "in it or its sub-folders" if recursive else "in it"
+    return (
+        f"the image folder {folder} holds no image files {where} "
+        f"({', '.join(IMAGE_EXTENSIONS)}); check the path"
+    )
+
+
+def check_k(k: Any) -> int:
+    """`k` as an int; a ValueError unless it is a whole number >= 1.
+
+    A k larger than the index is fine (the whole index is returned); zero or negative k has no
+    meaning and would otherwise be clamped silently to one result.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
+        raise ValueError(f"k (results per query) must be a whole number >= 1, got {k!r}")
+    return int(k)
 
 
 def _merge_rerank(rerank: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -1307,6 +1344,7 @@ def run_search(
 
     from cbir_tf.data.folder import list_images
 
+    check_k(k)
     stream = sys.stdout if stream is None else stream
     query = os.path.expanduser(os.fspath(query))
     if os.path.isdir(query):
