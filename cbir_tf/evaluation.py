@@ -340,22 +340,59 @@ def model_meta(cfg: Any, model_path: str | None, whitening: Any | None) -> dict[
 
 
 def _saved_model_info(model_path: str) -> dict[str, Any]:
-    """What a saved model is made of, from the `model.json` train.py writes beside it."""
-    info_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.json")
-    info: dict[str, Any] = {}
-    if os.path.exists(info_path):
-        import json
+    """What a saved model is made of: the info train.py stores in it (or its `model.json`)."""
+    from cbir_tf import models
 
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
-        if info.get("model") != os.path.basename(model_path):
-            info = {}  # describes another model of the same folder
+    info = models.saved_model_info(model_path)
     return {
         "backbone": info.get("backbone", "saved-model"),
         "alpha": float(info.get("alpha", 1.0)),
         "pooling": info.get("pooling", "saved-model"),
         "fine_tuning": info.get("recipe"),
     }
+
+
+def with_model_image_size(cfg: Any, model_path: str | None, explicit: bool = False) -> Any:
+    """The config to extract with a saved model: at the resolution it was trained at.
+
+    A fine-tuned model is trained and validated at `train.image_size` (224 px by default);
+    describing images at another size (the benchmark default of 1024 px) can make it worse
+    than the model it started from. The model carries that size (`models.saved_model_info`).
+
+    Args:
+      cfg: the run's config.
+      model_path: the `.keras` model, or None (the config's own model: `cfg` unchanged).
+      explicit: the user set `data.image_size` (e.g. `--config.data.image_size=1024`): it is
+        kept, with a warning when it differs from the trained size.
+
+    Returns:
+      `cfg`, or a copy with `data.image_size` set to the model's trained size.
+    """
+    if not model_path:
+        return cfg
+    from cbir_tf import models
+
+    trained = models.saved_model_info(model_path).get("image_size")
+    asked = int(cfg.data.image_size)
+    if not trained or int(trained) == asked:
+        return cfg
+    if explicit:
+        log.warning(
+            "describing images at %d px as asked, not at the %d px %s was trained and "
+            "validated at",
+            asked, int(trained), model_path,
+        )  # fmt: skip
+        return cfg
+    log.info(
+        "describing images at %d px, the size %s was trained and validated at "
+        "(--config.data.image_size=N overrides it)",
+        int(trained), model_path,
+    )  # fmt: skip
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.data.image_size = int(trained)
+    return cfg
 
 
 def _weights_name(weights: str) -> str:
@@ -589,17 +626,21 @@ def extract_benchmark(
     progress: bool = True,
     shard_index: int = 0,
     num_shards: int = 1,
+    image_size_explicit: bool = False,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Learns or loads whitening, builds the model, and extracts a benchmark's descriptors.
 
     The stores go to `cfg.extract.out` or `<workdir>/descriptors/<dataset>/<model key>/` (with
-    `db/` and `queries/`), and are reused when complete, resumed when interrupted.
+    `db/` and `queries/`), and are reused when complete, resumed when interrupted. A saved
+    model describes images at the size it was trained at unless `image_size_explicit` (see
+    `with_model_image_size`).
 
     Returns:
       (database ExtractionResult, query ExtractionResult, descriptor metadata).
     """
     from cbir_tf import models
 
+    cfg = with_model_image_size(cfg, model_path, image_size_explicit)
     w = None
     if model_path is None:
         w = learn_benchmark_whitening(
@@ -633,6 +674,7 @@ def run_benchmark(
     out_dir: str | None = None,
     download: bool = True,
     progress: bool = True,
+    image_size_explicit: bool = False,
 ) -> dict[str, Any]:
     """Runs the whole benchmark and writes its report.
 
@@ -643,6 +685,8 @@ def run_benchmark(
       out_dir: where results go (default `<workdir>/eval/<dataset>`).
       download: fetch missing benchmark files.
       progress: show progress bars.
+      image_size_explicit: the user set `data.image_size`; it then wins over the size a saved
+        model was trained at.
 
     Returns:
       {'results': per-method metrics, 'table': the printed table, 'files': written paths}.
@@ -666,7 +710,12 @@ def run_benchmark(
         what = f"descriptors from {descriptors}"
     else:
         db, qr, meta = extract_benchmark(
-            cfg, ds, model_path=model_path, download=download, progress=progress
+            cfg,
+            ds,
+            model_path=model_path,
+            download=download,
+            progress=progress,
+            image_size_explicit=image_size_explicit,
         )
         skipped = {"database": list(map(list, db.skipped)), "queries": list(map(list, qr.skipped))}
         x, missing = align_rows(db.descriptors, db.ids, list(ds.imlist), "database")

@@ -911,7 +911,7 @@ def _train_locked(
         check_checkpoint_compatible(state, s, class_names)
     skipped = list(data.train.skipped) + (list(data.val.skipped) if data.val is not None else [])
     say(
-        f"training {s.recipe} recipe: {s.backbone} (alpha {s.alpha:g}) {s.pooling}, "
+        f"training {s.recipe} recipe: {backbones.display_name(s.backbone, s.alpha)} {s.pooling}, "
         f"{len(data.train)} images in {len(class_names)} classes"
         + (f", validation {len(data.val)} images" if data.val is not None else ", no validation")
         + (f"; {len(skipped)} unreadable images skipped" if skipped else "")
@@ -1030,7 +1030,8 @@ def _train_locked(
             white, white_map = _learn_whitening(s, m, data, state, say)
     # Outside the mixed-precision scope: the saved model computes in float32.
     final = _final_model(s, m, descriptor_kind, white)
-    model_path = _save_model(final, workdir)
+    kind = "whitened" if white is not None else descriptor_kind
+    model_path = _save_model(final, workdir, _model_info(s, kind))
     if white is not None:
         white.save(os.path.join(workdir, "whitening.npz"))
     state["finished"] = True
@@ -1134,12 +1135,23 @@ def _final_model(
     return keras.Model(final.input, out, name=f"{spec.name}_{s.pooling}_projected")
 
 
-def _save_model(model: keras.Model, workdir: str) -> str:
-    path = os.path.join(workdir, MODEL_FILE)
-    tmp = os.path.join(workdir, ".model.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
-    return path
+def _model_info(s: Settings, descriptor: str) -> dict[str, Any]:
+    """Carried inside model.keras: extraction uses `image_size`, the resolution it was
+    trained and validated at, unless the user asks for another."""
+    info = {
+        "image_size": s.image_size,
+        "backbone": s.backbone,
+        "pooling": s.pooling,
+        "recipe": s.recipe,
+        "descriptor": descriptor,
+    }
+    if backbones.get_backbone_spec(s.backbone).has_alpha:
+        info["alpha"] = s.alpha
+    return info
+
+
+def _save_model(model: keras.Model, workdir: str, info: dict[str, Any]) -> str:
+    return models.save_descriptor_model(model, os.path.join(workdir, MODEL_FILE), info)
 
 
 def _write_model_json(workdir, s: Settings, result: TrainResult, class_names, white, data) -> None:

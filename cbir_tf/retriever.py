@@ -50,6 +50,7 @@ COMMIT_FILE = "COMMIT"
 FORMAT = "cbir_tf.index"
 FORMAT_VERSION = 1
 RERANK_METHODS = ("none", "aqe", "diffusion", "aqe+diffusion")
+DEFAULT_IMAGE_SIZE = 1024  # configs/default.py's data.image_size
 
 # Re-ranking settings when none are given: those of configs/default.py.
 DEFAULT_RERANK = {
@@ -114,8 +115,9 @@ class Retriever:
         descriptors [B, D] (as `models.build_descriptor_model` makes).
       model_ref: how to rebuild the model: {'kind': 'config', 'config': {...}} (the config's
         `model` block), {'kind': 'keras', 'path': ...}, or {'kind': 'inline'}. Models that a
-        reference cannot reproduce (random weights, learned whitening, inline) are saved as
-        `model.keras` in the index folder.
+        reference cannot reproduce (random weights, learned whitening, inline) or that rest on
+        a file outside the index (a weights file, a `.keras` model) are saved as `model.keras`
+        in the index folder, so that the folder can be moved or copied as one.
       image_size: longest image side fed to the model, pixels.
       scales: multi-scale factors (descriptors are combined as `descriptors.extract` does).
       ms_power: power of the generalised mean combining scales.
@@ -211,13 +213,15 @@ class Retriever:
         cfg = _to_dict(config)
         model_cfg = dict(cfg["model"])
         weights = str(model_cfg.get("weights", ""))
-        if weights.lower() not in ("imagenet", "none", "") and os.path.exists(weights):
-            # A weights file is referenced absolutely, so the index works from any folder.
+        weights_file = weights.lower() not in ("imagenet", "none", "")
+        if weights_file and os.path.exists(weights):
             model_cfg["weights"] = weights = os.path.abspath(weights)
         model = models.model_from_config(model_cfg, whitening=whitening)
         data = cfg.get("data", {})
-        # Random weights or a learned whitening cannot be rebuilt from the config alone.
-        reproducible = whitening is None and weights.lower() != "none"
+        # Random weights or a learned whitening cannot be rebuilt from the config alone, and a
+        # weights file may move or be missing where the index is copied to: all three are saved
+        # as the index's model.keras, so that the folder alone describes new queries.
+        reproducible = whitening is None and weights.lower() != "none" and not weights_file
         ref = {"kind": "config", "config": model_cfg, "reproducible": reproducible}
         meta = {k: model_cfg.get(k) for k in ("backbone", "alpha", "weights", "pooling")}
         meta.update(
@@ -249,7 +253,7 @@ class Retriever:
         cls,
         path: str | os.PathLike,
         *,
-        image_size: int = 1024,
+        image_size: int | None = None,
         scales: Sequence[float] = (1.0,),
         ms_power: float = 1.0,
         directory: str | os.PathLike | None = None,
@@ -258,16 +262,23 @@ class Retriever:
     ) -> Retriever:
         """Uses a saved descriptor model (`.keras`, e.g. written by train.py).
 
+        The model is saved into the index folder (its `model.keras`), so that the index keeps
+        working when the original file moves.
+
         Args:
           path: the `.keras` file (loaded with safe_mode=True).
-          image_size, scales, ms_power, directory, root: see the class docstring.
+          image_size: longest image side fed to the model; None: the size the model was
+            trained and validated at (`models.saved_model_info`), else 1024. A size other than
+            the trained one is used as given, with a warning.
+          scales, ms_power, directory, root: see the class docstring.
           **kwargs: other constructor arguments (rerank, backend, block_size, flush_every).
         """
         from cbir_tf import models
 
         path = os.path.abspath(os.fspath(path))
         model = models.load_descriptor_model(path)
-        ref = {"kind": "keras", "path": path, "reproducible": True}
+        image_size = _image_size_for_model(path, image_size)
+        ref = {"kind": "keras", "path": path, "reproducible": False}
         meta = {"backbone": None, "weights": path, "pooling": None, "whitening": None}
         return cls(
             model,
@@ -741,9 +752,9 @@ class Retriever:
             return ref
         path = os.path.join(directory, MODEL_FILE)
         if not (self.directory == directory and os.path.isfile(path)):
-            tmp = os.path.join(directory, ".model.tmp.keras")
-            self.model.save(tmp)
-            os.replace(tmp, path)
+            from cbir_tf import models
+
+            models.save_descriptor_model(self.model, path, {"image_size": self.image_size})
         ref["file"] = MODEL_FILE
         return ref
 
@@ -1010,6 +1021,7 @@ def build_index(
     shard_index: int = 0,
     num_shards: int = 1,
     progress: bool = True,
+    image_size_explicit: bool = False,
 ) -> Retriever:
     """Indexes an image folder into `out` (what `extract.py --images=DIR --out=DIR` runs).
 
@@ -1026,6 +1038,8 @@ def build_index(
       shard_index: which shard this call builds.
       num_shards: how many shards the collection is split into.
       progress: show progress.
+      image_size_explicit: the user set `data.image_size`: a `model_path` model then describes
+        images at that size instead of the size it was trained at.
 
     Returns:
       The Retriever, attached to `out`.
@@ -1042,7 +1056,7 @@ def build_index(
         data = cfg.get("data", {})
         r = Retriever.from_model(
             model_path,
-            image_size=int(data.get("image_size", 1024)),
+            image_size=int(data.get("image_size", 1024)) if image_size_explicit else None,
             scales=tuple(data.get("scales", (1.0,))),
             ms_power=float(data.get("ms_power", 1.0)),
             directory=out,
@@ -1121,6 +1135,24 @@ def merge_indexes(
         )
     atomic_write_json(os.path.join(out, MANIFEST_FILE), manifest)
     return out
+
+
+def _image_size_for_model(path: str, image_size: int | None) -> int:
+    """The image size to describe images with a saved model (see `Retriever.from_model`)."""
+    from cbir_tf import models
+
+    trained = models.saved_model_info(path).get("image_size")
+    if image_size is None:
+        if trained:
+            log.info("describing images at %d px, the size %s was trained at", int(trained), path)
+        return int(trained) if trained else DEFAULT_IMAGE_SIZE
+    if trained and int(trained) != int(image_size):
+        log.warning(
+            "describing images at %d px as asked, not at the %d px %s was trained and "
+            "validated at",
+            int(image_size), int(trained), path,
+        )  # fmt: skip
+    return int(image_size)
 
 
 def no_images_message(folder: str, recursive: bool) -> str:

@@ -161,3 +161,152 @@ def test_item4_search_cli_refuses_k_zero(tmp_path):
     proc = _run(["search.py", f"--index={tmp_path}", f"--query={tmp_path}", "--k=0"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: k (results per query)")
+
+
+# -- item 3: a saved model describes images at the size it was trained at ------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_at_48(tiny_model, tmp_path_factory):
+    """A saved model that says it was trained at 48 px (as train.py's model.keras does)."""
+    from cbir_tf import models
+
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    return models.save_descriptor_model(tiny_model, path, {"image_size": 48, "recipe": "head"})
+
+
+def test_item3_train_py_models_carry_their_training_size(tmp_path, tiny_model):
+    from cbir_tf import finetune, models
+
+    s = finetune.Settings(backbone="efficientnetb1", image_size=160)
+    info = finetune._model_info(s, "pooled")
+    assert info["image_size"] == 160 and "alpha" not in info
+    path = finetune._save_model(tiny_model, str(tmp_path), info)
+    assert models.saved_model_info(path)["image_size"] == 160
+    assert os.listdir(tmp_path) == ["model.keras"]  # no temporary file left
+    # Models saved before the info moved into the file: the model.json beside them.
+    old = tmp_path / "old"
+    old.mkdir()
+    tiny_model.save(old / "model.keras")
+    (old / "model.json").write_text('{"model": "model.keras", "image_size": 224}')
+    assert models.saved_model_info(old / "model.keras")["image_size"] == 224
+    (old / "model.json").write_text('{"model": "other.keras", "image_size": 224}')
+    assert models.saved_model_info(old / "model.keras") == {}
+
+
+def test_item3_from_model_and_benchmarks_use_the_trained_size(trained_at_48, caplog):
+    from cbir_tf import evaluation
+    from cbir_tf.retriever import Retriever
+    from configs import default
+
+    assert Retriever.from_model(trained_at_48).image_size == 48
+    with caplog.at_level("WARNING"):
+        assert Retriever.from_model(trained_at_48, image_size=96).image_size == 96
+    assert "at 96 px as asked, not at the 48 px" in caplog.text
+    cfg = default.get_config()
+    assert cfg.data.image_size == 1024
+    assert evaluation.with_model_image_size(cfg, trained_at_48).data.image_size == 48
+    assert cfg.data.image_size == 1024  # the caller's config is left alone
+    assert evaluation.with_model_image_size(cfg, trained_at_48, explicit=True) is cfg
+    assert evaluation.with_model_image_size(cfg, None) is cfg
+
+
+def test_item3_extract_uses_the_trained_size_unless_overridden(trained_at_48, photos, tmp_path):
+    import json
+
+    from cbir_tf import retriever
+    from configs import default
+
+    r = retriever.build_index(
+        default.get_config(), photos, tmp_path / "a", model_path=trained_at_48
+    )
+    assert r.image_size == 48
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["image_size"] == 48
+    proc = _run(
+        [
+            "extract.py",
+            f"--images={photos}",
+            f"--out={tmp_path / 'b'}",
+            f"--model={trained_at_48}",
+            "--config.data.image_size=80",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "at 80 px as asked, not at the 48 px" in proc.stderr
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["image_size"] == 80
+
+
+# -- item 5: an index folder holds the model that describes its queries -------------------------
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    net = keras.applications.MobileNet(
+        include_top=False, weights=None, alpha=0.25, input_shape=(None, None, 3)
+    )
+    # Batch-norm statistics from one random batch: untouched ones make every descriptor ~0.
+    for layer in net.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    net(np.random.default_rng(0).uniform(-1, 1, (8, 64, 64, 3)).astype("float32"), training=True)
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_025.weights.h5"
+    net.save_weights(path)
+    return str(path)
+
+
+def _move_and_search(index, moved, model_file, query):
+    """Moves the model file away and the index elsewhere, then searches the moved index."""
+    import shutil
+
+    from cbir_tf.retriever import Retriever
+
+    shutil.move(model_file, model_file + ".moved")
+    shutil.move(index, moved)
+    try:
+        r = Retriever.load(moved)  # what search.py --index=MOVED runs
+        hits = r.search(query, k=2)
+        row = r.ids.index(hits[0].id)
+        np.testing.assert_allclose(r.describe([query])[0], r.descriptors[row], atol=1e-5)
+        return hits
+    finally:
+        shutil.move(model_file + ".moved", model_file)
+
+
+def test_item5_index_built_with_a_weights_file_survives_moving(weights_file, photos, tmp_path):
+    from cbir_tf import retriever
+
+    cfg = {
+        "model": {"backbone": "mobilenet", "alpha": 0.25, "weights": weights_file},
+        "data": {"image_size": 64},
+    }
+    retriever.build_index(cfg, photos, str(tmp_path / "index"), progress=False)
+    assert (tmp_path / "index" / "model.keras").is_file()
+    query = os.path.join(photos, "img2.jpg")
+    hits = _move_and_search(str(tmp_path / "index"), str(tmp_path / "moved"), weights_file, query)
+    assert hits[0].id == "img2.jpg" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_item5_index_built_with_a_keras_model_survives_moving(trained_at_48, photos, tmp_path):
+    from cbir_tf import retriever
+    from configs import default
+
+    index = str(tmp_path / "index")
+    retriever.build_index(default.get_config(), photos, index, model_path=trained_at_48)
+    query = os.path.join(photos, "sub", "img0.jpg")
+    hits = _move_and_search(index, str(tmp_path / "moved"), trained_at_48, query)
+    assert hits[0].id == "sub/img0.jpg"
+
+
+# -- item 14: the width multiplier is printed only where it means something ---------------------
+
+
+def test_item14_alpha_is_shown_for_mobilenets_only():
+    from cbir_tf import backbones
+
+    assert backbones.display_name("efficientnetb1", 1.0) == "efficientnetb1"
+    assert backbones.display_name("VGG16", 0.5) == "vgg16"
+    assert backbones.display_name("mobilenet", 0.25) == "mobilenet (alpha 0.25)"
+    assert backbones.display_name("mobilenetv2", 1.0) == "mobilenetv2 (alpha 1)"
