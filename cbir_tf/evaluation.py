@@ -9,6 +9,8 @@ to a config and writes the report. `evaluate.py` only parses flags and calls `ru
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import os
 import time
@@ -299,7 +301,9 @@ def model_key(cfg: Any, model_path: str | None = None) -> str:
     """A short, file-name-safe name of everything that changes the descriptors."""
     m, d = cfg.model, cfg.data
     if model_path:
-        base = os.path.splitext(os.path.basename(model_path))[0]
+        # Fine-tuned models are all called model.keras: the content tells them apart.
+        stem = os.path.splitext(os.path.basename(model_path))[0]
+        base = f"{stem}-{model_sha256(model_path)[:12]}"
     else:
         weights = str(m.weights)
         if weights not in ("imagenet", "none"):
@@ -328,6 +332,7 @@ def model_meta(cfg: Any, model_path: str | None, whitening: Any | None) -> dict[
     }
     if model_path:
         meta.update(_saved_model_info(model_path))
+        meta["model_sha256"] = model_sha256(model_path)
     if whitening is not None:
         info = dict(whitening.info)
         meta["whitening"] = {
@@ -337,6 +342,22 @@ def model_meta(cfg: Any, model_path: str | None, whitening: Any | None) -> dict[
             "shrinkage": float(info.get("shrinkage", 0.0)),
         }
     return meta
+
+
+def model_sha256(path: str) -> str:
+    """sha256 of a model file, computed once per file version (path, size, mtime)."""
+    st = os.stat(path)
+    return _sha256_of(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # part of the cache key only
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _saved_model_info(model_path: str) -> dict[str, Any]:

@@ -568,7 +568,8 @@ class StoreWriter:
             raise StoreMismatchError(
                 f"{self.store.path} holds an interrupted extraction made with other settings; "
                 f"differing fields: {'; '.join(diffs)}. Resume it with the same settings, or "
-                "write to another folder (descriptors of different settings are never mixed)."
+                "write to another folder (another --workdir or --out), or delete "
+                f"{self.store.path} (descriptors of different settings are never mixed)."
             )
         old_v = stored.get("meta", {}).get("versions")
         if old_v and self.meta.get("versions") and old_v != self.meta.get("versions"):
@@ -592,7 +593,8 @@ class StoreWriter:
         if diffs:
             raise StoreMismatchError(
                 f"{self.store.path} is a finished store made with other settings; differing "
-                f"fields: {'; '.join(diffs)}. Write to another folder."
+                f"fields: {'; '.join(diffs)}. Write to another folder (another --workdir or "
+                f"--out), or delete {self.store.path} to extract it again."
             )
         _, stored_ids, _ = self.store.load(mmap=True)
         covered = stored_ids + [i for i, _ in self.store.skipped()]

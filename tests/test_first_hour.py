@@ -310,3 +310,57 @@ def test_item14_alpha_is_shown_for_mobilenets_only():
     assert backbones.display_name("VGG16", 0.5) == "vgg16"
     assert backbones.display_name("mobilenet", 0.25) == "mobilenet (alpha 0.25)"
     assert backbones.display_name("mobilenetv2", 1.0) == "mobilenetv2 (alpha 1)"
+
+
+# -- item 11: descriptor caches are keyed by the model file's content ---------------------------
+
+
+class _PhotoBenchmark:
+    """The photo folder as a benchmark: every photo a database image, two of them queries."""
+
+    name = "photos"
+
+    def __init__(self, root):
+        self.root = root
+        self.imlist = ["img1", "img2", "img3"]
+        self.qimlist = ["img1", "img2"]
+
+    def image_paths(self):
+        return [os.path.join(self.root, n + ".jpg") for n in self.imlist]
+
+    def query_paths(self):
+        return [os.path.join(self.root, n + ".jpg") for n in self.qimlist]
+
+    def query_bboxes(self):
+        return [None, None]
+
+
+def test_item11_two_fine_tuned_models_never_share_a_cache(tiny_model, photos, tmp_path):
+    import keras
+
+    from cbir_tf import evaluation, models
+    from configs import default
+
+    cfg = default.get_config()
+    cfg.workdir = str(tmp_path / "work")
+    # Non-model keys are unchanged, so caches of earlier runs stay valid.
+    assert evaluation.model_key(cfg) == "efficientnetb1-imagenet-rmac-1024px-s1"
+    paths = []
+    for run in ("run1", "run2"):
+        keras.utils.set_random_seed(len(paths))
+        other = keras.models.clone_model(tiny_model)  # new random weights, same layers
+        info = {"image_size": 48}
+        paths.append(models.save_descriptor_model(other, tmp_path / run / "model.keras", info))
+    ds = _PhotoBenchmark(photos)
+    stores = []
+    for path in paths:
+        db, _, meta = evaluation.extract_benchmark(cfg, ds, model_path=path, progress=False)
+        assert meta["model_sha256"] == evaluation.model_sha256(path)
+        stores.append(meta["store"])
+        assert db.descriptors.shape == (3, 8)
+    assert stores[0] != stores[1]
+    assert os.path.basename(stores[0]).startswith("model-")
+    assert "-48px-s1" in os.path.basename(stores[0])  # at the size the model was trained at
+    # The same model again reuses its own cache.
+    _, _, meta = evaluation.extract_benchmark(cfg, ds, model_path=paths[0], progress=False)
+    assert meta["store"] == stores[0]
