@@ -874,7 +874,8 @@ def train(
 
     Raises:
       folder.CollectionError: unusable training data (see `load_training_data`).
-      CheckpointMismatchError: `workdir` holds a checkpoint of another backbone/recipe/pooling.
+      CheckpointMismatchError: `workdir` holds a checkpoint of another backbone/recipe/pooling,
+        or a finished run of other settings (named in the message).
       cbir_tf.io.LockError: another training writes to `workdir`.
     """
     s = Settings.from_config(config)
@@ -902,6 +903,14 @@ def _train_locked(
         # Refuse a foreign checkpoint before spending minutes on loading images.
         check_checkpoint_compatible(state, s, state.get("class_names", []))
         if state.get("finished") and os.path.isfile(os.path.join(workdir, MODEL_FILE)):
+            diffs = finished_run_differences(workdir, s)
+            if diffs:
+                raise CheckpointMismatchError(
+                    f"{workdir} already holds a finished run made with other settings ("
+                    + "; ".join(diffs)
+                    + f"); start a new run with another --workdir=FOLDER, or delete {workdir} "
+                    "to train there again"
+                )
             say(f"{workdir} already holds a finished run: {os.path.join(workdir, MODEL_FILE)}")
             return _result_from_json(workdir)
 
@@ -1186,6 +1195,32 @@ def _settings_dict(s: Settings) -> dict[str, Any]:
     d = dataclasses.asdict(s)
     d["augment"] = dataclasses.asdict(s.augment)
     return d
+
+
+# Settings that choose how a run executes, not what it learns: a finished run is the same run
+# whatever they are now.
+_EXECUTION_SETTINGS = frozenset({"cache", "mixed_precision", "strategy"})
+
+
+def finished_run_differences(workdir: str, s: Settings) -> list[str]:
+    """The settings in which `s` differs from the finished run in `workdir` (its model.json).
+
+    Returns:
+      One 'name (finished run: old, now: new)' per differing setting; [] when they agree or
+      the run recorded no settings.
+    """
+    path = os.path.join(workdir, "model.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f).get("settings") or {}
+    # Through JSON, as model.json holds them (tuples become lists).
+    now = json.loads(json.dumps(io.json_safe(_settings_dict(s))))
+    return [
+        f"{k} (finished run: {saved.get(k)!r}, now: {now.get(k)!r})"
+        for k in sorted((set(saved) | set(now)) - _EXECUTION_SETTINGS)
+        if saved.get(k) != now.get(k)
+    ]
 
 
 def _result_from_json(workdir: str) -> TrainResult:

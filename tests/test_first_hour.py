@@ -364,3 +364,44 @@ def test_item11_two_fine_tuned_models_never_share_a_cache(tiny_model, photos, tm
     # The same model again reuses its own cache.
     _, _, meta = evaluation.extract_benchmark(cfg, ds, model_path=paths[0], progress=False)
     assert meta["store"] == stores[0]
+
+
+# -- item 12: a finished training run and changed settings --------------------------------------
+
+
+def _finished_workdir(workdir, settings):
+    """A workdir as a finished train.py run leaves it (state, model.keras, model.json)."""
+    import json
+
+    from cbir_tf import finetune
+
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+    state = {"version": 1, "identity": settings.identity(), "finished": True, "class_names": []}
+    with open(os.path.join(workdir, "checkpoints", "state.json"), "w") as f:
+        json.dump(state, f)
+    open(os.path.join(workdir, "model.keras"), "wb").close()
+    info = {"model": "model.keras", "history": [], "settings": finetune._settings_dict(settings)}
+    with open(os.path.join(workdir, "model.json"), "w") as f:
+        json.dump(cio.json_safe(info), f)
+
+
+def test_item12_finished_run_with_other_settings_names_them(tmp_path):
+    from cbir_tf import finetune
+    from configs import train_head
+
+    cfg = train_head.get_config()
+    workdir = str(tmp_path / "run")
+    _finished_workdir(workdir, finetune.Settings.from_config(cfg))
+    # Same settings (the way the run executes may change): the finished run is returned.
+    cfg.train.mixed_precision = "off"
+    result = finetune.train(cfg, str(tmp_path / "no-data-needed"), workdir, progress=False)
+    assert result.model_path == os.path.join(workdir, "model.keras")
+    cfg.train.epochs = 3
+    cfg.train.image_size = 320
+    with pytest.raises(finetune.CheckpointMismatchError) as e:
+        finetune.train(cfg, str(tmp_path / "no-data-needed"), workdir, progress=False)
+    msg = str(e.value)
+    assert "already holds a finished run made with other settings" in msg
+    assert "epochs (finished run: 10, now: 3)" in msg
+    assert "image_size (finished run: 224, now: 320)" in msg
+    assert "--workdir=" in msg and "\n" not in msg
