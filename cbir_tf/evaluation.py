@@ -789,13 +789,30 @@ def _describe(meta: Mapping[str, Any]) -> str:
     size = f"{meta['image_size']} px, scales {meta['scales']}"
     if "fine_tuning" in meta:  # a saved model carries its own pooling and whitening
         return f"saved model {meta['weights']} ({meta['backbone']} + {meta['pooling']}), {size}"
-    w = meta.get("whitening")
-    wt = (
-        "no whitening"
-        if not w
-        else (f"{'regional ' if w['regional'] else ''}PCA-whitening learned on {w['learned_on']}")
-    )
+    wt = whitening_text(meta.get("whitening"))
     return f"{meta['backbone']} ({meta['weights']}) + {meta['pooling']}, {wt}, {size}"
+
+
+def whitening_text(w: Mapping[str, Any] | None) -> str:
+    """How descriptors were whitened, in words: 'no whitening', 'regional PCA-whitening ...'."""
+    if not w:
+        return "no whitening"
+    learned = f" learned on {w['learned_on']}" if w.get("learned_on") else ""
+    return f"{'regional ' if w.get('regional') else ''}PCA-whitening{learned}"
+
+
+def report_meta(meta: Mapping[str, Any], ds: Any) -> dict[str, Any]:
+    """The 'Run' table of the HTML report: the benchmark and how its descriptors were made."""
+    described: dict[str, Any] = {
+        "dataset": ds.name,
+        "images": ds.num_images,
+        "queries": ds.num_queries,
+    }
+    for k in ("backbone", "weights", "pooling", "image_size", "scales", "whitening", "source"):
+        if k in meta:
+            # Said as the title says it, not as a Python value ('None', a dict).
+            described[k] = whitening_text(meta[k]) if k == "whitening" else meta[k]
+    return described
 
 
 def _visual_report(
@@ -829,15 +846,8 @@ def _visual_report(
         database_names=list(ds.imlist),
         query_bboxes=ds.query_bboxes(),
     )
-    described = {"dataset": ds.name, "images": ds.num_images, "queries": ds.num_queries}
-    described.update(
-        {
-            k: v
-            for k, v in meta.items()
-            if k
-            in ("backbone", "weights", "pooling", "image_size", "scales", "whitening", "source")
-        }
-    )
+    described = report_meta(meta, ds)
+    # The report is one file: the plots and grids are embedded, not linked beside it.
     page = html.evaluation_report(
         out_dir,
         results,
@@ -847,5 +857,6 @@ def _visual_report(
         meta=described,
         links={"results (JSON)": files["json"], "results (CSV)": files["csv"]},
         title=title,
+        embed=True,
     )
     return {"report": page}

@@ -405,3 +405,40 @@ def test_item12_finished_run_with_other_settings_names_them(tmp_path):
     assert "epochs (finished run: 10, now: 3)" in msg
     assert "image_size (finished run: 224, now: 320)" in msg
     assert "--workdir=" in msg and "\n" not in msg
+
+
+# -- item 14: the HTML report is one file, and says 'no whitening' -------------------------------
+
+
+def test_item14_report_embeds_its_images_and_says_no_whitening(photos, tmp_path):
+    import re
+
+    from cbir_tf import evaluation, report
+    from configs import default
+
+    ds = _PhotoBenchmark(photos)
+    ds.num_images, ds.num_queries = 3, 2
+    ds.gnd = [
+        {"easy": [0], "hard": [], "junk": [2]},
+        {"easy": [1], "hard": [2], "junk": []},
+    ]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cfg = default.get_config()
+    results, rankings = evaluation.evaluate_methods(
+        x[:2], x, ds.gnd, methods=("plain",), rerank_cfg=cfg.rerank.to_dict()
+    )
+    out = str(tmp_path / "eval")
+    files = report.write_results(out, results, (1, 5, 10), extra={"report": "report.html"})
+    meta = {"backbone": "vgg16", "weights": "imagenet", "pooling": "gem", "whitening": None}
+    meta.update(image_size=64, scales=[1.0])
+    title = "photos: " + evaluation._describe(meta)
+    page = evaluation._visual_report(out, ds, results, rankings, cfg, title, files, meta)["report"]
+    text = open(page, encoding="utf-8").read()
+    sources = re.findall(r'<img src="([^"]*)"', text)
+    assert len(sources) >= 3  # the PR plot and a grid per query
+    assert all(src.startswith("data:image/png;base64,") for src in sources)
+    assert "no whitening" in title
+    assert '<th class="name">whitening</th><td class="name">no whitening</td>' in text
+    assert "None" not in re.sub(r"data:[^\"]*", "", text)
