@@ -1116,8 +1116,13 @@ def merge_indexes(
                 )
         a = {k: v for k, v in m["model"].items() if k != "file"}
         b = {k: v for k, v in first["model"].items() if k != "file"}
-        if a != b:
-            raise ValueError(f"index shard {d} uses another model than {shard_dirs[0]}")
+        diffs = _differences(b, a, "model")
+        if diffs:
+            raise ValueError(
+                f"index shard {d} uses another model than {shard_dirs[0]}: "
+                + "; ".join(diffs)
+                + "; merge the shards of one run (same settings and model)"
+            )
     store_lib.merge_shards(list(shard_dirs), out, overwrite=overwrite)
     manifest = dict(first)
     for key in ("paths", "files", "failed"):
@@ -1175,6 +1180,16 @@ def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
         raise ValueError(f"k (results per query) must be a whole number >= 1, got {k!r}")
     return int(k)
+
+
+def _differences(a: Any, b: Any, where: str) -> list[str]:
+    """'where.key (first: x, this: y)' for every leaf in which nested dicts `a`, `b` differ."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(k), b.get(k), f"{where}.{k}")
+        return out
+    return [] if a == b else [f"{where} (first shard: {a!r}, this shard: {b!r})"]
 
 
 def _merge_rerank(rerank: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:

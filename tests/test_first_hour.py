@@ -442,3 +442,24 @@ def test_item14_report_embeds_its_images_and_says_no_whitening(photos, tmp_path)
     assert "no whitening" in title
     assert '<th class="name">whitening</th><td class="name">no whitening</td>' in text
     assert "None" not in re.sub(r"data:[^\"]*", "", text)
+
+
+# -- item 14: a merge of shards from different models names what differs -------------------------
+
+
+def test_item14_merge_of_shards_from_different_models_names_the_field(
+    tiny_model, trained_at_48, photos, tmp_path
+):
+    from cbir_tf import models, retriever
+    from configs import default
+
+    other = models.save_descriptor_model(tiny_model, tmp_path / "other.keras", {"image_size": 48})
+    shards = []
+    for k, path in enumerate([trained_at_48, other]):
+        shards.append(str(tmp_path / f"shard{k}"))
+        retriever.build_index(
+            default.get_config(), photos, shards[-1], model_path=path, shard_index=k, num_shards=2
+        )
+    with pytest.raises(ValueError) as e:
+        retriever.merge_indexes(shards, tmp_path / "merged")
+    assert f"model.path (first shard: {trained_at_48!r}, this shard: {other!r})" in str(e.value)
