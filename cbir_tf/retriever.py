@@ -20,8 +20,9 @@ beside the old one as `<name>.new`, a `COMMIT` journal is written, then the file
 run killed during the renames is completed by the next open; killed before, the old index stays
 and the pending extraction resumes.
 
-Image ids are paths relative to the collection root ('/' separators), or absolute paths for
-images outside it.
+Image ids are paths relative to the collection root ('/' separators, '../' for images outside
+it). The root is the first folder indexed (or the common folder of the first image files);
+indexes written by earlier versions may hold absolute ids, which keep working.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class Retriever:
       scales: multi-scale factors (descriptors are combined as `descriptors.extract` does).
       ms_power: power of the generalised mean combining scales.
       directory: the index folder (opened if it holds an index, else created on first write).
-      root: collection root: ids of images below it are paths relative to it.
+      root: collection root: image ids are paths relative to it.
       rerank: {'qe': {'n', 'alpha'}, 'diffusion': {...}} settings (missing ones: defaults of
         configs/default.py).
       backend: 'exact' or 'faiss' nearest-neighbour search.
@@ -369,14 +370,26 @@ class Retriever:
             return image_id
         if self.root is None:
             return None
-        return os.path.join(self.root, *image_id.split("/"))
+        # normpath resolves the '..' of images outside the root.
+        return os.path.normpath(os.path.join(self.root, *image_id.split("/")))
 
     def id_of(self, path: str | os.PathLike) -> str:
-        """The id an image file gets (or has) in this index."""
+        """The id an image file gets (or has) in this index.
+
+        The path relative to the collection root ('/' separators; '../' for images outside it),
+        so that every id is relative and the collection can move (`root=`). Indexes written
+        before kept absolute ids for images outside the root: those ids are kept.
+        """
         p = os.path.abspath(os.path.expanduser(os.fspath(path)))
-        if self.root is not None and _is_inside(p, self.root) and p != self.root:
+        absolute = p.replace(os.sep, "/") if os.sep != "/" else p
+        if self.root is None or p == self.root:
+            return absolute
+        if not _is_inside(p, self.root) and (absolute in self._row or absolute in self._failed):
+            return absolute
+        try:
             return os.path.relpath(p, self.root).replace(os.sep, "/")
-        return p.replace(os.sep, "/") if os.sep != "/" else p
+        except ValueError:  # another drive (Windows): no relative path exists
+            return absolute
 
     def _store_meta(self) -> dict[str, Any]:
         meta = dict(self.descriptor_meta)
@@ -497,6 +510,10 @@ class Retriever:
                     )
                 paths_or_folder = [paths_or_folder]
             files = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths_or_folder]
+            if self.root is None and ids is None and files:
+                # The first images indexed fix the root: their common folder, so that their
+                # ids are relative like those of a folder's images.
+                self.root = os.path.commonpath([os.path.dirname(f) for f in files])
         if ids is None:
             file_ids = [self.id_of(p) for p in files]
         else:

@@ -463,3 +463,38 @@ def test_item14_merge_of_shards_from_different_models_names_the_field(
     with pytest.raises(ValueError) as e:
         retriever.merge_indexes(shards, tmp_path / "merged")
     assert f"model.path (first shard: {trained_at_48!r}, this shard: {other!r})" in str(e.value)
+
+
+# -- item 14: image ids are relative to the collection root, whatever was indexed ---------------
+
+
+def test_item14_ids_are_relative_to_the_root(tiny_model, photos, tmp_path):
+    import shutil
+
+    from cbir_tf.retriever import Retriever
+
+    r = Retriever(tiny_model, image_size=64)
+    r.index(
+        [os.path.join(photos, "img1.jpg"), os.path.join(photos, "sub", "img0.jpg")], progress=False
+    )
+    assert r.root == photos and sorted(r.ids) == ["img1.jpg", "sub/img0.jpg"]
+    r.index(photos, progress=False)  # the rest of the folder: the same kind of ids
+    assert sorted(r.ids) == ["img1.jpg", "img2.jpg", "img3.jpg", "sub/img0.jpg"]
+    outside = tmp_path / "more"
+    _photo(outside / "x.jpg", 9)
+    r.index(str(outside), progress=False)
+    rel = os.path.relpath(outside / "x.jpg", photos).replace(os.sep, "/")
+    assert rel.startswith("../") and rel in r.ids
+    assert not any(os.path.isabs(i) for i in r.ids)
+    assert r.path_of(rel) == str(outside / "x.jpg")
+    assert r.search(str(outside / "x.jpg"), k=1)[0].path == str(outside / "x.jpg")
+    r.save(tmp_path / "index")
+    assert Retriever.load(tmp_path / "index").path_of(rel) == str(outside / "x.jpg")
+    # An index of an earlier version with an absolute id: re-indexing keeps that id.
+    old = Retriever(tiny_model, image_size=64, root=photos)
+    legacy = str(outside / "x.jpg")
+    old.index([legacy], ids=[legacy], progress=False)
+    shutil.copy(os.path.join(photos, "img2.jpg"), outside / "y.jpg")
+    counts = old.index(str(outside), progress=False)
+    assert counts["unchanged"] == 1 and counts["added"] == 1
+    assert sorted(old.ids) == sorted([legacy, rel.replace("x.jpg", "y.jpg")])
