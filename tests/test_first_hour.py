@@ -498,3 +498,30 @@ def test_item14_ids_are_relative_to_the_root(tiny_model, photos, tmp_path):
     counts = old.index(str(outside), progress=False)
     assert counts["unchanged"] == 1 and counts["added"] == 1
     assert sorted(old.ids) == sorted([legacy, rel.replace("x.jpg", "y.jpg")])
+
+
+# -- item 14: the package lists its public API, lazily ------------------------------------------
+
+
+def test_item14_dir_lists_the_public_api_without_loading_tensorflow():
+    code = (
+        "import sys, cbir_tf\n"
+        "names = dir(cbir_tf)\n"
+        "assert {'Retriever', 'SearchResult', 'compute_map', 'load_store'} <= set(names)\n"
+        "assert 'Any' not in names and '_EXPORTS' not in names, names\n"
+        "assert cbir_tf.compute_map is cbir_tf.metrics.compute_map\n"
+        "assert cbir_tf.load_store.__module__ == 'cbir_tf.store'\n"
+        "assert 'tensorflow' not in sys.modules, 'numpy-only names loaded TensorFlow'\n"
+        "print('ok')\n"
+    )
+    proc = _run(["-c", code])
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_item14_every_public_name_resolves():
+    import cbir_tf
+
+    for name in cbir_tf.__all__:
+        assert getattr(cbir_tf, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        cbir_tf.nope  # noqa: B018
