@@ -30,6 +30,8 @@ def main(argv):
     cli.setup_logging(FLAGS.verbose)
     cfg = FLAGS.config
     cli.apply_overrides(cfg, cli.benchmark_overrides(FLAGS))
+    # A saved model describes images at the size it was trained at unless this flag is given.
+    size_given = "data.image_size" in config_flags.get_override_values(FLAGS["config"])
     from cbir_tf import evaluation  # TensorFlow loads only after the flags parsed
 
     cli.run_main(
@@ -39,6 +41,7 @@ def main(argv):
             descriptors=FLAGS.descriptors,
             out_dir=FLAGS.out,
             download=FLAGS.download,
+            image_size_explicit=size_given,
         )
     )
 

@@ -39,6 +39,8 @@ def main(argv):
             "extract.num_shards": FLAGS.num_shards,
         },
     )
+    # A saved model describes images at the size it was trained at unless this flag is given.
+    size_given = "data.image_size" in config_flags.get_override_values(FLAGS["config"])
     from cbir_tf import extraction  # TensorFlow loads only after the flags parsed
 
     if FLAGS.merge:
@@ -46,12 +48,19 @@ def main(argv):
     elif FLAGS.images:
         cli.run_main(
             lambda: extraction.extract_folder(
-                cfg, FLAGS.images, FLAGS.out, model_path=FLAGS.model, download=FLAGS.download
+                cfg,
+                FLAGS.images,
+                FLAGS.out,
+                model_path=FLAGS.model,
+                download=FLAGS.download,
+                image_size_explicit=size_given,
             )
         )
     else:
         cli.run_main(
-            lambda: extraction.extract_dataset(cfg, model_path=FLAGS.model, download=FLAGS.download)
+            lambda: extraction.extract_dataset(
+                cfg, model_path=FLAGS.model, download=FLAGS.download, image_size_explicit=size_given
+            )
         )
 
 

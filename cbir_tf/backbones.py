@@ -182,6 +182,16 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     return BACKBONES[key]
 
 
+def display_name(name: str, alpha: float = 1.0) -> str:
+    """The backbone as printed for users: 'mobilenet (alpha 0.25)', 'efficientnetb1'.
+
+    The width multiplier is shown only for backbones that take one (MobileNet family); for
+    the others it means nothing.
+    """
+    spec = get_backbone_spec(name)
+    return f"{spec.name} (alpha {float(alpha):g})" if spec.has_alpha else spec.name
+
+
 def normalize_weights(weights: str | os.PathLike | None) -> str:
     """Returns 'imagenet', 'none' or the path of a local file (user `~` expanded).
 

@@ -9,6 +9,8 @@ to a config and writes the report. `evaluate.py` only parses flags and calls `ru
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import os
 import time
@@ -299,7 +301,9 @@ def model_key(cfg: Any, model_path: str | None = None) -> str:
     """A short, file-name-safe name of everything that changes the descriptors."""
     m, d = cfg.model, cfg.data
     if model_path:
-        base = os.path.splitext(os.path.basename(model_path))[0]
+        # Fine-tuned models are all called model.keras: the content tells them apart.
+        stem = os.path.splitext(os.path.basename(model_path))[0]
+        base = f"{stem}-{model_sha256(model_path)[:12]}"
     else:
         weights = str(m.weights)
         if weights not in ("imagenet", "none"):
@@ -328,6 +332,7 @@ def model_meta(cfg: Any, model_path: str | None, whitening: Any | None) -> dict[
     }
     if model_path:
         meta.update(_saved_model_info(model_path))
+        meta["model_sha256"] = model_sha256(model_path)
     if whitening is not None:
         info = dict(whitening.info)
         meta["whitening"] = {
@@ -339,23 +344,76 @@ def model_meta(cfg: Any, model_path: str | None, whitening: Any | None) -> dict[
     return meta
 
 
-def _saved_model_info(model_path: str) -> dict[str, Any]:
-    """What a saved model is made of, from the `model.json` train.py writes beside it."""
-    info_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "model.json")
-    info: dict[str, Any] = {}
-    if os.path.exists(info_path):
-        import json
+def model_sha256(path: str) -> str:
+    """sha256 of a model file, computed once per file version (path, size, mtime)."""
+    st = os.stat(path)
+    return _sha256_of(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
-        if info.get("model") != os.path.basename(model_path):
-            info = {}  # describes another model of the same folder
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # part of the cache key only
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _saved_model_info(model_path: str) -> dict[str, Any]:
+    """What a saved model is made of: the info train.py stores in it (or its `model.json`)."""
+    from cbir_tf import models
+
+    info = models.saved_model_info(model_path)
     return {
         "backbone": info.get("backbone", "saved-model"),
         "alpha": float(info.get("alpha", 1.0)),
         "pooling": info.get("pooling", "saved-model"),
         "fine_tuning": info.get("recipe"),
     }
+
+
+def with_model_image_size(cfg: Any, model_path: str | None, explicit: bool = False) -> Any:
+    """The config to extract with a saved model: at the resolution it was trained at.
+
+    A fine-tuned model is trained and validated at `train.image_size` (224 px by default);
+    describing images at another size (the benchmark default of 1024 px) can make it worse
+    than the model it started from. The model carries that size (`models.saved_model_info`).
+
+    Args:
+      cfg: the run's config.
+      model_path: the `.keras` model, or None (the config's own model: `cfg` unchanged).
+      explicit: the user set `data.image_size` (e.g. `--config.data.image_size=1024`): it is
+        kept, with a warning when it differs from the trained size.
+
+    Returns:
+      `cfg`, or a copy with `data.image_size` set to the model's trained size.
+    """
+    if not model_path:
+        return cfg
+    from cbir_tf import models
+
+    trained = models.saved_model_info(model_path).get("image_size")
+    asked = int(cfg.data.image_size)
+    if not trained or int(trained) == asked:
+        return cfg
+    if explicit:
+        log.warning(
+            "describing images at %d px as asked, not at the %d px %s was trained and "
+            "validated at",
+            asked, int(trained), model_path,
+        )  # fmt: skip
+        return cfg
+    log.info(
+        "describing images at %d px, the size %s was trained and validated at "
+        "(--config.data.image_size=N overrides it)",
+        int(trained), model_path,
+    )  # fmt: skip
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.data.image_size = int(trained)
+    return cfg
 
 
 def _weights_name(weights: str) -> str:
@@ -589,17 +647,21 @@ def extract_benchmark(
     progress: bool = True,
     shard_index: int = 0,
     num_shards: int = 1,
+    image_size_explicit: bool = False,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Learns or loads whitening, builds the model, and extracts a benchmark's descriptors.
 
     The stores go to `cfg.extract.out` or `<workdir>/descriptors/<dataset>/<model key>/` (with
-    `db/` and `queries/`), and are reused when complete, resumed when interrupted.
+    `db/` and `queries/`), and are reused when complete, resumed when interrupted. A saved
+    model describes images at the size it was trained at unless `image_size_explicit` (see
+    `with_model_image_size`).
 
     Returns:
       (database ExtractionResult, query ExtractionResult, descriptor metadata).
     """
     from cbir_tf import models
 
+    cfg = with_model_image_size(cfg, model_path, image_size_explicit)
     w = None
     fallback = None
     if model_path is None:
@@ -673,6 +735,7 @@ def run_benchmark(
     out_dir: str | None = None,
     download: bool = True,
     progress: bool = True,
+    image_size_explicit: bool = False,
 ) -> dict[str, Any]:
     """Runs the whole benchmark and writes its report.
 
@@ -683,6 +746,8 @@ def run_benchmark(
       out_dir: where results go (default `<workdir>/eval/<dataset>`).
       download: fetch missing benchmark files.
       progress: show progress bars.
+      image_size_explicit: the user set `data.image_size`; it then wins over the size a saved
+        model was trained at.
 
     Returns:
       {'results': per-method metrics, 'table': the printed table, 'files': written paths}.
@@ -706,7 +771,12 @@ def run_benchmark(
         what = f"descriptors from {descriptors}"
     else:
         db, qr, meta = extract_benchmark(
-            cfg, ds, model_path=model_path, download=download, progress=progress
+            cfg,
+            ds,
+            model_path=model_path,
+            download=download,
+            progress=progress,
+            image_size_explicit=image_size_explicit,
         )
         skipped = {"database": list(map(list, db.skipped)), "queries": list(map(list, qr.skipped))}
         x, missing = align_rows(db.descriptors, db.ids, list(ds.imlist), "database")
@@ -765,12 +835,7 @@ def _describe(meta: Mapping[str, Any]) -> str:
     if "fine_tuning" in meta:  # a saved model carries its own pooling and whitening
         text = f"saved model {meta['weights']} ({meta['backbone']} + {meta['pooling']}), {size}"
         return text + _vanishing_note(meta)
-    w = meta.get("whitening")
-    wt = (
-        "no whitening"
-        if not w
-        else (f"{'regional ' if w['regional'] else ''}PCA-whitening learned on {w['learned_on']}")
-    )
+    wt = whitening_text(meta.get("whitening"))
     weights = {"none": "random weights", "imagenet": "ImageNet weights"}.get(
         str(meta["weights"]).lower(), meta["weights"]
     )
@@ -790,6 +855,28 @@ def _vanishing_note(meta: Mapping[str, Any]) -> str:
         scale,
     )
     return f"; vanishing activations (max {scale:.1g}), descriptors normalised exactly"
+
+
+def whitening_text(w: Mapping[str, Any] | None) -> str:
+    """How descriptors were whitened, in words: 'no whitening', 'regional PCA-whitening ...'."""
+    if not w:
+        return "no whitening"
+    learned = f" learned on {w['learned_on']}" if w.get("learned_on") else ""
+    return f"{'regional ' if w.get('regional') else ''}PCA-whitening{learned}"
+
+
+def report_meta(meta: Mapping[str, Any], ds: Any) -> dict[str, Any]:
+    """The 'Run' table of the HTML report: the benchmark and how its descriptors were made."""
+    described: dict[str, Any] = {
+        "dataset": ds.name,
+        "images": ds.num_images,
+        "queries": ds.num_queries,
+    }
+    for k in ("backbone", "weights", "pooling", "image_size", "scales", "whitening", "source"):
+        if k in meta:
+            # Said as the title says it, not as a Python value ('None', a dict).
+            described[k] = whitening_text(meta[k]) if k == "whitening" else meta[k]
+    return described
 
 
 def _visual_report(
@@ -823,15 +910,8 @@ def _visual_report(
         database_names=list(ds.imlist),
         query_bboxes=ds.query_bboxes(),
     )
-    described = {"dataset": ds.name, "images": ds.num_images, "queries": ds.num_queries}
-    described.update(
-        {
-            k: v
-            for k, v in meta.items()
-            if k
-            in ("backbone", "weights", "pooling", "image_size", "scales", "whitening", "source")
-        }
-    )
+    described = report_meta(meta, ds)
+    # The report is one file: the plots and grids are embedded, not linked beside it.
     page = html.evaluation_report(
         out_dir,
         results,
@@ -841,5 +921,6 @@ def _visual_report(
         meta=described,
         links={"results (JSON)": files["json"], "results (CSV)": files["csv"]},
         title=title,
+        embed=True,
     )
     return {"report": page}

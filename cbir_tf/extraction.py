@@ -26,9 +26,17 @@ def _summary(label: str, result: Any, store_dir: str | None) -> str:
 
 
 def extract_dataset(
-    cfg: Any, *, model_path: str | None = None, download: bool = True, progress: bool = True
+    cfg: Any,
+    *,
+    model_path: str | None = None,
+    download: bool = True,
+    progress: bool = True,
+    image_size_explicit: bool = False,
 ) -> tuple[Any, Any]:
     """Extracts database and cropped-query descriptors of the config's benchmark.
+
+    A saved model (`model_path`) describes images at the size it was trained at, unless
+    `image_size_explicit` (the user set `data.image_size`).
 
     Returns:
       (database ExtractionResult, query ExtractionResult).
@@ -50,6 +58,7 @@ def extract_dataset(
         progress=progress,
         shard_index=int(cfg.extract.shard_index),
         num_shards=int(cfg.extract.num_shards),
+        image_size_explicit=image_size_explicit,
     )
     print(_summary(f"{ds.name} database", db, os.path.join(meta["store"], "db")))
     print(_summary(f"{ds.name} queries", qr, os.path.join(meta["store"], "queries")))
@@ -64,8 +73,12 @@ def extract_folder(
     model_path: str | None = None,
     download: bool = True,
     progress: bool = True,
+    image_size_explicit: bool = False,
 ) -> Any:
     """Indexes a folder of images (recursively) into `out`, resuming an interrupted run.
+
+    A saved model (`model_path`) describes images at the size it was trained at, unless
+    `image_size_explicit` (the user set `data.image_size`).
 
     Returns:
       The `cbir_tf.retriever.Retriever` holding the index.
@@ -82,6 +95,7 @@ def extract_folder(
         shard_index=int(cfg.extract.shard_index),
         num_shards=int(cfg.extract.num_shards),
         progress=progress,
+        image_size_explicit=image_size_explicit,
     )
     return r
 

@@ -873,7 +873,8 @@ def train(
 
     Raises:
       folder.CollectionError: unusable training data (see `load_training_data`).
-      CheckpointMismatchError: `workdir` holds a checkpoint of another backbone/recipe/pooling.
+      CheckpointMismatchError: `workdir` holds a checkpoint of another backbone/recipe/pooling,
+        or a finished run of other settings (named in the message).
       cbir_tf.io.LockError: another training writes to `workdir`.
     """
     s = Settings.from_config(config)
@@ -901,6 +902,14 @@ def _train_locked(
         # Refuse a foreign checkpoint before spending minutes on loading images.
         check_checkpoint_compatible(state, s, state.get("class_names", []))
         if state.get("finished") and os.path.isfile(os.path.join(workdir, MODEL_FILE)):
+            diffs = finished_run_differences(workdir, s)
+            if diffs:
+                raise CheckpointMismatchError(
+                    f"{workdir} already holds a finished run made with other settings ("
+                    + "; ".join(diffs)
+                    + f"); start a new run with another --workdir=FOLDER, or delete {workdir} "
+                    "to train there again"
+                )
             say(f"{workdir} already holds a finished run: {os.path.join(workdir, MODEL_FILE)}")
             return _result_from_json(workdir)
 
@@ -910,7 +919,7 @@ def _train_locked(
         check_checkpoint_compatible(state, s, class_names)
     skipped = list(data.train.skipped) + (list(data.val.skipped) if data.val is not None else [])
     say(
-        f"training {s.recipe} recipe: {s.backbone} (alpha {s.alpha:g}) {s.pooling}, "
+        f"training {s.recipe} recipe: {backbones.display_name(s.backbone, s.alpha)} {s.pooling}, "
         f"{len(data.train)} images in {len(class_names)} classes"
         + (f", validation {len(data.val)} images" if data.val is not None else ", no validation")
         + (f"; {len(skipped)} unreadable images skipped" if skipped else "")
@@ -1029,7 +1038,8 @@ def _train_locked(
             white, white_map = _learn_whitening(s, m, data, state, say)
     # Outside the mixed-precision scope: the saved model computes in float32.
     final = _final_model(s, m, descriptor_kind, white)
-    model_path = _save_model(final, workdir)
+    kind = "whitened" if white is not None else descriptor_kind
+    model_path = _save_model(final, workdir, _model_info(s, kind))
     if white is not None:
         white.save(os.path.join(workdir, "whitening.npz"))
     state["finished"] = True
@@ -1133,12 +1143,23 @@ def _final_model(
     return keras.Model(final.input, out, name=f"{spec.name}_{s.pooling}_projected")
 
 
-def _save_model(model: keras.Model, workdir: str) -> str:
-    path = os.path.join(workdir, MODEL_FILE)
-    tmp = os.path.join(workdir, ".model.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
-    return path
+def _model_info(s: Settings, descriptor: str) -> dict[str, Any]:
+    """Carried inside model.keras: extraction uses `image_size`, the resolution it was
+    trained and validated at, unless the user asks for another."""
+    info = {
+        "image_size": s.image_size,
+        "backbone": s.backbone,
+        "pooling": s.pooling,
+        "recipe": s.recipe,
+        "descriptor": descriptor,
+    }
+    if backbones.get_backbone_spec(s.backbone).has_alpha:
+        info["alpha"] = s.alpha
+    return info
+
+
+def _save_model(model: keras.Model, workdir: str, info: dict[str, Any]) -> str:
+    return models.save_descriptor_model(model, os.path.join(workdir, MODEL_FILE), info)
 
 
 def _write_model_json(workdir, s: Settings, result: TrainResult, class_names, white, data) -> None:
@@ -1173,6 +1194,32 @@ def _settings_dict(s: Settings) -> dict[str, Any]:
     d = dataclasses.asdict(s)
     d["augment"] = dataclasses.asdict(s.augment)
     return d
+
+
+# Settings that choose how a run executes, not what it learns: a finished run is the same run
+# whatever they are now.
+_EXECUTION_SETTINGS = frozenset({"cache", "mixed_precision", "strategy"})
+
+
+def finished_run_differences(workdir: str, s: Settings) -> list[str]:
+    """The settings in which `s` differs from the finished run in `workdir` (its model.json).
+
+    Returns:
+      One 'name (finished run: old, now: new)' per differing setting; [] when they agree or
+      the run recorded no settings.
+    """
+    path = os.path.join(workdir, "model.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f).get("settings") or {}
+    # Through JSON, as model.json holds them (tuples become lists).
+    now = json.loads(json.dumps(io.json_safe(_settings_dict(s))))
+    return [
+        f"{k} (finished run: {saved.get(k)!r}, now: {now.get(k)!r})"
+        for k in sorted((set(saved) | set(now)) - _EXECUTION_SETTINGS)
+        if saved.get(k) != now.get(k)
+    ]
 
 
 def _result_from_json(workdir: str) -> TrainResult:

@@ -14,10 +14,34 @@ import io
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (e.g. 0o022), read without changing it where the OS allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # Elsewhere the only portable read is a set-and-restore, kept as short as possible.
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permission bits a plain `open(path, 'w')` would give a new file: 0o666 & ~umask."""
+    return 0o666 & ~current_umask()
 
 
 def _fsync_dir(path: str) -> None:
@@ -49,6 +73,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        # mkstemp creates the file 0600; the result must get the user's usual permissions
+        # (reports, indexes and stores are shared and served like any other file).
+        os.fchmod(fd, new_file_mode())
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f

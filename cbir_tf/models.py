@@ -306,6 +306,82 @@ def load_descriptor_model(path: str | os.PathLike, safe_mode: bool = True) -> ke
         raise
 
 
+MODEL_INFO_ENTRY = "cbir_tf.json"  # inside the .keras zip: how the model was made
+MODEL_INFO_SIDECAR = "model.json"  # beside it: what train.py writes (older models only have it)
+
+
+def save_descriptor_model(
+    model: keras.Model, path: str | os.PathLike, info: dict[str, Any] | None = None
+) -> str:
+    """Saves a descriptor model as `.keras` atomically, with `info` carried inside the file.
+
+    `info` (e.g. {'image_size': 224, 'backbone': ..., 'recipe': ...}) is stored as the zip entry
+    `cbir_tf.json`, which Keras ignores when loading: the model keeps the resolution it was
+    trained and validated at wherever it is copied (see `saved_model_info`).
+
+    Args:
+      model: the model to save.
+      path: the `.keras` file.
+      info: JSON-serialisable facts about the model.
+
+    Returns:
+      `path`.
+    """
+    import json
+    import zipfile
+
+    from cbir_tf.io import json_safe
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, "." + os.path.basename(path) + ".tmp.keras")
+    try:
+        model.save(tmp)
+        if info:
+            with zipfile.ZipFile(tmp, "a") as z:
+                z.writestr(MODEL_INFO_ENTRY, json.dumps(json_safe(info), indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def saved_model_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What is known about a saved `.keras` model: the info inside it, else its `model.json`.
+
+    Args:
+      path: the `.keras` file.
+
+    Returns:
+      {'image_size', 'backbone', 'alpha', 'pooling', 'recipe', ...} as far as known; {} for a
+      model saved without info and without a `model.json` naming it beside it.
+    """
+    import json
+    import zipfile
+
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    try:
+        with zipfile.ZipFile(path) as z:
+            if MODEL_INFO_ENTRY in z.namelist():
+                return dict(json.loads(z.read(MODEL_INFO_ENTRY).decode("utf-8")))
+    except (OSError, zipfile.BadZipFile, ValueError):
+        pass
+    sidecar = os.path.join(os.path.dirname(path), MODEL_INFO_SIDECAR)
+    if os.path.isfile(sidecar):
+        try:
+            with open(sidecar, encoding="utf-8") as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        # A model.json of the same folder may describe another model file.
+        if isinstance(info, dict) and info.get("model") == os.path.basename(path):
+            return info
+    return {}
+
+
 def _get(config: Any, key: str, default: Any) -> Any:
     if isinstance(config, dict):
         return config.get(key, default)

@@ -20,8 +20,9 @@ beside the old one as `<name>.new`, a `COMMIT` journal is written, then the file
 run killed during the renames is completed by the next open; killed before, the old index stays
 and the pending extraction resumes.
 
-Image ids are paths relative to the collection root ('/' separators), or absolute paths for
-images outside it.
+Image ids are paths relative to the collection root ('/' separators, '../' for images outside
+it). The root is the first folder indexed (or the common folder of the first image files);
+indexes written by earlier versions may hold absolute ids, which keep working.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ COMMIT_FILE = "COMMIT"
 FORMAT = "cbir_tf.index"
 FORMAT_VERSION = 1
 RERANK_METHODS = ("none", "aqe", "diffusion", "aqe+diffusion")
+DEFAULT_IMAGE_SIZE = 1024  # configs/default.py's data.image_size
 
 # Re-ranking settings when none are given: those of configs/default.py.
 DEFAULT_RERANK = {
@@ -114,13 +116,14 @@ class Retriever:
         descriptors [B, D] (as `models.build_descriptor_model` makes).
       model_ref: how to rebuild the model: {'kind': 'config', 'config': {...}} (the config's
         `model` block), {'kind': 'keras', 'path': ...}, or {'kind': 'inline'}. Models that a
-        reference cannot reproduce (random weights, learned whitening, inline) are saved as
-        `model.keras` in the index folder.
+        reference cannot reproduce (random weights, learned whitening, inline) or that rest on
+        a file outside the index (a weights file, a `.keras` model) are saved as `model.keras`
+        in the index folder, so that the folder can be moved or copied as one.
       image_size: longest image side fed to the model, pixels.
       scales: multi-scale factors (descriptors are combined as `descriptors.extract` does).
       ms_power: power of the generalised mean combining scales.
       directory: the index folder (opened if it holds an index, else created on first write).
-      root: collection root: ids of images below it are paths relative to it.
+      root: collection root: image ids are paths relative to it.
       rerank: {'qe': {'n', 'alpha'}, 'diffusion': {...}} settings (missing ones: defaults of
         configs/default.py).
       backend: 'exact' or 'faiss' nearest-neighbour search.
@@ -211,13 +214,15 @@ class Retriever:
         cfg = _to_dict(config)
         model_cfg = dict(cfg["model"])
         weights = str(model_cfg.get("weights", ""))
-        if weights.lower() not in ("imagenet", "none", "") and os.path.exists(weights):
-            # A weights file is referenced absolutely, so the index works from any folder.
+        weights_file = weights.lower() not in ("imagenet", "none", "")
+        if weights_file and os.path.exists(weights):
             model_cfg["weights"] = weights = os.path.abspath(weights)
         model = models.model_from_config(model_cfg, whitening=whitening)
         data = cfg.get("data", {})
-        # Random weights or a learned whitening cannot be rebuilt from the config alone.
-        reproducible = whitening is None and weights.lower() != "none"
+        # Random weights or a learned whitening cannot be rebuilt from the config alone, and a
+        # weights file may move or be missing where the index is copied to: all three are saved
+        # as the index's model.keras, so that the folder alone describes new queries.
+        reproducible = whitening is None and weights.lower() != "none" and not weights_file
         ref = {"kind": "config", "config": model_cfg, "reproducible": reproducible}
         meta = {k: model_cfg.get(k) for k in ("backbone", "alpha", "weights", "pooling")}
         meta.update(
@@ -249,7 +254,7 @@ class Retriever:
         cls,
         path: str | os.PathLike,
         *,
-        image_size: int = 1024,
+        image_size: int | None = None,
         scales: Sequence[float] = (1.0,),
         ms_power: float = 1.0,
         directory: str | os.PathLike | None = None,
@@ -258,16 +263,23 @@ class Retriever:
     ) -> Retriever:
         """Uses a saved descriptor model (`.keras`, e.g. written by train.py).
 
+        The model is saved into the index folder (its `model.keras`), so that the index keeps
+        working when the original file moves.
+
         Args:
           path: the `.keras` file (loaded with safe_mode=True).
-          image_size, scales, ms_power, directory, root: see the class docstring.
+          image_size: longest image side fed to the model; None: the size the model was
+            trained and validated at (`models.saved_model_info`), else 1024. A size other than
+            the trained one is used as given, with a warning.
+          scales, ms_power, directory, root: see the class docstring.
           **kwargs: other constructor arguments (rerank, backend, block_size, flush_every).
         """
         from cbir_tf import models
 
         path = os.path.abspath(os.fspath(path))
         model = models.load_descriptor_model(path)
-        ref = {"kind": "keras", "path": path, "reproducible": True}
+        image_size = _image_size_for_model(path, image_size)
+        ref = {"kind": "keras", "path": path, "reproducible": False}
         meta = {"backbone": None, "weights": path, "pooling": None, "whitening": None}
         return cls(
             model,
@@ -361,14 +373,26 @@ class Retriever:
             return image_id
         if self.root is None:
             return None
-        return os.path.join(self.root, *image_id.split("/"))
+        # normpath resolves the '..' of images outside the root.
+        return os.path.normpath(os.path.join(self.root, *image_id.split("/")))
 
     def id_of(self, path: str | os.PathLike) -> str:
-        """The id an image file gets (or has) in this index."""
+        """The id an image file gets (or has) in this index.
+
+        The path relative to the collection root ('/' separators; '../' for images outside it),
+        so that every id is relative and the collection can move (`root=`). Indexes written
+        before kept absolute ids for images outside the root: those ids are kept.
+        """
         p = os.path.abspath(os.path.expanduser(os.fspath(path)))
-        if self.root is not None and _is_inside(p, self.root) and p != self.root:
+        absolute = p.replace(os.sep, "/") if os.sep != "/" else p
+        if self.root is None or p == self.root:
+            return absolute
+        if not _is_inside(p, self.root) and (absolute in self._row or absolute in self._failed):
+            return absolute
+        try:
             return os.path.relpath(p, self.root).replace(os.sep, "/")
-        return p.replace(os.sep, "/") if os.sep != "/" else p
+        except ValueError:  # another drive (Windows): no relative path exists
+            return absolute
 
     def _store_meta(self) -> dict[str, Any]:
         meta = dict(self.descriptor_meta)
@@ -401,6 +425,10 @@ class Retriever:
 
         Returns:
           Counts {'added', 'updated', 'unchanged', 'failed', 'removed', 'total'}.
+
+        Raises:
+          FileNotFoundError: a single path that does not exist.
+          ValueError: a folder holding no image file (unless `prune`).
         """
         if self.directory:
             with folder_lock(self.directory, what="this index"):
@@ -416,7 +444,7 @@ class Retriever:
             self._open(self.directory)
 
     def _index(self, paths_or_folder, ids, recursive, prune, progress) -> dict[str, int]:
-        files, file_ids, folder = self._resolve(paths_or_folder, ids, recursive)
+        files, file_ids, folder = self._resolve(paths_or_folder, ids, recursive, prune)
         todo_ids, new_paths, stats = [], {}, {}
         counts = {"added": 0, "updated": 0, "unchanged": 0, "failed": 0, "removed": 0}
         for path, image_id in zip(files, file_ids, strict=True):
@@ -459,25 +487,36 @@ class Retriever:
         )  # fmt: skip
         return counts
 
-    def _resolve(self, paths_or_folder, ids, recursive):
+    def _resolve(self, paths_or_folder, ids, recursive, prune=False):
         """(absolute file paths, ids, folder or None) of what `index` was given."""
         from cbir_tf.data.folder import list_images
 
-        if isinstance(paths_or_folder, (str, os.PathLike)) and os.path.isdir(
-            os.path.expanduser(os.fspath(paths_or_folder))
-        ):
+        one = isinstance(paths_or_folder, (str, os.PathLike))
+        if one and os.path.isdir(os.path.expanduser(os.fspath(paths_or_folder))):
             if ids is not None:
                 raise ValueError("ids can only be given with a list of image paths")
             folder = os.path.abspath(os.path.expanduser(os.fspath(paths_or_folder)))
+            rel = list_images(folder, recursive=recursive)
+            if not rel and not prune:
+                # Indexing nothing would "succeed" silently; an empty prune may drop files.
+                raise ValueError(no_images_message(folder, recursive))
             if self.root is None:
                 self.root = folder
-            rel = list_images(folder, recursive=recursive)
             files = [os.path.join(folder, *r.split("/")) for r in rel]
         else:
             folder = None
-            if isinstance(paths_or_folder, (str, os.PathLike)):
+            if one:
+                if not os.path.exists(os.path.expanduser(os.fspath(paths_or_folder))):
+                    raise FileNotFoundError(
+                        f"{os.fspath(paths_or_folder)} does not exist: give an image folder, "
+                        "an image file or a list of image files"
+                    )
                 paths_or_folder = [paths_or_folder]
             files = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths_or_folder]
+            if self.root is None and ids is None and files:
+                # The first images indexed fix the root: their common folder, so that their
+                # ids are relative like those of a folder's images.
+                self.root = os.path.commonpath([os.path.dirname(f) for f in files])
         if ids is None:
             file_ids = [self.id_of(p) for p in files]
         else:
@@ -734,9 +773,9 @@ class Retriever:
             return ref
         path = os.path.join(directory, MODEL_FILE)
         if not (self.directory == directory and os.path.isfile(path)):
-            tmp = os.path.join(directory, ".model.tmp.keras")
-            self.model.save(tmp)
-            os.replace(tmp, path)
+            from cbir_tf import models
+
+            models.save_descriptor_model(self.model, path, {"image_size": self.image_size})
         ref["file"] = MODEL_FILE
         return ref
 
@@ -864,7 +903,7 @@ class Retriever:
 
         Args:
           query: a path, a PIL image, or a uint8 array [H, W, 3].
-          k: results wanted (fewer when the index is smaller).
+          k: results wanted, >= 1 (the whole index when it holds fewer images).
           rerank: 'none', 'aqe' (α-query expansion), 'diffusion' or 'aqe+diffusion'.
           bbox: optional crop box (x1, y1, x2, y2) of the query, pixels.
 
@@ -886,6 +925,7 @@ class Retriever:
         Returns:
           One ranked list per query.
         """
+        check_k(k)  # before the costly description of the queries
         if not len(queries):
             return []
         self._require_nonempty()
@@ -919,7 +959,7 @@ class Retriever:
                 f"queries have {queries.shape[1]} dimensions, the index {database.shape[1]}"
             )
         n = database.shape[0]
-        k = max(1, min(int(k), n))
+        k = min(check_k(k), n)
         parts = rerank.split("+")
         if "aqe" in parts:
             from cbir_tf.rerank import query_expansion
@@ -1002,6 +1042,7 @@ def build_index(
     shard_index: int = 0,
     num_shards: int = 1,
     progress: bool = True,
+    image_size_explicit: bool = False,
 ) -> Retriever:
     """Indexes an image folder into `out` (what `extract.py --images=DIR --out=DIR` runs).
 
@@ -1018,6 +1059,8 @@ def build_index(
       shard_index: which shard this call builds.
       num_shards: how many shards the collection is split into.
       progress: show progress.
+      image_size_explicit: the user set `data.image_size`: a `model_path` model then describes
+        images at that size instead of the size it was trained at.
 
     Returns:
       The Retriever, attached to `out`.
@@ -1026,11 +1069,15 @@ def build_index(
 
     cfg = _to_dict(config)
     images = os.path.abspath(os.path.expanduser(os.fspath(images)))
+    # Checked before a model is built or `out` created: a wrong folder fails at once.
+    rel = list_images(images, recursive=True)  # FileNotFoundError / NotADirectoryError
+    if not rel:
+        raise ValueError(no_images_message(images, recursive=True))
     if model_path:
         data = cfg.get("data", {})
         r = Retriever.from_model(
             model_path,
-            image_size=int(data.get("image_size", 1024)),
+            image_size=int(data.get("image_size", 1024)) if image_size_explicit else None,
             scales=tuple(data.get("scales", (1.0,))),
             ms_power=float(data.get("ms_power", 1.0)),
             directory=out,
@@ -1043,7 +1090,6 @@ def build_index(
     if int(num_shards) <= 1:
         r.index(images, progress=progress)
         return r
-    rel = list_images(images, recursive=True)
     lo, hi = store_lib.shard_range(len(rel), int(shard_index), int(num_shards))
     # Recorded in meta.json so that `store.merge_shards` can check and order the shards.
     r.descriptor_meta.update(
@@ -1091,8 +1137,13 @@ def merge_indexes(
                 )
         a = {k: v for k, v in m["model"].items() if k != "file"}
         b = {k: v for k, v in first["model"].items() if k != "file"}
-        if a != b:
-            raise ValueError(f"index shard {d} uses another model than {shard_dirs[0]}")
+        diffs = _differences(b, a, "model")
+        if diffs:
+            raise ValueError(
+                f"index shard {d} uses another model than {shard_dirs[0]}: "
+                + "; ".join(diffs)
+                + "; merge the shards of one run (same settings and model)"
+            )
     store_lib.merge_shards(list(shard_dirs), out, overwrite=overwrite)
     manifest = dict(first)
     for key in ("paths", "files", "failed"):
@@ -1110,6 +1161,56 @@ def merge_indexes(
         )
     atomic_write_json(os.path.join(out, MANIFEST_FILE), manifest)
     return out
+
+
+def _image_size_for_model(path: str, image_size: int | None) -> int:
+    """The image size to describe images with a saved model (see `Retriever.from_model`)."""
+    from cbir_tf import models
+
+    trained = models.saved_model_info(path).get("image_size")
+    if image_size is None:
+        if trained:
+            log.info("describing images at %d px, the size %s was trained at", int(trained), path)
+        return int(trained) if trained else DEFAULT_IMAGE_SIZE
+    if trained and int(trained) != int(image_size):
+        log.warning(
+            "describing images at %d px as asked, not at the %d px %s was trained and "
+            "validated at",
+            int(image_size), int(trained), path,
+        )  # fmt: skip
+    return int(image_size)
+
+
+def no_images_message(folder: str, recursive: bool) -> str:
+    """The one-line error for a folder that holds no image file."""
+    from cbir_tf.data.folder import IMAGE_EXTENSIONS
+
+    where = "in it or its sub-folders" if recursive else "in it"
+    return (
+        f"the image folder {folder} holds no image files {where} "
+        f"({', '.join(IMAGE_EXTENSIONS)}); check the path"
+    )
+
+
+def check_k(k: Any) -> int:
+    """`k` as an int; a ValueError unless it is a whole number >= 1.
+
+    A k larger than the index is fine (the whole index is returned); zero or negative k has no
+    meaning and would otherwise be clamped silently to one result.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
+        raise ValueError(f"k (results per query) must be a whole number >= 1, got {k!r}")
+    return int(k)
+
+
+def _differences(a: Any, b: Any, where: str) -> list[str]:
+    """'where.key (first: x, this: y)' for every leaf in which nested dicts `a`, `b` differ."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(k), b.get(k), f"{where}.{k}")
+        return out
+    return [] if a == b else [f"{where} (first shard: {a!r}, this shard: {b!r})"]
 
 
 def _merge_rerank(rerank: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -1311,6 +1412,7 @@ def run_search(
 
     from cbir_tf.data.folder import list_images
 
+    check_k(k)
     stream = sys.stdout if stream is None else stream
     query = os.path.expanduser(os.fspath(query))
     if os.path.isdir(query):

@@ -568,7 +568,8 @@ class StoreWriter:
             raise StoreMismatchError(
                 f"{self.store.path} holds an interrupted extraction made with other settings; "
                 f"differing fields: {'; '.join(diffs)}. Resume it with the same settings, or "
-                "write to another folder (descriptors of different settings are never mixed)."
+                "write to another folder (another --workdir or --out), or delete "
+                f"{self.store.path} (descriptors of different settings are never mixed)."
             )
         old_v = stored.get("meta", {}).get("versions")
         if old_v and self.meta.get("versions") and old_v != self.meta.get("versions"):
@@ -592,7 +593,8 @@ class StoreWriter:
         if diffs:
             raise StoreMismatchError(
                 f"{self.store.path} is a finished store made with other settings; differing "
-                f"fields: {'; '.join(diffs)}. Write to another folder."
+                f"fields: {'; '.join(diffs)}. Write to another folder (another --workdir or "
+                f"--out), or delete {self.store.path} to extract it again."
             )
         _, stored_ids, _ = self.store.load(mmap=True)
         covered = stored_ids + [i for i, _ in self.store.skipped()]
@@ -816,6 +818,43 @@ def shard_range(num_items: int, shard_index: int, num_shards: int) -> tuple[int,
     return num_items * shard_index // num_shards, num_items * (shard_index + 1) // num_shards
 
 
+def _check_shard_set(paths: Sequence[str], metas: Sequence[dict[str, Any]]) -> None:
+    """Refuses anything but exactly the shards 0..S-1 of one split, naming what is wrong.
+
+    Args:
+      paths: the shard folders, in the order of `metas` (sorted by shard_index).
+      metas: their meta.json contents, each with `shard_index` and `num_shards`.
+
+    Raises:
+      StoreMismatchError: mixed splits, a shard given twice, or missing shards.
+    """
+    num = sorted({m.get("num_shards") for m in metas}, key=str)
+    if len(num) > 1:
+        parts = ", ".join(f"{p}: {m.get('num_shards')}" for p, m in zip(paths, metas, strict=True))
+        raise StoreMismatchError(
+            f"the shards come from different splits (num_shards {parts}); merge the shards of "
+            "one run"
+        )
+    total = num[0]
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise StoreMismatchError(f"the shards record no valid num_shards ({total!r})")
+    indices = [m["shard_index"] for m in metas]
+    for i in sorted(set(indices)):
+        if indices.count(i) > 1:
+            twice = [p for p, j in zip(paths, indices, strict=True) if j == i]
+            raise StoreMismatchError(f"shard {i} is given more than once: {', '.join(twice)}")
+    outside = [i for i in indices if not (isinstance(i, int) and 0 <= i < total)]
+    if outside:
+        raise StoreMismatchError(f"shard indices {outside} are not in 0..{total - 1} of {total}")
+    missing = [i for i in range(total) if i not in indices]
+    if missing:
+        which = "shard " + str(missing[0]) if len(missing) == 1 else f"shards {missing}"
+        raise StoreMismatchError(
+            f"{which} of {total} missing: got shards {indices} ({', '.join(paths)}); merge all "
+            f"{total} shards of the run"
+        )
+
+
 def merge_shards(
     shard_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False
 ) -> DescriptorStore:
@@ -846,13 +885,7 @@ def merge_shards(
     if all("shard_index" in m for m in metas):
         loaded.sort(key=lambda t: t[3]["shard_index"])
         metas = [m for _, _, _, m in loaded]
-        num = {m.get("num_shards") for m in metas}
-        indices = [m["shard_index"] for m in metas]
-        if num != {len(metas)} or indices != list(range(len(metas))):
-            raise StoreMismatchError(
-                f"expected shards 0..{len(metas) - 1} of {len(metas)}, got shard indices "
-                f"{indices} of num_shards {sorted(num)}"
-            )
+        _check_shard_set([s.path for s, _, _, _ in loaded], metas)
         for prev, cur in zip(metas, metas[1:], strict=False):
             if prev.get("shard_stop") != cur.get("shard_start"):
                 raise StoreMismatchError(

@@ -402,10 +402,10 @@ def test_pretrained_mobilenet_finds_near_duplicates(shared_dir, photos, tmp_path
     cfg.data.image_size = 96
     r = Retriever.from_config(cfg)
     r.index(photos, progress=False)
-    assert r.model_ref["reproducible"]
+    assert not r.model_ref["reproducible"]  # the weights file may move: the index keeps it
     for image_id in r.ids:
         q = _near_duplicate(r.path_of(image_id), tmp_path / "q.jpg")
         assert r.search(q, k=1)[0].id == image_id
     r.save(tmp_path / "index")
-    assert not os.path.exists(tmp_path / "index" / "model.keras")  # rebuilt from the config
+    assert os.path.exists(tmp_path / "index" / "model.keras")  # the folder works on its own
     assert Retriever.load(tmp_path / "index").search(q, k=3) == r.search(q, k=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -689,3 +690,19 @@ def test_prepare_is_locked_against_a_concurrent_writer(tmp_path):
         proc.kill()
         proc.wait()
     assert prepare_dataset("demo", tmp_path).num_queries == 6
+
+
+def test_unpinned_ground_truth_is_said_to_be_unverified(served, tmp_path, monkeypatch, caplog):
+    """gnd_roxford5k.pkl has no published sha256: downloads and instructions say so."""
+    spec = revisited.DATASETS["roxford5k"]
+    monkeypatch.setitem(
+        revisited.DATASETS,
+        "roxford5k",
+        dataclasses.replace(spec, gnd=dataclasses.replace(spec.gnd, sha256=None)),
+    )
+    with caplog.at_level("WARNING"):
+        prepare_dataset("roxford5k", tmp_path / "a", progress=False, images=False)
+    assert "gnd_roxford5k.pkl: downloaded, unverified: no published sha256" in caplog.text
+    with pytest.raises(DatasetUnavailableError) as exc:
+        prepare_dataset("roxford5k", tmp_path / "b", progress=False, opener=_offline)
+    assert "gnd_roxford5k.pkl (unverified: no published sha256" in str(exc.value)

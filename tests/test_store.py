@@ -450,7 +450,7 @@ def test_merge_shards_equals_unsharded(tmp_path):
 def test_merge_shards_refuses_bad_inputs(tmp_path):
     ids, vecs = _ids(9), _vectors(9)
     dirs = _write_shards(tmp_path / "a", ids, vecs, 3)
-    with pytest.raises(StoreMismatchError, match="expected shards 0..1"):
+    with pytest.raises(StoreMismatchError, match="shard 2 of 3 missing: got shards"):
         merge_shards(dirs[:2], tmp_path / "m1")
     other = _write_shards(tmp_path / "b", ids, vecs, 3, meta=dict(META, pooling="mac"))
     with pytest.raises(StoreMismatchError, match="pooling"):
@@ -466,3 +466,21 @@ def test_merge_shards_refuses_bad_inputs(tmp_path):
     with pytest.raises(StoreIncompleteError):
         merge_shards([plain[0], tmp_path / "inc"], tmp_path / "m4")
     assert not DescriptorStore(tmp_path / "m4").is_complete
+
+
+def test_merge_shards_says_which_shard_is_missing_or_doubled(tmp_path):
+    """Issue 14: 'expected shards 0..0 of 1, got shard indices [0] of num_shards [2]'."""
+    ids, vecs = _ids(8), _vectors(8)
+    halves = _write_shards(tmp_path / "two", ids, vecs, 2)
+    with pytest.raises(StoreMismatchError) as e:
+        merge_shards(halves[:1], tmp_path / "m")
+    assert str(e.value).startswith("shard 1 of 2 missing: got shards [0] (")
+    assert str(halves[0]) in str(e.value)
+    with pytest.raises(StoreMismatchError, match="shards \\[1, 2\\] of 4 missing"):
+        merge_shards(_write_shards(tmp_path / "four", ids, vecs, 4)[::3], tmp_path / "m")
+    with pytest.raises(StoreMismatchError, match="shard 0 is given more than once"):
+        merge_shards([halves[0], halves[0], halves[1]], tmp_path / "m")
+    thirds = _write_shards(tmp_path / "three", ids, vecs, 3)
+    with pytest.raises(StoreMismatchError, match="different splits \\(num_shards .*: 2, .*: 3"):
+        merge_shards([halves[0], thirds[1]], tmp_path / "m")
+    assert not DescriptorStore(tmp_path / "m").is_complete

@@ -892,12 +892,20 @@ def _load_if_complete(name: str, folder: str) -> BenchmarkDataset | None:
         return None  # images deleted since: repair below
 
 
+# Said of a ground truth without a published hash (gnd_roxford5k.pkl): no checksum vouches for
+# it; it is only read through the restricted unpickler and checked against the image counts.
+_UNVERIFIED = (
+    "unverified: no published sha256 is pinned for it, so only its structure and image counts "
+    "are checked"
+)
+
+
 def _placement_instructions(
     spec: DatasetSpec, folder: str, need_gnd: bool, need_images: bool
 ) -> str:
     lines = []
     if need_gnd and spec.gnd is not None:
-        sha = f" (sha256 {spec.gnd.sha256})" if spec.gnd.sha256 else ""
+        sha = f" (sha256 {spec.gnd.sha256})" if spec.gnd.sha256 else f" ({_UNVERIFIED})"
         lines.append(f"  {os.path.join(folder, spec.gnd.filename)}\n      from {spec.gnd.url}{sha}")
     if need_images:
         for a in spec.archives:
@@ -1032,6 +1040,8 @@ def _prepare_download(
         if download:
             try:
                 download_file(spec.gnd.url, gnd_path, spec.gnd.sha256, **kw)
+                if not spec.gnd.sha256:
+                    logger.warning("%s: downloaded, %s", gnd_path, _UNVERIFIED)
             except DatasetUnavailableError as e:
                 problems.append(str(e))
         else:
