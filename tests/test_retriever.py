@@ -374,6 +374,7 @@ def test_from_config_round_trip_keeps_the_random_model(tmp_path, photos):
     from configs import demo
 
     cfg = demo.get_config()
+    cfg.model.weights = "none"
     cfg.data.image_size = 64
     cfg.model.pooling = "gem"
     index_dir = tmp_path / "index"

@@ -358,6 +358,7 @@ def test_sigkilled_extract_command_resumes_to_the_uninterrupted_index(
 
 DEMO = [
     "--config=configs/demo.py",
+    "--weights=none",  # never download in a test
     f"--config.data.image_size={IMAGE_SIZE}",
     "--config.rerank.diffusion.k=8",
     "--config.rerank.diffusion.max_iter=2",  # too few iterations: CG cannot converge
@@ -415,6 +416,7 @@ def test_hostile_ground_truth_is_refused_by_evaluate(tmp_path):
     proc = _run(
         "evaluate.py",
         "--config=configs/demo.py",
+        "--weights=none",
         "--dataset=oxford5k",
         f"--data_root={tmp_path / 'data'}",
         f"--workdir={tmp_path / 'work'}",
@@ -585,6 +587,7 @@ def test_ground_truth_and_image_folder_mismatch_names_the_missing_files(tmp_path
     proc = _run(
         "evaluate.py",
         "--config=configs/demo.py",
+        "--weights=none",
         "--dataset=oxford5k",
         f"--data_root={tmp_path / 'data'}",
         f"--workdir={tmp_path / 'work'}",
@@ -604,6 +607,7 @@ def test_whitening_learned_for_another_backbone_is_refused(demo_run):
 
     work, _ = demo_run
     cfg = demo.get_config()
+    cfg.model.weights = "none"
     cfg.whitening.kind = "pca"  # off in the demo config
     cfg.whitening.dataset = "demo"
     cfg.data.image_size = IMAGE_SIZE
