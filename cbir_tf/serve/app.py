@@ -25,7 +25,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 from starlette.applications import Starlette

@@ -250,7 +250,9 @@ class SearchService:
         try:
             pixels = pipeline.load_resized(path, THUMBNAIL_SIZES[size], None, self.max_pixels)
         except pipeline.ImageError as e:
-            raise RequestError(404, f"image {self._ids[row]!r} cannot be read: {e.reason}") from None
+            raise RequestError(
+                404, f"image {self._ids[row]!r} cannot be read: {e.reason}"
+            ) from None
         from PIL import Image
 
         buf = io.BytesIO()
