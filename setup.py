@@ -3,7 +3,7 @@
 from setuptools import find_packages, setup
 
 # The HTTP search service (serve.py): an ASGI app, its server, and multipart uploads.
-SERVE = ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18"]
+SERVE = ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18", "threadpoolctl>=3.1"]
 
 setup(
     name="cbir-tf",

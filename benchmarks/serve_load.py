@@ -105,6 +105,7 @@ def run_phase(port, queries, clients, requests, k, rerank, max_seconds):
     lock = threading.Lock()
     next_job = [0]
     latencies, errors, self_first = [], [], [0]
+    stages = {"decode": [], "describe": [], "search": []}  # server-side, ms
     deadline = time.monotonic() + max_seconds
 
     def take() -> int | None:
@@ -133,6 +134,8 @@ def run_phase(port, queries, clients, requests, k, rerank, max_seconds):
             with lock:
                 latencies.append(elapsed)
                 self_first[0] += answer["results"][0]["id"] == image_id
+                for name, values in stages.items():
+                    values.append(answer["timing_ms"][name])
         conn.close()
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -156,6 +159,7 @@ def run_phase(port, queries, clients, requests, k, rerank, max_seconds):
         "p95_ms": round(float(np.percentile(lat, 95)), 1) if done else None,
         "p99_ms": round(float(np.percentile(lat, 99)), 1) if done else None,
         "self_first": round(self_first[0] / done, 4) if done else None,
+        "server_median_ms": {n: round(float(np.median(v)), 1) for n, v in stages.items() if v},
         "stopped_by_time": done + len(errors) < requests,
     }
 
@@ -224,6 +228,7 @@ def main(argv=None) -> None:
                 f"{r['self_first']:>6.3f} {r['server_peak_rss_mib']:>6.0f} MiB",
                 flush=True,
             )
+            print("  server-side medians (ms):", r["server_median_ms"])
             for e in r["error_examples"]:
                 print("  error:", e)
             if r["stopped_by_time"]:

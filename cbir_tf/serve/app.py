@@ -223,6 +223,11 @@ def serve(
             "serving on %s: reachable from other machines, as --host asked (the default "
             "127.0.0.1 is reachable from this machine only)", host,
         )  # fmt: skip
+    from threadpoolctl import threadpool_limits
+
+    # Requests already run in parallel threads; a BLAS pool per product only adds wake-ups:
+    # multi-threaded OpenBLAS made the [1, D] x [D, N] product of a search 7x slower here.
+    threadpool_limits(limits=1, user_api="blas")
     service = open_service(index_dir, model=model, root=root)
     log.info("index %s: %d images; serving on http://%s:%d/", index_dir, len(service), host, port)
     app = create_app(service, max_upload_mb=max_upload_mb, threads=threads)
