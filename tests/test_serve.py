@@ -187,8 +187,11 @@ def _hostile_cases(served):
     photo = _bytes(_query(served)[0])
     from png_bytes import bomb_png
 
+    tiny = io.BytesIO()
+    Image.new("RGB", (2, 2), (9, 9, 9)).save(tiny, "PNG")  # below the net's valid convolutions
     return [
         # (what, path, body, content-type, status, words of the reason)
+        ("tiny", "/api/search", tiny.getvalue(), None, 400, "cannot describe this 2x2 image"),
         ("non-image", "/api/search", b"hello, not a photo\n" * 10, None, 400, "not an image"),
         ("truncated", "/api/search", photo[: len(photo) // 2], None, 400, "truncated"),
         ("bomb", "/api/search", bomb_png(), None, 400, "decompression bomb"),
@@ -295,6 +298,9 @@ TRAVERSALS = [
     "/api/../../etc/passwd",
     "/page.html",
     "/static/../../etc/passwd",
+    "/api/search/..%2f..%2fetc%2fpasswd",
+    "/api/index/../../../etc/passwd",
+    "/api/health/%2e%2e%2f%2e%2e%2fetc/passwd",
 ]
 
 
@@ -318,8 +324,16 @@ def test_path_traversal_gets_404_and_reads_nothing_outside_the_images(served, mo
         c.close()
         assert resp.status == 404, f"{path}: {resp.status}"
         assert b"root:" not in data and json.loads(data)["error"]
+    # The upload's file name is never used as a path.
+    evil = os.path.join(served["photos"], "..", "..", "evil.jpg")
+    c = http.client.HTTPConnection("127.0.0.1", served["port"], timeout=30)
+    status, answer = client.search(c, _bytes(_query(served)[0]), filename="../../evil.jpg")
+    c.close()
+    assert status == 200 and not os.path.exists(evil)
     photos = os.path.realpath(served["photos"])
-    assert all(p.startswith(photos + os.sep) for p in opened), opened
+    tmp = os.path.realpath(served["service"]._tmp.name)
+    assert all(p.startswith((photos + os.sep, tmp + os.sep)) for p in opened), opened
+    assert any(p.startswith(tmp + os.sep) for p in opened)  # the upload, in private scratch
     _assert_still_serving(served)
 
 
@@ -369,6 +383,38 @@ def test_searches_run_concurrently_and_off_the_event_loop(served, monkeypatch):
     finally:
         release.set()
         stuck.join(timeout=60)
+
+
+def test_serve_py_serves_an_index_and_stops_on_ctrl_c(served):
+    """The entry point end to end: a child process on a free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "serve.py", f"--index={served['index']}", f"--port={port}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[0][-2000:]
+            assert time.monotonic() < deadline, "serve.py did not answer within 120 s"
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                status, data, _ = client.request(c, "GET", "/api/health")
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert status == 200 and json.loads(data)["images"] == NUM_PHOTOS
+        path, image_id = _query(served)
+        status, answer = client.search(c, _bytes(path), k=1)
+        c.close()
+        assert status == 200 and answer["results"][0]["id"] == image_id
+    finally:
+        proc.send_signal(2)  # SIGINT, as Ctrl-C
+        out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out[-2000:]
+    assert f"serving on http://127.0.0.1:{port}/" in out
 
 
 def test_serve_cli_reports_a_missing_index_in_one_line(tmp_path):

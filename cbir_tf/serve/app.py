@@ -119,7 +119,8 @@ def create_app(
       threads: worker threads for decoding and search (default: the usable cores, at least 2).
     """
     limit = int(max_upload_mb * 2**20)
-    threads = threads or max(2, len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = threads or max(2, cores or 1)
     limiter = anyio.CapacityLimiter(threads)
 
     async def off_loop(fn, *args):
@@ -173,6 +174,10 @@ def create_app(
         reason = {404: "not found", 405: "method not allowed"}.get(exc.status_code, exc.detail)
         return _error(exc.status_code, f"{reason}: {request.method} {request.url.path[:200]}")
 
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("%s %s failed", request.method, request.url.path[:200])
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
     routes = [
         Route("/", page, methods=["GET"]),
         Route("/api/health", health, methods=["GET"]),
@@ -181,7 +186,8 @@ def create_app(
         # `int` only matches digits: '..', encoded slashes or absolute paths never reach it.
         Route("/thumbnails/{row:int}", thumbnail, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    handlers = {HTTPException: http_error, Exception: server_error}
+    return Starlette(routes=routes, exception_handlers=handlers)
 
 
 def is_loopback(host: str) -> bool:

@@ -177,7 +177,7 @@ class SearchService:
         t0 = time.perf_counter()
         image = self.decode_upload(data)
         t1 = time.perf_counter()
-        query = self.retriever.describe([image])
+        query = self._describe(image)
         t2 = time.perf_counter()
         out = self._answer(query, k, rerank)
         t3 = time.perf_counter()
@@ -188,6 +188,21 @@ class SearchService:
         }
         out["query"] = {"width": int(image.shape[1]), "height": int(image.shape[0])}
         return out
+
+    def _describe(self, image: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        from cbir_tf.store import NonFiniteDescriptorError
+
+        try:
+            return self.retriever.describe([image])
+        except (tf.errors.InvalidArgumentError, NonFiniteDescriptorError, ValueError) as e:
+            # E.g. an image smaller than the network's unpadded convolutions can take.
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            h, w = image.shape[:2]
+            raise RequestError(
+                400, f"the model cannot describe this {w}x{h} image: {first}"
+            ) from None
 
     def search_row(self, row: int, k: int, rerank: str) -> dict[str, Any]:
         """Searches with the stored descriptor of an indexed image ("more like this")."""
