@@ -201,6 +201,7 @@ def _hostile_cases(served):
         ("k huge", "/api/search?k=1000001", photo, None, 400, "k must be from 1"),
         ("rerank", "/api/search?rerank=magic", photo, None, 400, "unknown rerank 'magic'"),
         ("row", "/api/search?row=-1", b"", "text/plain", 400, "row must be a row number"),
+        ("row ²", "/api/search?row=%C2%B2", b"", "text/plain", 400, "row must be a row number"),
         ("not multipart", "/api/search", photo, "image/jpeg", 400, "multipart/form-data"),
         ("bad multipart", "/api/search", b"--x\r\nxx", "multipart/form-data", 400, "multipart"),
         ("over limit", "/api/search", b"\0" * int(MAX_UPLOAD_MB * 2**20 + 1), None, 413, "limit"),

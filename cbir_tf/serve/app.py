@@ -80,7 +80,7 @@ async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
 async def _read_upload(request: Request, limit: int) -> bytes:
     """The bytes of the multipart field `image`, or RequestError with the reason."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
         raise RequestError(413, f"upload of {int(length)} bytes exceeds the limit of {limit}")
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
@@ -142,7 +142,7 @@ def create_app(
             rerank = parse_rerank(request.query_params.get("rerank"))
             row = request.query_params.get("row")
             if row is not None:
-                if not row.isdigit():
+                if not (row.isascii() and row.isdigit()):
                     raise RequestError(400, f"row must be a row number, got {row[:40]!r}")
                 out = await off_loop(service.search_row, int(row), k, rerank)
             else:
