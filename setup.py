@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# The HTTP search service (serve.py): an ASGI app, its server, and multipart uploads.
+SERVE = ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18", "threadpoolctl>=3.1"]
+
 setup(
     name="cbir-tf",
     version="0.1.0",
@@ -14,6 +17,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["cbir_tf", "cbir_tf.*"]),
+    package_data={"cbir_tf.serve": ["page.html"]},
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.3",
@@ -32,7 +36,15 @@ setup(
     extras_require={
         "faiss": ["faiss-cpu>=1.8"],
         "tfds": ["tensorflow-datasets>=4.9"],
-        "dev": ["pytest>=8.0", "ruff>=0.5", "tensorflow-datasets>=4.9", "faiss-cpu>=1.8"],
+        "serve": SERVE,
+        "dev": [
+            "pytest>=8.0",
+            "ruff>=0.5",
+            "tensorflow-datasets>=4.9",
+            "faiss-cpu>=1.8",
+            *SERVE,
+            "selenium>=4.10",
+        ],
     },
     license="Apache-2.0",
 )
