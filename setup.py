@@ -34,5 +34,13 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9"],
         "dev": ["pytest>=8.0", "ruff>=0.5", "tensorflow-datasets>=4.9", "faiss-cpu>=1.8"],
     },
+    # The commands, runnable from any directory once installed (the scripts beside setup.py
+    # are the same commands for a checkout: python extract.py ...).
+    entry_points={
+        "console_scripts": [
+            f"cbir-{name} = cbir_tf.commands.{name}:run"
+            for name in ("extract", "evaluate", "search", "train")
+        ]
+    },
     license="Apache-2.0",
 )
