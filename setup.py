@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+# TensorFlow Datasets imports importlib_resources (dataset_builder.py) without declaring it for
+# Python >= 3.9, and newer etils no longer bring it: a `tfds:` source fails without it.
+TFDS = ["tensorflow-datasets>=4.9", "importlib-resources>=5.0"]
+
 setup(
     name="cbir-tf",
     version="0.1.0",
@@ -31,8 +35,8 @@ setup(
     ],
     extras_require={
         "faiss": ["faiss-cpu>=1.8"],
-        "tfds": ["tensorflow-datasets>=4.9"],
-        "dev": ["pytest>=8.0", "ruff>=0.5", "tensorflow-datasets>=4.9", "faiss-cpu>=1.8"],
+        "tfds": TFDS,
+        "dev": ["pytest>=8.0", "ruff>=0.5", *TFDS, "faiss-cpu>=1.8"],
     },
     # The commands, runnable from any directory once installed (the scripts beside setup.py
     # are the same commands for a checkout: python extract.py ...).
