@@ -1,52 +1,9 @@
-r"""Searches an image index with a photo (or a folder of photos) and shows the results.
+"""The search command: `python search.py --help` (code: cbir_tf/commands/search.py).
 
-  python extract.py --images=~/photos --out=index/           # build the index first
-  python search.py --index=index/ --query=photo.jpg --k=10 --out=results/
-  python search.py --index=index/ --query=queries/ --rerank=aqe --out=results/   # one page each
-
-Prints a ranked table (rank, score, image id) per query; with --out writes an HTML page (the
-query and its results as thumbnails with scores) and a PNG result grid per query, plus
-results/index.html linking them when --query is a folder. Pages work offline (thumbnails sit
-beside them, or inside them with --embed).
+Installed with pip, the same command is `cbir-search` (or `python -m cbir_tf.commands.search`).
 """
 
-from absl import app, flags
-
-from cbir_tf import cli
-
-flags.DEFINE_string("index", None, "Index folder (from extract.py --images or Retriever.save).")
-flags.DEFINE_string("query", None, "Query image, or a folder of query images.")
-flags.DEFINE_integer("k", 10, "Results per query.")
-flags.DEFINE_enum("rerank", "none", ["none", "aqe", "diffusion", "aqe+diffusion"], "Re-ranking.")
-flags.DEFINE_string("out", None, "Folder for the HTML pages and PNG grids (none: table only).")
-flags.DEFINE_string("model", None, "A .keras model replacing the one the index names.")
-flags.DEFINE_string("root", None, "Collection root, when the images moved since indexing.")
-flags.DEFINE_bool("recursive", True, "Search sub-folders of a --query folder for images.")
-flags.DEFINE_bool("embed", False, "Embed images in the pages (one self-contained file each).")
-flags.DEFINE_bool("verbose", False, "Debug logging.")
-flags.mark_flags_as_required(["index", "query"])
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-    del argv
-    cli.setup_logging(FLAGS.verbose)
-    from cbir_tf import retriever  # TensorFlow loads only after the flags parsed
-
-    cli.run_main(
-        lambda: retriever.run_search(
-            FLAGS.index,
-            FLAGS.query,
-            k=FLAGS.k,
-            rerank=FLAGS.rerank,
-            out=FLAGS.out,
-            model=FLAGS.model,
-            root=FLAGS.root,
-            recursive=FLAGS.recursive,
-            embed=FLAGS.embed,
-        )
-    )
-
+from cbir_tf.commands import search
 
 if __name__ == "__main__":
-    app.run(main)
+    search.run()

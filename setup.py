@@ -4,6 +4,9 @@ from setuptools import find_packages, setup
 
 # The HTTP search service (serve.py): an ASGI app, its server, and multipart uploads.
 SERVE = ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18", "threadpoolctl>=3.1"]
+# TensorFlow Datasets imports importlib_resources (dataset_builder.py) without declaring it for
+# Python >= 3.9, and newer etils no longer bring it: a `tfds:` source fails without it.
+TFDS = ["tensorflow-datasets>=4.9", "importlib-resources>=5.0"]
 
 setup(
     name="cbir-tf",
@@ -35,16 +38,17 @@ setup(
     ],
     extras_require={
         "faiss": ["faiss-cpu>=1.8"],
-        "tfds": ["tensorflow-datasets>=4.9"],
+        "tfds": TFDS,
         "serve": SERVE,
-        "dev": [
-            "pytest>=8.0",
-            "ruff>=0.5",
-            "tensorflow-datasets>=4.9",
-            "faiss-cpu>=1.8",
-            *SERVE,
-            "selenium>=4.10",
-        ],
+        "dev": ["pytest>=8.0", "ruff>=0.5", *TFDS, "faiss-cpu>=1.8", *SERVE, "selenium>=4.10"],
+    },
+    # The commands, runnable from any directory once installed (the scripts beside setup.py
+    # are the same commands for a checkout: python extract.py ...).
+    entry_points={
+        "console_scripts": [
+            f"cbir-{name} = cbir_tf.commands.{name}:run"
+            for name in ("extract", "evaluate", "search", "train")
+        ]
     },
     license="Apache-2.0",
 )

@@ -1,88 +1,9 @@
-r"""Fine-tunes a descriptor model on labelled images and saves it as WORKDIR/model.keras.
+"""The train command: `python train.py --help` (code: cbir_tf/commands/train.py).
 
-  python train.py --backbone=efficientnetb1 --train_dir=DATA/train --val_dir=DATA/val \
-      --workdir=runs/mine                                      # head recipe (frozen backbone)
-  python train.py --config=configs/train_metric.py --train_dir=DATA/train --workdir=runs/m
-  python train.py --train_data=tfds:oxford_flowers102 --recipe=metric --workdir=runs/flowers
-  python train.py ... --weights=mobilenet_2_5_224_tf_no_top.h5 --backbone=mobilenet \
-      --config.model.alpha=0.25 --config.train.epochs=5       # offline, own weights file
-
-A labelled folder has one sub-folder per class. Without --val_dir a stratified fraction of the
-training images is held out (--config.train.val_fraction). An interrupted run resumes from its
-last checkpoint: run the same command again. Then:
-
-  python extract.py --model=WORKDIR/model.keras --images=PHOTOS --out=INDEX
-  python evaluate.py --model=WORKDIR/model.keras --dataset=roxford5k
+Installed with pip, the same command is `cbir-train` (or `python -m cbir_tf.commands.train`).
 """
 
-import os
-
-from absl import app, flags
-from ml_collections import config_flags
-
-from cbir_tf import cli
-
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
-
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (ml-collections).")
-flags.DEFINE_string("train_dir", None, "Labelled training folder (one sub-folder per class).")
-flags.DEFINE_string(
-    "train_data", None, "Training data: a labelled folder or tfds:<name>[:<split>]."
-)
-flags.DEFINE_string("val_dir", None, "Labelled validation folder (or tfds:<name>:<split>).")
-flags.DEFINE_string("workdir", None, "Output folder (model, checkpoints, logs).")
-flags.DEFINE_string("backbone", None, "Backbone name (overrides config.model.backbone).")
-flags.DEFINE_string("weights", None, "Initial weights: 'imagenet', 'none' or a .h5 file.")
-flags.DEFINE_enum("recipe", None, ["head", "metric"], "Training recipe (config.train.recipe).")
-flags.DEFINE_string("tfds_data_dir", None, "TensorFlow Datasets folder (default TFDS's).")
-flags.DEFINE_bool("progress", True, "Print one line per epoch.")
-flags.DEFINE_bool("verbose", False, "Debug logging.")
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    cli.setup_logging(FLAGS.verbose)
-    cfg = FLAGS.config
-    cli.apply_overrides(
-        cfg,
-        {
-            "workdir": FLAGS.workdir,
-            "model.backbone": FLAGS.backbone,
-            "model.weights": FLAGS.weights,
-            "train.recipe": FLAGS.recipe,
-        },
-    )
-    train_data = FLAGS.train_data or FLAGS.train_dir
-    if not train_data:
-        raise app.UsageError("give the training images: --train_dir=FOLDER or --train_data=...")
-    if FLAGS.train_data and FLAGS.train_dir and FLAGS.train_data != FLAGS.train_dir:
-        raise app.UsageError("give either --train_dir or --train_data, not both")
-    tfds_dir = FLAGS.tfds_data_dir or cfg.train.get("tfds_data_dir", "") or None
-
-    from cbir_tf import finetune, io  # TensorFlow loads only after the flags parsed
-
-    def run():
-        os.makedirs(cfg.workdir, exist_ok=True)
-        io.atomic_write_text(os.path.join(cfg.workdir, "config.json"), cfg.to_json_best_effort())
-        result = finetune.train(
-            cfg,
-            train_data,
-            cfg.workdir,
-            FLAGS.val_dir,
-            tfds_data_dir=tfds_dir,
-            progress=FLAGS.progress,
-        )
-        print(
-            f"model: {result.model_path}\n"
-            f"descriptor: {result.descriptor}; validation mAP {result.best_val_map:.4f} "
-            f"(off-the-shelf {result.off_the_shelf_val_map:.4f})\n"
-            f"next: python extract.py --model={result.model_path} --images=PHOTOS --out=INDEX"
-        )
-
-    cli.run_main(run)
-
+from cbir_tf.commands import train
 
 if __name__ == "__main__":
-    app.run(main)
+    train.run()

@@ -3,11 +3,10 @@
 Times both on the RParis6k golden rankings (3 cases x Easy/Medium/Hard, 70 queries x 6322
 images), checks that they give identical values, and prints both times and their ratio.
 
-    python benchmarks/metrics_speed.py [--golden_dir ../shared/golden] [--repeats 9]
+    python benchmarks/metrics_speed.py [--golden_dir tests/data/golden] [--repeats 9]
 
-The loop implementation below is a faithful port of revisitop's `python/evaluate.py`
-(`compute_ap` / `compute_map`), changed only to read rankings as `[Q, N]` rows and to use
-`np.isin` (numpy 2 removed `np.in1d`). Tests import it as the reference too.
+The reference loop is the faithful port of revisitop's `python/evaluate.py` kept with the tests
+(tests/reference_metrics.py), which check the library against it too.
 """
 
 from __future__ import annotations
@@ -22,66 +21,11 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from reference_metrics import reference_compute_map  # noqa: E402  (tests/ is not a package)
+
 KAPPAS = (1, 5, 10)
 CASES = ("random", "noisy", "oracle")
-
-
-def reference_compute_ap(ranks, nres):
-    """revisitop compute_ap: a Python loop over the positives' positions."""
-    nimgranks = len(ranks)
-    ap = 0
-    recall_step = 1.0 / nres
-    for j in np.arange(nimgranks):
-        rank = ranks[j]
-        if rank == 0:
-            precision_0 = 1.0
-        else:
-            precision_0 = float(j) / rank
-        precision_1 = float(j + 1) / (rank + 1)
-        ap += (precision_0 + precision_1) * recall_step / 2.0
-    return ap
-
-
-def reference_compute_map(ranks, gnd, kappas=()):
-    """revisitop compute_map, reading ranks as [Q, N] (row i is query i's ranking)."""
-    map_ = 0.0
-    nq = len(gnd)
-    aps = np.zeros(nq)
-    pr = np.zeros(len(kappas))
-    prs = np.zeros((nq, len(kappas)))
-    nempty = 0
-    for i in np.arange(nq):
-        qgnd = np.asarray(gnd[i]["ok"])
-        if qgnd.shape[0] == 0:
-            aps[i] = float("nan")
-            prs[i, :] = float("nan")
-            nempty += 1
-            continue
-        qgndj = np.asarray(gnd[i].get("junk", np.empty(0)))
-        row = ranks[i]
-        pos = np.arange(row.shape[0])[np.isin(row, qgnd)]
-        junk = np.arange(row.shape[0])[np.isin(row, qgndj)]
-        k = 0
-        ij = 0
-        if len(junk):
-            ip = 0
-            while ip < len(pos):
-                while ij < len(junk) and pos[ip] > junk[ij]:
-                    k += 1
-                    ij += 1
-                pos[ip] = pos[ip] - k
-                ip += 1
-        ap = reference_compute_ap(pos, len(qgnd))
-        map_ = map_ + ap
-        aps[i] = ap
-        pos += 1
-        for j in np.arange(len(kappas)):
-            kq = min(max(pos), kappas[j])
-            prs[i, j] = (pos <= kq).sum() / kq
-        pr = pr + prs[i, :]
-    map_ = map_ / (nq - nempty)
-    pr = pr / (nq - nempty)
-    return map_, aps, pr, prs
 
 
 def load_gnd(path: pathlib.Path) -> dict:
@@ -118,7 +62,7 @@ def _best_times(fns, repeats: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--golden_dir", default=str(ROOT.parent / "shared" / "golden"))
+    parser.add_argument("--golden_dir", default=str(ROOT / "tests" / "data" / "golden"))
     parser.add_argument("--repeats", type=int, default=9, help="best of this many rounds")
     args = parser.parse_args(argv)
 

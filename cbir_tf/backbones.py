@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import re
 import socket
 import sys
 import threading
@@ -406,6 +407,43 @@ def _official_file_name(spec: BackboneSpec, alpha: float) -> str | None:
     return requested.get("fname")
 
 
+def _first_mismatch(error: Exception) -> str:
+    """One short clause naming the first layer Keras could not load, from its error message.
+
+    Keras's own messages run to kilobytes (a Keras 3 `.weights.h5` mismatch prints the target
+    variable's values); users need the layer and the two shapes. Messages of an unknown form
+    are cut to their first line.
+    """
+    text = str(error)
+    # Keras 3 (.weights.h5): "... object <Conv2D name=conv1, built=True>: ... variable.shape=
+    # (3, 3, 3, 8), Received: value.shape=(3, 3, 3, 32) ..."
+    layer = re.search(r"object <\w+ name=([^,>]+)", text)
+    shapes = re.search(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))", text)
+    if layer and shapes:
+        return (
+            f"first mismatching layer {layer.group(1)}: the backbone expects shape "
+            f"{shapes.group(1)}, the file holds {shapes.group(2)}"
+        )
+    # Legacy .h5: "Shape mismatch in layer #0 (named conv1)for weight conv1/kernel. Weight
+    # expects shape (3, 3, 3, 16). Received saved weight with shape (3, 3, 3, 8)"
+    legacy = re.search(
+        r"named ([^)]+)\)\s*for weight (\S+?)\. Weight expects shape (\([^)]*\))\. "
+        r"Received saved weight with shape (\([^)]*\))",
+        text,
+    )
+    if legacy:
+        name, weight, expected, found = legacy.groups()
+        return (
+            f"first mismatching layer {name} ({weight}): the backbone expects shape {expected}, "
+            f"the file holds {found}"
+        )
+    count = re.search(r"Model expected (\d+) layers, found (\d+) saved layers", text)
+    if count:
+        return f"the file holds {count.group(2)} layers with weights, the backbone {count.group(1)}"
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"{type(error).__name__}: {first[:300].rstrip('.')}"
+
+
 def _build_from_file(spec: BackboneSpec, alpha: float, path: str) -> keras.Model:
     if path.lower().endswith(".keras"):
         raise WeightsFileError(
@@ -441,7 +479,7 @@ def _build_from_file(spec: BackboneSpec, alpha: float, path: str) -> keras.Model
         )
         raise WeightsFileError(
             f"weights file {path} does not fit backbone {what} with include_top=False: "
-            f"{type(e).__name__}: {str(e).rstrip('.')}. The file must hold the weights of "
+            f"{_first_mismatch(e)}. The file must hold the weights of "
             f"keras.applications.{spec.constructor.__name__}(include_top=False"
             f"{f', alpha={alpha:g}' if spec.has_alpha else ''}) (a 'no top' file, not the "
             f"classifier's).{hint}"

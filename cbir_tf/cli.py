@@ -1,7 +1,9 @@
-"""Small helpers shared by the entry points: short flags onto the config, logging, errors.
+"""Small helpers shared by the entry points: flags, configs, logging, quiet start, errors.
 
-The entry points (`train.py`, `extract.py`, `evaluate.py`, `search.py`) stay thin: they parse
-flags, call `apply_overrides`, then one library function, and report failures through
+The commands (`cbir_tf/commands/`, run as `python extract.py`, `python -m
+cbir_tf.commands.extract` or the installed `cbir-extract`; likewise evaluate, search, train)
+stay thin: `run` parses the flags (`parse_flags`: one `error: ...` line for a bad flag or config
+field), they call `apply_overrides`, then one library function, and report failures through
 `run_main` so that users see one clear line instead of a traceback.
 """
 
@@ -9,9 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import tempfile
+import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import ml_collections
 
@@ -40,8 +45,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Plain, timestamped logging on stderr; quiets TensorFlow's C++ start-up chatter."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Plain, timestamped logging on stderr; quiets TensorFlow's C++ chatter unless `verbose`."""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -98,3 +104,187 @@ def benchmark_overrides(values: Any) -> dict[str, Any]:
         "model.backbone": values.backbone,
         "model.weights": values.weights,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files: found by name from any directory
+# ---------------------------------------------------------------------------------------------
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CONFIG_HELP = (
+    "Config file (ml-collections): a path, or the name of a shipped config (default, demo, "
+    "train_head, train_metric; also as configs/<name>.py) from any directory."
+)
+
+
+def config_path(name: str = "default") -> str:
+    """The shipped config file `cbir_tf/configs/<name>.py` (absolute)."""
+    return os.path.join(CONFIG_DIR, f"{name}.py")
+
+
+def resolve_config(value: str) -> str:
+    """The config file a `--config` value means.
+
+    An existing file is itself; otherwise `demo`, `demo.py` or `configs/demo.py` (README's form,
+    from any directory) name the shipped `cbir_tf/configs/demo.py`. A `:arg` suffix (passed to
+    `get_config`) is kept. Anything else is returned unchanged, for the loader to report.
+    """
+    path, sep, arg = value.partition(":")
+    if os.path.isfile(os.path.expanduser(path)):
+        return value
+    match = re.fullmatch(r"(?:configs/)?(\w+)(?:\.py)?", path)
+    if match and os.path.isfile(config_path(match.group(1))):
+        return config_path(match.group(1)) + sep + arg
+    return value
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if i and re.fullmatch(r"--?config=.*", arg):
+            flag, _, value = arg.partition("=")
+            out[i] = f"{flag}={resolve_config(value)}"
+        elif i and arg in ("--config", "-config") and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags: one-line errors, key flags, the run wrapper
+# ---------------------------------------------------------------------------------------------
+
+
+def fail(message: str) -> NoReturn:
+    """Prints `error: message` (one line) on stderr and exits with status 1."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _flag_error_line(error: Exception) -> str:
+    """One line for absl's flag errors (unknown flag, bad value, config file not loadable)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return f"{type(error).__name__} while parsing the flags (see --help)"
+    # ml-collections lists every path it tried, each followed by its OS error.
+    tried = [
+        (lines[k - 1], line) for k, line in enumerate(lines) if k and line.startswith("[Errno")
+    ]
+    if tried:
+        path, reason = tried[-1]
+        reason = "not found" if "No such file" in reason else reason
+        return f"config file {path} {reason} (see --help for the shipped configs)"
+    return f"{lines[0].rstrip('.')} (see --help)"
+
+
+def _unknown_field_line(error: Exception, argv: list[str]) -> str:
+    """One line for `--config.a.b=...` naming a field the config lacks, with its suggestion."""
+    # ml-collections: AttributeError(KeyError("'poolin'\nDid you mean \"pooling\" instead ..."))
+    text = str(error)
+    field = re.search(r"'(\w+)\\?'", text)
+    suggestion = re.search(r'Did you mean "(\w+)"', text)
+    name = field.group(1) if field else ""
+    dotted = next(
+        (
+            m.group(1)
+            for arg in argv
+            if (m := re.match(r"--?config\.([\w.]+)", arg)) and name in m.group(1).split(".")
+        ),
+        name or "?",
+    )
+    if suggestion:
+        return f'config has no field {dotted}: did you mean "{suggestion.group(1)}"?'
+    return f"config has no field {dotted} (see the config file for the fields it has)"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with `--config` names resolved and every error as one line."""
+    from absl import flags
+
+    argv = _resolve_config_args(argv)
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(_flag_error_line(e))
+    except (KeyError, AttributeError) as e:
+        # ml-collections raises these for --config.<path> naming no field of the config.
+        fail(_unknown_field_line(e, argv))
+    if "config" in flags.FLAGS:
+        try:
+            # ml-collections defers a config file's load error to the first use of the config.
+            flags.FLAGS.config.get("workdir")
+        except OSError as e:
+            fail(_flag_error_line(e))
+    return rest
+
+
+def run(main: Callable[[list[str]], Any], module: types.ModuleType) -> None:
+    """Runs a command's `main` under absl: one-line flag and usage errors, a useful --help.
+
+    absl's --help lists the key flags of the program's main module only; the flags of a
+    command live in `module` (and this module's shared ones), so they are declared key flags
+    of whatever file started the program (`extract.py`, `cbir-extract`, `python -m ...`). The
+    usage text is the command module's docstring.
+    """
+    from absl import app, flags
+
+    main_module = sys.modules["__main__"]
+    if module is not main_module and module.__doc__:
+        main_module.__doc__ = module.__doc__
+    for name in (module.__name__, __name__):
+        for flag in flags.FLAGS.get_flags_for_module(name):
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+    def guarded(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            fail(f"{e} (see --help)")
+
+    app.run(guarded, flags_parser=parse_flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorFlow's start-up noise
+# ---------------------------------------------------------------------------------------------
+
+# What TensorFlow's C++ runtime prints while it loads and probes for CUDA, before its own log
+# level applies: absl's pre-init banner, glog-style I/W/E lines, and the CPU-feature list.
+_TF_NOISE = re.compile(
+    r"^(?:[IWE]\d{4} [\d:.]+\s+\d+ \S+:\d+\]"
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|To enable the following instructions:)"
+)
+
+
+def import_tensorflow(verbose: bool = False) -> None:
+    """Imports TensorFlow and lets it probe the devices, without its start-up noise.
+
+    TensorFlow prints ~7 lines per start (oneDNN, "Could not find cuda drivers", "failed call
+    to cuInit", ...) whatever TF_CPP_MIN_LOG_LEVEL says, some from C++ straight to file
+    descriptor 2. Non-verbose runs capture that descriptor during the import and the device
+    probe and print back only lines that are not such noise; if the import fails, everything.
+    With `verbose`, nothing is hidden.
+    """
+    if verbose or "tensorflow" in sys.modules:
+        import tensorflow  # noqa: F401
+
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = True
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # the CUDA probe logs here, once per process
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            kept = lines if failed else [line for line in lines if not _TF_NOISE.match(line)]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()

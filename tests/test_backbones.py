@@ -8,6 +8,7 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import shared_path
 
 from cbir_tf import backbones
 from cbir_tf.backbones import (
@@ -23,11 +24,8 @@ MOBILENET_FILE = "mobilenet_2_5_224_tf_no_top.h5"
 
 
 @pytest.fixture(scope="module")
-def mobilenet_weights(shared_dir):
-    path = shared_dir / "weights" / MOBILENET_FILE
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return str(path)
+def mobilenet_weights():
+    return str(shared_path("weights", MOBILENET_FILE))
 
 
 def _image(h=64, w=80, seed=0):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from layer_test_utils import run_layer_test
+from lively import lively
 from PIL import Image
 
 from cbir_tf.backbones import get_backbone_spec
@@ -31,28 +32,6 @@ def _images(n=2, h=64, w=96, seed=0):
     return np.random.RandomState(seed).uniform(0, 255, (n, h, w, 3)).astype(np.float32)
 
 
-def _lively(model: keras.Model, seed: int = 0) -> keras.Model:
-    """Re-draws the backbone's convolution kernels with He initialisation (std sqrt(2/fan_in)).
-
-    Keras initialises MobileNet with Glorot kernels, and its depthwise kernels count fan-in over
-    all channels: activations shrink by orders of magnitude per block and end near 1e-16,
-    where the 1e-6 eps of L2 normalisation dominates and descriptors stop being unit vectors.
-    He-initialised kernels keep activations of order 1 through the ReLUs, giving informative
-    random descriptors to compare without downloading weights.
-    """
-    rng = np.random.RandomState(seed)
-    for layer in model.get_layer("mobilenet").layers:
-        if isinstance(layer, keras.layers.DepthwiseConv2D):
-            fan_in = layer.kernel.shape[0] * layer.kernel.shape[1]
-        elif isinstance(layer, keras.layers.Conv2D):
-            fan_in = np.prod(layer.kernel.shape[:3])
-        else:
-            continue
-        std = np.sqrt(2.0 / fan_in)
-        layer.kernel.assign(rng.normal(0.0, std, layer.kernel.shape).astype(np.float32))
-    return model
-
-
 def _copy_backbone(dst: keras.Model, src: keras.Model) -> keras.Model:
     dst.get_layer("mobilenet").set_weights(src.get_layer("mobilenet").get_weights())
     return dst
@@ -72,7 +51,7 @@ def _random_whitening(dim_in=C, dim_out=32, seed=0, **info):
 def features_and_regions():
     """Feature maps and model parts of one lively random MobileNet, shared by several tests."""
     keras.utils.set_random_seed(0)
-    model = _lively(build_descriptor_model(pooling="rmac", **SMALL))
+    model = lively(build_descriptor_model(pooling="rmac", **SMALL))
 
     def features(x):
         for name in ("edge_pad", "preprocess", "mobilenet"):

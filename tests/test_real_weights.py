@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import shared_path
 
 from cbir_tf.backbones import build_backbone
 from cbir_tf.data.pipeline import image_dataset
@@ -94,11 +95,9 @@ def _leave_one_out_map(descriptors: np.ndarray, labels: np.ndarray) -> float:
     return float(mean_ap)
 
 
-def test_imagenet_weights_beat_random_weights(shared_dir):
-    weights = shared_dir / "weights" / WEIGHTS_FILE
-    data = shared_dir / "data" / "clothing-small" / "test"
-    if not weights.is_file() or not data.is_dir():
-        pytest.skip(f"needs {weights} and {data}")
+def test_imagenet_weights_beat_random_weights():
+    weights = shared_path("weights", WEIGHTS_FILE)
+    data = shared_path("data", "clothing-small", "test")
     start = time.perf_counter()
     paths, labels, classes = _collection(data)
     assert len(paths) > 300 and len(classes) == 10

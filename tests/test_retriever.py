@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import shared_path
 from PIL import Image, ImageDraw, ImageEnhance
 
 from cbir_tf import retriever as retriever_lib
@@ -392,10 +393,8 @@ def test_from_config_round_trip_keeps_the_random_model(tmp_path, photos):
     assert Retriever.from_config(cfg, directory=index_dir).search(query, k=4) == before
 
 
-def test_pretrained_mobilenet_finds_near_duplicates(shared_dir, photos, tmp_path):
-    weights = shared_dir / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
-    if not weights.is_file():
-        pytest.skip(f"{weights} not found")
+def test_pretrained_mobilenet_finds_near_duplicates(photos, tmp_path):
+    weights = shared_path("weights", "mobilenet_2_5_224_tf_no_top.h5")
     from configs import demo
 
     cfg = demo.get_config()

@@ -44,10 +44,7 @@ RPARIS_SHA = "d2e729a5293dda7dda8a15c8383424a42e4964a2c4cfea2f32fa85d11d2df499"
 
 @pytest.fixture(scope="module")
 def real_gnd_path(golden_dir):
-    path = golden_dir / "gnd_rparis6k.pkl"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
+    return golden_dir / "gnd_rparis6k.pkl"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,9 @@ import dataclasses
 import logging
 import math
 import os
+import socket
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from cbir_tf.data import folder
+from cbir_tf.data.download import DatasetUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -358,6 +362,50 @@ def parse_tfds_spec(spec: str) -> tuple[str, str | None] | None:
     return name, (split or None)
 
 
+# Seconds to wait for a TFDS dataset's download host before calling the machine offline: TFDS
+# itself retries an unreachable host for minutes before it fails with a raw network error.
+TFDS_PROBE_TIMEOUT_S = 10.0
+_TFDS_BY_HAND = (
+    "without network access, prepare it on a machine that has one (pip install "
+    "tensorflow-datasets; tfds build {name} --data_dir=DIR) and copy DIR/{name} to the TFDS "
+    "data folder here, or point --tfds_data_dir (config train.tfds_data_dir) at a folder "
+    "holding the prepared {name}"
+)
+
+
+def _tfds_prepared(builder) -> bool:
+    is_prepared = getattr(builder, "is_prepared", None)
+    if is_prepared is not None:
+        return bool(is_prepared())
+    return tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+
+
+def _check_tfds_reachable(name: str, builder) -> None:
+    """Fails at once, saying what to do, when the dataset's first download host is unreachable.
+
+    Raises:
+      DatasetUnavailableError: no DNS answer or no connection within TFDS_PROBE_TIMEOUT_S.
+    """
+    try:
+        urls = list(builder.url_infos or {})
+    except Exception:  # noqa: BLE001 - TFDS versions differ; then TFDS reports for itself
+        urls = []
+    if not urls or urllib.request.getproxies():
+        return  # nothing to probe, or a proxy does the connecting
+    parsed = urllib.parse.urlsplit(urls[0])
+    if not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=TFDS_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        reason = "no DNS answer" if isinstance(e, socket.gaierror) else (str(e) or type(e).__name__)
+        raise DatasetUnavailableError(
+            f"TFDS dataset {name} is not prepared in {builder.data_dir} and its files cannot be "
+            f"downloaded ({parsed.hostname}: {reason}): {_TFDS_BY_HAND.format(name=name)}"
+        ) from None
+
+
 def load_tfds(
     name: str,
     split: str,
@@ -381,6 +429,7 @@ def load_tfds(
     Raises:
       ImportError: tensorflow_datasets is not installed (pip install tensorflow-datasets).
       ValueError: the dataset has no (image, label) supervised keys.
+      DatasetUnavailableError: the dataset is not prepared and cannot be downloaded (offline).
     """
     try:
         import tensorflow_datasets as tfds
@@ -401,7 +450,13 @@ def load_tfds(
     image_key, label_key = supervised
     label_feature = builder.info.features[label_key]
     class_names = list(getattr(label_feature, "names", None) or [])
-    if download:
+    if not _tfds_prepared(builder):
+        if not download:
+            raise DatasetUnavailableError(
+                f"TFDS dataset {name} is not prepared in {builder.data_dir}: "
+                f"{_TFDS_BY_HAND.format(name=name)}"
+            )
+        _check_tfds_reachable(name, builder)
         builder.download_and_prepare()
     ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
     images: list[np.ndarray] = []

@@ -12,7 +12,7 @@ Run:
   python evaluate.py --model=runs/metric/model.keras --dataset=roxford5k
 """
 
-from configs import default
+from cbir_tf.configs import default
 
 
 def get_config():

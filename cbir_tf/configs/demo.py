@@ -9,7 +9,7 @@ Run:
   python evaluate.py --config=configs/demo.py
 """
 
-from configs import default
+from cbir_tf.configs import default
 
 
 def get_config():

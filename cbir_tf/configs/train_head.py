@@ -13,7 +13,7 @@ Run:
 Offline, pass the backbone's ImageNet weights file: --weights=/path/to/..._notop.h5
 """
 
-from configs import default
+from cbir_tf.configs import default
 
 
 def get_config():

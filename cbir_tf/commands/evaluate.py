@@ -1,0 +1,58 @@
+r"""Evaluates retrieval on Revisited Oxford/Paris: descriptors, search, re-ranking, mAP table.
+
+  python evaluate.py --dataset=paris6k                       # EfficientNet-B1 + R-MAC (default)
+  python evaluate.py --config=configs/demo.py                # offline synthetic demo
+  python evaluate.py --dataset=paris6k --descriptors=STORE   # precomputed descriptors
+  python evaluate.py --dataset=paris6k --descriptors=feats.mat   # revisitop .mat (X, Q: [D, N])
+  python evaluate.py --model=runs/train/model.keras --dataset=oxford5k
+  python evaluate.py --config.model.backbone=vgg16 --config.rerank.diffusion.k=100
+
+Prints the table (mAP E/M/H and mP@1,5,10 in %, per method) and writes results.json,
+results.csv, result grids and an HTML report under --out (default <workdir>/eval/<dataset>).
+"""
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from cbir_tf import cli
+
+config_flags.DEFINE_config_file("config", cli.config_path("default"), cli.CONFIG_HELP)
+flags.DEFINE_string("out", None, "Folder for the results (default <workdir>/eval/<dataset>).")
+flags.DEFINE_string(
+    "descriptors", None, "Precomputed descriptors: a store folder (db/, queries/) or a .mat file."
+)
+cli.define_benchmark_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cli.setup_logging(FLAGS.verbose)
+    cfg = FLAGS.config
+    cli.apply_overrides(cfg, cli.benchmark_overrides(FLAGS))
+    # A saved model describes images at the size it was trained at unless this flag is given.
+    size_given = "data.image_size" in config_flags.get_override_values(FLAGS["config"])
+    cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
+    from cbir_tf import evaluation
+
+    cli.run_main(
+        lambda: evaluation.run_benchmark(
+            cfg,
+            model_path=FLAGS.model,
+            descriptors=FLAGS.descriptors,
+            out_dir=FLAGS.out,
+            download=FLAGS.download,
+            image_size_explicit=size_given,
+        )
+    )
+
+
+def run() -> None:
+    """Parses the command line and runs the command (console script `cbir-evaluate`)."""
+    cli.run(main, sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,76 @@
+r"""Extracts global descriptors: a benchmark (database + cropped queries) or your own photos.
+
+  python extract.py                                   # default: EfficientNet-B1 + R-MAC, Paris6k
+  python extract.py --dataset=oxford5k
+  python extract.py --images=~/photos --out=index/    # own collection (recursive), an index
+  python extract.py --images=DIR --out=STORE --weights=mobilenet_2_5_224_tf_no_top.h5 \
+      --config.model.backbone=mobilenet --config.model.alpha=0.25 --config.data.image_size=448
+  python extract.py --images=DIR --out=part0 --shard_index=0 --num_shards=4   # one of 4 shards
+  python extract.py --merge=part0,part1,part2,part3 --out=STORE             # join the shards
+
+Interrupted runs resume where they stopped: run the same command again.
+"""
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from cbir_tf import cli
+
+config_flags.DEFINE_config_file("config", cli.config_path("default"), cli.CONFIG_HELP)
+flags.DEFINE_string("images", None, "A folder of images (searched recursively) to index.")
+flags.DEFINE_string("out", None, "Output store / index folder.")
+flags.DEFINE_integer("shard_index", None, "This process's shard (0-based).")
+flags.DEFINE_integer("num_shards", None, "Number of shards the collection is split into.")
+flags.DEFINE_list("merge", None, "Shard stores to merge into --out (no extraction).")
+cli.define_benchmark_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cli.setup_logging(FLAGS.verbose)
+    cfg = FLAGS.config
+    cli.apply_overrides(
+        cfg,
+        {
+            **cli.benchmark_overrides(FLAGS),
+            "extract.out": FLAGS.out,
+            "extract.shard_index": FLAGS.shard_index,
+            "extract.num_shards": FLAGS.num_shards,
+        },
+    )
+    # A saved model describes images at the size it was trained at unless this flag is given.
+    size_given = "data.image_size" in config_flags.get_override_values(FLAGS["config"])
+    cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
+    from cbir_tf import extraction
+
+    if FLAGS.merge:
+        cli.run_main(lambda: extraction.merge(FLAGS.merge, FLAGS.out))
+    elif FLAGS.images:
+        cli.run_main(
+            lambda: extraction.extract_folder(
+                cfg,
+                FLAGS.images,
+                FLAGS.out,
+                model_path=FLAGS.model,
+                download=FLAGS.download,
+                image_size_explicit=size_given,
+            )
+        )
+    else:
+        cli.run_main(
+            lambda: extraction.extract_dataset(
+                cfg, model_path=FLAGS.model, download=FLAGS.download, image_size_explicit=size_given
+            )
+        )
+
+
+def run() -> None:
+    """Parses the command line and runs the command (console script `cbir-extract`)."""
+    cli.run(main, sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    run()
