@@ -1,4 +1,7 @@
-"""Writes a store, an index folder and a .keras model with the code of this checkout."""
+"""Writes a store, an index folder and a .keras model with the code of this checkout.
+
+Run from a checkout of the version to freeze: PYTHONPATH=. python make_legacy.py OUT_DIR
+"""
 
 import os
 import sys
@@ -7,13 +10,14 @@ import keras
 import numpy as np
 from PIL import Image
 
-out = sys.argv[1]
-os.makedirs(out, exist_ok=True)
-keras.utils.set_random_seed(0)
 from cbir_tf import descriptors
 from cbir_tf import whitening as wl
 from cbir_tf.layers import GeM, L2Normalization, PCAWhitening
 from cbir_tf.retriever import Retriever
+
+out = sys.argv[1]
+os.makedirs(out, exist_ok=True)
+keras.utils.set_random_seed(0)
 
 # Three small photos (lossless PNG), kept with the fixture.
 rng = np.random.default_rng(0)
