@@ -24,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from cbir_tf import backbones
+from cbir_tf import config as config_lib
 from cbir_tf.layers import MAC, RMAC, GeM, L2Normalization, PCAWhitening, SPoC, SumRegions
 
 __all__ = [
@@ -382,12 +383,6 @@ def saved_model_info(path: str | os.PathLike) -> dict[str, Any]:
     return {}
 
 
-def _get(config: Any, key: str, default: Any) -> Any:
-    if isinstance(config, dict):
-        return config.get(key, default)
-    return getattr(config, key, default) if hasattr(config, key) else default
-
-
 def model_from_config(
     config: Any,
     whitening: Any = None,
@@ -399,7 +394,7 @@ def model_from_config(
 
     Args:
       config: `config.model` (ConfigDict or dict) with backbone, alpha, weights, pooling,
-        gem_p, rmac_levels (missing fields take `build_descriptor_model`'s defaults).
+        gem_p, rmac_levels (missing fields take those of cbir_tf/configs/default.py).
       whitening: optional Whitening, as `build_descriptor_model`. For a saved `.keras` model it
         is appended (L2 -> PCAWhitening -> L2) after the model's descriptor.
       regional_whitening: as `build_descriptor_model` (not possible for a `.keras` model).
@@ -409,7 +404,8 @@ def model_from_config(
     Returns:
       keras.Model: raw RGB float32 [B, None, None, 3] -> float32 [B, D] L2-normalised.
     """
-    weights = _get(config, "weights", "imagenet")
+    kwargs = config_lib.model_kwargs(config)
+    weights = kwargs["weights"]
     if weights is not None and os.fspath(weights).strip().lower().endswith(".keras"):
         if regional_whitening or output != "descriptor":
             raise ValueError(
@@ -430,12 +426,7 @@ def model_from_config(
         out = unit_normalization("whitened_l2", dtype="float32")(x)
         return keras.Model(model.input, out, name=f"{model.name}_whitened")
     return build_descriptor_model(
-        backbone=_get(config, "backbone", backbones.DEFAULT_BACKBONE),
-        weights=weights,
-        alpha=float(_get(config, "alpha", 1.0)),
-        pooling=_get(config, "pooling", "rmac"),
-        gem_p=float(_get(config, "gem_p", 3.0)),
-        rmac_levels=int(_get(config, "rmac_levels", 3)),
+        **kwargs,
         whitening=whitening,
         regional_whitening=regional_whitening,
         output=output,
