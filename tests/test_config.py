@@ -15,8 +15,9 @@ def test_model_kwargs_of_a_config_and_of_a_partial_block():
     # An old manifest's block without some fields: the default config fills them.
     d = default.get_config().model
     partial = config.model_kwargs({"backbone": "vgg16", "pooling": "gem"})
-    assert partial == {"backbone": "vgg16", "weights": d.weights, "alpha": d.alpha,
-                       "pooling": "gem", "gem_p": d.gem_p, "rmac_levels": d.rmac_levels}  # fmt: skip
+    expected = {"backbone": "vgg16", "weights": d.weights, "alpha": d.alpha, "pooling": "gem",
+                "gem_p": d.gem_p, "rmac_levels": d.rmac_levels}  # fmt: skip
+    assert partial == expected
 
 
 def test_block_merges_over_the_defaults_and_as_dict_is_plain():
