@@ -32,7 +32,14 @@ setup(
     extras_require={
         "faiss": ["faiss-cpu>=1.8"],
         "tfds": ["tensorflow-datasets>=4.9"],
-        "dev": ["pytest>=8.0", "ruff>=0.5", "tensorflow-datasets>=4.9", "faiss-cpu>=1.8"],
+        "tflite": ["ai-edge-litert>=2.0"],
+        "dev": [
+            "pytest>=8.0",
+            "ruff>=0.5",
+            "tensorflow-datasets>=4.9",
+            "faiss-cpu>=1.8",
+            "ai-edge-litert>=2.0",
+        ],
     },
     license="Apache-2.0",
 )

@@ -41,11 +41,12 @@ __all__ = [
     "FORMATS",
     "QUANTIZATIONS",
     "ExportSource",
-        "export_saved_model",
+    "export_saved_model",
     "export_tflite",
     "serving_endpoints",
     "source_from_config",
     "source_from_path",
+    "tflite_interpreter",
 ]
 
 FORMATS = ("saved_model", "tflite")
@@ -227,7 +228,6 @@ def export_saved_model(source: ExportSource, out: str | os.PathLike) -> str:
     Raises:
       FileExistsError: `out` exists already.
     """
-    import tensorflow as tf
 
     from cbir_tf.io import atomic_write_json, json_safe
 
@@ -266,6 +266,7 @@ def tflite_bytes(model, quantization: str = "float32") -> bytes:
         raise ValueError(
             f"unknown quantization {quantization!r}; valid: {', '.join(QUANTIZATIONS)}"
         )
+
     def forward(pixels):
         return {SIGNATURE_OUTPUT: tf.cast(model(pixels, training=False), tf.float32)}
 
@@ -315,11 +316,33 @@ def export_tflite(
     return out
 
 
+def tflite_interpreter(model: str | os.PathLike | bytes, num_threads: int | None = None):
+    """A TFLite interpreter for an exported file (path) or flatbuffer (bytes).
+
+    Uses LiteRT (`ai_edge_litert`, the `[tflite]` extra), TFLite's maintained runtime. Without
+    it, TensorFlow's bundled `tf.lite.Interpreter` (deprecated) is used without its default
+    XNNPACK delegate: in TF 2.21 that delegate fails to prepare some of these dynamic-shape
+    graphs (GeM) and returned zeros for others, while LiteRT's runs them correctly.
+    """
+    kwargs = (
+        {"model_content": model} if isinstance(model, bytes) else {"model_path": os.fspath(model)}
+    )
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter  # noqa: N806
+        resolver = tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        kwargs["experimental_op_resolver_type"] = resolver
+    return Interpreter(num_threads=num_threads, **kwargs)
+
+
 def run_tflite(interpreter, pixels) -> Any:
     """Runs a TFLite descriptor interpreter on one image of any size.
 
     Args:
-      interpreter: `tf.lite.Interpreter` of a file from `export_tflite`.
+      interpreter: from `tflite_interpreter` (or any TFLite interpreter) of an exported file.
       pixels: float32 [H, W, 3] or [1, H, W, 3] raw RGB.
 
     Returns:
@@ -352,4 +375,3 @@ def export(
             raise ValueError("--quantization applies to --format=tflite only")
         return export_saved_model(source, out)
     return export_tflite(source, out, quantization)
-

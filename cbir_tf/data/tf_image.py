@@ -176,9 +176,7 @@ def _composite_on_white(rgba: tf.Tensor) -> tf.Tensor:
     rgb, a = x[..., :3], x[..., 3:]
     # With an opaque white destination PIL's coefficients reduce to a * 128 and (255 - a) * 128.
     tmp = rgb * a * 128 + 255 * (255 - a) * 128 + (0x80 << 7)
-    out = tf.bitwise.right_shift(
-        tf.bitwise.right_shift(tf.bitwise.right_shift(tmp, 8) + tmp, 8), 7
-    )
+    out = tf.bitwise.right_shift(tf.bitwise.right_shift(tf.bitwise.right_shift(tmp, 8) + tmp, 8), 7)
     return tf.cast(out, tf.uint8)
 
 
@@ -377,9 +375,7 @@ def resize_longest(image: tf.Tensor, size: int) -> tf.Tensor:
         # reducing_gap=2: an integer box reduce first when the factor is at least 4.
         fx = tf.maximum(w // new_w // 2, 1)  # int(w / new_w / 2) for positive numbers
         fy = tf.maximum(h // new_h // 2, 1)
-        reduced = tf.cond(
-            (fx > 1) | (fy > 1), lambda: pil_reduce(image, fy, fx), lambda: image
-        )
+        reduced = tf.cond((fx > 1) | (fy > 1), lambda: pil_reduce(image, fy, fx), lambda: image)
         hf = tf.cast(h, tf.float64)
         wf = tf.cast(w, tf.float64)
         box = (0.0, 0.0, wf / tf.cast(fx, tf.float64), hf / tf.cast(fy, tf.float64))
