@@ -46,6 +46,7 @@ def main(argv):
     def run():
         if not FLAGS.out:
             raise ValueError("--out is needed: the SavedModel folder or .tflite file to write")
+        export.check_target(FLAGS.out)  # before the minutes a model build and export can take
         if FLAGS.model:
             if FLAGS.whitening:
                 raise ValueError(

@@ -41,11 +41,15 @@ __all__ = [
     "FORMATS",
     "QUANTIZATIONS",
     "ExportSource",
+    "check_target",
+    "export",
     "export_saved_model",
     "export_tflite",
     "serving_endpoints",
     "source_from_config",
     "source_from_path",
+    "run_tflite",
+    "tflite_bytes",
     "tflite_interpreter",
 ]
 
@@ -200,7 +204,12 @@ def _write_archive(model, endpoints: dict[str, tuple[Any, list]], path: str) -> 
     archive.write_out(path, verbose=False)
 
 
-def _fresh_target(out: str) -> str:
+def check_target(out: str | os.PathLike) -> str:
+    """The absolute path `out`, which must not exist yet (exports never overwrite).
+
+    Raises:
+      FileExistsError: `out` exists.
+    """
     out = os.path.abspath(os.path.expanduser(os.fspath(out)))
     if os.path.exists(out):
         raise FileExistsError(f"{out} already exists: remove it or choose another --out")
@@ -231,7 +240,7 @@ def export_saved_model(source: ExportSource, out: str | os.PathLike) -> str:
 
     from cbir_tf.io import atomic_write_json, json_safe
 
-    out = _fresh_target(out)
+    out = check_target(out)
     endpoints = serving_endpoints(source)
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -300,7 +309,7 @@ def export_tflite(
     """
     from cbir_tf.io import atomic_write_bytes, atomic_write_json, json_safe
 
-    out = _fresh_target(out)
+    out = check_target(out)
     if tuple(source.scales) != (1.0,):
         log.warning(
             "the TFLite file holds the single-scale network; run it at scales %s and combine "

@@ -218,6 +218,78 @@ def test_saved_model_runs_in_a_process_without_cbir_tf(saved_models, image_files
         assert f"'{name}'" in cli_output or f"[{name}]" in cli_output, cli_output
 
 
+# -- Where the model comes from: a .keras file, an index folder, a config; the entry point ----
+
+
+@pytest.fixture(scope="module")
+def keras_file(tiny_models, tmp_path_factory):
+    path = tmp_path_factory.mktemp("keras") / "gem.keras"
+    tiny_models["gem"].save(path)
+    return path
+
+
+def test_sources_keras_file_and_index_folder(tiny_models, keras_file, image_files, tmp_path):
+    from cbir_tf import retriever
+    from configs import default
+
+    cfg = default.get_config()
+    cfg.data.image_size, cfg.data.scales = 48, (1.0, 0.5)
+    source = export.source_from_path(keras_file, cfg)
+    assert (source.image_size, source.scales) == (48, (1.0, 0.5))
+    pixels = np.random.default_rng(7).uniform(0, 255, (1, 40, 60, 3)).astype(np.float32)
+    np.testing.assert_allclose(source.model(pixels), tiny_models["gem"](pixels), atol=1e-6)
+
+    index = retriever.Retriever.from_model(keras_file, image_size=SIZE, directory=tmp_path / "ix")
+    index.index(image_files, progress=False)
+    source = export.source_from_path(tmp_path / "ix")
+    assert (source.image_size, source.scales) == (SIZE, (1.0,))
+    again = descriptors.extract(source.model, image_files, image_size=SIZE, progress=False)
+    rows = [index.ids.index(index.id_of(p)) for p in image_files]
+    np.testing.assert_allclose(again.descriptors, index.descriptors[rows], atol=1e-6)
+
+
+def test_source_from_config_builds_regional_whitening(tmp_path, monkeypatch):
+    from configs import default
+
+    monkeypatch.setattr(backbones, "build_backbone", _tiny_backbone)
+    cfg = default.get_config()
+    cfg.model.backbone, cfg.model.alpha, cfg.model.weights = "mobilenet", 0.25, "none"
+    cfg.model.pooling, cfg.data.image_size = "rmac", 96
+    white = _whitening(CHANNELS, 24, 3)
+    white.info["regional"] = True
+    white.save(tmp_path / "w.npz")
+    source = export.source_from_config(cfg, tmp_path / "w.npz")
+    assert source.image_size == 96 and int(source.model.output.shape[-1]) == 24
+    assert "sum_regions" in [layer.name for layer in source.model.layers]
+    assert source.description["pooling"] == "rmac"
+
+
+def _run(args, cwd=ROOT):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_export_py_writes_tflite_and_refuses_to_overwrite(keras_file, tmp_path):
+    out = tmp_path / "gem.tflite"
+    args = ["export.py", f"--model={keras_file}", f"--out={out}", "--format=tflite"]
+    proc = _run([*args, "--quantization=int8", "--config.data.image_size=48"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(pathlib.Path(f"{out}.json").read_text())
+    assert info["quantization"] == "int8" and info["image_size"] == 48
+    pixels = np.random.default_rng(8).uniform(0, 255, (1, 48, 40, 3)).astype(np.float32)
+    got = export.run_tflite(export.tflite_interpreter(out), pixels)
+    want = models.load_descriptor_model(keras_file)(pixels).numpy()[0]
+    assert float(got @ want) > 0.99
+
+    again = _run(args)
+    assert again.returncode == 1
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"error: {out} already exists: remove it or choose another --out"
+    )
+
+
 # -- The TF-ops image path against PIL -------------------------------------------------------
 
 
