@@ -76,10 +76,10 @@ def _photo(h: int, w: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
-    """Landscape and square JPEGs (one shrunk with PIL's reduce step), an EXIF-rotated PNG."""
+    """JPEGs of every shape (two shrunk with PIL's reduce step), an EXIF-rotated PNG."""
     folder = tmp_path_factory.mktemp("images")
     paths = []
-    for k, (h, w) in enumerate([(48, 80), (64, 64), (200, 300), (37, 150)]):
+    for k, (h, w) in enumerate([(48, 80), (64, 64), (200, 300), (37, 150), (300, 120), (90, 70)]):
         path = folder / f"{k}.jpg"
         Image.fromarray(_photo(h, w, k)).save(path, quality=90)
         paths.append(path)
@@ -303,10 +303,15 @@ def test_tf_decode_and_resize_equal_pil(image_files):
         lambda x: tf_image.resize_longest(x, 37),
         input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)],
     )
-    # Landscape and square (PIL's pass order is the classic one there); 300 px uses `reduce`.
-    for h, w in [(5, 300), (37, 37), (200, 300), (1, 80)]:
+    # Random shapes, tall ones included (Pillow 13 runs their passes in the other order);
+    # sides over 148 px go through PIL's `reduce` step first.
+    shapes = [(5, 300), (37, 37), (1, 80), (300, 5)]
+    shapes += [tuple(int(v) for v in rng.integers(20, 400, 2)) for _ in range(12)]
+    for h, w in shapes:
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        np.testing.assert_array_equal(resize(image).numpy(), resize_longest(image, 37))
+        np.testing.assert_array_equal(
+            resize(image).numpy(), resize_longest(image, 37), err_msg=f"{h}x{w}"
+        )
 
 
 _PIL_TRANSPOSE = {
