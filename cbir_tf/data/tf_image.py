@@ -6,11 +6,12 @@ runtime). What it reproduces, and how exactly:
 
   * **Decoding**: libjpeg / libpng, as PIL. JPEG with the accurate integer IDCT that PIL uses
     (TensorFlow's default is the fast one, off by up to 4 grey levels); the same pixels as PIL
-    for JPEG and 8-bit PNG; BMP and GIF (first frame) through `tf.io.decode_image`.
+    for JPEG (grey and CMYK included), 8-bit PNG, WebP, BMP and GIF (first frame). TIFF and
+    PPM files are refused (TensorFlow has no decoder for them).
   * **EXIF orientation** (`exif_orientation`): read from the first `Exif` APP1 segment of a JPEG
     and from the `eXIf` chunk of a PNG (the TIFF IFD0 tag 0x0112, both byte orders), and
-    applied as PIL's `exif_transpose` table. Not read: orientation in XMP only (PIL falls back
-    to it), and in WebP/TIFF containers; those images keep their stored orientation.
+    applied as PIL's `exif_transpose` table. Not read: orientation given in XMP only (PIL falls
+    back to it) and the EXIF of WebP files; such images keep their stored orientation.
   * **Transparency**: PNG alpha (RGBA, LA, tRNS) is composited on white with PIL's integer
     `alpha_composite` rounding, as the pipeline does. GIF transparency and 16-bit grayscale
     PNG scaling are not reproduced (TF keeps the stored colour / the high byte).
@@ -20,8 +21,7 @@ runtime). What it reproduces, and how exactly:
     passes, and the pass order of the Pillow installed at export time (13 changed it for tall
     images). Bit for bit: the tests compare with PIL on random sizes.
 
-Not supported: CMYK JPEGs (TensorFlow's decoder refuses them), and query crops (serving takes
-whole images).
+Query crops are not supported: serving takes whole images.
 """
 
 from __future__ import annotations
