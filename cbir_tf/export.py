@@ -4,7 +4,7 @@ The SavedModel is self-contained TensorFlow (no Python of this package is needed
 TF Serving, Vertex AI, TF Hub or another language's TF runtime can serve it) and has two
 signatures:
 
-  serving_default          image_bytes: string [B] (encoded JPEG / PNG / GIF / BMP files)
+  serving_default          image_bytes: string [B] (encoded JPEG / PNG / WebP / BMP / GIF)
                            -> descriptors: float32 [B, D]
                            Each file is decoded, EXIF-oriented, made RGB and shrunk to the
                            model's image size exactly as extraction does it with PIL
@@ -14,9 +14,9 @@ signatures:
   descriptors_from_pixels  pixels: float32 [B, H, W, 3] raw RGB 0..255, already sized
                            -> descriptors: float32 [B, D]
 
-Both return L2-normalised (and, when the model has it, whitened) descriptors. The input name
-`image_bytes` ends in `_bytes`, so TF Serving's REST API and Vertex AI accept base64 JSON:
-`{"instances": [{"b64": "<base64 JPEG>"}]}`.
+Both return L2-normalised (and, when the model has it, whitened) descriptors. TF Serving's REST
+API decodes base64 JSON values of the string input, `{"instances": [{"b64": "<base64 file>"}]}`;
+the input's `_bytes` suffix is what Vertex AI looks for to do the same.
 
 TFLite files hold the network of the single-scale descriptor (pixels -> descriptor), in float32,
 float16 weights, or dynamic-range int8 weights; every op is a TFLite built-in (the pooling
@@ -116,7 +116,9 @@ def source_from_path(path: str | os.PathLike, config: Any = None) -> ExportSourc
     )
 
 
-def source_from_config(config: Any, whitening_path: str | os.PathLike | None = None):
+def source_from_config(
+    config: Any, whitening_path: str | os.PathLike | None = None
+) -> ExportSource:
     """The model a config's `model` block describes (backbone, weights, pooling), whitened.
 
     Args:
