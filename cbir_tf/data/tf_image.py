@@ -57,7 +57,8 @@ def _where(cond, x, y) -> tf.Tensor:
 
 
 def _reader(data: tf.Tensor):
-    """(buf uint8 [n], n, u8(i), be16(i), be32(i)) with out-of-range reads giving 0."""
+    """(n, u8(i), be16(i), be32(i)): the file's length and int64 readers of its bytes at int
+    positions (big-endian for 16 / 32 bits); reads outside the file give 0."""
     buf = tf.io.decode_raw(data, tf.uint8)
     n = tf.shape(buf)[0]
 
@@ -72,7 +73,7 @@ def _reader(data: tf.Tensor):
     def be32(i):
         return be16(i) * 65536 + be16(i + 2)
 
-    return buf, n, u8, be16, be32
+    return n, u8, be16, be32
 
 
 def _tiff_orientation(u8, start) -> tf.Tensor:
@@ -111,7 +112,7 @@ def exif_orientation(data: tf.Tensor) -> tf.Tensor:
     Returns:
       int32 scalar in 1..8.
     """
-    _, n, u8, be16, be32 = _reader(data)
+    n, u8, be16, be32 = _reader(data)
     is_jpeg = tf.equal(u8(0), 0xFF) & tf.equal(u8(1), 0xD8)
     is_png = tf.equal(u8(0), 0x89) & tf.equal(u8(1), 0x50) & tf.equal(u8(2), 0x4E)
 
