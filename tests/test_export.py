@@ -1,7 +1,7 @@
 """Export for deployment: SavedModel signatures and TFLite files against the library's own path.
 
 The descriptor models are `models.build_descriptor_model` with every pooling and whitening, on
-a two-convolution stand-in for the backbone (random weights): the export machinery sees the
+a three-convolution stand-in for the backbone (random weights): the export machinery sees the
 same layers as with MobileNet, and each conversion takes a second instead of ten.
 """
 
