@@ -94,10 +94,24 @@ def image_files(tmp_path_factory):
 # -- TFLite ----------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def tflite_of(tiny_models):
+    """tflite_of(variant, quantization) -> flatbuffer, each converted once (conversion is slow)."""
+    cache = {}
+
+    def convert(variant, quantization):
+        key = (variant, quantization)
+        if key not in cache:
+            cache[key] = export.tflite_bytes(tiny_models[variant], quantization)
+        return cache[key]
+
+    return convert
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_tflite_float32_matches_keras(tiny_models, variant):
+def test_tflite_float32_matches_keras(tiny_models, tflite_of, variant):
     model = tiny_models[variant]
-    interpreter = export.tflite_interpreter(export.tflite_bytes(model, "float32"))
+    interpreter = export.tflite_interpreter(tflite_of(variant, "float32"))
     rng = np.random.default_rng(3)
     for shape in [(48, 64), (90, 40), (20, 20)]:  # sizes set at run time; 20 px is edge-padded
         pixels = rng.uniform(0, 255, (1, *shape, 3)).astype(np.float32)
@@ -107,13 +121,13 @@ def test_tflite_float32_matches_keras(tiny_models, variant):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_tflite_quantized_weights_stay_close(tiny_models):
+def test_tflite_quantized_weights_stay_close(tiny_models, tflite_of):
     model = tiny_models["gem+whitening"]
     pixels = np.random.default_rng(4).uniform(0, 255, (1, 64, 48, 3)).astype(np.float32)
     want = model(pixels).numpy()[0]
     sizes = {}
     for quantization in ("float32", "float16", "int8"):
-        data = export.tflite_bytes(model, quantization)
+        data = tflite_of("gem+whitening", quantization)
         sizes[quantization] = len(data)
         got = export.run_tflite(export.tflite_interpreter(data), pixels)
         assert float(got @ want) > 0.99, quantization
