@@ -7,6 +7,7 @@ SERVE = ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18", "thread
 # TensorFlow Datasets imports importlib_resources (dataset_builder.py) without declaring it for
 # Python >= 3.9, and newer etils no longer bring it: a `tfds:` source fails without it.
 TFDS = ["tensorflow-datasets>=4.9", "importlib-resources>=5.0"]
+TFLITE = ["ai-edge-litert>=2.0"]
 
 setup(
     name="cbir-tf",
@@ -40,7 +41,17 @@ setup(
         "faiss": ["faiss-cpu>=1.8"],
         "tfds": TFDS,
         "serve": SERVE,
-        "dev": ["pytest>=8.0", "ruff>=0.5", *TFDS, "faiss-cpu>=1.8", *SERVE, "selenium>=4.10"],
+        # TFLite's interpreter for exported models (export.py --format=tflite checks them).
+        "tflite": TFLITE,
+        "dev": [
+            "pytest>=8.0",
+            "ruff>=0.5",
+            *TFDS,
+            "faiss-cpu>=1.8",
+            *SERVE,
+            "selenium>=4.10",
+            *TFLITE,
+        ],
     },
     # The commands, runnable from any directory once installed (the scripts beside setup.py
     # are the same commands for a checkout: python extract.py ...).
