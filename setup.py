@@ -58,7 +58,7 @@ setup(
     entry_points={
         "console_scripts": [
             f"cbir-{name} = cbir_tf.commands.{name}:run"
-            for name in ("extract", "evaluate", "search", "train")
+            for name in ("extract", "evaluate", "search", "train", "serve", "export")
         ]
     },
     license="Apache-2.0",

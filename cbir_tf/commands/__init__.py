@@ -1,4 +1,4 @@
-"""The four commands: extract, evaluate, search, train.
+"""The commands: extract, evaluate, search, train, serve, export.
 
 Each module defines its flags and a `run()` that parses them and runs the command; the
 top-level scripts (`python extract.py ...`), `python -m cbir_tf.commands.extract ...` and the

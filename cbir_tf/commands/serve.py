@@ -1,0 +1,55 @@
+r"""Serves an image index over HTTP: a search page and a JSON API.
+
+  python extract.py --images=~/photos --out=index/        # build the index first
+  python serve.py --index=index/ --port=8080              # then open http://127.0.0.1:8080/
+  curl -F image=@photo.jpg 'http://127.0.0.1:8080/api/search?k=5&rerank=aqe'
+
+The page takes a photo (drop or file picker), shows the k most similar indexed images with rank,
+score and file name, and searches again with any result clicked. The model is loaded once; the
+index is read-only while serving. Only this machine can connect unless --host says otherwise.
+"""
+
+import sys
+
+from absl import flags
+
+from cbir_tf import cli
+
+flags.DEFINE_string("index", None, "Index folder (from extract.py --images or Retriever.save).")
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (wider than loopback is logged).")
+flags.DEFINE_integer("port", 8080, "Port to listen on.")
+flags.DEFINE_float("max_upload_mb", 20.0, "Largest accepted upload, MiB (refused while streaming).")
+flags.DEFINE_integer("threads", None, "Worker threads for decoding and search (default: cores).")
+flags.DEFINE_string("model", None, "A .keras model replacing the one the index names.")
+flags.DEFINE_string("root", None, "Collection root, when the images moved since indexing.")
+flags.DEFINE_bool("verbose", False, "Debug logging.")
+flags.mark_flags_as_required(["index"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cli.setup_logging(FLAGS.verbose)
+    cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
+    from cbir_tf.serve import app as serve_app
+
+    cli.run_main(
+        lambda: serve_app.serve(
+            FLAGS.index,
+            host=FLAGS.host,
+            port=FLAGS.port,
+            max_upload_mb=FLAGS.max_upload_mb,
+            threads=FLAGS.threads,
+            model=FLAGS.model,
+            root=FLAGS.root,
+        )
+    )
+
+
+def run() -> None:
+    """Parses the command line and runs the command (console script `cbir-serve`)."""
+    cli.run(main, sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    run()
