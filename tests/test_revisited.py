@@ -26,6 +26,7 @@ from cbir_tf.data.download import (
     file_sha256,
     read_complete_marker,
 )
+from cbir_tf.data.prepare import prepare_dataset
 from cbir_tf.data.revisited import (
     BenchmarkDataset,
     DatasetSpec,
@@ -34,7 +35,6 @@ from cbir_tf.data.revisited import (
     RemoteFile,
     UnsafePickleError,
     load_ground_truth,
-    prepare_dataset,
     resolve_dataset_name,
 )
 from cbir_tf.data.synthetic import make_synthetic_benchmark

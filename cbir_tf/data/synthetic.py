@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from cbir_tf import io as cio
 from cbir_tf.data.download import file_sha256, remove_complete_marker, write_complete_marker
+from cbir_tf.data.revisited import dataset_dir
 
 __all__ = ["make_synthetic_benchmark"]
 
@@ -424,7 +425,7 @@ def make_synthetic_benchmark(
     width, height = _check_arguments(
         name, num_landmarks, images_per_landmark, distractors, queries_per_landmark, image_size
     )
-    folder = os.path.join(os.path.abspath(os.fspath(root)), "datasets", name)
+    folder = dataset_dir(root, name)
     jpg_dir = os.path.join(folder, "jpg")
     os.makedirs(jpg_dir, exist_ok=True)
     remove_complete_marker(folder)  # a regenerated folder is incomplete until the end
