@@ -209,38 +209,11 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> list[st
         try:
             checked = _check_members(list(members_of(ctx, archive)), archive)
             for m, rel, link_rel in checked:
-                target = os.path.join(root, *rel.split("/")) if rel else root
-                parent = os.path.dirname(target)
-                if m.kind == "dir":
-                    _makedirs_inside(target, root, archive, m.name)
-                    continue
-                _makedirs_inside(parent, root, archive, m.name)
-                if not _inside(os.path.realpath(parent), root):
-                    raise UnsafeArchiveError(
-                        f"{archive}: member {m.name!r} would be written through a link leaving "
-                        f"the target folder; refusing to extract the archive"
-                    )
-                if os.path.islink(target) or (
-                    os.path.lexists(target) and not os.path.isdir(target)
-                ):
-                    os.unlink(target)  # never write through a link left at the same name
-                if m.kind == "file":
-                    _write_member(m, target)
+                target = _place_member(m, rel, link_rel, root, archive)
+                if m.kind in ("file", "hardlink"):
                     extracted.append(rel)
                 elif m.kind == "symlink":
-                    os.symlink(m.linkname, target)
                     links.append((m.name, target))
-                elif m.kind == "hardlink":
-                    source = os.path.join(root, *link_rel.split("/"))
-                    real_source = os.path.realpath(source)
-                    if not _inside(real_source, root) or not os.path.isfile(real_source):
-                        raise UnsafeArchiveError(
-                            f"{archive}: member {m.name!r} is a hard link to {m.linkname!r}, "
-                            f"which is not a file extracted inside the target folder"
-                        )
-                    shutil.copyfile(real_source, target)  # a copy: no inode shared with source
-                    os.chmod(target, 0o644)
-                    extracted.append(rel)
         except _CORRUPT_ARCHIVE_ERRORS as e:
             raise ArchiveError(f"archive {archive} is corrupt or truncated: {e}") from None
     # A link created early may point through a link created later; check the final state.
@@ -252,6 +225,38 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> list[st
                 f"once the archive is unpacked; it was removed"
             )
     return extracted
+
+
+def _place_member(m: _Member, rel: str, link_rel: str, root: str, archive: str) -> str:
+    """Writes one checked member under `root`, never through a link; returns its path."""
+    target = os.path.join(root, *rel.split("/")) if rel else root
+    parent = os.path.dirname(target)
+    if m.kind == "dir":
+        _makedirs_inside(target, root, archive, m.name)
+        return target
+    _makedirs_inside(parent, root, archive, m.name)
+    if not _inside(os.path.realpath(parent), root):
+        raise UnsafeArchiveError(
+            f"{archive}: member {m.name!r} would be written through a link leaving "
+            f"the target folder; refusing to extract the archive"
+        )
+    if os.path.islink(target) or (os.path.lexists(target) and not os.path.isdir(target)):
+        os.unlink(target)  # never write through a link left at the same name
+    if m.kind == "file":
+        _write_member(m, target)
+    elif m.kind == "symlink":
+        os.symlink(m.linkname, target)
+    elif m.kind == "hardlink":
+        source = os.path.join(root, *link_rel.split("/"))
+        real_source = os.path.realpath(source)
+        if not _inside(real_source, root) or not os.path.isfile(real_source):
+            raise UnsafeArchiveError(
+                f"{archive}: member {m.name!r} is a hard link to {m.linkname!r}, "
+                f"which is not a file extracted inside the target folder"
+            )
+        shutil.copyfile(real_source, target)  # a copy: no inode shared with source
+        os.chmod(target, 0o644)
+    return target
 
 
 def _makedirs_inside(path: str, root: str, archive: str, name: str) -> None:
