@@ -37,6 +37,7 @@ from cbir_tf.data.ground_truth import (
     check_bbx,
     image_names,
     load_ground_truth,
+    remap_original,
     validate_ground_truth,
 )
 
@@ -192,63 +193,6 @@ class ImageListMismatchError(DatasetUnavailableError):
     """Images named by the ground truth are missing from the `jpg/` folder."""
 
 
-def _index_list(ids: Any) -> list[int]:
-    if isinstance(ids, np.ndarray):
-        return [int(v) for v in ids.reshape(-1)]
-    return [int(v) for v in ids]
-
-
-def _remap_original(
-    cfg: dict[str, Any], source: str, imlist: list[str], qimlist: list[str]
-) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, Any]]:
-    """Re-expresses an original-protocol ground truth in the revisited lists' terms.
-
-    Queries and images are matched by name. The original 'good' list, when stored apart, is
-    merged into 'ok'; ids of images not in `imlist` (the revisited queries, for instance) are
-    dropped.
-
-    Args:
-      cfg: the loaded original ground truth (imlist, qimlist, gnd with ok[/good]/junk).
-      source: its file, for messages and `info`.
-      imlist: N revisited database image names.
-      qimlist: Q revisited query names.
-
-    Returns:
-      (gnd, queries, info): one dict per covered query ('ok', 'junk': int64 sorted indices
-      into `imlist`; 'bbx' when stored), int64 [Q0] indices of those queries into `qimlist`,
-      and a summary (source, queries in the file, matched, unmatched names, dropped ids).
-    """
-    o_imlist = image_names(cfg["imlist"], "imlist", source)
-    o_qimlist = image_names(cfg["qimlist"], "qimlist", source)
-    db_index = {n: i for i, n in enumerate(imlist)}
-    q_index = {n: i for i, n in enumerate(qimlist)}
-    # Original id -> revisited id (-1 when the image is not in the revisited database).
-    remap = np.array([db_index.get(n, -1) for n in o_imlist], dtype=np.int64)
-    gnd, queries, unmatched, dropped = [], [], [], 0
-    for qname, g in zip(o_qimlist, cfg["gnd"], strict=True):
-        if qname not in q_index:
-            unmatched.append(qname)
-            continue
-        entry: dict[str, Any] = {}
-        ok = _index_list(g.get("ok", [])) + _index_list(g.get("good", []))
-        for key, ids in (("ok", ok), ("junk", _index_list(g["junk"]))):
-            mapped = remap[np.asarray(ids, dtype=np.int64)] if ids else np.zeros(0, np.int64)
-            dropped += int(np.sum(mapped < 0))
-            entry[key] = np.unique(mapped[mapped >= 0])
-        if g.get("bbx") is not None:
-            entry["bbx"] = check_bbx(g["bbx"], f"{source}: bbx of {qname!r}")
-        gnd.append(entry)
-        queries.append(q_index[qname])
-    info = {
-        "source": source,
-        "num_queries_in_file": len(o_qimlist),
-        "num_queries": len(queries),
-        "unmatched_queries": unmatched,
-        "dropped_ids": dropped,
-    }
-    return gnd, np.asarray(queries, dtype=np.int64), info
-
-
 class BenchmarkDataset:
     """One benchmark in the revisitop layout: images, queries with boxes, ground truth.
 
@@ -340,7 +284,7 @@ class BenchmarkDataset:
 
     def _load_original(self, path: str) -> None:
         cfg = load_ground_truth(path, kind="original")
-        gnd, queries, info = _remap_original(cfg, path, self.imlist, self.qimlist)
+        gnd, queries, info = remap_original(cfg, path, self.imlist, self.qimlist)
         if not gnd:
             logger.warning(
                 "%s: none of its %d queries is among the %d queries of %s; original protocol "
