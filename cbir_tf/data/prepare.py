@@ -15,7 +15,7 @@ Files placed by hand (the ground truth, the archives in `downloads/`, the images
 are used without network access; when something cannot be obtained, the error names each
 file to place and where. 'demo' is generated instead (`cbir_tf.data.synthetic`).
 
-numpy + PIL + standard library only (no TensorFlow).
+No TensorFlow: standard library, and the data modules it names.
 """
 
 from __future__ import annotations
