@@ -447,7 +447,7 @@ def learn_benchmark_whitening(
       A `cbir_tf.whitening.Whitening`, or None when `whitening.kind` is 'none'.
     """
     from cbir_tf import descriptors, whitening
-    from cbir_tf.data import revisited
+    from cbir_tf.data import prepare
 
     train_name = whitening_dataset(dataset, cfg.whitening)
     if train_name is None:
@@ -463,7 +463,7 @@ def learn_benchmark_whitening(
     log.info(
         "whitening: learning on %s (%s vectors)", train_name, "regional" if regional else "global"
     )
-    ds = revisited.prepare_dataset(
+    ds = prepare.prepare_dataset(
         train_name, cfg.data.data_root, download=download, progress=progress
     )
     if regional:
@@ -752,13 +752,13 @@ def run_benchmark(
     Returns:
       {'results': per-method metrics, 'table': the printed table, 'files': written paths}.
     """
-    from cbir_tf.data import revisited
+    from cbir_tf.data import prepare, revisited
 
     name = revisited.resolve_dataset_name(cfg.data.dataset)
     workdir = cfg.workdir
     out_dir = out_dir or os.path.join(workdir, "eval", name)
     t0 = time.perf_counter()
-    ds = revisited.prepare_dataset(
+    ds = prepare.prepare_dataset(
         name,
         cfg.data.data_root,
         download=download,

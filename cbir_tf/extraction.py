@@ -42,9 +42,9 @@ def extract_dataset(
       (database ExtractionResult, query ExtractionResult).
     """
     from cbir_tf import evaluation
-    from cbir_tf.data import revisited
+    from cbir_tf.data import prepare, revisited
 
-    ds = revisited.prepare_dataset(
+    ds = prepare.prepare_dataset(
         revisited.resolve_dataset_name(cfg.data.dataset),
         cfg.data.data_root,
         download=download,

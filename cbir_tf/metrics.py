@@ -316,6 +316,112 @@ def _ranked_positions(
     return tagged[keep]
 
 
+def _table_size(
+    ranks: np.ndarray,
+    flat_lists: Sequence[tuple[np.ndarray, np.ndarray]],
+    num_images: int | None,
+) -> int:
+    """Size of the id tables: every id of `ranks` and of the ground truth must fit in it.
+
+    Raises:
+        ValueError: a negative ground-truth id, or an id beyond `num_images` when given.
+    """
+    max_rank_id = int(ranks.max()) if ranks.size else -1
+    gnd_ids = np.concatenate([ids for _, ids in flat_lists])
+    max_gnd_id = int(gnd_ids.max()) if gnd_ids.size else -1
+    min_gnd_id = int(gnd_ids.min()) if gnd_ids.size else 0
+    if min_gnd_id < 0:
+        raise ValueError(f"ground-truth ids must be >= 0, found {min_gnd_id}")
+    if num_images is None:
+        return max(max_rank_id, max_gnd_id) + 1
+    num_images = int(num_images)
+    if max_rank_id >= num_images:
+        raise ValueError(f"ranks holds id {max_rank_id} but the database has {num_images} images")
+    if max_gnd_id >= num_images:
+        raise ValueError(
+            f"the ground truth holds id {max_gnd_id} but the database has {num_images} images"
+        )
+    return num_images
+
+
+def _positives_without_junk(
+    tagged: np.ndarray, num_queries: int, stride: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each retrieved positive's query, rank among its query's positives, and junk-free position.
+
+    Args:
+        tagged: int64 [M] sorted tagged keys of `_ranked_positions`.
+        num_queries: Q.
+        stride: max(N, 1), the row stride of the keys.
+
+    Returns:
+        (pos_query, order, positions, found, first):
+            pos_query: int [P] query of each retrieved positive, sorted.
+            order: int [P] positives of the same query ranked before it.
+            positions: int64 [P] 0-based position in its ranking with junk removed.
+            found: int [Q] retrieved positives per query.
+            first: int [Q] index in [P] of each query's first positive.
+    """
+    is_junk = tagged & 1
+    # Junk entries at or before each entry in merged order: for a positive, the junk of
+    # earlier queries plus the junk ranked strictly before it in its own query.
+    junk_upto = np.cumsum(is_junk)
+    pos_index = np.flatnonzero(is_junk == 0)
+    # Where each query's entries start in `tagged` (found by key, no per-entry division).
+    query_start = np.searchsorted(tagged, np.arange(num_queries + 1, dtype=np.int64) * (2 * stride))
+    junk_before_query = np.concatenate(([0], junk_upto))[query_start[:-1]]
+    found = np.diff(np.searchsorted(pos_index, query_start))  # retrieved positives per query
+    first = np.cumsum(found) - found
+    pos_query = np.repeat(np.arange(num_queries), found)
+    # 0-based positions with junk removed: raw position minus the junk before it in its query.
+    base = np.repeat(np.arange(num_queries, dtype=np.int64) * stride - junk_before_query, found)
+    positions = (tagged[pos_index] >> 1) - junk_upto[pos_index] - base
+    order = np.arange(pos_index.size) - np.repeat(first, found)
+    return pos_query, order, positions, found, first
+
+
+def _average_precisions(
+    num_pos: np.ndarray, pos_query: np.ndarray, order: np.ndarray, positions: np.ndarray
+) -> np.ndarray:
+    """float64 [Q] trapezoidal AP per query (NaN for a query without positives)."""
+    with np.errstate(divide="ignore"):
+        step = 1.0 / num_pos.astype(np.float64)
+    terms = _trapezoid_terms(order, positions, step[pos_query])
+    # bincount adds each query's terms left to right, exactly like the reference loop.
+    aps = np.bincount(pos_query, weights=terms, minlength=num_pos.size).astype(np.float64)
+    aps[num_pos == 0] = np.nan
+    return aps
+
+
+def _precisions_at(
+    kappas: np.ndarray,
+    num_pos: np.ndarray,
+    pos_query: np.ndarray,
+    positions: np.ndarray,
+    found: np.ndarray,
+    first: np.ndarray,
+    num_ranked: int,
+) -> np.ndarray:
+    """float64 [Q, K] precision at each kappa, evaluated at min(kappa, last positive position).
+
+    The positives at or before each cut (1-based) are counted by one search over the keys of
+    the retrieved positives, sorted by query then position.
+    """
+    num_queries = num_pos.size
+    has_found = found > 0
+    last_position = np.zeros(num_queries, dtype=np.int64)
+    last_position[has_found] = positions[first[has_found] + found[has_found] - 1] + 1
+    cut = np.minimum(last_position[:, None], kappas[None, :])  # [Q, K]
+    span = num_ranked + 2  # > any 1-based position or cut
+    query_base = np.arange(num_queries, dtype=np.int64)[:, None] * span
+    hits = np.searchsorted(pos_query * span + positions + 1, query_base + cut, side="right")
+    hits = hits - first[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        prs = np.where(has_found[:, None], hits / np.maximum(cut, 1), 0.0)
+    prs[num_pos == 0] = np.nan
+    return prs
+
+
 def compute_map(
     ranks: np.ndarray,
     gnd: Sequence[Mapping[str, Any]],
@@ -353,73 +459,21 @@ def compute_map(
     ranks = _validate_ranks(ranks, num_queries)
     kappa_arr = _as_kappas(kappas)
     num_ranked = ranks.shape[1]
-
-    # The inverse tables must cover every id seen in the ranks and the ground truth.
-    max_rank_id = int(ranks.max()) if ranks.size else -1
     flat_lists = (_flatten_lists(oks), _flatten_lists(junks))
-    gnd_ids = np.concatenate([flat_lists[0][1], flat_lists[1][1]])
-    max_gnd_id = int(gnd_ids.max()) if gnd_ids.size else -1
-    min_gnd_id = int(gnd_ids.min()) if gnd_ids.size else 0
-    if min_gnd_id < 0:
-        raise ValueError(f"ground-truth ids must be >= 0, found {min_gnd_id}")
-    if num_images is not None:
-        num_images = int(num_images)
-        if max_rank_id >= num_images:
-            raise ValueError(
-                f"ranks holds id {max_rank_id} but the database has {num_images} images"
-            )
-        if max_gnd_id >= num_images:
-            raise ValueError(
-                f"the ground truth holds id {max_gnd_id} but the database has {num_images} images"
-            )
-        table_size = num_images
-    else:
-        table_size = max(max_rank_id, max_gnd_id) + 1
+    table_size = _table_size(ranks, flat_lists, num_images)
 
     # Positions in the full rankings of every retrieved positive and junk image, merged in
     # one sorted array of tagged keys (see _ranked_positions).
     tagged = _ranked_positions(ranks, flat_lists, table_size)
-    stride = max(num_ranked, 1)
-    is_junk = tagged & 1
-    # Junk entries at or before each entry in merged order: for a positive, the junk of
-    # earlier queries plus the junk ranked strictly before it in its own query.
-    junk_upto = np.cumsum(is_junk)
-    pos_index = np.flatnonzero(is_junk == 0)
-    # Where each query's entries start in `tagged` (found by key, no per-entry division).
-    query_start = np.searchsorted(tagged, np.arange(num_queries + 1, dtype=np.int64) * (2 * stride))
-    junk_before_query = np.concatenate(([0], junk_upto))[query_start[:-1]]
-    found = np.diff(np.searchsorted(pos_index, query_start))  # retrieved positives per query
-    first = np.cumsum(found) - found
-    pos_query = np.repeat(np.arange(num_queries), found)
-    # 0-based positions with junk removed: raw position minus the junk before it in its query.
-    base = np.repeat(np.arange(num_queries, dtype=np.int64) * stride - junk_before_query, found)
-    positions = (tagged[pos_index] >> 1) - junk_upto[pos_index] - base
-    order = np.arange(pos_index.size) - np.repeat(first, found)
-
+    pos_query, order, positions, found, first = _positives_without_junk(
+        tagged, num_queries, max(num_ranked, 1)
+    )
     # len(ok) as in the reference (an id listed twice in 'ok' counts twice here).
     num_pos = np.bincount(flat_lists[0][0], minlength=num_queries)
+    aps = _average_precisions(num_pos, pos_query, order, positions)
+    prs = _precisions_at(kappa_arr, num_pos, pos_query, positions, found, first, num_ranked)
+
     valid = num_pos > 0
-    with np.errstate(divide="ignore"):
-        step = 1.0 / num_pos.astype(np.float64)
-    terms = _trapezoid_terms(order, positions, step[pos_query])
-    # bincount adds each query's terms left to right, exactly like the reference loop.
-    aps = np.bincount(pos_query, weights=terms, minlength=num_queries).astype(np.float64)
-    aps[~valid] = np.nan
-
-    # Precision at kappa, evaluated at cut = min(kappa, last positive position) (1-based):
-    # the positives at or before the cut, counted on keys sorted by query then position.
-    has_found = found > 0
-    last_position = np.zeros(num_queries, dtype=np.int64)
-    last_position[has_found] = positions[first[has_found] + found[has_found] - 1] + 1
-    cut = np.minimum(last_position[:, None], kappa_arr[None, :])  # [Q, K]
-    span = num_ranked + 2  # > any 1-based position or cut
-    query_base = np.arange(num_queries, dtype=np.int64)[:, None] * span
-    hits = np.searchsorted(pos_query * span + positions + 1, query_base + cut, side="right")
-    hits = hits - first[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        prs = np.where(has_found[:, None], hits / np.maximum(cut, 1), 0.0)
-    prs[~valid] = np.nan
-
     num_valid = int(valid.sum())
     if num_valid == 0:
         return float("nan"), aps, np.full(kappa_arr.size, np.nan), prs

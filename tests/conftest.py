@@ -73,6 +73,42 @@ def golden_dir() -> pathlib.Path:
     return golden_path()
 
 
+# The real Revisited Paris ground truth (a golden file) and a dataset folder around it, shared by
+# test_ground_truth, test_revisited and test_prepare.
+RPARIS_SHA = "d2e729a5293dda7dda8a15c8383424a42e4964a2c4cfea2f32fa85d11d2df499"
+
+
+@pytest.fixture(scope="session")
+def real_gnd_path(golden_dir) -> pathlib.Path:
+    return golden_dir / "gnd_rparis6k.pkl"
+
+
+@pytest.fixture(scope="session")
+def rparis_jpg(tmp_path_factory, real_gnd_path) -> pathlib.Path:
+    """Empty stand-ins for the 6392 images of rparis6k, made once (thousands of files)."""
+    from cbir_tf.data.ground_truth import load_ground_truth
+
+    jpg = tmp_path_factory.mktemp("rparis_jpg")
+    cfg = load_ground_truth(real_gnd_path)
+    for n in [*cfg["imlist"], *cfg["qimlist"]]:
+        (jpg / f"{n}.jpg").touch()
+    return jpg
+
+
+@pytest.fixture
+def rparis_folder(tmp_path, real_gnd_path, rparis_jpg):
+    """<tmp>/data/datasets/rparis6k with the real ground truth; jpg/ links to the stand-ins."""
+    import shutil
+
+    from cbir_tf.data.ground_truth import load_ground_truth
+
+    folder = tmp_path / "data" / "datasets" / "rparis6k"
+    folder.mkdir(parents=True)
+    shutil.copy(real_gnd_path, folder / "gnd_rparis6k.pkl")
+    os.symlink(rparis_jpg, folder / "jpg")
+    return folder, load_ground_truth(real_gnd_path)
+
+
 def skip_is_allowed(reason: str) -> bool:
     """Whether CI accepts a skip with this reason (see the module docstring)."""
     reason = reason.removeprefix("Skipped: ")

@@ -150,7 +150,7 @@ def test_benchmark_queries_are_described_cropped_to_their_box(tmp_path):
     import ml_collections
     from PIL import Image
 
-    from cbir_tf.data import revisited
+    from cbir_tf.data import prepare
     from cbir_tf.layers import GeM
     from cbir_tf.models import unit_normalization
 
@@ -159,7 +159,7 @@ def test_benchmark_queries_are_described_cropped_to_their_box(tmp_path):
     x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inp)
     x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
     model = keras.Model(inp, unit_normalization("l2")(GeM()(x)))
-    ds = revisited.prepare_dataset("demo", tmp_path / "data", progress=False)
+    ds = prepare.prepare_dataset("demo", tmp_path / "data", progress=False)
     cfg = ml_collections.ConfigDict(
         {
             "data": {"image_size": 96, "scales": (1.0,), "ms_power": 1.0},

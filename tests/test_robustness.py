@@ -566,11 +566,11 @@ def test_descriptors_of_other_settings_are_refused_by_evaluate(demo_run, tmp_pat
 
     # Other dimensions (e.g. queries reduced by another whitening): named too.
     from cbir_tf import evaluation
-    from cbir_tf.data import revisited
+    from cbir_tf.data import prepare
 
     shutil.rmtree(mixed / "queries")
     _rewrite_store(root / "queries", mixed / "queries", transform=lambda d: d[:, :32])
-    ds = revisited.prepare_dataset("demo", work / "data", download=False)
+    ds = prepare.prepare_dataset("demo", work / "data", download=False)
     with pytest.raises(ValueError, match=r"dim \(first: \d+, second: 32\)"):
         evaluation.load_precomputed(str(mixed), ds)
 

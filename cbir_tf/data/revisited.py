@@ -1,4 +1,4 @@
-"""The Revisited Oxford and Paris benchmarks: datasets, ground truth, download.
+"""The Revisited Oxford and Paris benchmarks: the registry of datasets, and one dataset on disk.
 
 On-disk layout (the public revisitop one)::
 
@@ -11,6 +11,8 @@ Users type `oxford5k` / `paris6k`; these resolve to `roxford5k` / `rparis6k` (th
 evaluated under the revisited Easy/Medium/Hard protocols, and under the original protocol too
 when the original ground truth is present). `demo` is a small synthetic benchmark generated on
 the fly (see `cbir_tf.data.synthetic`), for tests and for trying the toolkit offline.
+`cbir_tf.data.prepare.prepare_dataset` downloads and places a benchmark; `BenchmarkDataset`
+reads one that is in place (its ground truth through `cbir_tf.data.ground_truth`).
 
 Radenović, Iscen, Tolias, Avrithis, Chum. "Revisiting Oxford and Paris: Large-Scale Image
 Retrieval Benchmarking", CVPR 2018. Philbin et al., "Object retrieval with large vocabularies
@@ -22,36 +24,27 @@ numpy + PIL + standard library only (no TensorFlow).
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import logging
-import math
 import os
-import pickle
-import re
-import shutil
 from typing import Any
 
 import numpy as np
 
-from cbir_tf import io as cio
-from cbir_tf.data.download import (
-    ArchiveError,
-    ChecksumError,
-    DatasetUnavailableError,
-    download_file,
-    file_sha256,
-    read_complete_marker,
-    remove_complete_marker,
-    safe_extract,
-    write_complete_marker,
+from cbir_tf.data.download import DatasetUnavailableError
+from cbir_tf.data.ground_truth import (
+    GroundTruthError,
+    UnsafePickleError,
+    check_bbx,
+    image_names,
+    load_ground_truth,
+    remap_original,
+    validate_ground_truth,
 )
 
 __all__ = [
     "ALIASES",
     "DATASETS",
     "BenchmarkDataset",
-    "ChecksumError",
     "DatasetSpec",
     "DatasetUnavailableError",
     "GroundTruthError",
@@ -60,7 +53,6 @@ __all__ = [
     "UnsafePickleError",
     "dataset_dir",
     "load_ground_truth",
-    "prepare_dataset",
     "resolve_dataset_name",
     "validate_ground_truth",
 ]
@@ -193,454 +185,12 @@ def dataset_dir(data_root: str | os.PathLike, name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Restricted unpickling
-# ----------------------------------------------------------------------------------------------
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """A pickle asked for something a ground-truth file has no business holding."""
-
-
-class GroundTruthError(ValueError):
-    """A ground-truth file is unreadable or does not have the benchmark's structure."""
-
-
-class _Allowed:
-    """What `find_class` hands out for an admitted global: a sealed wrapper of our own function.
-
-    The pickle can call it (REDUCE) but cannot modify it: BUILD on it raises, attributes cannot
-    be set, and it is not a class (NEWOBJ refuses it). So a file can neither reach the real
-    numpy function nor tamper with ours for later loads.
-    """
-
-    __slots__ = ("_name", "_fn")
-
-    def __init__(self, name: str, fn: Any):
-        object.__setattr__(self, "_name", name)
-        object.__setattr__(self, "_fn", fn)
-
-    def __call__(self, *args: Any) -> Any:
-        if self._fn is None:
-            raise UnsafePickleError(f"{self._name} cannot be called")
-        try:
-            return self._fn(*args)
-        except TypeError as e:  # wrong arity or argument types: not what numpy writes
-            raise UnsafePickleError(
-                f"{self._name} called with arguments numpy never writes ({e})"
-            ) from None
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        raise UnsafePickleError(f"the pickle tried to modify {self._name}")
-
-    def __setstate__(self, state: Any) -> None:
-        raise UnsafePickleError(f"the pickle tried to modify {self._name}")
-
-    def __reduce__(self) -> Any:
-        raise TypeError("not picklable")
-
-
-_NDARRAY = _Allowed("numpy.ndarray", None)  # a token: never the real class
-_SIMPLE_DTYPE = re.compile(r"^(b1|[iu][1248]|f[248]|c(8|16)|[US][1-9][0-9]{0,5})$")
-_MAX_ARRAY_BYTES = 1 << 30
-
-
-class _DtypeStub:
-    """Stands for `numpy.dtype(name)` during unpickling; only plain numeric/string dtypes."""
-
-    def __init__(self, name: Any):
-        if not isinstance(name, str) or not _SIMPLE_DTYPE.match(name):
-            raise UnsafePickleError(
-                f"numpy dtype {name!r} is not allowed (only bool, integer, float, complex and "
-                f"fixed-size string dtypes; object and structured dtypes can hide code)"
-            )
-        self.name = name
-        self.byteorder = "="
-
-    def __setstate__(self, state: Any) -> None:
-        # (version, byteorder, subarray, names, fields, elsize, alignment, flags): anything
-        # beyond a byte order describes a structured or sub-array dtype, which we refuse.
-        if not isinstance(state, tuple) or len(state) < 2:
-            raise UnsafePickleError(f"malformed numpy dtype state {state!r}")
-        if any(x is not None for x in state[2:5]):
-            raise UnsafePickleError("structured / sub-array numpy dtypes are not allowed")
-        if state[1] not in ("<", ">", "|", "="):
-            raise UnsafePickleError(f"bad numpy byte order {state[1]!r}")
-        self.byteorder = state[1]
-
-    def resolve(self) -> np.dtype:
-        return np.dtype(self.byteorder + self.name if self.byteorder != "|" else self.name)
-
-
-def _as_bytes(data: Any) -> bytes:
-    if isinstance(data, (bytes, bytearray)):
-        return bytes(data)
-    if isinstance(data, str):  # Python 2 pickles read with encoding='latin1'
-        return data.encode("latin1")
-    raise UnsafePickleError(f"numpy raw data must be bytes, got {type(data).__name__}")
-
-
-def _build_array(raw: Any, dtype: Any, shape: Any, fortran: bool) -> np.ndarray:
-    if not isinstance(dtype, _DtypeStub):
-        raise UnsafePickleError("numpy array without an allowed dtype")
-    if not isinstance(shape, tuple) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and 0 <= s for s in shape
-    ):
-        raise UnsafePickleError(f"bad numpy array shape {shape!r}")
-    dt = dtype.resolve()
-    data = _as_bytes(raw)
-    count = math.prod(shape)
-    if count * dt.itemsize != len(data) or len(data) > _MAX_ARRAY_BYTES:
-        raise UnsafePickleError(
-            f"numpy array data has {len(data)} bytes, not {count} x {dt.itemsize} for shape {shape}"
-        )
-    # frombuffer only reinterprets validated bytes; copy() detaches it from the pickle buffer.
-    return np.frombuffer(data, dtype=dt).reshape(shape, order="F" if fortran else "C").copy()
-
-
-class _ArrayStub:
-    """Stands for the empty array `numpy.core.multiarray._reconstruct` returns; filled by BUILD."""
-
-    def __init__(self) -> None:
-        self.array: np.ndarray | None = None
-
-    def __setstate__(self, state: Any) -> None:
-        if not isinstance(state, tuple) or len(state) not in (4, 5):
-            raise UnsafePickleError("malformed numpy array state")
-        if len(state) == 5:
-            state = state[1:]  # drop the version number
-        shape, dtype, fortran, raw = state
-        self.array = _build_array(raw, dtype, shape, bool(fortran))
-
-
-def _np_reconstruct(cls: Any, shape: Any, typecode: Any) -> _ArrayStub:
-    if cls is not _NDARRAY or shape != (0,) or _as_bytes(typecode) != b"b":
-        raise UnsafePickleError("numpy _reconstruct called with arguments numpy never writes")
-    return _ArrayStub()
-
-
-def _np_scalar(dtype: Any, data: Any = None) -> Any:
-    if data is None:
-        raise UnsafePickleError("numpy scalar without data")
-    return _build_array(data, dtype, (), False)[()]
-
-
-def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
-    if order not in ("C", "F"):
-        raise UnsafePickleError(f"bad numpy array order {order!r}")
-    return _build_array(
-        buf, dtype, tuple(shape) if isinstance(shape, list) else shape, order == "F"
-    )
-
-
-def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
-    # Protocol 0-2 pickles of bytes objects go through _codecs.encode(str, 'latin1').
-    if not isinstance(text, str) or encoding != "latin1":
-        raise UnsafePickleError("_codecs.encode is only allowed for latin1 byte strings")
-    return text.encode("latin1")
-
-
-def _plain_bytes(*args: Any) -> bytes:
-    if not args:
-        return b""
-    if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
-        return bytes(args[0])
-    if len(args) == 2 and isinstance(args[0], str) and args[1] == "latin1":
-        return args[0].encode("latin1")
-    raise UnsafePickleError("bytes() is only allowed without arguments or on bytes")
-
-
-def _np_dtype(name: Any, align: Any = False, copy: Any = True) -> _DtypeStub:
-    return _DtypeStub(name)
-
-
-_NUMPY_GLOBALS: dict[tuple[str, str], _Allowed] = {
-    ("numpy", "ndarray"): _NDARRAY,
-    ("numpy", "dtype"): _Allowed("numpy.dtype", _np_dtype),
-    **{
-        (module, "_reconstruct"): _Allowed(f"{module}._reconstruct", _np_reconstruct)
-        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-    },
-    **{
-        (module, "scalar"): _Allowed(f"{module}.scalar", _np_scalar)
-        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-    },
-    **{
-        (module, "_frombuffer"): _Allowed(f"{module}._frombuffer", _np_frombuffer)
-        for module in ("numpy.core.numeric", "numpy._core.numeric")
-    },
-    ("_codecs", "encode"): _Allowed("_codecs.encode", _latin1_encode),
-}
-
-# Protocols 0-2 write an empty bytes object as a call of `bytes()`: the one builtin a plain
-# container needs. Only the no-argument form (and a copy of bytes) is admitted; bytes(n) would
-# let a file allocate n bytes.
-_PLAIN_GLOBALS: dict[tuple[str, str], _Allowed] = {
-    (module, "bytes"): _Allowed(f"{module}.bytes", _plain_bytes)
-    for module in ("builtins", "__builtin__")
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits plain containers, strings and numbers; numpy arrays only through inert stand-ins.
-
-    Every global a pickle names goes through `find_class`. Nothing of the running program is
-    ever returned: numpy arrays are rebuilt by our own functions above from validated bytes
-    (plain numeric and string dtypes only), so no callable chosen by the file can run.
-    """
-
-    def __init__(self, file: Any, source: str, allow_numpy: bool):
-        super().__init__(file, encoding="latin1")
-        self._source = source
-        self._allow_numpy = allow_numpy
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _PLAIN_GLOBALS:
-            return _PLAIN_GLOBALS[(module, name)]
-        if self._allow_numpy and (module, name) in _NUMPY_GLOBALS:
-            return _NUMPY_GLOBALS[(module, name)]
-        raise UnsafePickleError(
-            f"{self._source}: refusing to load: the pickle asks for {module}.{name}, and a "
-            f"ground-truth file may only hold lists, dicts, strings and numbers (a pickle that "
-            f"names a callable runs it when loaded). Delete the file and download it again."
-        )
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(f"{self._source}: persistent ids are not allowed in ground truth")
-
-
-def _materialize(obj: Any, seen: dict[int, Any]) -> Any:
-    """Replaces array stand-ins by the arrays they hold, in place for lists and dicts."""
-    if isinstance(obj, _ArrayStub):
-        if obj.array is None:
-            raise UnsafePickleError("numpy array without data")
-        return obj.array
-    if isinstance(obj, _DtypeStub):
-        return obj.resolve()
-    if isinstance(obj, (list, dict)):
-        if id(obj) in seen:
-            return obj
-        seen[id(obj)] = obj
-        if isinstance(obj, list):
-            for i, v in enumerate(obj):
-                obj[i] = _materialize(v, seen)
-        else:
-            for k, v in obj.items():
-                if isinstance(k, (_ArrayStub, _DtypeStub)):
-                    raise UnsafePickleError("numpy objects cannot be dict keys")
-                obj[k] = _materialize(v, seen)
-        return obj
-    if isinstance(obj, tuple):
-        return tuple(_materialize(v, seen) for v in obj)
-    if isinstance(obj, (set, frozenset)):
-        return type(obj)(_materialize(v, seen) for v in obj)  # arrays are unhashable: refused
-    return obj
-
-
-_MAX_GND_BYTES = 256 << 20
-
-
-def _unpickle(path: str, allow_numpy: bool) -> Any:
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"ground-truth file {path} does not exist") from None
-    if size > _MAX_GND_BYTES:
-        raise GroundTruthError(f"{path} is {size} bytes, far too large for a ground-truth file")
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        obj = _RestrictedUnpickler(io.BytesIO(data), path, allow_numpy).load()
-        return _materialize(obj, {})
-    except UnsafePickleError as e:
-        msg = str(e)
-        if not msg.startswith(path):
-            msg = f"{path}: refusing to load: {msg}"
-        raise UnsafePickleError(msg) from None
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        IndexError,
-        KeyError,
-        AttributeError,
-        RecursionError,
-    ) as e:
-        raise GroundTruthError(
-            f"{path} is not a readable ground-truth pickle ({type(e).__name__}: {e}); it may be "
-            f"truncated or not a pickle at all: delete it and download it again"
-        ) from None
-
-
-def load_ground_truth(
-    path: str | os.PathLike,
-    *,
-    kind: str = "auto",
-    allow_numpy: bool = True,
-    validate: bool = True,
-) -> dict[str, Any]:
-    """Loads a ground-truth pickle (revisitop / cnnimageretrieval format) safely.
-
-    The restricted unpickler admits dicts, lists, tuples, str, bytes, int, float, bool and
-    None; numpy arrays of plain numeric or string dtype are rebuilt from their bytes without
-    calling anything numpy-side that the file names. Anything else (a pickle naming
-    `os.system`, `builtins.eval`, any class) is refused before it can run.
-
-    Args:
-      path: e.g. `<data_root>/datasets/rparis6k/gnd_rparis6k.pkl`.
-      kind: 'revisited' (easy/hard/junk per query), 'original' (ok[/good]/junk), or 'auto'.
-      allow_numpy: admit numpy arrays (through the stand-ins above).
-      validate: check the structure (`validate_ground_truth`).
-
-    Returns:
-      The dict as stored: 'imlist' (list of N image names), 'qimlist' (list of Q names),
-      'gnd' (list of Q dicts; 'bbx' [x1, y1, x2, y2] and index lists into imlist).
-
-    Raises:
-      UnsafePickleError: the pickle names a callable or class (the message names it).
-      GroundTruthError: unreadable file or wrong structure (the message says what is wrong).
-      FileNotFoundError: no file at `path`.
-    """
-    path = os.fspath(path)
-    cfg = _unpickle(path, allow_numpy)
-    if validate:
-        validate_ground_truth(cfg, source=path, kind=kind)
-    return cfg
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _name_list(value: Any, key: str, source: str) -> list[str]:
-    if isinstance(value, np.ndarray):
-        if value.ndim != 1 or value.dtype.kind not in "US":
-            raise GroundTruthError(f"{source}: '{key}' must be a 1-D list of image names")
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)):
-        raise GroundTruthError(
-            f"{source}: '{key}' must be a list of image names, not {type(value).__name__}"
-        )
-    out = []
-    for i, v in enumerate(value):
-        if isinstance(v, bytes):
-            v = v.decode("utf-8", "replace")
-        if not isinstance(v, str) or not v:
-            raise GroundTruthError(f"{source}: {key}[{i}] is {v!r}, not an image name")
-        if "/" in v or "\\" in v or v in (".", ".."):
-            raise GroundTruthError(f"{source}: {key}[{i}] = {v!r} is not a plain file name")
-        out.append(v)
-    return out
-
-
-def validate_ground_truth(cfg: Any, *, source: str = "ground truth", kind: str = "auto") -> str:
-    """Checks the structure of a loaded ground truth; raises GroundTruthError saying what is wrong.
-
-    Args:
-      cfg: the loaded dict.
-      source: file name used in messages.
-      kind: 'revisited', 'original' or 'auto' (revisited when the first query has 'easy').
-
-    Returns:
-      The kind found: 'revisited' or 'original'.
-    """
-    if not isinstance(cfg, dict):
-        raise GroundTruthError(f"{source}: expected a dict, found {type(cfg).__name__}")
-    missing = [k for k in ("imlist", "qimlist", "gnd") if k not in cfg]
-    if missing:
-        raise GroundTruthError(
-            f"{source}: missing key(s) {', '.join(missing)} (found: {', '.join(map(str, cfg))})"
-        )
-    imlist = _name_list(cfg["imlist"], "imlist", source)
-    qimlist = _name_list(cfg["qimlist"], "qimlist", source)
-    if not imlist:
-        raise GroundTruthError(f"{source}: 'imlist' is empty")
-    if len(set(imlist)) != len(imlist):
-        seen: set[str] = set()
-        dup = next(n for n in imlist if n in seen or seen.add(n))
-        raise GroundTruthError(f"{source}: 'imlist' lists {dup!r} more than once")
-    gnd = cfg["gnd"]
-    if not isinstance(gnd, (list, tuple)):
-        raise GroundTruthError(f"{source}: 'gnd' must be a list, not {type(gnd).__name__}")
-    if len(gnd) != len(qimlist):
-        raise GroundTruthError(
-            f"{source}: 'gnd' has {len(gnd)} entries but 'qimlist' has {len(qimlist)} queries"
-        )
-    if kind == "auto":
-        kind = "revisited" if gnd and isinstance(gnd[0], dict) and "easy" in gnd[0] else "original"
-    if kind not in ("revisited", "original"):
-        raise ValueError(f"kind must be 'revisited', 'original' or 'auto', not {kind!r}")
-    n = len(imlist)
-    for i, g in enumerate(gnd):
-        if not isinstance(g, dict):
-            raise GroundTruthError(f"{source}: gnd[{i}] must be a dict, not {type(g).__name__}")
-        if kind == "revisited":
-            required = ("easy", "hard", "junk")
-        else:
-            required = ("junk",) if "good" in g else ("ok", "junk")
-        absent = [k for k in required if k not in g]
-        if absent:
-            raise GroundTruthError(
-                f"{source}: gnd[{i}] (query {qimlist[i]!r}) lacks {', '.join(absent)} "
-                f"({kind} protocol needs {', '.join(required)}; found {', '.join(map(str, g))})"
-            )
-        for key in ("easy", "hard", "junk", "ok", "good"):
-            if key not in g:
-                continue
-            ids = g[key]
-            if isinstance(ids, np.ndarray):
-                if ids.dtype.kind not in "iu" or ids.ndim > 1:
-                    raise GroundTruthError(f"{source}: gnd[{i}]['{key}'] must hold integers")
-                ids = ids.reshape(-1).tolist()
-            if not isinstance(ids, (list, tuple)):
-                raise GroundTruthError(
-                    f"{source}: gnd[{i}]['{key}'] must be a list of indices, "
-                    f"not {type(ids).__name__}"
-                )
-            for v in ids:
-                if not _is_int(v):
-                    raise GroundTruthError(f"{source}: gnd[{i}]['{key}'] holds {v!r}, not an index")
-                if not 0 <= v < n:
-                    raise GroundTruthError(
-                        f"{source}: gnd[{i}]['{key}'] holds index {int(v)}, outside 0..{n - 1} "
-                        f"(imlist has {n} images)"
-                    )
-        if "bbx" in g and g["bbx"] is not None:
-            _check_bbx(g["bbx"], f"{source}: gnd[{i}]['bbx'] (query {qimlist[i]!r})")
-    return kind
-
-
-def _check_bbx(bbx: Any, where: str) -> list[float]:
-    values = (
-        np.asarray(bbx, dtype=object).reshape(-1).tolist() if isinstance(bbx, np.ndarray) else bbx
-    )
-    if not isinstance(values, (list, tuple)) or len(values) != 4:
-        raise GroundTruthError(f"{where} must be 4 numbers [x1, y1, x2, y2], got {bbx!r}")
-    out = []
-    for v in values:
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
-            raise GroundTruthError(f"{where} must be 4 numbers [x1, y1, x2, y2], got {bbx!r}")
-        if not math.isfinite(float(v)):
-            raise GroundTruthError(f"{where} holds a non-finite value: {bbx!r}")
-        out.append(float(v))
-    if not (out[2] > out[0] and out[3] > out[1]):
-        raise GroundTruthError(f"{where} = {out} is empty (need x2 > x1 and y2 > y1)")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # The dataset
 # ----------------------------------------------------------------------------------------------
 
 
 class ImageListMismatchError(DatasetUnavailableError):
     """Images named by the ground truth are missing from the `jpg/` folder."""
-
-
-def _index_list(ids: Any) -> list[int]:
-    if isinstance(ids, np.ndarray):
-        return [int(v) for v in ids.reshape(-1)]
-    return [int(v) for v in ids]
 
 
 class BenchmarkDataset:
@@ -696,29 +246,19 @@ class BenchmarkDataset:
         self.root = os.path.abspath(os.fspath(root))
         self.image_dir = os.path.join(self.root, "jpg")
         spec = DATASETS.get(name)
+        # A dataset the registry does not know has its files named by convention.
+        files = spec or DatasetSpec(name=name, title=name, gnd=None)
         self.gnd_path = (
-            os.fspath(gnd_path)
-            if gnd_path
-            else os.path.join(self.root, spec.gnd_filename if spec else f"gnd_{name}.pkl")
+            os.fspath(gnd_path) if gnd_path else os.path.join(self.root, files.gnd_filename)
         )
         cfg = load_ground_truth(self.gnd_path, kind="revisited")
-        self.imlist: list[str] = _name_list(cfg["imlist"], "imlist", self.gnd_path)
-        self.qimlist: list[str] = _name_list(cfg["qimlist"], "qimlist", self.gnd_path)
+        self.imlist: list[str] = image_names(cfg["imlist"], "imlist", self.gnd_path)
+        self.qimlist: list[str] = image_names(cfg["qimlist"], "qimlist", self.gnd_path)
         self.gnd: list[dict[str, Any]] = list(cfg["gnd"])
         if spec is not None:
-            for what, expected, got in (
-                ("database images", spec.num_images, len(self.imlist)),
-                ("queries", spec.num_queries, len(self.qimlist)),
-            ):
-                if expected is not None and got != expected:
-                    raise GroundTruthError(
-                        f"{self.gnd_path}: {got} {what}, but {spec.title} has {expected}; "
-                        f"this is not the {name} ground truth"
-                    )
+            self._check_counts(spec)
         if original_gnd_path is None:
-            original_gnd_path = os.path.join(
-                self.root, spec.original_gnd_filename if spec else f"gnd_{name}_original.pkl"
-            )
+            original_gnd_path = os.path.join(self.root, files.original_gnd_filename)
         self.original_gnd_path = os.fspath(original_gnd_path)
         self.original_gnd: list[dict[str, Any]] | None = None
         self.original_queries: np.ndarray | None = None
@@ -728,50 +268,34 @@ class BenchmarkDataset:
         if check_images:
             self.check_images()
 
+    def _check_counts(self, spec: DatasetSpec) -> None:
+        """Refuses a ground truth whose sizes are not the registered benchmark's."""
+        for what, expected, got in (
+            ("database images", spec.num_images, len(self.imlist)),
+            ("queries", spec.num_queries, len(self.qimlist)),
+        ):
+            if expected is not None and got != expected:
+                raise GroundTruthError(
+                    f"{self.gnd_path}: {got} {what}, but {spec.title} has {expected}; "
+                    f"this is not the {self.name} ground truth"
+                )
+
     # -- original protocol ----------------------------------------------------------------
 
     def _load_original(self, path: str) -> None:
         cfg = load_ground_truth(path, kind="original")
-        o_imlist = _name_list(cfg["imlist"], "imlist", path)
-        o_qimlist = _name_list(cfg["qimlist"], "qimlist", path)
-        db_index = {n: i for i, n in enumerate(self.imlist)}
-        q_index = {n: i for i, n in enumerate(self.qimlist)}
-        # Original id -> revisited id (-1 when the image is not in the revisited database).
-        remap = np.array([db_index.get(n, -1) for n in o_imlist], dtype=np.int64)
-        gnd, queries, unmatched, dropped = [], [], [], 0
-        for qname, g in zip(o_qimlist, cfg["gnd"], strict=True):
-            if qname not in q_index:
-                unmatched.append(qname)
-                continue
-            entry: dict[str, Any] = {}
-            ok = _index_list(g.get("ok", [])) + _index_list(g.get("good", []))
-            for key, ids in (("ok", ok), ("junk", _index_list(g["junk"]))):
-                mapped = remap[np.asarray(ids, dtype=np.int64)] if ids else np.zeros(0, np.int64)
-                dropped += int(np.sum(mapped < 0))
-                entry[key] = np.unique(mapped[mapped >= 0])
-            if g.get("bbx") is not None:
-                entry["bbx"] = _check_bbx(g["bbx"], f"{path}: bbx of {qname!r}")
-            gnd.append(entry)
-            queries.append(q_index[qname])
-        if not queries:
+        gnd, queries, info = remap_original(cfg, path, self.imlist, self.qimlist)
+        if not gnd:
             logger.warning(
                 "%s: none of its %d queries is among the %d queries of %s; original protocol "
                 "unavailable",
                 path,
-                len(o_qimlist),
+                info["num_queries_in_file"],
                 len(self.qimlist),
                 self.name,
             )
             return
-        self.original_gnd = gnd
-        self.original_queries = np.asarray(queries, dtype=np.int64)
-        self.original_info = {
-            "source": path,
-            "num_queries_in_file": len(o_qimlist),
-            "num_queries": len(queries),
-            "unmatched_queries": unmatched,
-            "dropped_ids": dropped,
-        }
+        self.original_gnd, self.original_queries, self.original_info = gnd, queries, info
 
     @property
     def has_original(self) -> bool:
@@ -834,7 +358,7 @@ class BenchmarkDataset:
                 with Image.open(os.path.join(self.image_dir, self.qimlist[i] + ".jpg")) as im:
                     boxes[i] = (0.0, 0.0, float(im.width), float(im.height))
             else:
-                boxes[i] = _check_bbx(bbx, f"{self.gnd_path}: gnd[{i}]['bbx']")
+                boxes[i] = check_bbx(bbx, f"{self.gnd_path}: gnd[{i}]['bbx']")
         return boxes
 
     def db_ids(self) -> list[str]:
@@ -861,374 +385,3 @@ class BenchmarkDataset:
             f"BenchmarkDataset({self.name!r}, {self.num_images} images, "
             f"{self.num_queries} queries{extra}, root={self.root!r})"
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# prepare_dataset
-# ----------------------------------------------------------------------------------------------
-
-
-def _marker_is_current(folder: str, name: str, marker: dict[str, Any]) -> bool:
-    """Whether the files the marker vouches for are still the ones it verified."""
-    if marker.get("dataset") != name:
-        return False
-    for fname, rec in (marker.get("files") or {}).items():
-        path = os.path.join(folder, fname)
-        if not os.path.isfile(path) or os.path.getsize(path) != rec.get("size"):
-            return False
-        # Ground-truth files are small: re-hash them, a replaced file is caught at once.
-        if rec.get("sha256") and file_sha256(path) != rec["sha256"]:
-            return False
-    return True
-
-
-def _load_if_complete(name: str, folder: str) -> BenchmarkDataset | None:
-    marker = read_complete_marker(folder)
-    if marker is None or not _marker_is_current(folder, name, marker):
-        return None
-    try:
-        return BenchmarkDataset(name, folder)
-    except ImageListMismatchError:
-        return None  # images deleted since: repair below
-
-
-# Said of a ground truth without a published hash (gnd_roxford5k.pkl): no checksum vouches for
-# it; it is only read through the restricted unpickler and checked against the image counts.
-_UNVERIFIED = (
-    "unverified: no published sha256 is pinned for it, so only its structure and image counts "
-    "are checked"
-)
-
-
-def _placement_instructions(
-    spec: DatasetSpec, folder: str, need_gnd: bool, need_images: bool
-) -> str:
-    lines = []
-    if need_gnd and spec.gnd is not None:
-        sha = f" (sha256 {spec.gnd.sha256})" if spec.gnd.sha256 else f" ({_UNVERIFIED})"
-        lines.append(f"  {os.path.join(folder, spec.gnd.filename)}\n      from {spec.gnd.url}{sha}")
-    if need_images:
-        for a in spec.archives:
-            lines.append(f"  {os.path.join(folder, 'downloads', a.filename)}\n      from {a.url}")
-        lines.append(
-            f"  (or extract those archives yourself and put every .jpg, without sub-folders, in "
-            f"{os.path.join(folder, 'jpg')}{os.sep})"
-        )
-    text = "Place these files by hand, then run the same command again (files in place are "
-    text += "used as they are, without network access):\n" + "\n".join(lines)
-    if spec.original_gnd is not None:
-        text += (
-            f"\nOptional, for the original {spec.title.replace('Revisited ', '')} protocol:\n"
-            f"  {os.path.join(folder, spec.original_gnd.filename)}\n"
-            f"      from {spec.original_gnd.url}"
-        )
-    return text
-
-
-def _flatten_jpgs(src: str, jpg_dir: str) -> int:
-    """Moves every .jpg under `src` into `jpg_dir` (flat, as revisitop does); returns the count."""
-    os.makedirs(jpg_dir, exist_ok=True)
-    count = 0
-    for dirpath, _, files in os.walk(src):
-        for f in files:
-            path = os.path.join(dirpath, f)
-            if f.lower().endswith(".jpg") and os.path.isfile(path) and not os.path.islink(path):
-                os.replace(path, os.path.join(jpg_dir, f))
-                count += 1
-    return count
-
-
-def prepare_dataset(
-    name: str,
-    data_root: str | os.PathLike,
-    download: bool = True,
-    progress: bool = True,
-    *,
-    images: bool = True,
-    opener: Any = None,
-    timeout: float = 60.0,
-    retries: int = 3,
-    keep_archives: bool = False,
-) -> BenchmarkDataset:
-    """Makes a benchmark ready in `<data_root>/datasets/<name>` and returns it.
-
-    A folder holding a valid `COMPLETE` marker is used as is. Otherwise what is missing is
-    obtained: the ground truth (sha256-checked where a hash is pinned), the optional
-    original-protocol ground truth, and the image archives (downloaded with resume into
-    `downloads/`, safely extracted, .jpg files flattened into `jpg/`, archives deleted unless
-    `keep_archives`). The image folder is checked against the ground truth's image list, then
-    the `COMPLETE` marker is written last, listing what was verified; an interrupted run
-    leaves no marker and the next run continues where it stopped. Files placed by hand (the
-    ground truth, the archives in `downloads/`, or the images in `jpg/`) are used without
-    network access. 'demo' is generated instead (`cbir_tf.data.synthetic`).
-
-    Args:
-      name: 'oxford5k', 'paris6k', 'roxford5k', 'rparis6k' or 'demo'.
-      data_root: the data folder (datasets live in `<data_root>/datasets/`).
-      download: allow network access for what is missing.
-      progress: show download progress bars.
-      images: also obtain the images; False fetches only the ground truth (enough to evaluate
-        precomputed descriptors): the returned dataset is then not image-checked and no
-        marker is written unless the images happen to be complete.
-      opener: injectable URL opener (see `cbir_tf.data.download.download_file`).
-      timeout: network timeout in seconds.
-      retries: retries per file after transient network failures.
-      keep_archives: keep the downloaded image archives after extraction.
-
-    Returns:
-      The BenchmarkDataset.
-
-    Raises:
-      KeyError: unknown name (lists the valid ones).
-      DatasetUnavailableError: something could not be obtained; the message names each file
-        to place by hand and where (exact paths and URLs).
-      ImageListMismatchError: the archives did not provide every listed image.
-      UnsafePickleError, GroundTruthError: a ground-truth file is hostile or malformed.
-    """
-    canonical = resolve_dataset_name(name)
-    spec = DATASETS[canonical]
-    folder = dataset_dir(data_root, canonical)
-    ready = _load_if_complete(canonical, folder)
-    if ready is not None:
-        return ready
-    os.makedirs(folder, exist_ok=True)
-    with cio.folder_lock(folder, what=f"the {canonical} dataset"):
-        ready = _load_if_complete(canonical, folder)  # another process may have finished it
-        if ready is not None:
-            return ready
-        remove_complete_marker(folder)
-        if spec.synthetic:
-            from cbir_tf.data.synthetic import make_synthetic_benchmark
-
-            make_synthetic_benchmark(data_root, name=canonical)
-            return BenchmarkDataset(canonical, folder)
-        complete = _prepare_download(
-            spec,
-            folder,
-            images=images,
-            download=download,
-            kw=dict(progress=progress, opener=opener, timeout=timeout, retries=retries),
-            keep_archives=keep_archives,
-        )
-        return BenchmarkDataset(canonical, folder, check_images=complete)
-
-
-def _list_jpgs(jpg_dir: str) -> set[str]:
-    try:
-        return set(os.listdir(jpg_dir))
-    except (FileNotFoundError, NotADirectoryError):
-        return set()
-
-
-def _prepare_download(
-    spec: DatasetSpec,
-    folder: str,
-    *,
-    images: bool,
-    download: bool,
-    kw: dict[str, Any],
-    keep_archives: bool,
-) -> bool:
-    """Obtains what is missing; returns whether the folder is complete (marker written)."""
-    assert spec.gnd is not None
-    problems: list[str] = []
-    gnd_path = os.path.join(folder, spec.gnd.filename)
-    jpg_dir = os.path.join(folder, "jpg")
-
-    # 1. Ground truth: it tells which images must be there.
-    if not os.path.isfile(gnd_path):
-        if download:
-            try:
-                download_file(spec.gnd.url, gnd_path, spec.gnd.sha256, **kw)
-                if not spec.gnd.sha256:
-                    logger.warning("%s: downloaded, %s", gnd_path, _UNVERIFIED)
-            except DatasetUnavailableError as e:
-                problems.append(str(e))
-        else:
-            problems.append(f"{gnd_path} is missing (download=False)")
-    elif spec.gnd.sha256 and file_sha256(gnd_path) != spec.gnd.sha256:
-        raise ChecksumError(
-            f"{gnd_path} does not have the sha256 of the published {spec.title} ground truth "
-            f"({spec.gnd.sha256}); delete it (it is downloaded again from {spec.gnd.url}) or "
-            f"replace it with the right file"
-        )
-    have_gnd = os.path.isfile(gnd_path)
-    needed: list[str] = []
-    files: dict[str, Any] = {}
-    if have_gnd:
-        # Loads through BenchmarkDataset's checks (counts against the registry) early, so a
-        # wrong file is reported before gigabytes of images are fetched.
-        probe = BenchmarkDataset(spec.name, folder, check_images=False, original_gnd_path="")
-        needed = [n + ".jpg" for n in (*probe.imlist, *probe.qimlist)]
-        files[spec.gnd.filename] = _file_record(gnd_path, spec.gnd.sha256 is not None)
-        # 2. Original-protocol ground truth: optional, never fatal when unavailable.
-        if spec.original_gnd is not None:
-            entry = _prepare_original(spec.original_gnd, folder, download, kw)
-            if entry is not None:
-                files[spec.original_gnd.filename] = entry
-
-    def missing_images() -> list[str]:
-        present = _list_jpgs(jpg_dir)
-        return [n for n in needed if n not in present]
-
-    # 3. Images: fetch and unpack archives while some listed image is missing. Without the
-    # ground truth we cannot tell, so the archives are fetched unless jpg/ already has files.
-    need_images = bool(missing_images()) if have_gnd else not _list_jpgs(jpg_dir)
-    archives_info: list[dict[str, Any]] = []
-    if images and need_images:
-        archives_info = _fetch_archives(
-            spec, folder, have_gnd, missing_images, download, kw, keep_archives, problems
-        )
-
-    if problems:
-        absent = missing_images() if have_gnd else []
-        if images and absent:
-            # Name the images themselves: a few deleted files must not read as "fetch the
-            # whole archive" only.
-            problems.insert(
-                0,
-                f"{len(absent)} of the {len(needed)} images listed in {gnd_path} are missing "
-                f"from {jpg_dir}: {', '.join(absent[:10])}"
-                f"{' ...' if len(absent) > 10 else ''}",
-            )
-        still_missing = bool(absent) if have_gnd else True
-        raise DatasetUnavailableError(
-            f"dataset {spec.name} ({spec.title}) is not ready in {folder}:\n"
-            + "\n".join(f"  - {p}" for p in problems)
-            + "\n"
-            + _placement_instructions(spec, folder, not have_gnd, images and still_missing)
-        )
-    missing = missing_images()
-    if missing and not images:
-        return False
-    if missing:
-        shown = ", ".join(missing[:10])
-        raise ImageListMismatchError(
-            f"{len(missing)} of the {len(needed)} images listed in {gnd_path} are still missing "
-            f"from {jpg_dir} after extracting the archives: {shown}"
-            f"{' ...' if len(missing) > 10 else ''}. The archives do not match the ground truth; "
-            f"delete {jpg_dir} and {os.path.join(folder, 'downloads')} and run again, or place "
-            f"the missing images there by hand.\n"
-            + _placement_instructions(spec, folder, False, True)
-        )
-
-    dataset = BenchmarkDataset(spec.name, folder)  # full check before vouching for it
-    write_complete_marker(
-        folder,
-        {
-            "dataset": spec.name,
-            "files": files,
-            "archives": archives_info,
-            "num_images": dataset.num_images,
-            "num_queries": dataset.num_queries,
-            "images_checked": "every imlist and qimlist name is present as jpg/<name>.jpg",
-            "original_protocol": dataset.has_original,
-        },
-    )
-    _cleanup_downloads(folder)
-    return True
-
-
-def _prepare_original(
-    remote: RemoteFile, folder: str, download: bool, kw: dict[str, Any]
-) -> dict[str, Any] | None:
-    """Fetches and checks the optional original-protocol file; returns its marker entry."""
-    path = os.path.join(folder, remote.filename)
-    if not os.path.isfile(path) and download:
-        try:
-            download_file(remote.url, path, remote.sha256, **kw)
-        except DatasetUnavailableError as e:
-            logger.warning(
-                "original-protocol ground truth unavailable (%s); only the revisited protocols "
-                "will be evaluated",
-                e,
-            )
-    if not os.path.isfile(path):
-        return None
-    try:
-        load_ground_truth(path, kind="original")
-    except UnsafePickleError:
-        os.unlink(path)  # never keep a hostile file around
-        raise
-    except GroundTruthError as e:
-        os.unlink(path)
-        logger.warning("%s; deleted, only the revisited protocols will be evaluated", e)
-        return None
-    return _file_record(path, remote.sha256 is not None)
-
-
-def _fetch_archives(
-    spec: DatasetSpec,
-    folder: str,
-    have_gnd: bool,
-    missing_images: Any,
-    download: bool,
-    kw: dict[str, Any],
-    keep_archives: bool,
-    problems: list[str],
-) -> list[dict[str, Any]]:
-    """Downloads (resumably) and safely unpacks the image archives; appends failures.
-
-    An archive whose images are in `jpg/` leaves `downloads/<archive>.extracted` behind, so a
-    run interrupted at the second archive does not fetch the first one again.
-    """
-    jpg_dir = os.path.join(folder, "jpg")
-    downloads = os.path.join(folder, "downloads")
-    info = []
-    for a in spec.archives:
-        if have_gnd and not missing_images():
-            break
-        path = os.path.join(downloads, a.filename)
-        done = path + ".extracted"
-        if os.path.isfile(done):
-            with open(done, encoding="utf-8") as f:
-                info.append(json.load(f))
-            continue
-        if not os.path.isfile(path):
-            if not download:
-                problems.append(f"{path} is missing (download=False)")
-                continue
-            try:
-                download_file(a.url, path, a.sha256, **kw)
-            except DatasetUnavailableError as e:
-                problems.append(str(e))
-                continue
-        record = {
-            "filename": a.filename,
-            "url": a.url,
-            "size": os.path.getsize(path),
-            "sha256": file_sha256(path),
-        }
-        tmp = os.path.join(folder, "_extracting")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            safe_extract(path, tmp)
-        except ArchiveError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.unlink(path)  # a truncated or hostile archive must not be used again
-            problems.append(f"{e}; the archive was deleted, run again to download it again")
-            continue
-        record["images"] = _flatten_jpgs(tmp, jpg_dir)
-        shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("%s: %d images extracted from %s", spec.name, record["images"], a.filename)
-        cio.atomic_write_json(done, record)
-        if not keep_archives:
-            os.unlink(path)
-        info.append(record)
-    return info
-
-
-def _cleanup_downloads(folder: str) -> None:
-    """Drops the per-archive progress records once the dataset is complete."""
-    downloads = os.path.join(folder, "downloads")
-    if not os.path.isdir(downloads):
-        return
-    for f in os.listdir(downloads):
-        if f.endswith(".extracted"):
-            os.unlink(os.path.join(downloads, f))
-    if not os.listdir(downloads):
-        os.rmdir(downloads)
-
-
-def _file_record(path: str, pinned: bool) -> dict[str, Any]:
-    return {"size": os.path.getsize(path), "sha256": file_sha256(path), "sha256_pinned": pinned}

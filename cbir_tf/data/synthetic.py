@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from cbir_tf import io as cio
 from cbir_tf.data.download import file_sha256, remove_complete_marker, write_complete_marker
+from cbir_tf.data.revisited import dataset_dir
 
 __all__ = ["make_synthetic_benchmark"]
 
@@ -269,6 +270,122 @@ def _jpeg_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def _check_arguments(
+    name: str,
+    num_landmarks: int,
+    images_per_landmark: int,
+    distractors: int,
+    queries_per_landmark: int,
+    image_size: tuple[int, int],
+) -> tuple[int, int]:
+    """Raises ValueError for arguments no benchmark can be made of; returns (width, height)."""
+    if num_landmarks < 1 or images_per_landmark < 1 or queries_per_landmark < 1:
+        raise ValueError("num_landmarks, images_per_landmark and queries_per_landmark must be >= 1")
+    if distractors < 0:
+        raise ValueError("distractors must be >= 0")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"name must be a plain folder name (letters, digits, _ . -), got {name!r}")
+    width, height = (int(v) for v in image_size)
+    if width < 16 or height < 16:
+        raise ValueError(f"image_size must be at least 16x16, got {image_size}")
+    return width, height
+
+
+def _render(
+    seed: int,
+    num_landmarks: int,
+    images_per_landmark: int,
+    distractors: int,
+    queries_per_landmark: int,
+    out_size: tuple[int, int],
+) -> tuple[dict[str, Image.Image], dict[str, tuple[int, str]], list[tuple[str, int, list[float]]]]:
+    """Draws every image of the benchmark.
+
+    Returns:
+      (images {name: PIL image}, labels {database name: (landmark or -1, 'easy' | 'hard' |
+      'junk' | 'distractor')}, queries [(name, landmark, bbx)]).
+    """
+    scene_size = (2 * out_size[0], 2 * out_size[1])
+    n_easy, n_hard, n_junk = _split_counts(images_per_landmark)
+    kinds = ["easy"] * n_easy + ["hard"] * n_hard + ["junk"] * n_junk
+    images: dict[str, Image.Image] = {}
+    labels: dict[str, tuple[int, str]] = {}
+    queries: list[tuple[str, int, list[float]]] = []
+    for lm in range(num_landmarks):
+        scene, box = _scene(_rng(seed, 1, lm), scene_size, landmark=True)
+        for k, kind in enumerate(kinds):
+            rng = _rng(seed, 2, lm, k)
+            db_name = f"landmark{lm:02d}_{k:06d}"
+            images[db_name] = _db_view(scene, box, rng, kind, out_size)
+            labels[db_name] = (lm, kind)
+        for j in range(queries_per_landmark):
+            img, bbx = _query_view(scene, box, _rng(seed, 3, lm, j), out_size)
+            q_name = f"landmark{lm:02d}_query_{j:06d}"
+            images[q_name] = img
+            queries.append((q_name, lm, bbx))
+    for d in range(distractors):
+        rng = _rng(seed, 4, d)
+        scene, box = _scene(rng, scene_size, landmark=False)
+        db_name = f"distractor_{d:06d}"
+        images[db_name] = _db_view(scene, box, rng, "hard", out_size)
+        labels[db_name] = (-1, "distractor")
+    return images, labels, queries
+
+
+def _revisited_gnd(
+    seed: int, labels: dict[str, tuple[int, str]], queries: list[tuple[str, int, list[float]]]
+) -> dict[str, Any]:
+    """The revisited ground truth: {'gnd', 'imlist', 'qimlist'}, plain Python objects."""
+    # Interleave landmarks and distractors, as in the real lists.
+    imlist = sorted(labels)
+    order = _rng(seed, 5).permutation(len(imlist))
+    imlist = [imlist[i] for i in order]
+    index = {n: i for i, n in enumerate(imlist)}
+    gnd = []
+    for _q_name, lm, bbx in queries:
+        entry: dict[str, Any] = {"bbx": bbx}
+        for kind in ("easy", "hard", "junk"):
+            entry[kind] = sorted(
+                index[n] for n, (l_, k_) in labels.items() if l_ == lm and k_ == kind
+            )
+        gnd.append(entry)
+    return {"gnd": gnd, "imlist": imlist, "qimlist": [q[0] for q in queries]}
+
+
+def _original_gnd(
+    revisited: dict[str, Any], queries: list[tuple[str, int, list[float]]], num_landmarks: int
+) -> dict[str, Any]:
+    """The original-protocol ground truth, as cnnimageretrieval's `gnd_oxford5k.pkl`.
+
+    The queries are database images too, 'ok' = easy + hard + the landmark's own queries, and
+    the last landmark's queries are not covered (when there are several landmarks).
+    """
+    imlist, qimlist, gnd = revisited["imlist"], revisited["qimlist"], revisited["gnd"]
+    covered = [i for i, q in enumerate(queries) if q[1] < num_landmarks - 1] or [0]
+    o_gnd = []
+    for i in covered:
+        g = gnd[i]
+        own = [len(imlist) + j for j, q in enumerate(queries) if q[1] == queries[i][1]]
+        o_gnd.append(
+            {"bbx": g["bbx"], "ok": sorted(g["easy"] + g["hard"] + own), "junk": g["junk"]}
+        )
+    return {"gnd": o_gnd, "imlist": imlist + qimlist, "qimlist": [qimlist[i] for i in covered]}
+
+
+def _write_jpegs(jpg_dir: str, images: dict[str, Image.Image]) -> None:
+    for img_name, img in images.items():
+        with open(os.path.join(jpg_dir, img_name + ".jpg"), "wb") as f:
+            f.write(_jpeg_bytes(img))
+            # Durable before the marker vouches for them (the marker itself is atomic).
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _write_gnd(path: str, cfg: dict[str, Any]) -> None:
+    # Protocol 3, plain lists/ints/floats: the format of the published revisitop files.
+    cio.atomic_write_bytes(path, pickle.dumps(cfg, protocol=3))
+
+
 def make_synthetic_benchmark(
     root: str | os.PathLike,
     name: str = "demo",
@@ -305,94 +422,27 @@ def make_synthetic_benchmark(
     Returns:
       The dataset folder `<root>/datasets/<name>`.
     """
-    if num_landmarks < 1 or images_per_landmark < 1 or queries_per_landmark < 1:
-        raise ValueError("num_landmarks, images_per_landmark and queries_per_landmark must be >= 1")
-    if distractors < 0:
-        raise ValueError("distractors must be >= 0")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise ValueError(f"name must be a plain folder name (letters, digits, _ . -), got {name!r}")
-    width, height = (int(v) for v in image_size)
-    if width < 16 or height < 16:
-        raise ValueError(f"image_size must be at least 16x16, got {image_size}")
-    out_size = (width, height)
-    scene_size = (2 * width, 2 * height)
-    folder = os.path.join(os.path.abspath(os.fspath(root)), "datasets", name)
+    width, height = _check_arguments(
+        name, num_landmarks, images_per_landmark, distractors, queries_per_landmark, image_size
+    )
+    folder = dataset_dir(root, name)
     jpg_dir = os.path.join(folder, "jpg")
     os.makedirs(jpg_dir, exist_ok=True)
     remove_complete_marker(folder)  # a regenerated folder is incomplete until the end
 
-    n_easy, n_hard, n_junk = _split_counts(images_per_landmark)
-    kinds = ["easy"] * n_easy + ["hard"] * n_hard + ["junk"] * n_junk
-    images: dict[str, Image.Image] = {}
-    labels: dict[str, tuple[int, str]] = {}  # db name -> (landmark, kind)
-    queries: list[tuple[str, int, list[float]]] = []
-    for lm in range(num_landmarks):
-        scene, box = _scene(_rng(seed, 1, lm), scene_size, landmark=True)
-        for k, kind in enumerate(kinds):
-            rng = _rng(seed, 2, lm, k)
-            db_name = f"landmark{lm:02d}_{k:06d}"
-            images[db_name] = _db_view(scene, box, rng, kind, out_size)
-            labels[db_name] = (lm, kind)
-        for j in range(queries_per_landmark):
-            img, bbx = _query_view(scene, box, _rng(seed, 3, lm, j), out_size)
-            q_name = f"landmark{lm:02d}_query_{j:06d}"
-            images[q_name] = img
-            queries.append((q_name, lm, bbx))
-    for d in range(distractors):
-        rng = _rng(seed, 4, d)
-        scene, box = _scene(rng, scene_size, landmark=False)
-        db_name = f"distractor_{d:06d}"
-        images[db_name] = _db_view(scene, box, rng, "hard", out_size)
-        labels[db_name] = (-1, "distractor")
-
-    # Interleave landmarks and distractors, as in the real lists.
-    imlist = sorted(labels)
-    order = _rng(seed, 5).permutation(len(imlist))
-    imlist = [imlist[i] for i in order]
-    index = {n: i for i, n in enumerate(imlist)}
-    gnd = []
-    for _q_name, lm, bbx in queries:
-        entry: dict[str, Any] = {"bbx": bbx}
-        for kind in ("easy", "hard", "junk"):
-            entry[kind] = sorted(
-                index[n] for n, (l_, k_) in labels.items() if l_ == lm and k_ == kind
-            )
-        gnd.append(entry)
-    qimlist = [q[0] for q in queries]
-
-    for img_name, img in images.items():
-        with open(os.path.join(jpg_dir, img_name + ".jpg"), "wb") as f:
-            f.write(_jpeg_bytes(img))
-            # Durable before the marker vouches for them (the marker itself is atomic).
-            f.flush()
-            os.fsync(f.fileno())
-    # Protocol 3, plain lists/ints/floats: the format of the published revisitop files.
-    cio.atomic_write_bytes(
-        os.path.join(folder, f"gnd_{name}.pkl"),
-        pickle.dumps({"gnd": gnd, "imlist": imlist, "qimlist": qimlist}, protocol=3),
+    images, labels, queries = _render(
+        seed, num_landmarks, images_per_landmark, distractors, queries_per_landmark, (width, height)
     )
+    revisited = _revisited_gnd(seed, labels, queries)
+    _write_jpegs(jpg_dir, images)
     files = [f"gnd_{name}.pkl"]
+    _write_gnd(os.path.join(folder, files[0]), revisited)
+    original_path = os.path.join(folder, f"gnd_{name}_original.pkl")
     if original_protocol:
-        # Original Oxford/Paris: queries are database images too, 'ok' = good + ok positives.
-        o_imlist = imlist + qimlist
-        covered = [i for i, q in enumerate(queries) if q[1] < num_landmarks - 1] or [0]
-        o_gnd = []
-        for i in covered:
-            g = gnd[i]
-            own = [len(imlist) + j for j, q in enumerate(queries) if q[1] == queries[i][1]]
-            o_gnd.append(
-                {"bbx": g["bbx"], "ok": sorted(g["easy"] + g["hard"] + own), "junk": g["junk"]}
-            )
-        cio.atomic_write_bytes(
-            os.path.join(folder, f"gnd_{name}_original.pkl"),
-            pickle.dumps(
-                {"gnd": o_gnd, "imlist": o_imlist, "qimlist": [qimlist[i] for i in covered]},
-                protocol=3,
-            ),
-        )
-        files.append(f"gnd_{name}_original.pkl")
-    elif os.path.exists(os.path.join(folder, f"gnd_{name}_original.pkl")):
-        os.unlink(os.path.join(folder, f"gnd_{name}_original.pkl"))  # left by an earlier run
+        _write_gnd(original_path, _original_gnd(revisited, queries, num_landmarks))
+        files.append(os.path.basename(original_path))
+    elif os.path.exists(original_path):
+        os.unlink(original_path)  # left by an earlier run
 
     write_complete_marker(
         folder,
@@ -413,8 +463,8 @@ def make_synthetic_benchmark(
                 }
                 for f in files
             },
-            "num_images": len(imlist),
-            "num_queries": len(qimlist),
+            "num_images": len(revisited["imlist"]),
+            "num_queries": len(revisited["qimlist"]),
         },
     )
     return folder
