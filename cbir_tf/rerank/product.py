@@ -6,7 +6,8 @@ run in the solver's thread pool (`cg.thread_pool`).
 
 The kernel is scipy's own `csr_matvecs` (behind `csr_matrix @ dense`), which adds into a given
 output; it is private, so the public product (a temporary per block, then an add) is the
-fallback. Measured by benchmarks/sparse_kernel.py: KERNEL_FIGURES.
+fallback.
+Kept because measured faster: 1.2-1.4x per product (benchmarks/sparse_kernel.py, 2 cores).
 """
 
 from __future__ import annotations
@@ -47,10 +48,8 @@ class BlockedSparseProduct:
     # Default bytes of P per column block. A P larger than `_SMALL_P` gets slices that fit a
     # share of the last-level cache: the memory reads they save outweigh the extra passes over
     # Y. A smaller P, in the last-level cache anyway, gets slices that fit a core's L2, and the
-    # extra passes over Y stay in the last-level cache. (Measured on 2 cores, Q = 70, two
-    # threads / one: N = 6 400 2.2 / 4.3 ms against 2.7 / 5.1 with 6 MiB blocks; N = 12 800
-    # 5.2 / 9.9 against 6.0 / 11.1; but N = 25 000 11.7 / 33 against 11.7 / 24, and
-    # N = 100 000 155 ms against 49 on two threads.)
+    # extra passes over Y stay in the last-level cache (figures:
+    # benchmarks/results/diffusion_design.md).
     _LLC_BLOCK = 6 << 20
     _L2_BLOCK = 1 << 20
     _SMALL_P = 8 << 20
