@@ -5,7 +5,8 @@ all columns sharing each product with M), following Matlab's `pcg` from a zero s
 diffusion reference (Iscen et al., CVPR 2017) does per query. The vector updates run over row
 ranges of the `[N, Q]` arrays in a shared thread pool (`num_threads`, $CBIR_NUM_THREADS; numpy
 releases the GIL in its loops), chunk by chunk so that each chunk's updates stay in cache, and
-the loop allocates no `[N, Q]` array per iteration. Speed figures: benchmarks/results/.
+the loop allocates no `[N, Q]` array per iteration. Measurements behind this design:
+benchmarks/results/diffusion_design.md.
 """
 
 from __future__ import annotations
