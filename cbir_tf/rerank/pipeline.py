@@ -26,6 +26,8 @@ import numpy as np
 
 from cbir_tf import search
 from cbir_tf.rerank import diffusion, query_expansion
+from cbir_tf.rerank.cg import CGInfo
+from cbir_tf.rerank.graph import knn_affinity
 
 __all__ = ["METHODS", "NONE", "Database", "Ranking", "RerankSettings", "check_method", "rerank"]
 
@@ -189,7 +191,7 @@ class Database:
         return self._augmented[dba]
 
     def graph(self, k: int, gamma: float):
-        """The diffusion graph A (`diffusion.knn_affinity`): O(N^2 D) once, then reused."""
+        """The diffusion graph A (`graph.knn_affinity`): O(N^2 D) once, then reused."""
         key = (int(k), float(gamma))
         if key not in self._graphs:
             n = self.index.ntotal
@@ -200,7 +202,7 @@ class Database:
                     "(e.g. %d)", n, k, max(2, n // 3),
                 )  # fmt: skip
             idx = self.index
-            self._graphs[key] = diffusion.knn_affinity(
+            self._graphs[key] = knn_affinity(
                 self.vectors, k, gamma, block_size=idx.block_size, backend=idx.backend,
                 validate=False,
             )  # fmt: skip
@@ -222,7 +224,7 @@ class Ranking:
 
     scores: np.ndarray
     ids: np.ndarray
-    cg: diffusion.CGInfo | None = None
+    cg: CGInfo | None = None
 
 
 def rerank(
