@@ -18,6 +18,7 @@ vectors, diffusion graph) lives in a `Database`, built once and reused by every 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -103,10 +104,7 @@ class RerankSettings:
         if isinstance(block, RerankSettings):
             return block
         given = _to_dict(block)
-        from cbir_tf.configs import default  # the one source of default values
-
-        values = default.get_config().rerank.to_dict()
-        values.pop("methods")
+        values = {name: dict(fields) for name, fields in _defaults().items()}
         for name, fields in given.items():
             if name == "methods":
                 continue
@@ -136,6 +134,17 @@ class RerankSettings:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """{'qe': {...}, 'dba': {...}, 'diffusion': {...}} (what index manifests save)."""
         return dataclasses.asdict(self)
+
+
+@functools.cache
+def _defaults() -> dict[str, dict[str, Any]]:
+    """The `rerank` block of configs/default.py, the one source of default values (read once;
+    callers copy it)."""
+    from cbir_tf.configs import default
+
+    values = default.get_config().rerank.to_dict()
+    del values["methods"]
+    return values
 
 
 def _to_dict(block: Any) -> dict[str, Any]:
