@@ -37,7 +37,6 @@ _log = logging.getLogger(__name__)
 NONE = "none"
 METHODS = (NONE, "aqe", "diffusion", "aqe+diffusion", "dba", "aqe+dba")
 ALIASES = {"plain": NONE}
-_STEPS = ("dba", "aqe", "diffusion")  # the order steps run in
 
 
 def check_method(method: str, what: str = "rerank", none_word: str = NONE) -> str:
