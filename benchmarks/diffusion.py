@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from _data import random_unit  # noqa: E402
 
 from cbir_tf import search  # noqa: E402
+from cbir_tf.rerank import cg, graph  # noqa: E402
 from cbir_tf.rerank import diffusion as dfu  # noqa: E402
 
 
@@ -121,7 +122,7 @@ def split_solve(op, y, max_iter, tol, repeats) -> tuple[float, float, int]:
     for _ in range(repeats):
         timed = TimedOperator(op)
         t0 = time.perf_counter()
-        dfu.conjugate_gradient(timed, y, max_iter=max_iter, tol=tol)
+        cg.conjugate_gradient(timed, y, max_iter=max_iter, tol=tol)
         total = time.perf_counter() - t0
         if best is None or total < sum(best[:2]):
             best = (timed.seconds, total - timed.seconds, timed.calls)
@@ -131,9 +132,9 @@ def split_solve(op, y, max_iter, tol, repeats) -> tuple[float, float, int]:
 
 def run_full(x, queries, args) -> None:
     with Phase("graph: kNN search + mutual affinity") as g:
-        affinity = dfu.knn_affinity(x, args.k, args.gamma, validate=False)
+        affinity = graph.knn_affinity(x, args.k, args.gamma, validate=False)
     with Phase("normalise S, query vectors y"):
-        s = dfu.normalize_affinity(affinity)
+        s = graph.normalize_affinity(affinity)
         y = dfu.query_vectors(queries, x, args.kq, args.gamma)
     print(f"  graph: {affinity.nnz} edges ({affinity.nnz / x.shape[0]:.1f} per node), "
           f"{int((np.diff(affinity.indptr) == 0).sum())} isolated nodes")  # fmt: skip
@@ -146,13 +147,13 @@ def run_full(x, queries, args) -> None:
         # Peak memory from one traced run each; times from interleaved untraced repeats, best
         # of each (the first vectorised run also splits S into cache blocks, once per graph).
         with Phase(f"memory {label}: vectorised CG"):
-            dfu.conjugate_gradient(op, y, max_iter=max_iter, tol=tol)
+            cg.conjugate_gradient(op, y, max_iter=max_iter, tol=tol)
         with Phase(f"memory {label}: scipy cg per query"):
             scipy_per_query(m, y, max_iter, tol)
         ours, base = [], []
         for _ in range(args.repeats):
             with Phase(f"solve {label}: vectorised CG, {y.shape[1]} queries", trace=False) as v:
-                f, info = dfu.conjugate_gradient(op, y, max_iter=max_iter, tol=tol)
+                f, info = cg.conjugate_gradient(op, y, max_iter=max_iter, tol=tol)
             with Phase(f"solve {label}: scipy cg per query", trace=False) as b:
                 ref = scipy_per_query(m, y, max_iter, tol)
             ours.append(v.seconds)
@@ -205,7 +206,7 @@ def main(argv=None) -> None:
     tracemalloc.start()
     print(f"diffusion benchmark: D={args.dim}, Q={args.queries}, k={args.k}, kq={args.kq}, "
           f"gamma={args.gamma}, alpha={args.alpha}, CG {args.max_iter} it / tol {args.tol}, "
-          f"{os.cpu_count()} CPUs, {dfu.num_threads()} threads")  # fmt: skip
+          f"{os.cpu_count()} CPUs, {cg.num_threads()} threads")  # fmt: skip
     queries = random_unit(args.queries, args.dim, args.seed + 1)
     for n in args.sizes:
         print(f"\nN = {n}")

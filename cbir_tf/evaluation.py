@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 
 from cbir_tf import metrics, report, search
-from cbir_tf.rerank import diffusion as diffusion_lib
-from cbir_tf.rerank import query_expansion
+from cbir_tf.configs import default as default_config
+from cbir_tf.rerank import pipeline
 
 log = logging.getLogger(__name__)
 
-METHODS = ("plain", "aqe", "diffusion", "aqe+diffusion")
+# The rows of the default table (configs/default.py); every method: `pipeline.METHODS`.
+METHODS = tuple(default_config.get_config().rerank.methods)
 
 # The literature learns whitening on the other landmark dataset (Radenović et al.), so that
 # nothing is learned on the test images.
@@ -37,50 +38,32 @@ _OTHER_DATASET = {"rparis6k": "roxford5k", "roxford5k": "rparis6k"}
 # --------------------------------------------------------------------------------------------
 
 
-def _ranks_from_scores(scores: np.ndarray) -> np.ndarray:
-    # Stable sort: equal scores keep database order, as `search.rank_all` breaks ties.
-    return np.argsort(-scores, axis=1, kind="stable").astype(np.int64)
-
-
 def rank_method(
     method: str,
     queries: np.ndarray,
-    database: np.ndarray,
-    rerank_cfg: Mapping[str, Any],
+    database: np.ndarray | pipeline.Database,
+    rerank_cfg: Any,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Full rankings of `database` for `queries` under one retrieval method.
 
     Args:
-      method: 'plain', 'aqe', 'diffusion' or 'aqe+diffusion' (α-QE on the queries first).
+      method: a name of `pipeline.METHODS`, 'plain' for no re-ranking (e.g. 'aqe+diffusion').
       queries: float32 [Q, D], L2-normalised.
-      database: float32 [N, D], L2-normalised.
-      rerank_cfg: the config's `rerank` block (fields `qe.n`, `qe.alpha`, `diffusion.*`).
+      database: float32 [N, D], L2-normalised (or a `pipeline.Database`, reused across methods).
+      rerank_cfg: the config's `rerank` block (or `pipeline.RerankSettings`).
 
     Returns:
       (ranks int64 [Q, N] best first, info dict: timings and, for diffusion, convergence).
     """
-    parts = method.split("+")
-    unknown = [p for p in parts if p not in ("plain", "aqe", "diffusion")]
-    if unknown or not parts:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
-    info: dict[str, Any] = {}
+    pipeline.check_method(method, "method", none_word="plain")
+    settings = pipeline.RerankSettings.from_config(rerank_cfg)
     t0 = time.perf_counter()
-    q = queries
-    if "aqe" in parts:
-        qe = rerank_cfg["qe"]
-        q = query_expansion.alpha_query_expansion(
-            q, database, n=int(qe["n"]), alpha=float(qe["alpha"])
-        )
-    if "diffusion" in parts:
-        scores, dinfo = diffusion_lib.diffusion_scores(
-            q, database, **diffusion_lib.config_kwargs(rerank_cfg["diffusion"]), return_info=True
-        )
-        ranks = _ranks_from_scores(scores)
-        info["diffusion"] = _diffusion_info(dinfo)
-    else:
-        ranks, _ = search.rank_all(q, database)
+    ranking = pipeline.rerank(method, queries, database, settings)
+    info: dict[str, Any] = {}
+    if ranking.cg is not None:
+        info["diffusion"] = _diffusion_info(ranking.cg)
     info["seconds"] = round(time.perf_counter() - t0, 3)
-    return ranks, info
+    return ranking.ids, info
 
 
 def _diffusion_info(dinfo: Any) -> dict[str, Any]:
@@ -156,7 +139,7 @@ def evaluate_methods(
     gnd: Sequence[Mapping[str, Any]],
     *,
     methods: Sequence[str] = METHODS,
-    rerank_cfg: Mapping[str, Any],
+    rerank_cfg: Any,
     kappas: Sequence[int] = (1, 5, 10),
     original_gnd: Sequence[Mapping[str, Any]] | None = None,
     original_queries: Sequence[int] | None = None,
@@ -168,8 +151,8 @@ def evaluate_methods(
       queries: float32 [Q, D] query descriptors, row i for query i of `gnd`.
       database: float32 [N, D] database descriptors, row j for image j of the ground truth.
       gnd: revisited ground truth (list of Q dicts).
-      methods: names accepted by `rank_method`.
-      rerank_cfg: the config's `rerank` block.
+      methods: names accepted by `rank_method` (table rows and result keys, as given).
+      rerank_cfg: the config's `rerank` block (or `pipeline.RerankSettings`).
       kappas: the k of mP@k.
       original_gnd, original_queries: see `evaluate_rankings`.
       missing: ground-truth ids of database images without a descriptor (see `align_rows`);
@@ -182,13 +165,18 @@ def evaluate_methods(
         raise ValueError(
             f"{len(queries)} query descriptors for {len(gnd)} queries in the ground truth"
         )
-    for name, x in (("queries", queries), ("database", database)):
-        search.validate_descriptors(x, name)
-        _warn_unless_unit_norm(x, name)
+    for method in methods:  # every name checked before the first (costly) one runs
+        pipeline.check_method(method, "method", none_word="plain")
+    settings = pipeline.RerankSettings.from_config(rerank_cfg)
+    search.validate_descriptors(queries, "queries")
+    # Validated once; DBA and the diffusion graph are built once for all the methods.
+    db = pipeline.Database(database)
+    _warn_unless_unit_norm(queries, "queries")
+    _warn_unless_unit_norm(database, "database")
     results: dict[str, Any] = {}
     rankings: dict[str, np.ndarray] = {}
     for method in methods:
-        ranks, info = rank_method(method, queries, database, rerank_cfg)
+        ranks, info = rank_method(method, queries, db, settings)
         if missing is not None and len(missing):
             ranks = rankings_with_missing(ranks, missing, len(database) + len(missing))
         res = evaluate_rankings(ranks, gnd, kappas, original_gnd, original_queries)

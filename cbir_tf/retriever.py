@@ -40,6 +40,7 @@ import numpy as np
 
 from cbir_tf import store as store_lib
 from cbir_tf.io import atomic_open, atomic_write_json, atomic_write_text, folder_lock
+from cbir_tf.rerank import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +51,7 @@ PENDING_FILE = "pending.json"
 COMMIT_FILE = "COMMIT"
 FORMAT = "cbir_tf.index"
 FORMAT_VERSION = 1
-RERANK_METHODS = ("none", "aqe", "diffusion", "aqe+diffusion")
 DEFAULT_IMAGE_SIZE = 1024  # configs/default.py's data.image_size
-
-# Re-ranking settings when none are given: those of configs/default.py.
-DEFAULT_RERANK = {
-    "qe": {"n": 2, "alpha": 3.0},
-    "diffusion": {
-        "k": 50,
-        "kq": 10,
-        "gamma": 3.0,
-        "alpha": 0.99,
-        "max_iter": 20,
-        "tol": 1e-6,
-        "truncate": 0,
-    },
-}
 
 _BLOCK_ROWS = 65536
 _INDEX_FILES = (
@@ -124,8 +110,8 @@ class Retriever:
       ms_power: power of the generalised mean combining scales.
       directory: the index folder (opened if it holds an index, else created on first write).
       root: collection root: image ids are paths relative to it.
-      rerank: {'qe': {'n', 'alpha'}, 'diffusion': {...}} settings (missing ones: defaults of
-        configs/default.py).
+      rerank: the config's `rerank` block, {'qe': {'n', 'alpha'}, 'dba': {'n', 'alpha'},
+        'diffusion': {...}} (missing fields: those of configs/default.py).
       backend: 'exact' or 'faiss' nearest-neighbour search.
       block_size: database rows per block of exact search.
       flush_every: images per checkpoint of a running extraction.
@@ -159,7 +145,8 @@ class Retriever:
         self.scales = tuple(float(s) for s in scales)
         self.ms_power = float(ms_power)
         self.root = os.path.abspath(os.path.expanduser(os.fspath(root))) if root else None
-        self.rerank_settings = _merge_rerank(rerank)
+        # A plain dict (saved in the manifest; fields may be changed between searches).
+        self.rerank_settings = pipeline.RerankSettings.from_config(rerank).to_dict()
         self.backend = backend
         self.block_size = int(block_size)
         self.flush_every = int(flush_every)
@@ -171,8 +158,7 @@ class Retriever:
         self._paths: dict[str, str] = {}  # explicit paths of ids that are not root-relative
         self._stat: dict[str, list[int]] = {}
         self._failed: dict[str, dict[str, Any]] = {}
-        self._search_index = None
-        self._affinity = None
+        self._database: pipeline.Database | None = None  # search structures, built on first use
         if self.directory:
             _refuse_plain_store(self.directory)
             saved_model = os.path.join(self.directory, MODEL_FILE)
@@ -691,8 +677,7 @@ class Retriever:
         self._ids = list(ids)
         self._row = {i: r for r, i in enumerate(self._ids)}
         # Rows changed: search structures built on the old matrix are stale.
-        self._search_index = None
-        self._affinity = None
+        self._database = None
 
     def _manifest(self, ids: Sequence[str], model_ref: Mapping[str, Any]) -> dict[str, Any]:
         present = set(ids) | set(self._failed)
@@ -904,7 +889,8 @@ class Retriever:
         Args:
           query: a path, a PIL image, or a uint8 array [H, W, 3].
           k: results wanted, >= 1 (the whole index when it holds fewer images).
-          rerank: 'none', 'aqe' (α-query expansion), 'diffusion' or 'aqe+diffusion'.
+          rerank: a method of `pipeline.METHODS`: 'none', 'aqe' (α-query expansion),
+            'diffusion', 'aqe+diffusion', 'dba' (database-side augmentation) or 'aqe+dba'.
           bbox: optional crop box (x1, y1, x2, y2) of the query, pixels.
 
         Returns:
@@ -947,10 +933,7 @@ class Retriever:
           (scores float32 [Q, k'], rows int64 [Q, k']) best first, k' = min(k, N); rows index
           `ids` / `descriptors`.
         """
-        from cbir_tf import search as search_lib
-
-        if rerank not in RERANK_METHODS:
-            raise ValueError(f"unknown rerank {rerank!r}; valid: {', '.join(RERANK_METHODS)}")
+        method = pipeline.check_method(rerank, "rerank")
         self._require_nonempty()
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         database = self._descriptors
@@ -958,63 +941,16 @@ class Retriever:
             raise ValueError(
                 f"queries have {queries.shape[1]} dimensions, the index {database.shape[1]}"
             )
-        n = database.shape[0]
-        k = min(check_k(k), n)
-        parts = rerank.split("+")
-        if "aqe" in parts:
-            from cbir_tf.rerank import query_expansion
-
-            qe = self.rerank_settings["qe"]
-            queries = query_expansion.alpha_query_expansion(
-                queries, database, n=min(int(qe["n"]), n), alpha=float(qe["alpha"])
-            )
-        if "diffusion" in parts:
-            return self._diffusion(queries, database, k)
-        if self._search_index is None:
-            # Validated (and, for faiss, built) once per state of the index, not per query.
-            self._search_index = search_lib.SearchIndex(
+        k = min(check_k(k), database.shape[0])
+        if self._database is None:
+            # Validated (and, for faiss, built) once per state of the index, not per query;
+            # it also keeps the DBA vectors and diffusion graphs for later queries.
+            self._database = pipeline.Database(
                 database, backend=self.backend, block_size=self.block_size
             )
-        scores, rows = self._search_index.search(queries, k)
-        return np.asarray(scores, np.float32), np.asarray(rows, np.int64)
-
-    def _diffusion(self, queries, database, k):
-        from cbir_tf.rerank import diffusion
-
-        d = self.rerank_settings["diffusion"]
-        n = database.shape[0]
-        key = (int(d["k"]), float(d["gamma"]), self.backend)
-        if int(d["k"]) >= n:
-            log.warning(
-                "diffusion over %d images with k=%d neighbours: the graph connects everything "
-                "and diffusion cannot help; use a smaller rerank.diffusion.k (e.g. %d)",
-                n, int(d["k"]), max(2, n // 3),
-            )  # fmt: skip
-        if self._affinity is None or self._affinity[0] != key:
-            # The database graph costs O(N^2 D) exactly: built once, reused by every query.
-            graph = diffusion.knn_affinity(
-                database, int(d["k"]), float(d["gamma"]), block_size=self.block_size,
-                backend=self.backend,
-            )  # fmt: skip
-            self._affinity = (key, graph)
-        settings = diffusion.config_kwargs(d)
-        if settings["truncate"]:
-            settings["truncate"] = min(settings["truncate"], n)
-        scores = diffusion.diffusion_scores(
-            queries,
-            database,
-            **settings,
-            affinity=self._affinity[1],
-            block_size=self.block_size,
-            backend=self.backend,
-        )
-        scores = np.asarray(scores, dtype=np.float64)
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        # Best first; equal scores in index order, as plain search orders ties.
-        order = np.lexsort((top, -top_scores), axis=-1)
-        rows = np.take_along_axis(top, order, axis=1).astype(np.int64)
-        return np.take_along_axis(top_scores, order, axis=1).astype(np.float32), rows
+        settings = pipeline.RerankSettings.from_config(self.rerank_settings)
+        ranking = pipeline.rerank(method, queries, self._database, settings, k=k)
+        return np.asarray(ranking.scores, np.float32), np.asarray(ranking.ids, np.int64)
 
     def _results(self, scores: np.ndarray, rows: np.ndarray) -> list[SearchResult]:
         out = []
@@ -1213,14 +1149,6 @@ def _differences(a: Any, b: Any, where: str) -> list[str]:
     return [] if a == b else [f"{where} (first shard: {a!r}, this shard: {b!r})"]
 
 
-def _merge_rerank(rerank: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
-    out = {k: dict(v) for k, v in DEFAULT_RERANK.items()}
-    for key, value in (_to_dict(rerank) if rerank is not None else {}).items():
-        if key in out and isinstance(value, Mapping):
-            out[key].update(value)
-    return out
-
-
 def _to_dict(config: Any) -> dict[str, Any]:
     if config is None:
         return {}
@@ -1396,7 +1324,7 @@ def run_search(
       index_dir: an index folder (extract.py --images, or `Retriever.save`).
       query: an image file, or a folder of query images (one result page per image).
       k: results per query.
-      rerank: 'none', 'aqe', 'diffusion' or 'aqe+diffusion'.
+      rerank: a method of `pipeline.METHODS` ('none', 'aqe', 'diffusion', ...).
       out: folder for `<query>.html` pages, `<query>.png` grids (and `index.html` for several
         queries); None writes nothing.
       model: a `.keras` model replacing the one the index names.

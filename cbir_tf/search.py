@@ -23,9 +23,8 @@ import numpy as np
 __all__ = [
     "SearchIndex",
     "build_faiss_index",
+    "check_k",
     "inner_products",
-    "knn",
-    "knn_graph",
     "rank_all",
     "refine_knn",
     "require_faiss",
@@ -111,7 +110,7 @@ def validate_descriptors(
     return x
 
 
-def _check_k(k: int, n: int) -> int:
+def check_k(k: int, n: int) -> int:
     """k > N is clipped to N (every item is returned); k < 1 is an error."""
     if int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -338,7 +337,7 @@ class SearchIndex:
         """
         if validate:
             queries = validate_descriptors(queries, "queries", dim=self.dim)
-        k = _check_k(k, self.ntotal)
+        k = check_k(k, self.ntotal)
         if queries.shape[0] == 0:
             return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
         if self.backend == "exact":
@@ -351,47 +350,6 @@ class SearchIndex:
         scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
         scores, ids = sort_by_score(scores, np.where(ids < 0, big, ids), k)
         return scores, np.where(ids == big, -1, ids)
-
-
-def knn(
-    queries: np.ndarray,
-    database: np.ndarray,
-    k: int,
-    block_size: int = 65536,
-    backend: str = "exact",
-    *,
-    faiss_factory: str = "Flat",
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k database items by inner product for each query (one-off; see `SearchIndex`).
-
-    Args:
-      queries: float `[Q, D]` (Q may be 0).
-      database: float `[N, D]`, N >= 1; memory-mapped arrays are read block by block.
-      k: neighbours per query; k > N is clipped to N, so every item is returned.
-      block_size: database rows scored at once (exact backend): memory is about
-        `block_size * D * 4` bytes plus a score block of at most 2**23 floats.
-      backend: 'exact' (default, the reference) or 'faiss'.
-      faiss_factory: faiss index-factory string ('Flat' exact; 'HNSW32', 'IVF1024,Flat' approx.).
-      nprobe, ef_search: faiss search parameters for IVF / HNSW indexes.
-
-    Returns:
-      scores float32 `[Q, min(k, N)]` sorted descending, ids int64 `[Q, min(k, N)]`; ties are
-      ordered by lower id and, at the k-th place, the lower ids are kept.
-
-    Raises:
-      ValueError: invalid descriptors (rows named), dimension mismatch, empty database, k < 1.
-    """
-    index = SearchIndex(
-        database,
-        backend=backend,
-        block_size=block_size,
-        faiss_factory=faiss_factory,
-        nprobe=nprobe,
-        ef_search=ef_search,
-    )
-    return index.search(queries, k)
 
 
 def inner_products(
@@ -426,7 +384,7 @@ def rank_all(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Full rankings of the database for each query, best first (what evaluation needs).
 
-    Memory is `Q * N * 12` bytes (scores and ranks), fine for benchmark sizes; use `knn` when
+    Memory is `Q * N * 12` bytes (scores and ranks), fine for benchmark sizes; use `SearchIndex.search` when
     only the top of the list matters.
 
     Args:
@@ -488,39 +446,3 @@ def refine_knn(
     big = np.iinfo(np.int64).max
     s_sorted, i_sorted = sort_by_score(sims, np.where(ids < 0, big, ids), m)
     return s_sorted, np.where(i_sorted == big, -1, i_sorted)
-
-
-def knn_graph(
-    database: np.ndarray,
-    k: int,
-    backend: str = "exact",
-    *,
-    block_size: int = 65536,
-    faiss_factory: str = "Flat",
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest database items of every database item (the item itself included).
-
-    For L2-normalised rows an item's own similarity (1) is its largest, so it normally comes
-    first; exact duplicates tie with it and are ordered by id. Cost is O(N^2 D) for the exact
-    backend (blocked, bounded memory); use backend='faiss' with an approximate factory
-    ('HNSW32', 'IVF4096,Flat') for large collections.
-
-    Args:
-      database: float `[N, D]`, N >= 1.
-      k: neighbours per item, clipped to N.
-      backend, block_size, faiss_factory, nprobe, ef_search: as in `knn`.
-
-    Returns:
-      sims float32 `[N, min(k, N)]` (descending) and ids int64 `[N, min(k, N)]`.
-    """
-    index = SearchIndex(
-        database,
-        backend=backend,
-        block_size=block_size,
-        faiss_factory=faiss_factory,
-        nprobe=nprobe,
-        ef_search=ef_search,
-    )
-    return index.search(index.database, k, validate=False)

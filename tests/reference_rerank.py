@@ -5,6 +5,9 @@ every ranking the toolkit reports (evaluation, `Retriever`, `search.py`) with th
 
 - α-QE (Radenović, Tolias, Chum, TPAMI 2018):
   q' = normalise(q + sum_{j in top n} max(s_j, 0)^α x_j).
+- DBA (database-side augmentation; Arandjelović & Zisserman, CVPR 2012, α-weighted as in
+  Radenović et al.): each database vector x_i' = normalise(x_i + sum_{j in top n, j != i}
+  max(s_ij, 0)^α x_j); queries are then searched (and expanded) against the augmented database.
 - Diffusion (Iscen et al., CVPR 2017): mutual kNN graph over the database (each node's k nearest,
   itself included), weights max(s, 0)^γ, zero diagonal; S = D^-1/2 A D^-1/2; y = the query's kq
   nearest items with weights max(s, 0)^γ; f solves (I - α S) f = y; items ranked by f.
@@ -34,6 +37,18 @@ def alpha_qe(queries, database, n, alpha):
     return out
 
 
+def dba(database, n, alpha):
+    """float64 [N, D] augmented, unit database vectors."""
+    x = np.asarray(database, np.float64)
+    sims = x @ x.T
+    out = np.empty_like(x)
+    for i in range(len(x)):
+        top = [j for j in ranks_from_scores(sims[i : i + 1])[0] if j != i][:n]
+        v = x[i] + (np.maximum(sims[i, top], 0.0)[:, None] ** alpha * x[top]).sum(axis=0)
+        out[i] = v / np.linalg.norm(v)
+    return out
+
+
 def diffusion_scores(queries, database, k, kq, gamma, alpha):
     """float64 [Q, N] diffusion scores, solved exactly (dense)."""
     q, x = np.asarray(queries, np.float64), np.asarray(database, np.float64)
@@ -58,8 +73,11 @@ def diffusion_scores(queries, database, k, kq, gamma, alpha):
     return f
 
 
-def method_scores(method, queries, database, qe, diffusion):
-    """Scores [Q, N] of 'plain', 'aqe', 'diffusion' or 'aqe+diffusion' (settings as dicts)."""
+def method_scores(method, queries, database, qe, diffusion, dba_settings=None):
+    """Scores [Q, N] of 'plain', 'aqe', 'diffusion', 'aqe+diffusion', 'dba' or 'aqe+dba'
+    (settings as dicts)."""
+    if "dba" in method:
+        database = dba(database, dba_settings["n"], dba_settings["alpha"])
     q = alpha_qe(queries, database, qe["n"], qe["alpha"]) if "aqe" in method else queries
     if "diffusion" in method:
         d = diffusion

@@ -5,7 +5,9 @@ import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from cbir_tf.rerank import cg, graph
 from cbir_tf.rerank import diffusion as dfu
+from cbir_tf.rerank.product import BlockedSparseProduct
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_graph_matches_reference(golden, golden_affinity):
 
 def test_graph_via_float32_search_and_float64_refinement(golden, golden_affinity, monkeypatch):
     # Large databases take the blocked float32 search + float64 re-scoring path; force it here.
-    monkeypatch.setattr(dfu, "_DIRECT_FLOAT64", 0)
+    monkeypatch.setattr(graph, "_DIRECT_FLOAT64", 0)
     a = dfu.knn_affinity(golden["X"], k=50, gamma=3.0, block_size=700)
     assert set(zip(*a.nonzero(), strict=True)) == set(zip(*golden_affinity.nonzero(), strict=True))
     rows, cols = golden["graph_rows"], golden["graph_cols"]
@@ -99,7 +101,7 @@ def test_label_map_plain_vs_diffusion(golden):
 def test_vectorised_solve_equals_scipy_per_query(golden, golden_affinity):
     s = dfu.normalize_affinity(golden_affinity)
     y = dfu.query_vectors(golden["Q"][:5], golden["X"], 10, 3.0)
-    f, info = dfu.conjugate_gradient(dfu.diffusion_operator(s, 0.99), y, max_iter=500, tol=1e-10)
+    f, info = cg.conjugate_gradient(dfu.diffusion_operator(s, 0.99), y, max_iter=500, tol=1e-10)
     m = sp.identity(s.shape[0], format="csr") - 0.99 * s
     for q in range(5):
         ref, flag = spla.cg(m, y[:, q], rtol=1e-10, maxiter=500)
@@ -147,7 +149,7 @@ def test_unconverged_returns_min_residual_iterate():
         m = _spd(12, seed, low=1e-2)
         b = np.random.default_rng(seed + 100).standard_normal(12)
         for max_iter in range(1, 11):
-            x, info = dfu.conjugate_gradient(m, b, max_iter=max_iter, tol=1e-14)
+            x, info = cg.conjugate_gradient(m, b, max_iter=max_iter, tol=1e-14)
             ref_x, ref_res, _ = _reference_pcg(m, b, max_iter, 1e-14)
             np.testing.assert_allclose(x, ref_x, rtol=1e-9, atol=1e-12)
             assert info.residuals[0] == pytest.approx(ref_res, rel=1e-9)
@@ -177,13 +179,13 @@ def test_columns_are_independent_and_frozen():
     eigvec = np.linalg.eigh(m)[1][:, 5]
     b = np.stack([rng.standard_normal(40), np.zeros(40), eigvec, rng.standard_normal(40)], 1)
     ms = sp.csr_matrix(m)
-    x, info = dfu.conjugate_gradient(ms, b, max_iter=200, tol=1e-9)
+    x, info = cg.conjugate_gradient(ms, b, max_iter=200, tol=1e-9)
     assert info.all_converged and not info.breakdown.any()
     assert info.iterations[1] == 0 and info.residuals[1] == 0  # b = 0: x = 0 at once
     assert info.iterations[2] == 1  # an eigenvector converges in one step
     np.testing.assert_array_equal(x[:, 1], 0)
     for c in range(4):
-        xc, ic = dfu.conjugate_gradient(ms, b[:, c], max_iter=200, tol=1e-9)
+        xc, ic = cg.conjugate_gradient(ms, b[:, c], max_iter=200, tol=1e-9)
         # Same recurrence; only rounding differs (column-wise reductions over other shapes).
         np.testing.assert_allclose(x[:, c], xc, rtol=1e-6, atol=1e-9)
         # (rounding may move the stopping test across the tolerance by one iteration)
@@ -193,11 +195,11 @@ def test_columns_are_independent_and_frozen():
 
 def test_breakdown_is_reported_without_nan():
     m = np.diag([1.0, -1.0])  # indefinite: p'Mp = 0 on the first step for b = (1, 1)
-    x, info = dfu.conjugate_gradient(m, np.array([[1.0], [1.0]]), max_iter=10)
+    x, info = cg.conjugate_gradient(m, np.array([[1.0], [1.0]]), max_iter=10)
     assert np.isfinite(x).all()
     assert info.breakdown[0] and not info.converged[0]
     with pytest.raises(ValueError, match="NaN or Inf"):
-        dfu.conjugate_gradient(m, np.array([np.nan, 1.0]))
+        cg.conjugate_gradient(m, np.array([np.nan, 1.0]))
 
 
 class _FusedOperator:
@@ -239,20 +241,20 @@ def test_fused_operator_parks_and_compacts_like_single_solves(
     # columns are parked, then compacted; with max_iter 12 every column with 12 iterations ends
     # by the xmin rule.
     monkeypatch.setenv("CBIR_NUM_THREADS", "3")
-    monkeypatch.setattr(dfu._RowRanges, "_MIN_ELEMENTS", 1 << 12)
-    monkeypatch.setattr(dfu, "_CHUNK_BYTES", 1 << 15)
+    monkeypatch.setattr(cg._RowRanges, "_MIN_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(cg, "_CHUNK_BYTES", 1 << 15)
     s, b = staggered
     n = s.shape[0]
-    assert len(dfu._RowRanges(n, b.shape[1]).slices) == 3
+    assert len(cg._RowRanges(n, b.shape[1]).slices) == 3
     op = dfu.diffusion_operator(s, 0.99)
-    x, info = dfu.conjugate_gradient(op, b, max_iter=max_iter, tol=tol)
+    x, info = cg.conjugate_gradient(op, b, max_iter=max_iter, tol=tol)
     assert np.isfinite(x).all() and not info.breakdown.any()
     assert (info.iterations[:20] == 1).all() and (info.iterations[36:56] == 1).all()
     assert info.iterations[35] == 0 and info.converged[35] and (x[:, 35] == 0).all()
     assert len(set(info.iterations[info.iterations > 1].tolist())) >= 2  # staggered finishes
     m = sp.identity(n, format="csr") - 0.99 * s
     for c in range(b.shape[1]):
-        xc, ic = dfu.conjugate_gradient(m, b[:, c], max_iter=max_iter, tol=tol)
+        xc, ic = cg.conjugate_gradient(m, b[:, c], max_iter=max_iter, tol=tol)
         np.testing.assert_allclose(x[:, c], xc, rtol=0, atol=1e-9 * max(1e-12, np.abs(xc).max()))
         assert ic.converged[0] == info.converged[c]
         assert abs(int(ic.iterations[0]) - int(info.iterations[c])) <= 1
@@ -271,8 +273,8 @@ def test_fused_protocol_equals_plain_operator():
     b[:, 1] = 0.0
     b[:, 2] = np.eye(30)[0]  # p'Mp < 0 at once: breakdown
     fused = _FusedOperator(m)
-    x1, i1 = dfu.conjugate_gradient(fused, b, max_iter=8, tol=1e-12)
-    x2, i2 = dfu.conjugate_gradient(m, b, max_iter=8, tol=1e-12)
+    x1, i1 = cg.conjugate_gradient(fused, b, max_iter=8, tol=1e-12)
+    x2, i2 = cg.conjugate_gradient(m, b, max_iter=8, tol=1e-12)
     np.testing.assert_allclose(x1, x2, rtol=1e-12, atol=1e-14)
     for field in ("iterations", "converged", "breakdown"):
         np.testing.assert_array_equal(getattr(i1, field), getattr(i2, field))
@@ -282,22 +284,22 @@ def test_fused_protocol_equals_plain_operator():
 
 def test_num_threads(monkeypatch):
     monkeypatch.delenv("CBIR_NUM_THREADS", raising=False)
-    assert 1 <= dfu.num_threads() <= 32
+    assert 1 <= cg.num_threads() <= 32
     monkeypatch.setenv("CBIR_NUM_THREADS", "5")
-    assert dfu.num_threads() == 5
+    assert cg.num_threads() == 5
     monkeypatch.setenv("CBIR_NUM_THREADS", "0")
     with pytest.raises(ValueError, match="CBIR_NUM_THREADS"):
-        dfu.num_threads()
+        cg.num_threads()
 
 
 def test_blocked_sparse_product(monkeypatch):
-    monkeypatch.setattr(dfu.BlockedSparseProduct, "_MIN_WORK", 1 << 16)  # several ranges
+    monkeypatch.setattr(BlockedSparseProduct, "_MIN_WORK", 1 << 16)  # several ranges
     rng = np.random.default_rng(11)
     s = sp.random(3000, 3000, density=0.01, random_state=12, format="csr")
     p = rng.standard_normal((3000, 40))
     direct = 1.5 * p - 0.7 * (s @ p)
     # Small cache: several column blocks; three row ranges in threads.
-    product = dfu.BlockedSparseProduct(s, cache_bytes=8 * 40 * 1024, threads=3)
+    product = BlockedSparseProduct(s, cache_bytes=8 * 40 * 1024, threads=3)
     out = np.full((3000, 40), np.nan)
     got, dots = product(p, out=out, scale=-0.7, shift=1.5, col_dots=True)
     assert got is out and len(product._parts) == 3 and len(product._parts[0][2]) == 3
@@ -318,11 +320,11 @@ def test_blocked_sparse_product_default_blocks(monkeypatch):
     # A P that fits the last-level cache gets L2-sized column blocks, a larger one LLC-sized.
     s = sp.random(3000, 3000, density=0.01, random_state=12, format="csr")
     p = np.random.default_rng(11).standard_normal((3000, 40))  # 960 000 bytes
-    monkeypatch.setattr(dfu.BlockedSparseProduct, "_L2_BLOCK", 8 * 40 * 1024)
-    monkeypatch.setattr(dfu.BlockedSparseProduct, "_LLC_BLOCK", 8 * 40 * 2048)
+    monkeypatch.setattr(BlockedSparseProduct, "_L2_BLOCK", 8 * 40 * 1024)
+    monkeypatch.setattr(BlockedSparseProduct, "_LLC_BLOCK", 8 * 40 * 2048)
     for small_p, blocks in ((960_000, 3), (959_999, 2)):
-        monkeypatch.setattr(dfu.BlockedSparseProduct, "_SMALL_P", small_p)
-        product = dfu.BlockedSparseProduct(s, threads=1)
+        monkeypatch.setattr(BlockedSparseProduct, "_SMALL_P", small_p)
+        product = BlockedSparseProduct(s, threads=1)
         np.testing.assert_allclose(product(p), s @ p, rtol=1e-12, atol=1e-12)
         assert len(product._parts) == 1 and len(product._parts[0][2]) == blocks
 
@@ -333,7 +335,7 @@ def test_blocked_sparse_product_default_blocks(monkeypatch):
 def test_mutual_knn_affinity_by_hand():
     ids = np.array([[0, 1, 2], [1, 0, 3], [2, 3, 1], [3, 2, 0]])
     sims = np.array([[1, 0.5, 0.4], [1, 0.5, 0.3], [1, -0.2, 0.2], [1, -0.2, 0.1]])
-    a = dfu.mutual_knn_affinity(sims, ids, gamma=2.0).toarray()
+    a = graph.mutual_knn_affinity(sims, ids, gamma=2.0).toarray()
     expected = np.zeros((4, 4))
     expected[0, 1] = expected[1, 0] = 0.25  # the only mutual pair with a positive similarity
     np.testing.assert_allclose(a, expected)
@@ -407,7 +409,7 @@ def test_k_and_kq_larger_than_n(golden):
     )
 
 
-# ---------------------------------------------------------------- truncated and offline
+# ---------------------------------------------------------------- truncated
 
 
 def test_truncate_to_n_equals_full(golden, golden_affinity):
@@ -466,33 +468,6 @@ def test_truncated_with_global_graph_matches_reference_trunclap(golden, golden_a
         f = spla.spsolve(sp.identity(400, format="csc") - 0.99 * s.tocsc(), y)
         got = dict(zip(ids[i].tolist(), scores[i].tolist(), strict=True))
         np.testing.assert_allclose([got[j] for j in sub], f, rtol=1e-8, atol=1e-12)
-
-
-def test_offline_without_truncation_equals_exact(golden, golden_affinity):
-    x, q = golden["X"], golden["Q"]
-    off = dfu.OfflineDiffusion(
-        x, affinity=golden_affinity, keep=x.shape[0], tol=1e-12, max_iter=2000
-    )
-    assert off.info.all_converged
-    scores = off.scores(q)
-    exact = golden["scores_exact"]
-    reached = exact > 0
-    np.testing.assert_allclose(scores[reached], exact[reached], rtol=1e-6)
-    for i in range(len(q)):
-        assert scores[i, ~reached[i]].max() < scores[i, reached[i]].min()
-
-
-def test_offline_truncated_vectors(golden, golden_affinity):
-    x, q = golden["X"], golden["Q"]
-    keep = 250
-    off = dfu.OfflineDiffusion(x, affinity=golden_affinity, keep=keep)
-    assert off.vectors.shape == (2000, 2000)
-    assert off.vectors.nnz <= 2000 * keep
-    assert off.memory_bytes <= 2000 * keep * 12 + 2001 * 8
-    assert not off.info.all_converged  # reference setting: 20 iterations
-    scores = off.scores(q)
-    assert scores.shape == (20, 2000) and np.isfinite(scores).all()
-    assert _label_map(scores, golden["labels"], golden["qlabels"]) == pytest.approx(1.0)
 
 
 def test_tiny_and_empty_cases():

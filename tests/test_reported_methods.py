@@ -1,9 +1,10 @@
 """Every reported method is the method it names: rankings equal the papers' maths, to the last rank.
 
-On arcs of unit vectors where plain search, α-QE, diffusion and α-QE + diffusion all rank
-differently, each path that reports a method (`evaluation.rank_method` / `evaluate_methods`,
-`Retriever.search`, `search.py`) is compared with `reference_rerank`, written independently in
-dense numpy. A path that silently skips a step, or returns another method's ranking, fails here.
+On arcs of unit vectors where plain search, α-QE, diffusion, α-QE + diffusion, DBA and
+α-QE + DBA all rank differently, each path that reports a method (`evaluation.rank_method` /
+`evaluate_methods`, `Retriever.search`, `search.py`) is compared with `reference_rerank`,
+written independently in dense numpy. A path that silently skips a step, or returns another
+method's ranking, fails here.
 """
 
 import io
@@ -25,24 +26,28 @@ QE = {"n": 2, "alpha": 3.0}
 # Solved to convergence, so that the exact dense solve of the reference is the same function.
 DIFFUSION = {"k": 5, "kq": 4, "gamma": 3.0, "alpha": 0.8, "max_iter": 1000, "tol": 1e-12,
              "truncate": 0}  # fmt: skip
-RERANK = {"qe": QE, "diffusion": DIFFUSION}
+DBA = {"n": 3, "alpha": 3.0}
+RERANK = {"qe": QE, "dba": DBA, "diffusion": DIFFUSION}
+# The default table's methods and the database-side ones.
+METHODS = evaluation.METHODS + ("dba", "aqe+dba")
 # The Retriever's and search.py's word for no re-ranking is 'none'.
 RETRIEVER_NAMES = {"plain": "none", "aqe": "aqe", "diffusion": "diffusion",
-                   "aqe+diffusion": "aqe+diffusion"}  # fmt: skip
+                   "aqe+diffusion": "aqe+diffusion", "dba": "dba",
+                   "aqe+dba": "aqe+dba"}  # fmt: skip
 
 
 def _reference_ranks(method, queries, database):
-    return ranks_from_scores(method_scores(method, queries, database, QE, DIFFUSION))
+    return ranks_from_scores(method_scores(method, queries, database, QE, DIFFUSION, DBA))
 
 
 def test_the_data_tells_every_pair_of_methods_apart():
     x, q = arcs()
-    ranks = {m: _reference_ranks(m, q, x) for m in evaluation.METHODS}
-    for a, b in itertools.combinations(evaluation.METHODS, 2):
+    ranks = {m: _reference_ranks(m, q, x) for m in METHODS}
+    for a, b in itertools.combinations(METHODS, 2):
         assert (ranks[a] != ranks[b]).any(), (a, b)
 
 
-@pytest.mark.parametrize("method", evaluation.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_rank_method_is_the_papers_method(method):
     x, q = arcs()
     ranks, info = evaluation.rank_method(method, q, x, RERANK)
@@ -55,8 +60,8 @@ def test_evaluate_methods_reports_each_methods_own_ranking_and_metrics():
     labels = np.repeat(np.arange(len(q)), len(x) // len(q))
     gnd = [{"easy": np.flatnonzero(labels == g)[:6], "hard": np.flatnonzero(labels == g)[6:],
             "junk": np.array([], int)} for g in range(len(q))]  # fmt: skip
-    results, rankings = evaluation.evaluate_methods(q, x, gnd, rerank_cfg=RERANK)
-    for method in evaluation.METHODS:
+    results, rankings = evaluation.evaluate_methods(q, x, gnd, methods=METHODS, rerank_cfg=RERANK)
+    for method in METHODS:
         expected = _reference_ranks(method, q, x)
         np.testing.assert_array_equal(rankings[method], expected)
         medium = [{"ok": np.concatenate([g["easy"], g["hard"]]), "junk": g["junk"]} for g in gnd]
@@ -118,7 +123,7 @@ def index(tmp_path_factory):
 def _expected(r, queries, method):
     """Reference ids and scores of every indexed image, on the Retriever's own descriptors."""
     db = np.asarray(r.descriptors)
-    scores = method_scores(method, r.describe(queries), db, QE, DIFFUSION)
+    scores = method_scores(method, r.describe(queries), db, QE, DIFFUSION, DBA)
     ranks = ranks_from_scores(scores)
     return [[r.ids[j] for j in row] for row in ranks], np.take_along_axis(scores, ranks, 1)
 
@@ -130,7 +135,7 @@ def test_retriever_descriptors_are_the_encoded_arcs(index):
     np.testing.assert_allclose(np.asarray(r.descriptors), x[rows], atol=0.02)
 
 
-@pytest.mark.parametrize("method", evaluation.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_retriever_search_is_the_papers_method(index, method):
     r, queries, _ = index
     ids, scores = _expected(r, queries, method)
@@ -142,7 +147,7 @@ def test_retriever_search_is_the_papers_method(index, method):
     assert [h.id for h in single] == ids[0]
 
 
-@pytest.mark.parametrize("method", evaluation.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_search_runner_is_the_papers_method(index, method):
     from cbir_tf.retriever import run_search
 

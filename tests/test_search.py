@@ -13,6 +13,11 @@ def _unit(rng, n, d):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def _knn(queries, database, k, block_size=65536, backend="exact", **faiss_kwargs):
+    index = search.SearchIndex(database, block_size=block_size, backend=backend, **faiss_kwargs)
+    return index.search(queries, k)
+
+
 def _brute(queries, database, k):
     s = queries.astype(np.float32) @ database.astype(np.float32).T
     order = np.argsort(-s, axis=1, kind="stable")[:, :k]
@@ -28,7 +33,7 @@ def data():
 @pytest.mark.parametrize("block_size", [1, 7, 64, 333, 1000, 65536])
 def test_knn_matches_brute_force(data, block_size):
     q, x = data
-    s, i = search.knn(q, x, 10, block_size=block_size)
+    s, i = _knn(q, x, 10, block_size=block_size)
     bs, bi = _brute(q, x, 10)
     assert s.dtype == np.float32 and i.dtype == np.int64
     assert s.shape == i.shape == (30, 10)
@@ -43,7 +48,7 @@ def test_ties_keep_lower_ids_across_blocks():
     # Ten copies of each of four vectors, interleaved: every score is tied ten times.
     x = np.tile(base, (10, 1))
     for block_size in (3, 5, 40):
-        s, i = search.knn(base, x, 6, block_size=block_size)
+        s, i = _knn(base, x, 6, block_size=block_size)
         for qi in range(4):
             expected = np.arange(qi, 40, 4)[:6]  # the copies of query qi, lowest ids first
             np.testing.assert_array_equal(i[qi], expected)
@@ -55,7 +60,7 @@ def test_tie_at_kth_place_keeps_lower_id():
     q = np.array([[1, 0]], np.float32)
     # scores: 1, .6, .6, .6, 0 -> the two places after id 0 go to ids 1 and 2.
     for block_size in (1, 2, 5):
-        _, i = search.knn(q, x, 3, block_size=block_size)
+        _, i = _knn(q, x, 3, block_size=block_size)
         np.testing.assert_array_equal(i, [[0, 1, 2]])
 
 
@@ -64,7 +69,7 @@ def test_memmap_database(tmp_path, data):
     path = tmp_path / "db.npy"
     np.save(path, x)
     mm = np.load(path, mmap_mode="r")
-    s, i = search.knn(q, mm, 5, block_size=128)
+    s, i = _knn(q, mm, 5, block_size=128)
     bs, bi = _brute(q, x, 5)
     np.testing.assert_array_equal(i, bi)
     np.testing.assert_allclose(s, bs, atol=1e-6)
@@ -73,7 +78,7 @@ def test_memmap_database(tmp_path, data):
 
 def test_k_larger_than_n_is_clipped(data):
     q, x = data
-    s, i = search.knn(q, x[:5], 50)
+    s, i = _knn(q, x[:5], 50)
     assert s.shape == i.shape == (30, 5)
     np.testing.assert_array_equal(np.sort(i, axis=1), np.tile(np.arange(5), (30, 1)))
 
@@ -81,10 +86,10 @@ def test_k_larger_than_n_is_clipped(data):
 def test_bad_k_empty_database_and_empty_queries(data):
     q, x = data
     with pytest.raises(ValueError, match="k must be a positive integer"):
-        search.knn(q, x, 0)
+        _knn(q, x, 0)
     with pytest.raises(ValueError, match="database is empty"):
-        search.knn(q, np.zeros((0, 16), np.float32), 3)
-    s, i = search.knn(np.zeros((0, 16), np.float32), x, 3)
+        _knn(q, np.zeros((0, 16), np.float32), 3)
+    s, i = _knn(np.zeros((0, 16), np.float32), x, 3)
     assert s.shape == i.shape == (0, 3)
 
 
@@ -99,7 +104,7 @@ def test_validation_names_rows():
     assert "database" in msg and "NaN or Inf values in row(s) [3, 9]" in msg
     assert "all-zero vectors in row(s) [7]" in msg
     with pytest.raises(ValueError, match=r"queries \[3, 4\] .* row\(s\) \[1\]"):
-        search.knn(x[[0, 7, 0]], np.ones((3, 4), np.float32), 1)
+        _knn(x[[0, 7, 0]], np.ones((3, 4), np.float32), 1)
 
 
 def test_validation_many_rows_is_abbreviated():
@@ -124,7 +129,7 @@ def test_validation_shapes_and_dtypes(bad, match):
 def test_dimension_mismatch(data):
     q, x = data
     with pytest.raises(ValueError, match="dimension 8 but 16 was expected"):
-        search.knn(q[:, :8], x, 3)
+        _knn(q[:, :8], x, 3)
 
 
 def test_rank_all(data):
@@ -141,7 +146,7 @@ def test_rank_all(data):
 
 def test_knn_graph_includes_self(data):
     _, x = data
-    sims, ids = search.knn_graph(x, 8, block_size=100)
+    sims, ids = _knn(x, x, 8, block_size=100)
     assert sims.shape == ids.shape == (1000, 8)
     np.testing.assert_array_equal(ids[:, 0], np.arange(1000))
     np.testing.assert_allclose(sims[:, 0], 1.0, atol=1e-5)
@@ -151,7 +156,7 @@ def test_knn_graph_includes_self(data):
 
 def test_refine_knn_float64(data):
     q, x = data
-    _, ids = search.knn(q, x, 12)
+    _, ids = _knn(q, x, 12)
     sims, rid = search.refine_knn(q, x, ids[:, ::-1])
     assert sims.dtype == np.float64
     exact = q.astype(np.float64) @ x.astype(np.float64).T
@@ -184,13 +189,13 @@ def test_missing_faiss_error_names_extra(monkeypatch, data):
     q, x = data
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
     with pytest.raises(ImportError, match=r"\[faiss\]"):
-        search.knn(q, x, 3, backend="faiss")
+        _knn(q, x, 3, backend="faiss")
 
 
 def test_faiss_flat_matches_exact(data):
     pytest.importorskip("faiss")
     q, x = data
-    s, i = search.knn(q, x, 10, backend="faiss")
+    s, i = _knn(q, x, 10, backend="faiss")
     bs, bi = _brute(q, x, 10)
     np.testing.assert_allclose(s, bs, atol=1e-5)
     # Identical ids except where float rounding could swap near-ties.
@@ -198,16 +203,16 @@ def test_faiss_flat_matches_exact(data):
     same = i == bi
     assert np.all(same[:, 0]) and np.all(same[:, 1:] | ~gaps)
     dup = np.tile(x[:2], (5, 1))
-    _, di = search.knn(x[:1], dup, 3, backend="faiss")
+    _, di = _knn(x[:1], dup, 3, backend="faiss")
     np.testing.assert_array_equal(di, [[0, 2, 4]])  # ties re-sorted by id
 
 
 def test_faiss_approximate_recall_and_graph(data):
     pytest.importorskip("faiss")
     q, x = data
-    _, i = search.knn(q, x, 10, backend="faiss", faiss_factory="HNSW32", ef_search=64)
+    _, i = _knn(q, x, 10, backend="faiss", faiss_factory="HNSW32", ef_search=64)
     _, bi = _brute(q, x, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i, bi, strict=True)])
     assert recall > 0.9
-    _, gi = search.knn_graph(x, 5, backend="faiss", faiss_factory="IVF16,Flat", nprobe=16)
+    _, gi = _knn(x, x, 5, backend="faiss", faiss_factory="IVF16,Flat", nprobe=16)
     np.testing.assert_array_equal(gi, _brute(x, x, 5)[1])  # nprobe = all lists: exact

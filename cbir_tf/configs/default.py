@@ -49,10 +49,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.search.block_size = 65536
 
     c.rerank = ml_collections.ConfigDict()
+    # Rows of the evaluation table; also 'dba', 'aqe+dba' (see cbir_tf.rerank.pipeline.METHODS).
     c.rerank.methods = ("plain", "aqe", "diffusion", "aqe+diffusion")
     c.rerank.qe = ml_collections.ConfigDict()
     c.rerank.qe.n = 2
     c.rerank.qe.alpha = 3.0
+    c.rerank.dba = ml_collections.ConfigDict()  # database-side augmentation (alpha-weighted)
+    c.rerank.dba.n = 2
+    c.rerank.dba.alpha = 3.0
     c.rerank.diffusion = ml_collections.ConfigDict()
     c.rerank.diffusion.k = 50
     c.rerank.diffusion.kq = 10

@@ -1,7 +1,5 @@
 """Query expansion and database-side augmentation (numpy).
 
-- Average query expansion (AQE; Chum et al., ICCV 2007): the query is replaced by the mean of
-  itself and its top n database vectors.
 - alpha-weighted query expansion (alphaQE; Radenovic, Tolias, Chum, "Fine-tuning CNN Image
   Retrieval with No Human Annotation", TPAMI 2018, section 5.2): the query is replaced by the
   weighted average of itself and its top n database vectors, each weighted by its similarity to
@@ -9,7 +7,8 @@
   sim(q, q)^alpha = 1 for an L2-normalised query; n counts database vectors only (n = 2,
   alpha = 3 by default, as in the paper). This is the common reading of the paper and of public
   implementations that prepend the query to its neighbours before weighting (the authors'
-  cnnimageretrieval-pytorch ships no alphaQE code to compare with). alpha = 0 gives AQE.
+  cnnimageretrieval-pytorch ships no alphaQE code to compare with). alpha = 0 gives average
+  query expansion (AQE; Chum et al., ICCV 2007): the mean of the query and its top n.
 - Database-side augmentation (DBA; Arandjelovic & Zisserman, CVPR 2012, as alphaQE applied to
   every database vector): each database vector is replaced by the weighted average of itself
   (weight 1) and its n nearest other database vectors.
@@ -25,7 +24,7 @@ import numpy as np
 
 from cbir_tf import search
 
-__all__ = ["alpha_query_expansion", "average_query_expansion", "database_side_augmentation"]
+__all__ = ["alpha_query_expansion", "database_side_augmentation"]
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -72,6 +71,7 @@ def alpha_query_expansion(
     *,
     block_size: int = 65536,
     backend: str = "exact",
+    index: search.SearchIndex | None = None,
 ) -> np.ndarray:
     """alphaQE: q' = normalise(q + sum_{j in top n} max(s_j, 0)^alpha x_j).
 
@@ -82,6 +82,8 @@ def alpha_query_expansion(
       alpha: similarity exponent (0: average QE).
       block_size: database rows per search block.
       backend: 'exact' or 'faiss' search.
+      index: a prepared `search.SearchIndex` over `database` (reused across calls; then
+        block_size and backend are its own).
 
     Returns:
       float32 `[Q, D]` L2-normalised expanded queries.
@@ -91,41 +93,13 @@ def alpha_query_expansion(
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    index = search.SearchIndex(database, backend=backend, block_size=block_size)
+    if index is None:
+        index = search.SearchIndex(database, backend=backend, block_size=block_size)
     queries = search.validate_descriptors(queries, "queries", dim=index.dim)
     if n == 0 or queries.shape[0] == 0:
         return _l2(np.asarray(queries, np.float64))
     sims, ids = index.search(queries, n, validate=False)
     return _expand(queries, index.database, ids, _weights(sims, alpha), 1.0)
-
-
-def average_query_expansion(
-    queries: np.ndarray,
-    database: np.ndarray,
-    n: int = 2,
-    *,
-    block_size: int = 65536,
-    backend: str = "exact",
-) -> np.ndarray:
-    """Average QE: q' = normalise(q + sum_{j in top n} x_j) (the mean, up to the norm).
-
-    Args:
-      queries: float `[Q, D]`.
-      database: float `[N, D]`, N >= 1.
-      n: database neighbours averaged with the query (clipped to N).
-      block_size, backend: search settings.
-
-    Returns:
-      float32 `[Q, D]` L2-normalised.
-    """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    index = search.SearchIndex(database, backend=backend, block_size=block_size)
-    queries = search.validate_descriptors(queries, "queries", dim=index.dim)
-    if n == 0 or queries.shape[0] == 0:
-        return _l2(np.asarray(queries, np.float64))
-    _, ids = index.search(queries, n, validate=False)
-    return _expand(queries, index.database, ids, np.ones(ids.shape), 1.0)
 
 
 def database_side_augmentation(
@@ -135,6 +109,7 @@ def database_side_augmentation(
     *,
     block_size: int = 65536,
     backend: str = "exact",
+    index: search.SearchIndex | None = None,
 ) -> np.ndarray:
     """DBA: x_i' = normalise(x_i + sum_{j in top n, j != i} max(s_ij, 0)^alpha x_j).
 
@@ -148,13 +123,16 @@ def database_side_augmentation(
       alpha: similarity exponent (0: plain average).
       block_size: database rows per search block (the kNN search is O(N^2 D), blocked).
       backend: 'exact' or 'faiss' (approximate factories help for large N).
+      index: a prepared `search.SearchIndex` over `database` (then block_size and backend are
+        its own).
 
     Returns:
       float32 `[N, D]` L2-normalised.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    index = search.SearchIndex(database, backend=backend, block_size=block_size)
+    if index is None:
+        index = search.SearchIndex(database, backend=backend, block_size=block_size)
     database = index.database
     n = min(n, index.ntotal - 1)
     if n == 0:

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from cbir_tf.data import pipeline
-from cbir_tf.retriever import RERANK_METHODS, Retriever
+from cbir_tf.rerank import pipeline as rerank_pipeline
+from cbir_tf.retriever import Retriever
 
 THUMBNAIL_SIZES = {"small": 256, "large": 1024}  # longest side, pixels
 MAX_K = 1000
@@ -53,13 +54,13 @@ def parse_k(value: str | None, default: int = 10, max_k: int = MAX_K) -> int:
 
 
 def parse_rerank(value: str | None) -> str:
-    """The `rerank` query parameter: one of `RERANK_METHODS` (RequestError 400 otherwise)."""
+    """The `rerank` query parameter: a re-ranking method (RequestError 400 otherwise)."""
     if value is None or value == "":
-        return "none"
-    if value not in RERANK_METHODS:
-        raise RequestError(
-            400, f"unknown rerank {value[:40]!r}; valid: {', '.join(RERANK_METHODS)}"
-        )
+        return rerank_pipeline.NONE
+    try:
+        rerank_pipeline.check_method(value[:40], "rerank")
+    except ValueError as err:
+        raise RequestError(400, str(err)) from None
     return value
 
 
@@ -148,7 +149,7 @@ class SearchService:
             # No approximate (ANN) index exists for these folders yet: search is exact.
             "approximate": False,
             "recall": None,
-            "rerank_methods": list(RERANK_METHODS),
+            "rerank_methods": list(rerank_pipeline.METHODS),
             "max_k": MAX_K,
         }
 
