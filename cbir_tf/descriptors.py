@@ -28,7 +28,6 @@ original order.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -46,11 +45,12 @@ from cbir_tf.store import (
     _normalize,
     _validate_ids,
     library_versions,
-    shard_range,
+    shard_meta,
 )
 
 __all__ = [
     "ExtractionResult",
+    "MemorySink",
     "NonFiniteDescriptorError",
     "build_extract_function",
     "extract",
@@ -224,6 +224,61 @@ def _iter_images(
         images.close()  # stops the decoding threads when the caller stops early
 
 
+class MemorySink:
+    """Collects descriptors in memory: what `extract` writes to without a store.
+
+    The sink protocol (`cbir_tf.store.StoreWriter` follows it too): a context manager with
+    `done` (ids already described), `add(id, vector)`, `skip(id, reason)` and `finish()`, which
+    returns (descriptors float32 [N, D], ids, skipped [(id, reason)], meta) in input order.
+
+    Args:
+      ids: every image id of the run, in input order.
+      meta: the run's metadata; counts, `dim` and `versions` are added by `finish`.
+    """
+
+    def __init__(self, ids: Sequence[str], meta: dict[str, Any]):
+        self.ids = list(ids)
+        self.meta = dict(meta)
+        self.done: set[str] = set()
+        self._vectors: dict[str, np.ndarray] = {}
+        self._skipped: dict[str, str] = {}
+
+    def __enter__(self) -> MemorySink:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        return None
+
+    def add(self, image_id: str, vector: np.ndarray) -> None:
+        """Records the descriptor (float32 [D]) of one image."""
+        self._vectors[image_id] = vector
+        self.done.add(image_id)
+
+    def skip(self, image_id: str, reason: str) -> None:
+        """Records that one image could not be read, and why."""
+        self._skipped[image_id] = reason
+        self.done.add(image_id)
+
+    def finish(self) -> tuple[np.ndarray, list[str], list[tuple[str, str]], dict[str, Any]]:
+        """(descriptors float32 [N, D], ids, skipped, meta) of the images, in input order."""
+        ids = [i for i in self.ids if i in self._vectors]
+        dim = next(iter(self._vectors.values())).shape[0] if ids else 0
+        descriptors = (
+            np.stack([self._vectors[i] for i in ids]).astype(np.float32, copy=False)
+            if ids
+            else np.zeros((0, dim), np.float32)
+        )
+        skipped = [(i, self._skipped[i]) for i in self.ids if i in self._skipped]
+        meta = dict(
+            self.meta,
+            num_images=len(ids),
+            num_skipped=len(skipped),
+            dim=dim,
+            versions=library_versions(),
+        )
+        return descriptors, ids, skipped, meta
+
+
 def extract(
     model,
     paths: Sequence[Any],
@@ -290,12 +345,57 @@ def extract(
     scales = _validate_scales(scales)
     if flush_every < 1:
         raise ValueError(f"flush_every must be >= 1, got {flush_every}")
-
-    total_images = len(items)
-    lo, hi = shard_range(total_images, shard_index, num_shards)
+    shard = shard_meta(len(items), shard_index, num_shards)
+    lo, hi = shard["shard_start"], shard["shard_stop"]
     items, ids = items[lo:hi], ids[lo:hi]
     bboxes = None if bboxes is None else list(bboxes)[lo:hi]
+    run_meta = _run_meta(meta, image_size, scales, ms_power, antialias)
+    run_meta.update(shard)
+    fn = build_extract_function(model, scales, ms_power, antialias)
+    traces_before = fn.experimental_get_tracing_count()
+    sink = (
+        DescriptorStore(store_dir).writer(ids, run_meta, flush_every=flush_every)
+        if store_dir is not None
+        else MemorySink(ids, run_meta)
+    )
+    # Leaving this block with an error saves the images finished so far (StoreWriter.__exit__).
+    with sink:
+        num_resumed = len(sink.done)
+        todo = [k for k, i in enumerate(ids) if i not in sink.done]
+        if progress and num_resumed:
+            print(
+                f"resuming {os.fspath(store_dir)}: {num_resumed} of {len(ids)} images already done",
+                file=sys.stderr,
+            )
+        bar = _progress_bar(len(ids), num_resumed, progress, store_dir)
+        try:
+            computed, skipped_now = _describe_images(
+                fn, sink, [items[k] for k in todo], [ids[k] for k in todo],
+                None if bboxes is None else [bboxes[k] for k in todo],
+                image_size, scales, ms_power, num_parallel_calls, bar,
+            )  # fmt: skip
+        finally:
+            if bar is not None:
+                bar.close()
+        descriptors, out_ids, skipped, out_meta = sink.finish()
+    seconds = time.perf_counter() - start_time
+    if progress:
+        _print_summary(len(ids), num_resumed, computed, skipped, skipped_now, seconds)
+    return ExtractionResult(
+        descriptors=descriptors,
+        ids=list(out_ids),
+        skipped=list(skipped),
+        meta=out_meta,
+        num_resumed=num_resumed,
+        num_computed=computed,
+        seconds=seconds,
+        images_per_second=(computed + skipped_now) / seconds if seconds > 0 else 0.0,
+        num_traces=fn.experimental_get_tracing_count() - traces_before,
+    )
 
+
+def _run_meta(meta, image_size, scales, ms_power, antialias) -> dict[str, Any]:
+    """The caller's `meta` plus the extraction settings (which it must not contradict)."""
     run_meta = _normalize(dict(meta or {}))
     settings = {
         "image_size": image_size,
@@ -310,128 +410,50 @@ def extract(
                 f"{key}={value!r}"
             )
     run_meta.update(_normalize(settings))
-    run_meta.update(
-        {
-            "shard_index": int(shard_index),
-            "num_shards": int(num_shards),
-            "shard_start": lo,
-            "shard_stop": hi,
-            "total_images": total_images,
-        }
-    )
+    return run_meta
 
-    fn = build_extract_function(model, scales, ms_power, antialias)
-    traces_before = fn.experimental_get_tracing_count()
 
-    writer_context = (
-        DescriptorStore(store_dir).writer(ids, run_meta, flush_every=flush_every)
-        if store_dir is not None
-        else contextlib.nullcontext()
-    )
-    # Leaving this block with an error saves the images finished so far (StoreWriter.__exit__).
-    with writer_context as writer:
-        done = writer.done if writer is not None else set()
-        num_resumed = len(done)
-        todo = [k for k, i in enumerate(ids) if i not in done]
-        vectors: dict[int, np.ndarray] = {}
-        skipped_now: dict[int, str] = {}
-        if progress and num_resumed:
-            print(
-                f"resuming {os.fspath(store_dir)}: {num_resumed} of {len(ids)} images already done",
-                file=sys.stderr,
-            )
-        bar = _progress_bar(len(ids), num_resumed, progress, store_dir)
-        computed = 0
+def _describe_images(
+    fn, sink, items, ids, bboxes, image_size, scales, ms_power, num_parallel_calls, bar
+) -> tuple[int, int]:
+    """Runs `items` through `fn` into `sink`; returns (images computed, images skipped)."""
+    computed = skipped = 0
 
-        def settle(k: int, output) -> None:
-            nonlocal computed
-            vec = output.numpy()[0]
-            if not np.isfinite(vec).all():
-                raise NonFiniteDescriptorError(
-                    _non_finite_message(ids[k], items[k], scales, ms_power)
-                )
-            computed += 1
-            if writer is not None:
-                writer.add(ids[k], vec)
-            else:
-                vectors[k] = vec
+    def record(k: int, output) -> None:
+        nonlocal computed
+        vec = output.numpy()[0]
+        if not np.isfinite(vec).all():
+            raise NonFiniteDescriptorError(_non_finite_message(ids[k], items[k], scales, ms_power))
+        computed += 1
+        sink.add(ids[k], vec)
+        if bar is not None:
+            bar.update(1)
+
+    # One image in flight: the next image is dispatched before the previous result is read
+    # back, so that an accelerator never idles while the host copies a vector.
+    in_flight = None
+    call = None  # the concrete function, obtained at the first image
+    for k, inputs, error in _iter_images(items, image_size, bboxes, num_parallel_calls):
+        if error:
+            skipped += 1
+            sink.skip(ids[k], error)
             if bar is not None:
                 bar.update(1)
-
-        try:
-            sub_items = [items[k] for k in todo]
-            sub_boxes = None if bboxes is None else [bboxes[k] for k in todo]
-            # One image in flight: the next image is dispatched before the previous result is
-            # read back, so that an accelerator never idles while the host copies a vector.
-            in_flight = None
-            call = None  # the concrete function, obtained at the first image
-            for j, inputs, error in _iter_images(
-                sub_items, image_size, sub_boxes, num_parallel_calls
-            ):
-                k = todo[j]
-                if error:
-                    skipped_now[k] = error
-                    if writer is not None:
-                        writer.skip(ids[k], error)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(skipped=len(skipped_now), refresh=False)
-                    continue
-                if call is None:
-                    # Calling the concrete function skips the tf.function's per-call signature
-                    # matching (0.3-0.5 ms an image); the input signature makes it the only one.
-                    call = fn.get_concrete_function()
-                output = call(inputs)
-                if in_flight is not None:
-                    settle(*in_flight)
-                in_flight = (k, output)
-            if in_flight is not None:
-                settle(*in_flight)
-        finally:
-            if bar is not None:
-                bar.close()
-        missing = len(todo) - computed - len(skipped_now)
-        if missing:
-            raise RuntimeError(
-                f"the image pipeline yielded {len(todo) - missing} of {len(todo)} images"
-            )
-
-        if writer is not None:
-            store = writer.finalize()
-            descriptors, out_ids, out_meta = store.load(mmap=True)
-            skipped = store.skipped()
-        else:
-            order = [k for k in range(len(ids)) if k in vectors]
-            dim = next(iter(vectors.values())).shape[0] if vectors else 0
-            descriptors = (
-                np.stack([vectors[k] for k in order]).astype(np.float32, copy=False)
-                if order
-                else np.zeros((0, dim), np.float32)
-            )
-            out_ids = [ids[k] for k in order]
-            skipped = [(ids[k], skipped_now[k]) for k in sorted(skipped_now)]
-            out_meta = dict(
-                run_meta,
-                num_images=len(order),
-                num_skipped=len(skipped),
-                dim=dim,
-                versions=library_versions(),
-            )
-
-    seconds = time.perf_counter() - start_time
-    if progress:
-        _print_summary(len(ids), num_resumed, computed, skipped, skipped_now, seconds)
-    return ExtractionResult(
-        descriptors=descriptors,
-        ids=list(out_ids),
-        skipped=list(skipped),
-        meta=out_meta,
-        num_resumed=num_resumed,
-        num_computed=computed,
-        seconds=seconds,
-        images_per_second=(computed + len(skipped_now)) / seconds if seconds > 0 else 0.0,
-        num_traces=fn.experimental_get_tracing_count() - traces_before,
-    )
+                bar.set_postfix(skipped=skipped, refresh=False)
+            continue
+        if call is None:
+            # Calling the concrete function skips the tf.function's per-call signature
+            # matching (0.3-0.5 ms an image); the input signature makes it the only one.
+            call = fn.get_concrete_function()
+        output = call(inputs)
+        if in_flight is not None:
+            record(*in_flight)
+        in_flight = (k, output)
+    if in_flight is not None:
+        record(*in_flight)
+    if computed + skipped != len(items):
+        raise RuntimeError(f"the image pipeline yielded {computed + skipped} of {len(items)} images")
+    return computed, skipped
 
 
 def _non_finite_message(image_id: str, item: Any, scales, ms_power: float) -> str:
@@ -458,8 +480,8 @@ def _progress_bar(total: int, initial: int, enabled: bool, store_dir):
     )
 
 
-def _print_summary(total, resumed, computed, skipped, skipped_now, seconds) -> None:
-    rate = (computed + len(skipped_now)) / seconds if seconds > 0 else 0.0
+def _print_summary(total, resumed, computed, skipped, skipped_now: int, seconds) -> None:
+    rate = (computed + skipped_now) / seconds if seconds > 0 else 0.0
     lines = [
         f"extracted {computed} images in {seconds:.1f} s ({rate:.2f} images/s)"
         + (f", {resumed} already done" if resumed else "")

@@ -59,6 +59,11 @@ SKIPPED_FILE = "skipped.json"
 COMPLETE_FILE = "COMPLETE"
 PARTS_DIR = "parts"
 RUN_FILE = "run.json"
+COMMIT_FILE = "COMMIT"
+# The files of a finished store, in the order they are written (COMPLETE last).
+STORE_FILES = (DESCRIPTORS_FILE, IDS_FILE, SKIPPED_FILE, META_FILE, COMPLETE_FILE)
+
+_BLOCK_ROWS = 65536  # rows per block when copying descriptors (~256 MB at D = 1024)
 
 _CHUNK_RE = re.compile(r"^(\d{5,})\.npz$")
 
@@ -729,74 +734,208 @@ class StoreWriter:
         parts = os.path.join(self.store.path, PARTS_DIR)
         chunk_paths = [os.path.join(parts, n) for n in self.store._chunk_files()]
         # Rows go into the input order, whatever order the chunks were written in.
-        row_of: dict[str, int] = {}
+        described: set[str] = set()
         skipped: dict[str, str] = {}
         for p in chunk_paths:
             chunk = _read_chunk(p)
-            for i in chunk["ids"]:
-                row_of[i] = -1
+            described.update(chunk["ids"])
             skipped.update(dict(chunk["skipped"]))
-        kept = [i for i in self.ids if i in row_of]
-        for row, i in enumerate(kept):
-            row_of[i] = row
-        n, d = len(kept), self.dim or 0
+        kept = [i for i in self.ids if i in described]
         if len(kept) + len(skipped) != len(self.ids):
             raise StoreCorruptError(f"{parts}: chunks do not cover the image list exactly")
+        row_of = {i: row for row, i in enumerate(kept)}
+        meta = dict(self.meta)
+        meta.update(_normalize(extra_meta or {}))
         try:
-            desc_bytes = self._write_descriptors(chunk_paths, row_of, n, d)
-            atomic_write_text(
-                os.path.join(self.store.path, IDS_FILE), "".join(i + "\n" for i in kept)
+            write_store(
+                self.store.path,
+                kept,
+                _chunk_blocks(chunk_paths, row_of),
+                dim=self.dim or 0,
+                skipped=[(i, skipped[i]) for i in self.ids if i in skipped],
+                meta=meta,
             )
-            skipped_list = [{"id": i, "reason": skipped[i]} for i in self.ids if i in skipped]
-            atomic_write_json(os.path.join(self.store.path, SKIPPED_FILE), skipped_list)
-            meta = dict(self.meta)
-            meta.update(_normalize(extra_meta or {}))
-            meta.update(
-                {
-                    "num_images": n,
-                    "num_skipped": len(skipped_list),
-                    "dim": d,
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                }
-            )
-            meta.setdefault("versions", library_versions())
-            atomic_write_json(os.path.join(self.store.path, META_FILE), meta)
-            marker = {
-                "num_images": n,
-                "dim": d,
-                "descriptors_bytes": desc_bytes,
-                "ids_sha256": ids_fingerprint(kept),
-            }
-            atomic_write_json(os.path.join(self.store.path, COMPLETE_FILE), marker)
         except OSError as e:
             raise self._write_error(e, "the final store files") from e
         shutil.rmtree(parts, ignore_errors=True)
         self.already_complete = True
         return self.store
 
-    def _write_descriptors(self, chunk_paths, row_of, n: int, d: int) -> int:
-        path = os.path.join(self.store.path, DESCRIPTORS_FILE)
-        with atomic_open(path, "wb") as f:
-            header = {"descr": "<f4", "fortran_order": False, "shape": (n, d)}
-            np.lib.format.write_array_header_1_0(f, header)
-            offset = f.tell()
-            row_bytes = 4 * d
-            f.truncate(offset + n * row_bytes)
-            for p in chunk_paths:
-                chunk = _read_chunk(p)
-                desc = chunk["descriptors"]
-                rows = np.array([row_of[i] for i in chunk["ids"]], dtype=np.int64)
-                # Contiguous runs of rows are written in one call.
-                start = 0
-                while start < len(rows):
-                    stop = start + 1
-                    while stop < len(rows) and rows[stop] == rows[stop - 1] + 1:
-                        stop += 1
-                    f.seek(offset + int(rows[start]) * row_bytes)
-                    f.write(np.ascontiguousarray(desc[start:stop], dtype="<f4").tobytes())
-                    start = stop
-            f.seek(0, os.SEEK_END)
-            return f.tell()
+    def finish(self) -> tuple[np.ndarray, list[str], list[tuple[str, str]], dict[str, Any]]:
+        """Finalizes and loads the store: (descriptors [N, D] memory-mapped, ids, skipped, meta).
+
+        With `add`, `skip` and `done` this is the sink protocol of `cbir_tf.descriptors.extract`.
+        """
+        store = self.finalize()
+        descriptors, ids, meta = store.load(mmap=True)
+        return descriptors, ids, store.skipped(), meta
+
+
+def _chunk_blocks(chunk_paths: Sequence[str], row_of: dict[str, int]):
+    """(first row, float32 [b, D]) runs of consecutive rows, one chunk in memory at a time."""
+    for p in chunk_paths:
+        chunk = _read_chunk(p)
+        desc = chunk["descriptors"]
+        rows = np.array([row_of[i] for i in chunk["ids"]], dtype=np.int64)
+        # Contiguous runs of rows are written in one call.
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for run in np.split(np.arange(len(rows)), breaks):
+            if len(run):
+                yield int(rows[run[0]]), desc[run[0] : run[-1] + 1]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing a finished store (the one writer: StoreWriter.finalize, merge_shards, indexes)
+# --------------------------------------------------------------------------------------------
+
+
+def stacked_blocks(sources: Iterable[Any], block_rows: int = _BLOCK_ROWS):
+    """(first row, float32 [b, D]) blocks of the row-wise concatenation of `sources`.
+
+    Args:
+      sources: arrays [n_i, D] (memory-mapped ones are read one block at a time), or
+        (array, row indices) pairs whose selected rows are taken, in that order.
+      block_rows: rows per block (bounds the memory a block takes).
+    """
+    row = 0
+    for source in sources:
+        array, rows = source if isinstance(source, tuple) else (source, None)
+        n = len(rows) if rows is not None else np.shape(array)[0]
+        for start in range(0, n, block_rows):
+            stop = min(start + block_rows, n)
+            yield row + start, array[rows[start:stop]] if rows is not None else array[start:stop]
+        row += n
+
+
+def write_store(
+    directory: str | os.PathLike,
+    ids: Sequence[str],
+    blocks: Iterable[tuple[int, np.ndarray]],
+    *,
+    dim: int,
+    skipped: Sequence[tuple[str, str]],
+    meta: dict[str, Any],
+    files: dict[str, Any] | None = None,
+    journal: bool = False,
+) -> None:
+    """Writes a finished store: descriptors.npy, ids.txt, skipped.json, meta.json, COMPLETE.
+
+    Each file is written atomically, COMPLETE last (an existing one is removed first), so a
+    folder is never read as finished while it is rewritten. With `journal`, every file is
+    first written as `<name>.new`, then the `COMMIT` journal lists them, then they are renamed
+    into place (`finish_commit`): a crash leaves the old store or, after `recover`, the new one.
+
+    Args:
+      directory: the store folder (the caller holds its lock).
+      ids: N row ids, in row order.
+      blocks: (first row, float32 [b, D]) pairs covering rows 0..N-1 (see `stacked_blocks`).
+      dim: D.
+      skipped: (id, reason) of the images that could not be read.
+      meta: how the descriptors were made; counts, `dim`, `created` (and `versions` when
+        absent) are added.
+      files: other JSON files written with the store, by name (an index's manifest.json).
+      journal: commit through the journal (for a store that replaces a live one).
+
+    Raises:
+      OSError: a write failed (e.g. disk full); the previous finished files stay complete
+        with `journal`, else the folder is left without COMPLETE.
+    """
+    directory = os.fspath(directory)
+    suffix = ".new" if journal else ""
+    n, d = len(ids), int(dim)
+    if not journal:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, COMPLETE_FILE))
+    desc_bytes = _write_descriptors(os.path.join(directory, DESCRIPTORS_FILE + suffix), n, d, blocks)
+    meta = dict(meta)
+    meta.update(
+        {
+            "num_images": n,
+            "num_skipped": len(skipped),
+            "dim": d,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }
+    )
+    meta.setdefault("versions", library_versions())
+    contents: dict[str, Any] = {
+        IDS_FILE: "".join(i + "\n" for i in ids),
+        SKIPPED_FILE: [{"id": i, "reason": r} for i, r in skipped],
+        META_FILE: meta,
+        **(files or {}),
+        COMPLETE_FILE: {
+            "num_images": n,
+            "dim": d,
+            "descriptors_bytes": desc_bytes,
+            "ids_sha256": ids_fingerprint(ids),
+        },
+    }
+    for name, content in contents.items():
+        path = os.path.join(directory, name + suffix)
+        if isinstance(content, str):
+            atomic_write_text(path, content)
+        else:
+            atomic_write_json(path, content)
+    if journal:
+        atomic_write_json(
+            os.path.join(directory, COMMIT_FILE), {"files": [DESCRIPTORS_FILE, *contents]}
+        )
+        finish_commit(directory)
+
+
+def _write_descriptors(path: str, n: int, d: int, blocks) -> int:
+    """Writes float32 [n, d] as .npy from (first row, block) pairs; returns the file size."""
+    with atomic_open(path, "wb") as f:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (n, d)}
+        np.lib.format.write_array_header_1_0(f, header)
+        offset = f.tell()
+        row_bytes = 4 * d
+        f.truncate(offset + n * row_bytes)
+        for row, block in blocks:
+            f.seek(offset + int(row) * row_bytes)
+            f.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+        f.seek(0, os.SEEK_END)
+        return f.tell()
+
+
+def finish_commit(directory: str | os.PathLike) -> None:
+    """Renames every `<name>.new` of the journal into place, COMPLETE last, then drops it."""
+    directory = os.fspath(directory)
+    journal = os.path.join(directory, COMMIT_FILE)
+    with open(journal, encoding="utf-8") as f:
+        names = json.load(f)["files"]
+    names = [n for n in names if n != COMPLETE_FILE] + [COMPLETE_FILE]
+    # Without COMPLETE the folder reads as unfinished, never as a mix of old and new files.
+    if os.path.isfile(os.path.join(directory, COMPLETE_FILE + ".new")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, COMPLETE_FILE))
+    for name in names:
+        src = os.path.join(directory, name + ".new")
+        if os.path.exists(src):
+            os.replace(src, os.path.join(directory, name))
+    os.unlink(journal)
+
+
+def recover(directory: str | os.PathLike, other_files: Sequence[str] = ()) -> bool:
+    """Completes a journalled commit cut short, or discards one that never reached its journal.
+
+    Args:
+      directory: the store folder (the caller holds its lock, or only reads).
+      other_files: names of the `files` that `write_store` wrote besides the store's own.
+
+    Returns:
+      Whether an interrupted commit was completed.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return False
+    if os.path.isfile(os.path.join(directory, COMMIT_FILE)):
+        logger.warning("completing an interrupted update of %s", directory)
+        finish_commit(directory)
+        return True
+    for name in (*STORE_FILES, *other_files):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name + ".new"))
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -855,6 +994,24 @@ def _check_shard_set(paths: Sequence[str], metas: Sequence[dict[str, Any]]) -> N
         )
 
 
+def shard_meta(num_items: int, shard_index: int, num_shards: int) -> dict[str, int]:
+    """The `SHARD_FIELDS` a shard records in its meta.json (checked and ordered by a merge).
+
+    Args:
+      num_items: images of the whole collection.
+      shard_index: this shard (see `shard_range`).
+      num_shards: how many shards the collection is split into.
+    """
+    lo, hi = shard_range(num_items, shard_index, num_shards)
+    return {
+        "shard_index": int(shard_index),
+        "num_shards": int(num_shards),
+        "shard_start": lo,
+        "shard_stop": hi,
+        "total_images": int(num_items),
+    }
+
+
 def merge_shards(
     shard_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False
 ) -> DescriptorStore:
@@ -881,21 +1038,61 @@ def merge_shards(
         raise ValueError("merge_shards needs at least one shard")
     stores = [DescriptorStore(p) for p in shard_dirs]
     loaded = [(s, *s.load(mmap=True)) for s in stores]
-    metas = [m for _, _, _, m in loaded]
-    if all("shard_index" in m for m in metas):
+    if all("shard_index" in m for _, _, _, m in loaded):
         loaded.sort(key=lambda t: t[3]["shard_index"])
-        metas = [m for _, _, _, m in loaded]
-        _check_shard_set([s.path for s, _, _, _ in loaded], metas)
-        for prev, cur in zip(metas, metas[1:], strict=False):
-            if prev.get("shard_stop") != cur.get("shard_start"):
-                raise StoreMismatchError(
-                    f"shards {prev['shard_index']} and {cur['shard_index']} are not contiguous"
-                )
-        first, last = metas[0], metas[-1]
-        if first.get("shard_start", 0) != 0 or last.get("shard_stop") != last.get(
-            "total_images", last.get("shard_stop")
-        ):
-            raise StoreMismatchError("the shards do not cover the whole collection")
+        _check_split([s.path for s, _, _, _ in loaded], [m for _, _, _, m in loaded])
+    _check_same_settings(loaded)
+    all_ids = [i for _, _, ids, _ in loaded for i in ids]
+    skipped = [sk for s, _, _, _ in loaded for sk in s.skipped()]
+    seen: set[str] = set()
+    for i in all_ids + [i for i, _ in skipped]:
+        if i in seen:
+            raise StoreMismatchError(f"image id {i!r} appears in more than one shard")
+        seen.add(i)
+    out_store = DescriptorStore(out)
+    out_path = out_store.path
+    if os.path.abspath(out_path) in {os.path.abspath(s.path) for s in stores}:
+        raise ValueError("the merged store must go to a folder other than the shards'")
+    metas = [m for _, _, _, m in loaded]
+    meta = dict(metas[0])
+    meta.update(shard_meta(metas[-1].get("total_images", len(all_ids) + len(skipped)), 0, 1))
+    meta["merged_from"] = [os.path.abspath(s.path) for s, _, _, _ in loaded]
+    with folder_lock(out_path, what="the merged store"):
+        if out_store.is_complete and not overwrite:
+            raise FileExistsError(f"{out_path} already holds a complete store")
+        try:
+            write_store(
+                out_path,
+                all_ids,
+                stacked_blocks(desc for _, desc, _, _ in loaded),
+                dim=max(int(m.get("dim") or 0) for m in metas),
+                skipped=skipped,
+                meta=meta,
+            )
+        except OSError as e:
+            raise StoreWriteError(
+                e.errno, f"could not write the merged store {out_path}: {e}"
+            ) from e
+    return out_store
+
+
+def _check_split(paths: Sequence[str], metas: Sequence[dict[str, Any]]) -> None:
+    """Refuses shards (sorted by shard_index) that are not one contiguous, whole split."""
+    _check_shard_set(paths, metas)
+    for prev, cur in zip(metas, metas[1:], strict=False):
+        if prev.get("shard_stop") != cur.get("shard_start"):
+            raise StoreMismatchError(
+                f"shards {prev['shard_index']} and {cur['shard_index']} are not contiguous"
+            )
+    first, last = metas[0], metas[-1]
+    if first.get("shard_start", 0) != 0 or last.get("shard_stop") != last.get(
+        "total_images", last.get("shard_stop")
+    ):
+        raise StoreMismatchError("the shards do not cover the whole collection")
+
+
+def _check_same_settings(loaded: Sequence[tuple[DescriptorStore, Any, Any, dict]]) -> None:
+    """Refuses shards whose descriptors were made with other settings than the first's."""
     ignore = set(SHARD_FIELDS) | set(_VOLATILE_FIELDS)
     first_store, first_meta = loaded[0][0], loaded[0][3]
     for s, _, _, m in loaded[1:]:
@@ -910,68 +1107,3 @@ def merge_shards(
         if not a.get("num_images") or not b.get("num_images"):
             a.pop("dim", None), b.pop("dim", None)
         check_compatible(a, b, first_store.path, s.path)
-    all_ids: list[str] = []
-    for _, _, ids, _ in loaded:
-        all_ids.extend(ids)
-    skipped = [sk for s, _, _, _ in loaded for sk in s.skipped()]
-    seen: set[str] = set()
-    for i in all_ids + [i for i, _ in skipped]:
-        if i in seen:
-            raise StoreMismatchError(f"image id {i!r} appears in more than one shard")
-        seen.add(i)
-    out_store = DescriptorStore(out)
-    out_path = out_store.path
-    if os.path.abspath(out_path) in {os.path.abspath(s.path) for s in stores}:
-        raise ValueError("the merged store must go to a folder other than the shards'")
-    with folder_lock(out_path, what="the merged store"):
-        if out_store.is_complete:
-            if not overwrite:
-                raise FileExistsError(f"{out_path} already holds a complete store")
-            os.unlink(os.path.join(out_path, COMPLETE_FILE))
-        n = len(all_ids)
-        d = max(int(m.get("dim") or 0) for m in metas)
-        try:
-            with atomic_open(os.path.join(out_path, DESCRIPTORS_FILE), "wb") as f:
-                header = {"descr": "<f4", "fortran_order": False, "shape": (n, d)}
-                np.lib.format.write_array_header_1_0(f, header)
-                for _, desc, _, _ in loaded:
-                    for start in range(0, desc.shape[0], 65536):
-                        f.write(np.ascontiguousarray(desc[start : start + 65536]).tobytes())
-                f.flush()
-                desc_bytes = f.tell()
-            atomic_write_text(os.path.join(out_path, IDS_FILE), "".join(i + "\n" for i in all_ids))
-            atomic_write_json(
-                os.path.join(out_path, SKIPPED_FILE),
-                [{"id": i, "reason": r} for i, r in skipped],
-            )
-            meta = dict(first_meta)
-            total = metas[-1].get("total_images", n + len(skipped))
-            meta.update(
-                {
-                    "shard_index": 0,
-                    "num_shards": 1,
-                    "shard_start": 0,
-                    "shard_stop": total,
-                    "total_images": total,
-                    "num_images": n,
-                    "num_skipped": len(skipped),
-                    "dim": d,
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                    "merged_from": [os.path.abspath(s.path) for s, _, _, _ in loaded],
-                }
-            )
-            atomic_write_json(os.path.join(out_path, META_FILE), meta)
-            atomic_write_json(
-                os.path.join(out_path, COMPLETE_FILE),
-                {
-                    "num_images": n,
-                    "dim": d,
-                    "descriptors_bytes": desc_bytes,
-                    "ids_sha256": ids_fingerprint(all_ids),
-                },
-            )
-        except OSError as e:
-            raise StoreWriteError(
-                e.errno, f"could not write the merged store {out_path}: {e}"
-            ) from e
-    return out_store
