@@ -452,7 +452,8 @@ def _describe_images(
     if in_flight is not None:
         record(*in_flight)
     if computed + skipped != len(items):
-        raise RuntimeError(f"the image pipeline yielded {computed + skipped} of {len(items)} images")
+        got = computed + skipped
+        raise RuntimeError(f"the image pipeline yielded {got} of {len(items)} images")
     return computed, skipped
 
 

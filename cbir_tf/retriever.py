@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from cbir_tf import store as store_lib
-from cbir_tf.io import atomic_open, atomic_write_json, atomic_write_text, folder_lock
+from cbir_tf.io import atomic_write_json, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.keras"
 PENDING_DIR = "pending"
 PENDING_FILE = "pending.json"
-COMMIT_FILE = "COMMIT"
 FORMAT = "cbir_tf.index"
 FORMAT_VERSION = 1
 RERANK_METHODS = ("none", "aqe", "diffusion", "aqe+diffusion")
@@ -68,14 +67,6 @@ DEFAULT_RERANK = {
 }
 
 _BLOCK_ROWS = 65536
-_INDEX_FILES = (
-    store_lib.DESCRIPTORS_FILE,
-    store_lib.IDS_FILE,
-    store_lib.SKIPPED_FILE,
-    store_lib.META_FILE,
-    MANIFEST_FILE,
-    store_lib.COMPLETE_FILE,
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -714,56 +705,20 @@ class Retriever:
     def _write_index(self, directory, old, keep_rows, new_desc, ids, dim) -> None:
         """Writes rows `old[keep_rows]` then `new_desc` as the index in `directory` (journalled).
 
-        Every file is first written as `<name>.new` (descriptors block by block, so memory holds
-        one block), then the COMMIT journal, then the files are renamed into place.
+        Memory holds one block of rows; a crash leaves the old index or the new one
+        (`cbir_tf.store.write_store` with its journal).
         """
-        model_ref = self._model_ref_for(directory)
-        n = len(ids)
-        desc_path = os.path.join(directory, store_lib.DESCRIPTORS_FILE)
-        with atomic_open(desc_path + ".new", "wb") as f:
-            header = {"descr": "<f4", "fortran_order": False, "shape": (n, dim)}
-            np.lib.format.write_array_header_1_0(f, header)
-            for start in range(0, len(keep_rows), self.block_size):
-                rows = keep_rows[start : start + self.block_size]
-                f.write(np.ascontiguousarray(old[rows], dtype="<f4").tobytes())
-            if new_desc is not None:
-                for start in range(0, np.shape(new_desc)[0], self.block_size):
-                    block = new_desc[start : start + self.block_size]
-                    f.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
-            f.flush()
-            desc_bytes = f.tell()
-        skipped = [{"id": i, "reason": f["reason"]} for i, f in self._failed.items()]
-        meta = self._store_meta()
-        meta.update(
-            {
-                "num_images": n,
-                "num_skipped": len(skipped),
-                "dim": dim,
-                "versions": store_lib.library_versions(),
-                "created": _now(),
-            }
+        sources = [(old, keep_rows)] + ([new_desc] if new_desc is not None else [])
+        store_lib.write_store(
+            directory,
+            ids,
+            store_lib.stacked_blocks(sources, self.block_size),
+            dim=dim,
+            skipped=[(i, f["reason"]) for i, f in self._failed.items()],
+            meta=self._store_meta(),
+            files={MANIFEST_FILE: self._manifest(ids, self._model_ref_for(directory))},
+            journal=True,
         )
-        files: dict[str, Any] = {
-            store_lib.IDS_FILE: "".join(i + "\n" for i in ids),
-            store_lib.SKIPPED_FILE: skipped,
-            store_lib.META_FILE: meta,
-            MANIFEST_FILE: self._manifest(ids, model_ref),
-            store_lib.COMPLETE_FILE: {
-                "num_images": n,
-                "dim": dim,
-                "descriptors_bytes": desc_bytes,
-                "ids_sha256": store_lib.ids_fingerprint(ids),
-            },
-        }
-        for name, content in files.items():
-            if isinstance(content, str):
-                atomic_write_text(os.path.join(directory, name + ".new"), content)
-            else:
-                atomic_write_json(os.path.join(directory, name + ".new"), content)
-        names = [store_lib.DESCRIPTORS_FILE, *files]
-        # The journal makes the renames all-or-nothing across a crash (see `_recover`).
-        atomic_write_json(os.path.join(directory, COMMIT_FILE), {"files": names})
-        _finish_commit(directory)
 
     def _model_ref_for(self, directory: str) -> dict[str, Any]:
         """The manifest's model entry; saves model.keras when no reference can rebuild it."""
@@ -1033,136 +988,6 @@ class Retriever:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def build_index(
-    config: Any,
-    images: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    model_path: str | os.PathLike | None = None,
-    shard_index: int = 0,
-    num_shards: int = 1,
-    progress: bool = True,
-    image_size_explicit: bool = False,
-) -> Retriever:
-    """Indexes an image folder into `out` (what `extract.py --images=DIR --out=DIR` runs).
-
-    Resumable: run it again after an interruption, or after adding images, and only new or
-    changed files are described. With `num_shards` > 1 this call indexes the contiguous slice
-    `shard_index` of the sorted file list (`cbir_tf.store.shard_range`) into its own `out`;
-    `merge_indexes` joins the shard folders.
-
-    Args:
-      config: full config (model, data, extract, search, rerank blocks).
-      images: the image folder (its sub-folders included); the collection root.
-      out: the index folder.
-      model_path: a `.keras` descriptor model to use instead of the config's model.
-      shard_index: which shard this call builds.
-      num_shards: how many shards the collection is split into.
-      progress: show progress.
-      image_size_explicit: the user set `data.image_size`: a `model_path` model then describes
-        images at that size instead of the size it was trained at.
-
-    Returns:
-      The Retriever, attached to `out`.
-    """
-    from cbir_tf.data.folder import list_images
-
-    cfg = _to_dict(config)
-    images = os.path.abspath(os.path.expanduser(os.fspath(images)))
-    # Checked before a model is built or `out` created: a wrong folder fails at once.
-    rel = list_images(images, recursive=True)  # FileNotFoundError / NotADirectoryError
-    if not rel:
-        raise ValueError(no_images_message(images, recursive=True))
-    if model_path:
-        data = cfg.get("data", {})
-        r = Retriever.from_model(
-            model_path,
-            image_size=int(data.get("image_size", 1024)) if image_size_explicit else None,
-            scales=tuple(data.get("scales", (1.0,))),
-            ms_power=float(data.get("ms_power", 1.0)),
-            directory=out,
-            root=images,
-            rerank=cfg.get("rerank"),
-            flush_every=int(cfg.get("extract", {}).get("flush_every", 64)),
-        )
-    else:
-        r = Retriever.from_config(config, directory=out, root=images)
-    if int(num_shards) <= 1:
-        r.index(images, progress=progress)
-        return r
-    lo, hi = store_lib.shard_range(len(rel), int(shard_index), int(num_shards))
-    # Recorded in meta.json so that `store.merge_shards` can check and order the shards.
-    r.descriptor_meta.update(
-        {
-            "shard_index": int(shard_index),
-            "num_shards": int(num_shards),
-            "shard_start": lo,
-            "shard_stop": hi,
-            "total_images": len(rel),
-        }
-    )
-    r.index([os.path.join(images, *p.split("/")) for p in rel[lo:hi]], progress=progress)
-    return r
-
-
-def merge_indexes(
-    shard_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False
-) -> str:
-    """Joins index shards (from `build_index(..., num_shards=S)`) into one index folder.
-
-    The descriptor stores are joined by `cbir_tf.store.merge_shards` (which checks that they
-    are the shards 0..S-1 of one collection, made with the same settings); the manifests are
-    united (same root and model required).
-
-    Args:
-      shard_dirs: the shard index folders.
-      out: the merged index folder.
-      overwrite: replace an index already at `out`.
-
-    Returns:
-      `out` as an absolute path.
-
-    Raises:
-      ValueError: the shards index different collections or use different models.
-    """
-    out = os.path.abspath(os.fspath(out))
-    manifests = [_read_manifest(os.path.abspath(os.fspath(d))) for d in shard_dirs]
-    first = manifests[0]
-    for d, m in zip(shard_dirs, manifests, strict=True):
-        for key in ("root", "image_size", "scales", "ms_power"):
-            if m.get(key) != first.get(key):
-                raise ValueError(
-                    f"index shard {d} has {key}={m.get(key)!r}, the first shard "
-                    f"{first.get(key)!r}: shards must index one collection with one model"
-                )
-        a = {k: v for k, v in m["model"].items() if k != "file"}
-        b = {k: v for k, v in first["model"].items() if k != "file"}
-        diffs = _differences(b, a, "model")
-        if diffs:
-            raise ValueError(
-                f"index shard {d} uses another model than {shard_dirs[0]}: "
-                + "; ".join(diffs)
-                + "; merge the shards of one run (same settings and model)"
-            )
-    store_lib.merge_shards(list(shard_dirs), out, overwrite=overwrite)
-    manifest = dict(first)
-    for key in ("paths", "files", "failed"):
-        manifest[key] = {}
-        for m in manifests:
-            manifest[key].update(m.get(key, {}))
-    meta = dict(manifest.get("descriptor_meta", {}))
-    for key in store_lib.SHARD_FIELDS:
-        meta.pop(key, None)
-    manifest["descriptor_meta"] = meta
-    model_file = first["model"].get("file")
-    if model_file:
-        shutil.copyfile(
-            os.path.join(os.fspath(shard_dirs[0]), model_file), os.path.join(out, model_file)
-        )
-    atomic_write_json(os.path.join(out, MANIFEST_FILE), manifest)
-    return out
-
-
 def _image_size_for_model(path: str, image_size: int | None) -> int:
     """The image size to describe images with a saved model (see `Retriever.from_model`)."""
     from cbir_tf import models
@@ -1203,16 +1028,6 @@ def check_k(k: Any) -> int:
     return int(k)
 
 
-def _differences(a: Any, b: Any, where: str) -> list[str]:
-    """'where.key (first: x, this: y)' for every leaf in which nested dicts `a`, `b` differ."""
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += _differences(a.get(k), b.get(k), f"{where}.{k}")
-        return out
-    return [] if a == b else [f"{where} (first shard: {a!r}, this shard: {b!r})"]
-
-
 def _merge_rerank(rerank: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
     out = {k: dict(v) for k, v in DEFAULT_RERANK.items()}
     for key, value in (_to_dict(rerank) if rerank is not None else {}).items():
@@ -1248,7 +1063,7 @@ def _descriptor_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 def _is_index(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, MANIFEST_FILE)) or os.path.isfile(
-        os.path.join(directory, COMMIT_FILE)
+        os.path.join(directory, store_lib.COMMIT_FILE)
     )
 
 
@@ -1305,34 +1120,9 @@ def _load_model(directory: str, ref: Mapping[str, Any]) -> Any:
     raise ValueError(f"the index names no usable model ({dict(ref)}); pass model=...")
 
 
-def _finish_commit(directory: str) -> None:
-    """Renames every `<name>.new` of the journal into place, COMPLETE last, then drops it."""
-    journal = os.path.join(directory, COMMIT_FILE)
-    with open(journal, encoding="utf-8") as f:
-        names = json.load(f)["files"]
-    names = [n for n in names if n != store_lib.COMPLETE_FILE] + [store_lib.COMPLETE_FILE]
-    # Without COMPLETE the folder reads as unfinished, never as a mix of old and new files.
-    if os.path.isfile(os.path.join(directory, store_lib.COMPLETE_FILE + ".new")):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(directory, store_lib.COMPLETE_FILE))
-    for name in names:
-        src = os.path.join(directory, name + ".new")
-        if os.path.exists(src):
-            os.replace(src, os.path.join(directory, name))
-    os.unlink(journal)
-
-
 def _recover(directory: str) -> None:
-    """Completes a journalled commit cut short, or discards one that never reached its journal."""
-    if not os.path.isdir(directory):
-        return
-    if os.path.isfile(os.path.join(directory, COMMIT_FILE)):
-        log.warning("completing an interrupted update of the index %s", directory)
-        _finish_commit(directory)
-        return
-    for name in _INDEX_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(directory, name + ".new"))
+    """Completes an index update cut short (see `cbir_tf.store.recover`)."""
+    store_lib.recover(directory, other_files=(MANIFEST_FILE,))
 
 
 def _prepare_array(image: Any, bbox: Sequence[float] | None, image_size: int | None):
@@ -1369,75 +1159,3 @@ def _prepare_array(image: Any, bbox: Sequence[float] | None, image_size: int | N
     if not image_size:
         return rgb
     return resize_longest(rgb, int(image_size), longest if bbox is not None else None)
-
-
-def _now() -> str:
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).isoformat()
-
-
-def run_search(
-    index_dir: str | os.PathLike,
-    query: str | os.PathLike,
-    *,
-    k: int = 10,
-    rerank: str = "none",
-    out: str | os.PathLike | None = None,
-    model: str | os.PathLike | None = None,
-    root: str | os.PathLike | None = None,
-    recursive: bool = True,
-    embed: bool = False,
-    stream: Any = None,
-) -> list[tuple[str, list[SearchResult]]]:
-    """What `search.py` runs: searches an index, prints ranked tables, writes HTML and PNGs.
-
-    Args:
-      index_dir: an index folder (extract.py --images, or `Retriever.save`).
-      query: an image file, or a folder of query images (one result page per image).
-      k: results per query.
-      rerank: 'none', 'aqe', 'diffusion' or 'aqe+diffusion'.
-      out: folder for `<query>.html` pages, `<query>.png` grids (and `index.html` for several
-        queries); None writes nothing.
-      model: a `.keras` model replacing the one the index names.
-      root: the collection root, when the images moved since indexing.
-      recursive: scan sub-folders of a query folder.
-      embed: embed images in the pages as base64.
-      stream: where tables are printed (default sys.stdout).
-
-    Returns:
-      [(query path, results)] in query order.
-    """
-    import sys
-
-    from cbir_tf.data.folder import list_images
-
-    check_k(k)
-    stream = sys.stdout if stream is None else stream
-    query = os.path.expanduser(os.fspath(query))
-    if os.path.isdir(query):
-        queries = [os.path.join(query, *p.split("/")) for p in list_images(query, recursive)]
-        if not queries:
-            raise ValueError(f"no images found in the query folder {query}")
-    elif os.path.isfile(query):
-        queries = [query]
-    else:
-        raise FileNotFoundError(f"query {query} does not exist")
-    retriever = Retriever.load(index_dir, model=model, root=root)
-    all_results = retriever.search_batch(queries, k=k, rerank=rerank)
-    pairs = list(zip(queries, all_results, strict=True))
-    for q, results in pairs:
-        stream.write(format_results(results, title=f"query: {q}") + "\n")
-    if out:
-        from cbir_tf import html
-
-        meta = {
-            "index": os.path.abspath(os.fspath(index_dir)),
-            "images indexed": len(retriever),
-            "k": k,
-            "rerank": rerank,
-        }
-        written = html.write_search_report(out, pairs, meta=meta, embed=embed)
-        main_page = written["index"] or written["pages"][0]
-        stream.write(f"results page: {main_page}\n")
-    return pairs

@@ -846,7 +846,8 @@ def write_store(
     if not journal:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(directory, COMPLETE_FILE))
-    desc_bytes = _write_descriptors(os.path.join(directory, DESCRIPTORS_FILE + suffix), n, d, blocks)
+    desc_path = os.path.join(directory, DESCRIPTORS_FILE + suffix)
+    desc_bytes = _write_descriptors(desc_path, n, d, blocks)
     meta = dict(meta)
     meta.update(
         {
