@@ -21,9 +21,8 @@ p != 1 requires non-negative vectors (GeM, MAC, SPoC without whitening). Resizin
 reference it antialiases by default when shrinking (``antialias=True``), which avoids aliasing at
 s = 1/2; ``antialias=False`` reproduces the reference's plain bilinear resize.
 
-Sharding splits the (ids, paths) list into `num_shards` contiguous, ordered slices
-(`cbir_tf.store.shard_range`); `cbir_tf.store.merge_shards` joins the shard stores back into the
-original order.
+Each vector goes to a sink as it is computed: `MemorySink`, or a store's resumable writer
+(`cbir_tf.store_writer.StoreWriter`). Sharding takes a contiguous slice (`cbir_tf.shards`).
 """
 
 from __future__ import annotations
@@ -39,22 +38,14 @@ from typing import Any
 
 import numpy as np
 
+from cbir_tf.shards import shard_meta
 from cbir_tf.store import (
     DescriptorStore,
     NonFiniteDescriptorError,
     _normalize,
     _validate_ids,
     library_versions,
-    shard_meta,
 )
-
-__all__ = [
-    "ExtractionResult",
-    "MemorySink",
-    "NonFiniteDescriptorError",
-    "build_extract_function",
-    "extract",
-]
 
 
 @dataclasses.dataclass
@@ -227,9 +218,9 @@ def _iter_images(
 class MemorySink:
     """Collects descriptors in memory: what `extract` writes to without a store.
 
-    The sink protocol (`cbir_tf.store.StoreWriter` follows it too): a context manager with
-    `done` (ids already described), `add(id, vector)`, `skip(id, reason)` and `finish()`, which
-    returns (descriptors float32 [N, D], ids, skipped [(id, reason)], meta) in input order.
+    The sink protocol (`cbir_tf.store_writer.StoreWriter` follows it too): a context manager
+    with `done` (ids already described), `add(id, vector)`, `skip(id, reason)` and `finish()`:
+    (descriptors float32 [N, D], ids, skipped [(id, reason)], meta) in input order.
 
     Args:
       ids: every image id of the run, in input order.
@@ -247,7 +238,7 @@ class MemorySink:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        return None
+        """Nothing to save: what was recorded is lost with an error, as it was never stored."""
 
     def add(self, image_id: str, vector: np.ndarray) -> None:
         """Records the descriptor (float32 [D]) of one image."""
@@ -334,21 +325,10 @@ def extract(
       cbir_tf.store.StoreWriteError: the disk filled up (the store stays resumable).
     """
     start_time = time.perf_counter()
-    items = list(paths)
-    if ids is None:
-        ids = [str(k) if _is_array(p) else os.fspath(p) for k, p in enumerate(items)]
-    ids = _validate_ids(ids)
-    if len(ids) != len(items):
-        raise ValueError(f"{len(ids)} ids for {len(items)} images")
-    if bboxes is not None and len(bboxes) != len(items):
-        raise ValueError(f"{len(bboxes)} bboxes for {len(items)} images")
+    items, ids, bboxes, shard = _shard_inputs(paths, ids, bboxes, shard_index, num_shards)
     scales = _validate_scales(scales)
     if flush_every < 1:
         raise ValueError(f"flush_every must be >= 1, got {flush_every}")
-    shard = shard_meta(len(items), shard_index, num_shards)
-    lo, hi = shard["shard_start"], shard["shard_stop"]
-    items, ids = items[lo:hi], ids[lo:hi]
-    bboxes = None if bboxes is None else list(bboxes)[lo:hi]
     run_meta = _run_meta(meta, image_size, scales, ms_power, antialias)
     run_meta.update(shard)
     fn = build_extract_function(model, scales, ms_power, antialias)
@@ -362,11 +342,6 @@ def extract(
     with sink:
         num_resumed = len(sink.done)
         todo = [k for k, i in enumerate(ids) if i not in sink.done]
-        if progress and num_resumed:
-            print(
-                f"resuming {os.fspath(store_dir)}: {num_resumed} of {len(ids)} images already done",
-                file=sys.stderr,
-            )
         bar = _progress_bar(len(ids), num_resumed, progress, store_dir)
         try:
             computed, skipped_now = _describe_images(
@@ -392,6 +367,22 @@ def extract(
         images_per_second=(computed + skipped_now) / seconds if seconds > 0 else 0.0,
         num_traces=fn.experimental_get_tracing_count() - traces_before,
     )
+
+
+def _shard_inputs(paths, ids, bboxes, shard_index: int, num_shards: int):
+    """(items, ids, bboxes, shard meta) of the shard's slice of the checked inputs."""
+    items = list(paths)
+    if ids is None:
+        ids = [str(k) if _is_array(p) else os.fspath(p) for k, p in enumerate(items)]
+    ids = _validate_ids(ids)
+    if len(ids) != len(items):
+        raise ValueError(f"{len(ids)} ids for {len(items)} images")
+    if bboxes is not None and len(bboxes) != len(items):
+        raise ValueError(f"{len(bboxes)} bboxes for {len(items)} images")
+    shard = shard_meta(len(items), shard_index, num_shards)
+    lo, hi = shard["shard_start"], shard["shard_stop"]
+    bboxes = None if bboxes is None else list(bboxes)[lo:hi]
+    return items[lo:hi], ids[lo:hi], bboxes, shard
 
 
 def _run_meta(meta, image_size, scales, ms_power, antialias) -> dict[str, Any]:
@@ -457,6 +448,111 @@ def _describe_images(
     return computed, skipped
 
 
+def describe_queries(
+    model,
+    queries: Sequence[Any],
+    bboxes: Sequence[Sequence[float] | None] | None = None,
+    *,
+    image_size: int | None,
+    scales: Sequence[float] = (1.0,),
+    ms_power: float = 1.0,
+) -> np.ndarray:
+    """Descriptors of query images, computed exactly as `extract` describes indexed images.
+
+    Files go through the same loader (`cbir_tf.data.pipeline`); in-memory images are converted
+    the same way (EXIF orientation of PIL images, alpha on white) and shrunk with the same
+    `resize_longest`.
+
+    Args:
+      model, image_size, scales, ms_power: as for `extract` (those the index was made with).
+      queries: Q images: paths, PIL images or arrays [H, W], [H, W, 3|4] (uint8, or float
+        in 0..255).
+      bboxes: optional per-query crop boxes (x1, y1, x2, y2) in pixels, or None entries.
+
+    Returns:
+      float32 [Q, D].
+
+    Raises:
+      FileNotFoundError: a query file does not exist.
+      ValueError: a query cannot be read (the message names it and says why).
+    """
+    queries = list(queries)
+    boxes = list(bboxes) if bboxes is not None else [None] * len(queries)
+    if len(boxes) != len(queries):
+        raise ValueError(f"{len(boxes)} bboxes for {len(queries)} queries")
+    files = [i for i, q in enumerate(queries) if isinstance(q, (str, os.PathLike))]
+    arrays = [i for i in range(len(queries)) if i not in set(files)]
+    out: list[np.ndarray | None] = [None] * len(queries)
+    common = {"image_size": image_size, "scales": scales, "ms_power": ms_power, "progress": False}
+    if files:
+        paths = []
+        for i in files:
+            p = os.path.abspath(os.path.expanduser(os.fspath(queries[i])))
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"query image {p} does not exist")
+            paths.append(p)
+        file_boxes = [boxes[i] for i in files]
+        res = extract(
+            model,
+            paths,
+            ids=[str(i) for i in files],
+            bboxes=file_boxes if any(b is not None for b in file_boxes) else None,
+            **common,
+        )
+        _collect(res, queries, out)
+    if arrays:
+        images = [_prepare_array(queries[i], boxes[i], image_size) for i in arrays]
+        res = extract(model, images, ids=[str(i) for i in arrays], **common)
+        _collect(res, queries, out)
+    return np.stack(out).astype(np.float32, copy=False)
+
+
+def _collect(res: Any, queries: Sequence[Any], out: list) -> None:
+    if res.skipped:
+        qid, reason = res.skipped[0]
+        what = queries[int(qid)]
+        name = os.fspath(what) if isinstance(what, (str, os.PathLike)) else f"#{qid}"
+        raise ValueError(f"query {name} cannot be read: {reason}")
+    for image_id, vec in zip(res.ids, np.asarray(res.descriptors), strict=True):
+        out[int(image_id)] = vec
+
+
+def _prepare_array(image: Any, bbox: Sequence[float] | None, image_size: int | None):
+    """An in-memory query as the file loader would deliver it: uint8 [h, w, 3], shrunk.
+
+    PIL images: cropped to `bbox` in their stored frame, then EXIF-oriented (as files are).
+    Transparent pixels are composited on white, grayscale becomes RGB, floats are clipped to
+    0..255; the crop is scaled by the factor of its full image (`resize_longest`).
+    """
+    from PIL import Image
+
+    from cbir_tf.data.pipeline import ImageError, resize_longest, upright_rgb
+
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        arr = np.asarray(image)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+            raise ValueError(
+                f"a query array must be an image [H, W], [H, W, 3] or [H, W, 4], got {arr.shape}"
+            )
+        if 0 in arr.shape:
+            raise ValueError(f"a query array is empty: shape {arr.shape}")
+        if arr.dtype != np.uint8:
+            arr = np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(arr)
+    try:
+        rgb, longest = upright_rgb(img, bbox, "query image")
+    except ImageError as e:
+        raise ValueError(f"query image: {e.reason}") from None
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    if not image_size:
+        return rgb
+    return resize_longest(rgb, int(image_size), longest if bbox is not None else None)
+
+
 def _non_finite_message(image_id: str, item: Any, scales, ms_power: float) -> str:
     where = "" if _is_array(item) else f" ({os.fspath(item)})"
     msg = f"the descriptor of image {image_id!r}{where} holds NaN or Inf"
@@ -473,6 +569,9 @@ def _non_finite_message(image_id: str, item: Any, scales, ms_power: float) -> st
 def _progress_bar(total: int, initial: int, enabled: bool, store_dir):
     if not enabled:
         return None
+    if initial:
+        print(f"resuming {os.fspath(store_dir)}: {initial} of {total} images already done",
+              file=sys.stderr)  # fmt: skip
     from tqdm.auto import tqdm
 
     desc = "descriptors" if store_dir is None else f"descriptors -> {os.fspath(store_dir)}"

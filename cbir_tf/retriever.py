@@ -6,19 +6,14 @@
     for hit in r.search("query.jpg", k=10, rerank="aqe"):
         print(hit.rank, hit.score, hit.path)
 
-An index folder IS a descriptor store (`cbir_tf.store`: descriptors.npy, ids.txt, meta.json,
-skipped.json, COMPLETE), so every tool that reads stores reads indexes, plus `manifest.json`:
-the collection root, how to rebuild the model (its config, or a `.keras` file), and what is known
-about each indexed file (size and modification time, to notice changes). `extract.py
---images=DIR --out=DIR` and this API build the same folders.
+An index folder is a descriptor store plus a manifest (`cbir_tf.index_folder`); `extract.py
+--images=DIR --out=DIR` (`cbir_tf.runs.build_index`) and this API build the same folders.
 
 Indexing streams: new images are extracted into `<index>/pending/` (a store written chunk by
 chunk by `cbir_tf.descriptors.extract`, resumable after a kill), then joined with the existing
 rows into the new descriptors.npy block by block, so memory never holds more than the descriptor
-matrix (memory-mapped) and one block. The join is a journalled commit: every new file is written
-beside the old one as `<name>.new`, a `COMMIT` journal is written, then the files are renamed. A
-run killed during the renames is completed by the next open; killed before, the old index stays
-and the pending extraction resumes.
+matrix (memory-mapped) and one block; `cbir_tf.store.write_store` commits the store and the
+manifest together through its journal.
 
 Image ids are paths relative to the collection root ('/' separators, '../' for images outside
 it). The root is the first folder indexed (or the common folder of the first image files);
@@ -27,28 +22,21 @@ indexes written by earlier versions may hold absolute ids, which keep working.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from cbir_tf import index_folder
 from cbir_tf import store as store_lib
-from cbir_tf.io import atomic_write_json, folder_lock
+from cbir_tf.collection import Collection
+from cbir_tf.io import folder_lock
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
-MODEL_FILE = "model.keras"
-PENDING_DIR = "pending"
-PENDING_FILE = "pending.json"
-FORMAT = "cbir_tf.index"
-FORMAT_VERSION = 1
 RERANK_METHODS = ("none", "aqe", "diffusion", "aqe+diffusion")
 DEFAULT_IMAGE_SIZE = 1024  # configs/default.py's data.image_size
 
@@ -149,7 +137,7 @@ class Retriever:
         self.image_size = int(image_size)
         self.scales = tuple(float(s) for s in scales)
         self.ms_power = float(ms_power)
-        self.root = os.path.abspath(os.path.expanduser(os.fspath(root))) if root else None
+        self.collection = Collection(root)
         self.rerank_settings = _merge_rerank(rerank)
         self.backend = backend
         self.block_size = int(block_size)
@@ -159,14 +147,11 @@ class Retriever:
         self._descriptors = np.zeros((0, 0), np.float32)
         self._ids: list[str] = []
         self._row: dict[str, int] = {}
-        self._paths: dict[str, str] = {}  # explicit paths of ids that are not root-relative
-        self._stat: dict[str, list[int]] = {}
-        self._failed: dict[str, dict[str, Any]] = {}
         self._search_index = None
         self._affinity = None
         if self.directory:
-            _refuse_plain_store(self.directory)
-            saved_model = os.path.join(self.directory, MODEL_FILE)
+            index_folder.refuse_plain_store(self.directory)
+            saved_model = os.path.join(self.directory, index_folder.MODEL_FILE)
             if self.prefer_saved_model and os.path.isfile(saved_model):
                 # A model rebuilt with random weights would not match the stored (or pending)
                 # descriptors: the model saved in the folder is the one that described them.
@@ -174,7 +159,7 @@ class Retriever:
 
                 log.info("using the model saved with the index %s", self.directory)
                 self.model = models.load_descriptor_model(saved_model)
-            if _is_index(self.directory):
+            if index_folder.is_index(self.directory):
                 self._open(self.directory)
 
     # -- construction ----------------------------------------------------------------------
@@ -310,11 +295,11 @@ class Retriever:
           cbir_tf.store.StoreIncompleteError: the store was never finished.
         """
         directory = os.path.abspath(os.fspath(directory))
-        _recover(directory)
-        manifest = _read_manifest(directory)
+        index_folder.recover(directory)
+        manifest = index_folder.read_manifest(directory)
         ref = dict(manifest["model"])
         if model is None:
-            model = _load_model(directory, ref)
+            model = index_folder.load_model(directory, ref)
         elif isinstance(model, (str, os.PathLike)):
             from cbir_tf import models
 
@@ -352,38 +337,22 @@ class Retriever:
         return self._descriptors
 
     @property
+    def root(self) -> str | None:
+        """The collection root: image ids are paths relative to it."""
+        return self.collection.root
+
+    @property
     def failed(self) -> dict[str, str]:
         """{id: reason} of images that could not be read (retried only once they change)."""
-        return {i: f["reason"] for i, f in self._failed.items()}
+        return {i: f["reason"] for i, f in self.collection.failed.items()}
 
     def path_of(self, image_id: str) -> str | None:
         """The file of an indexed image (None when unknown)."""
-        if image_id in self._paths:
-            return self._paths[image_id]
-        if os.path.isabs(image_id):
-            return image_id
-        if self.root is None:
-            return None
-        # normpath resolves the '..' of images outside the root.
-        return os.path.normpath(os.path.join(self.root, *image_id.split("/")))
+        return self.collection.path_of(image_id)
 
     def id_of(self, path: str | os.PathLike) -> str:
-        """The id an image file gets (or has) in this index.
-
-        The path relative to the collection root ('/' separators; '../' for images outside it),
-        so that every id is relative and the collection can move (`root=`). Indexes written
-        before kept absolute ids for images outside the root: those ids are kept.
-        """
-        p = os.path.abspath(os.path.expanduser(os.fspath(path)))
-        absolute = p.replace(os.sep, "/") if os.sep != "/" else p
-        if self.root is None or p == self.root:
-            return absolute
-        if not _is_inside(p, self.root) and (absolute in self._row or absolute in self._failed):
-            return absolute
-        try:
-            return os.path.relpath(p, self.root).replace(os.sep, "/")
-        except ValueError:  # another drive (Windows): no relative path exists
-            return absolute
+        """The id an image file gets (or has) in this index (see `cbir_tf.collection`)."""
+        return self.collection.id_of(path, self._row)
 
     def _store_meta(self) -> dict[str, Any]:
         meta = dict(self.descriptor_meta)
@@ -430,46 +399,27 @@ class Retriever:
 
     def _refresh(self) -> None:
         """Re-reads the folder (under its lock): another process may have updated it."""
-        _recover(self.directory)
-        if _is_index(self.directory):
+        index_folder.recover(self.directory)
+        if index_folder.is_index(self.directory):
             self._open(self.directory)
 
     def _index(self, paths_or_folder, ids, recursive, prune, progress) -> dict[str, int]:
-        files, file_ids, folder = self._resolve(paths_or_folder, ids, recursive, prune)
-        todo_ids, new_paths, stats = [], {}, {}
-        counts = {"added": 0, "updated": 0, "unchanged": 0, "failed": 0, "removed": 0}
-        for path, image_id in zip(files, file_ids, strict=True):
-            try:
-                st = os.stat(path)
-            except OSError as e:
-                self._failed[image_id] = {"reason": f"cannot stat: {e.strerror}", "stat": None}
-                counts["failed"] += 1
-                continue
-            stat = [int(st.st_size), int(st.st_mtime_ns)]
-            if image_id in self._row and self._stat.get(image_id) == stat:
-                counts["unchanged"] += 1
-            elif image_id in self._failed and self._failed[image_id].get("stat") == stat:
-                counts["unchanged"] += 1  # still the same unreadable file: not retried
-            else:
-                todo_ids.append(image_id)
-                new_paths[image_id] = path
-                stats[image_id] = stat
+        files, file_ids, folder = self.collection.resolve(
+            paths_or_folder, ids, recursive, prune, self._row
+        )
+        todo_ids, new_paths, stats, seen = self.collection.changes(files, file_ids, self._row)
         remove = set()
         if prune and folder is not None:
-            present = set(file_ids)
-            for i in list(self._ids) + list(self._failed):
-                p = self.path_of(i)
-                if i not in present and p and _is_inside(p, folder) and not os.path.exists(p):
-                    remove.add(i)
+            remove = self.collection.vanished(folder, file_ids, self._ids)
         before = set(self._row)
         if todo_ids or remove:
             self._extract_and_commit(todo_ids, new_paths, stats, remove, progress)
+        counts = {"added": 0, "updated": 0, **seen, "removed": len(remove)}
         for i in todo_ids:
             if i in self._row:
                 counts["updated" if i in before else "added"] += 1
             else:
                 counts["failed"] += 1
-        counts["removed"] = len(remove)
         counts["total"] = len(self._ids)
         log.info(
             "index%s: %d added, %d updated, %d unchanged, %d unreadable, %d removed; %d images",
@@ -477,49 +427,6 @@ class Retriever:
             counts["unchanged"], counts["failed"], counts["removed"], counts["total"],
         )  # fmt: skip
         return counts
-
-    def _resolve(self, paths_or_folder, ids, recursive, prune=False):
-        """(absolute file paths, ids, folder or None) of what `index` was given."""
-        from cbir_tf.data.folder import list_images
-
-        one = isinstance(paths_or_folder, (str, os.PathLike))
-        if one and os.path.isdir(os.path.expanduser(os.fspath(paths_or_folder))):
-            if ids is not None:
-                raise ValueError("ids can only be given with a list of image paths")
-            folder = os.path.abspath(os.path.expanduser(os.fspath(paths_or_folder)))
-            rel = list_images(folder, recursive=recursive)
-            if not rel and not prune:
-                # Indexing nothing would "succeed" silently; an empty prune may drop files.
-                raise ValueError(no_images_message(folder, recursive))
-            if self.root is None:
-                self.root = folder
-            files = [os.path.join(folder, *r.split("/")) for r in rel]
-        else:
-            folder = None
-            if one:
-                if not os.path.exists(os.path.expanduser(os.fspath(paths_or_folder))):
-                    raise FileNotFoundError(
-                        f"{os.fspath(paths_or_folder)} does not exist: give an image folder, "
-                        "an image file or a list of image files"
-                    )
-                paths_or_folder = [paths_or_folder]
-            files = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths_or_folder]
-            if self.root is None and ids is None and files:
-                # The first images indexed fix the root: their common folder, so that their
-                # ids are relative like those of a folder's images.
-                self.root = os.path.commonpath([os.path.dirname(f) for f in files])
-        if ids is None:
-            file_ids = [self.id_of(p) for p in files]
-        else:
-            file_ids = [str(i) for i in ids]
-            if len(file_ids) != len(files):
-                raise ValueError(f"{len(files)} paths but {len(file_ids)} ids")
-        bad = [i for i in file_ids if not i or "\n" in i or "\r" in i]
-        if bad:
-            raise ValueError(f"image ids must be non-empty single-line strings, got {bad[:3]}")
-        if len(set(file_ids)) != len(file_ids):
-            raise ValueError("the same image id appears twice in one call")
-        return files, file_ids, folder
 
     def remove(self, ids_or_paths: Iterable[str | os.PathLike]) -> list[str]:
         """Drops images from the index (by id, or by file path).
@@ -536,9 +443,9 @@ class Retriever:
         wanted, unknown = [], []
         for x in ids_or_paths:
             x = os.fspath(x)
-            if x in self._row or x in self._failed:
+            if x in self._row or x in self.collection.failed:
                 wanted.append(x)
-            elif self.id_of(x) in self._row or self.id_of(x) in self._failed:
+            elif self.id_of(x) in self._row or self.id_of(x) in self.collection.failed:
                 wanted.append(self.id_of(x))
             else:
                 unknown.append(x)
@@ -574,17 +481,13 @@ class Retriever:
             "stats": [stats[i] for i in new_ids],
             "remove": sorted(remove),
         }
-        # The list is saved before extraction so that a killed run resumes exactly this batch.
-        atomic_write_json(os.path.join(self.directory, PENDING_FILE), pending)
+        index_folder.save_pending(self.directory, pending)
         return self._run_pending(pending, progress)
 
     def _resume_pending(self, progress: bool) -> None:
-        path = os.path.join(self.directory, PENDING_FILE)
-        if not os.path.isfile(path):
-            shutil.rmtree(os.path.join(self.directory, PENDING_DIR), ignore_errors=True)
+        pending = index_folder.read_pending(self.directory)
+        if pending is None:
             return
-        with open(path, encoding="utf-8") as f:
-            pending = json.load(f)
         log.info("resuming the interrupted indexing of %d images", len(pending["ids"]))
         self._run_pending(pending, progress)
 
@@ -592,14 +495,12 @@ class Retriever:
         new_ids = list(pending["ids"])
         new_paths = dict(zip(new_ids, pending["paths"], strict=True))
         stats = dict(zip(new_ids, pending["stats"], strict=True))
-        staging = os.path.join(self.directory, PENDING_DIR)
+        staging = os.path.join(self.directory, index_folder.PENDING_DIR)
         result = None
         if new_ids:
             result = self._extract(new_ids, pending["paths"], staging, progress)
         failed = self._apply(result, new_paths, stats, set(pending["remove"]))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.directory, PENDING_FILE))
-        shutil.rmtree(staging, ignore_errors=True)
+        index_folder.clear_pending(self.directory)
         return failed
 
     def _extract(self, ids, paths, store_dir, progress):
@@ -635,22 +536,7 @@ class Retriever:
             [r for r, i in enumerate(self._ids) if i not in drop], dtype=np.int64
         )
         ids = [self._ids[r] for r in keep_rows] + list(got_ids)
-        for i in drop:
-            self._stat.pop(i, None)
-        for i in remove:
-            self._failed.pop(i, None)
-            self._paths.pop(i, None)
-        for i in list(got_ids) + [i for i, _ in skipped]:
-            # Explicit ids (not derived from the path) keep their file in the manifest.
-            self._paths.pop(i, None)
-            if self.path_of(i) != new_paths[i]:
-                self._paths[i] = new_paths[i]
-        for i in got_ids:
-            self._stat[i] = stats[i]
-            self._failed.pop(i, None)
-        for i, reason in skipped:
-            self._failed[i] = {"reason": str(reason), "stat": stats.get(i)}
-            self._stat.pop(i, None)
+        self.collection.record(got_ids, skipped, new_paths, stats, drop, remove)
         dim = self._dim(new_desc)
         if self.directory:
             self._write_index(self.directory, self._descriptors, keep_rows, new_desc, ids, dim)
@@ -686,10 +572,9 @@ class Retriever:
         self._affinity = None
 
     def _manifest(self, ids: Sequence[str], model_ref: Mapping[str, Any]) -> dict[str, Any]:
-        present = set(ids) | set(self._failed)
         return {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "format": index_folder.FORMAT,
+            "version": index_folder.FORMAT_VERSION,
             "root": self.root,
             "model": dict(model_ref),
             "image_size": self.image_size,
@@ -697,9 +582,7 @@ class Retriever:
             "ms_power": self.ms_power,
             "descriptor_meta": self.descriptor_meta,
             "rerank": self.rerank_settings,
-            "paths": {i: p for i, p in self._paths.items() if i in present},
-            "files": {i: self._stat[i] for i in ids if i in self._stat},
-            "failed": self._failed,
+            **self.collection.manifest_entries(ids),
         }
 
     def _write_index(self, directory, old, keep_rows, new_desc, ids, dim) -> None:
@@ -714,9 +597,9 @@ class Retriever:
             ids,
             store_lib.stacked_blocks(sources, self.block_size),
             dim=dim,
-            skipped=[(i, f["reason"]) for i, f in self._failed.items()],
+            skipped=list(self.failed.items()),
             meta=self._store_meta(),
-            files={MANIFEST_FILE: self._manifest(ids, self._model_ref_for(directory))},
+            files={index_folder.MANIFEST_FILE: self._manifest(ids, self._model_ref_for(directory))},
             journal=True,
         )
 
@@ -726,17 +609,17 @@ class Retriever:
         ref.pop("file", None)
         if ref.get("reproducible") and ref.get("kind") != "inline":
             return ref
-        path = os.path.join(directory, MODEL_FILE)
+        path = os.path.join(directory, index_folder.MODEL_FILE)
         if not (self.directory == directory and os.path.isfile(path)):
             from cbir_tf import models
 
             models.save_descriptor_model(self.model, path, {"image_size": self.image_size})
-        ref["file"] = MODEL_FILE
+        ref["file"] = index_folder.MODEL_FILE
         return ref
 
     def _open(self, directory: str) -> None:
-        _recover(directory)
-        manifest = _read_manifest(directory)
+        index_folder.recover(directory)
+        manifest = index_folder.read_manifest(directory)
         desc, ids, meta = store_lib.load_store(directory, mmap=True)
         # An index made with other settings must not be extended with these descriptors.
         store_lib.check_compatible(
@@ -744,11 +627,7 @@ class Retriever:
         )
         self._descriptors = desc
         self._set_ids(ids)
-        if self.root is None and manifest.get("root"):
-            self.root = manifest["root"]
-        self._paths = dict(manifest.get("paths", {}))
-        self._stat = {i: list(v) for i, v in manifest.get("files", {}).items()}
-        self._failed = dict(manifest.get("failed", {}))
+        self.collection = Collection(self.root or manifest.get("root"), manifest)
 
     def save(self, directory: str | os.PathLike) -> str:
         """Writes the index to a folder (a descriptor store plus manifest.json).
@@ -764,14 +643,12 @@ class Retriever:
         directory = os.path.abspath(os.fspath(directory))
         if self.directory == directory:
             return directory
-        _refuse_plain_store(directory)
+        index_folder.refuse_plain_store(directory)
         dim = int(self._descriptors.shape[1]) if self._descriptors.ndim == 2 else 0
         os.makedirs(directory, exist_ok=True)
         with folder_lock(directory, what="this index"):
-            _recover(directory)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, PENDING_FILE))
-            shutil.rmtree(os.path.join(directory, PENDING_DIR), ignore_errors=True)
+            index_folder.recover(directory)
+            index_folder.clear_pending(directory)
             rows = np.arange(len(self._ids), dtype=np.int64)
             self._write_index(directory, self._descriptors, rows, None, self._ids, dim)
         return directory
@@ -781,70 +658,21 @@ class Retriever:
     def describe(
         self, queries: Sequence[Any], bboxes: Sequence[Sequence[float] | None] | None = None
     ) -> np.ndarray:
-        """Descriptors of query images, computed exactly as the indexed images' were.
+        """float32 [Q, D] descriptors of query images, computed as the indexed images' were.
 
-        Files go through the same loader as indexed images (`cbir_tf.data.pipeline`); in-memory
-        images are converted the same way (EXIF orientation of PIL images, alpha on white) and
-        shrunk with the same `resize_longest`.
-
-        Args:
-          queries: Q images: paths, PIL images or arrays [H, W], [H, W, 3|4] (uint8, or float
-            in 0..255).
-          bboxes: optional per-query crop boxes (x1, y1, x2, y2) in pixels, or None entries.
-
-        Returns:
-          float32 [Q, D].
-
-        Raises:
-          FileNotFoundError: a query file does not exist.
-          ValueError: a query cannot be read (the message names it and says why).
+        Queries are paths, PIL images or arrays, optionally cropped to `bboxes` (see
+        `cbir_tf.descriptors.describe_queries`).
         """
         from cbir_tf import descriptors
 
-        queries = list(queries)
-        boxes = list(bboxes) if bboxes is not None else [None] * len(queries)
-        if len(boxes) != len(queries):
-            raise ValueError(f"{len(boxes)} bboxes for {len(queries)} queries")
-        files = [i for i, q in enumerate(queries) if isinstance(q, (str, os.PathLike))]
-        arrays = [i for i in range(len(queries)) if i not in set(files)]
-        out: list[np.ndarray | None] = [None] * len(queries)
-        common = {
-            "image_size": self.image_size,
-            "scales": self.scales,
-            "ms_power": self.ms_power,
-            "progress": False,
-        }
-        if files:
-            paths = []
-            for i in files:
-                p = os.path.abspath(os.path.expanduser(os.fspath(queries[i])))
-                if not os.path.isfile(p):
-                    raise FileNotFoundError(f"query image {p} does not exist")
-                paths.append(p)
-            file_boxes = [boxes[i] for i in files]
-            res = descriptors.extract(
-                self.model,
-                paths,
-                ids=[str(i) for i in files],
-                bboxes=file_boxes if any(b is not None for b in file_boxes) else None,
-                **common,
-            )
-            self._collect(res, queries, out)
-        if arrays:
-            images = [_prepare_array(queries[i], boxes[i], self.image_size) for i in arrays]
-            res = descriptors.extract(self.model, images, ids=[str(i) for i in arrays], **common)
-            self._collect(res, queries, out)
-        return np.stack(out).astype(np.float32, copy=False)
-
-    @staticmethod
-    def _collect(res: Any, queries: Sequence[Any], out: list) -> None:
-        if res.skipped:
-            qid, reason = res.skipped[0]
-            what = queries[int(qid)]
-            name = os.fspath(what) if isinstance(what, (str, os.PathLike)) else f"#{qid}"
-            raise ValueError(f"query {name} cannot be read: {reason}")
-        for image_id, vec in zip(res.ids, np.asarray(res.descriptors), strict=True):
-            out[int(image_id)] = vec
+        return descriptors.describe_queries(
+            self.model,
+            queries,
+            bboxes,
+            image_size=self.image_size,
+            scales=self.scales,
+            ms_power=self.ms_power,
+        )
 
     def search(
         self,
@@ -1006,17 +834,6 @@ def _image_size_for_model(path: str, image_size: int | None) -> int:
     return int(image_size)
 
 
-def no_images_message(folder: str, recursive: bool) -> str:
-    """The one-line error for a folder that holds no image file."""
-    from cbir_tf.data.folder import IMAGE_EXTENSIONS
-
-    where = "in it or its sub-folders" if recursive else "in it"
-    return (
-        f"the image folder {folder} holds no image files {where} "
-        f"({', '.join(IMAGE_EXTENSIONS)}); check the path"
-    )
-
-
 def check_k(k: Any) -> int:
     """`k` as an int; a ValueError unless it is a whole number >= 1.
 
@@ -1059,103 +876,3 @@ def _descriptor_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
     skip = {"num_images", "num_skipped", "dim", "versions", "created", "index"}
     skip |= set(store_lib.SHARD_FIELDS) | {"merged_from", "image_size", "scales", "ms_power"}
     return {k: v for k, v in meta.items() if k not in skip}
-
-
-def _is_index(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, MANIFEST_FILE)) or os.path.isfile(
-        os.path.join(directory, store_lib.COMMIT_FILE)
-    )
-
-
-def _refuse_plain_store(directory: str) -> None:
-    """Refuses to turn a benchmark descriptor store (no manifest) into an index."""
-    if _is_index(directory) or not os.path.isdir(directory):
-        return
-    if any(
-        os.path.exists(os.path.join(directory, n))
-        for n in (store_lib.COMPLETE_FILE, store_lib.DESCRIPTORS_FILE, store_lib.PARTS_DIR)
-    ):
-        raise ValueError(
-            f"{directory} holds a descriptor store that is not an image index (no "
-            f"{MANIFEST_FILE}); write the index to another folder"
-        )
-
-
-def _is_inside(path: str, folder: str) -> bool:
-    path, folder = os.path.abspath(path), os.path.abspath(folder)
-    return os.path.commonpath([path, folder]) == folder
-
-
-def _read_manifest(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, MANIFEST_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{directory} is not an image index (no {MANIFEST_FILE}); build one with "
-            "`python extract.py --images=DIR --out=DIR` or Retriever.index(...).save(DIR)"
-        )
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT or int(manifest.get("version", 0)) > FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: unsupported index format {manifest.get('format')!r} version "
-            f"{manifest.get('version')!r} (this toolkit reads {FORMAT} up to {FORMAT_VERSION})"
-        )
-    return manifest
-
-
-def _load_model(directory: str, ref: Mapping[str, Any]) -> Any:
-    from cbir_tf import models
-
-    if ref.get("file"):
-        return models.load_descriptor_model(os.path.join(directory, ref["file"]))
-    if ref.get("kind") == "keras":
-        if not os.path.isfile(ref["path"]):
-            raise FileNotFoundError(
-                f"the index's model {ref['path']} does not exist; pass model=... to "
-                "Retriever.load (or --model to search.py)"
-            )
-        return models.load_descriptor_model(ref["path"])
-    if ref.get("kind") == "config":
-        return models.model_from_config(dict(ref["config"]))
-    raise ValueError(f"the index names no usable model ({dict(ref)}); pass model=...")
-
-
-def _recover(directory: str) -> None:
-    """Completes an index update cut short (see `cbir_tf.store.recover`)."""
-    store_lib.recover(directory, other_files=(MANIFEST_FILE,))
-
-
-def _prepare_array(image: Any, bbox: Sequence[float] | None, image_size: int | None):
-    """An in-memory query as the file loader would deliver it: uint8 [h, w, 3], shrunk.
-
-    PIL images: cropped to `bbox` in their stored frame, then EXIF-oriented (as files are).
-    Transparent pixels are composited on white, grayscale becomes RGB, floats are clipped to
-    0..255; the crop is scaled by the factor of its full image (`resize_longest`).
-    """
-    from PIL import Image
-
-    from cbir_tf.data.pipeline import ImageError, resize_longest, upright_rgb
-
-    if isinstance(image, Image.Image):
-        img = image
-    else:
-        arr = np.asarray(image)
-        if arr.ndim == 3 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-            raise ValueError(
-                f"a query array must be an image [H, W], [H, W, 3] or [H, W, 4], got {arr.shape}"
-            )
-        if 0 in arr.shape:
-            raise ValueError(f"a query array is empty: shape {arr.shape}")
-        if arr.dtype != np.uint8:
-            arr = np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 255).round().astype(np.uint8)
-        img = Image.fromarray(arr)
-    try:
-        rgb, longest = upright_rgb(img, bbox, "query image")
-    except ImageError as e:
-        raise ValueError(f"query image: {e.reason}") from None
-    rgb = np.asarray(rgb, dtype=np.uint8)
-    if not image_size:
-        return rgb
-    return resize_longest(rgb, int(image_size), longest if bbox is not None else None)

@@ -19,18 +19,18 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cbir_tf import store as store_lib
+from cbir_tf import index_folder
+from cbir_tf import shards as shards_lib
+from cbir_tf.collection import no_images_message
 from cbir_tf.io import atomic_write_json
 from cbir_tf.retriever import (
-    MANIFEST_FILE,
     Retriever,
     SearchResult,
-    _read_manifest,
     _to_dict,
     check_k,
     format_results,
-    no_images_message,
 )
+from cbir_tf.store import SHARD_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,11 @@ def merge(shards: Sequence[str], out: str | None) -> None:
         merge_indexes(list(shards), out)
     elif all(os.path.isdir(os.path.join(s, "db")) for s in shards):
         for part in ("db", "queries"):
-            store_lib.merge_shards([os.path.join(s, part) for s in shards], os.path.join(out, part))
+            parts = [os.path.join(s, part) for s in shards]
+            shards_lib.merge_shards(parts, os.path.join(out, part))
             log.info("merged %d %s shards into %s", len(shards), part, os.path.join(out, part))
     else:
-        store_lib.merge_shards(list(shards), out)
+        shards_lib.merge_shards(list(shards), out)
         log.info("merged %d shards into %s", len(shards), out)
     print(f"merged {len(shards)} shards into {out}")
 
@@ -154,7 +155,7 @@ def build_index(
 
     Resumable: run it again after an interruption, or after adding images, and only new or
     changed files are described. With `num_shards` > 1 this call indexes the contiguous slice
-    `shard_index` of the sorted file list (`cbir_tf.store.shard_range`) into its own `out`;
+    `shard_index` of the sorted file list (`cbir_tf.shards.shard_range`) into its own `out`;
     `merge_indexes` joins the shard folders.
 
     Args:
@@ -196,8 +197,8 @@ def build_index(
     if int(num_shards) <= 1:
         r.index(images, progress=progress)
         return r
-    shard = store_lib.shard_meta(len(rel), int(shard_index), int(num_shards))
-    # Recorded in meta.json so that `store.merge_shards` can check and order the shards.
+    shard = shards_lib.shard_meta(len(rel), int(shard_index), int(num_shards))
+    # Recorded in meta.json so that `shards.merge_shards` can check and order the shards.
     r.descriptor_meta.update(shard)
     files = rel[shard["shard_start"] : shard["shard_stop"]]
     r.index([os.path.join(images, *p.split("/")) for p in files], progress=progress)
@@ -209,7 +210,7 @@ def merge_indexes(
 ) -> str:
     """Joins index shards (from `build_index(..., num_shards=S)`) into one index folder.
 
-    The descriptor stores are joined by `cbir_tf.store.merge_shards` (which checks that they
+    The descriptor stores are joined by `cbir_tf.shards.merge_shards` (which checks that they
     are the shards 0..S-1 of one collection, made with the same settings); the manifests are
     united (same root and model required).
 
@@ -225,7 +226,7 @@ def merge_indexes(
       ValueError: the shards index different collections or use different models.
     """
     out = os.path.abspath(os.fspath(out))
-    manifests = [_read_manifest(os.path.abspath(os.fspath(d))) for d in shard_dirs]
+    manifests = [index_folder.read_manifest(os.path.abspath(os.fspath(d))) for d in shard_dirs]
     first = manifests[0]
     for d, m in zip(shard_dirs, manifests, strict=True):
         for key in ("root", "image_size", "scales", "ms_power"):
@@ -243,14 +244,14 @@ def merge_indexes(
                 + "; ".join(diffs)
                 + "; merge the shards of one run (same settings and model)"
             )
-    store_lib.merge_shards(list(shard_dirs), out, overwrite=overwrite)
+    shards_lib.merge_shards(list(shard_dirs), out, overwrite=overwrite)
     manifest = dict(first)
     for key in ("paths", "files", "failed"):
         manifest[key] = {}
         for m in manifests:
             manifest[key].update(m.get(key, {}))
     meta = dict(manifest.get("descriptor_meta", {}))
-    for key in store_lib.SHARD_FIELDS:
+    for key in SHARD_FIELDS:
         meta.pop(key, None)
     manifest["descriptor_meta"] = meta
     model_file = first["model"].get("file")
@@ -258,7 +259,7 @@ def merge_indexes(
         shutil.copyfile(
             os.path.join(os.fspath(shard_dirs[0]), model_file), os.path.join(out, model_file)
         )
-    atomic_write_json(os.path.join(out, MANIFEST_FILE), manifest)
+    atomic_write_json(os.path.join(out, index_folder.MANIFEST_FILE), manifest)
     return out
 
 

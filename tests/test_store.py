@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cbir_tf import store as st
+from cbir_tf import store_writer
 from cbir_tf.io import LockError, atomic_open
 from cbir_tf.store import (
     DescriptorStore,
@@ -283,13 +284,14 @@ def test_second_writer_is_refused_while_the_first_runs(tmp_path):
 
 
 class _FullDisk:
-    """Patches the store's atomic_open: files chosen by `fail_on` hit ENOSPC after a few bytes."""
+    """Patches the stores' atomic_open: files chosen by `fail_on` hit ENOSPC after a few bytes."""
 
     def __init__(self, monkeypatch, fail_on, after_bytes=100):
         self.calls = 0
         self.fail_on = fail_on
         self.after_bytes = after_bytes
-        monkeypatch.setattr(st, "atomic_open", self._open)
+        monkeypatch.setattr(st, "atomic_open", self._open)  # the finished files
+        monkeypatch.setattr(store_writer, "atomic_open", self._open)  # the chunks
 
     @contextlib.contextmanager
     def _open(self, path, mode="wb"):
