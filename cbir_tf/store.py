@@ -39,6 +39,7 @@ from cbir_tf.io import (
     atomic_write_json,
     atomic_write_text,
     json_safe,
+    load_npy,
 )
 
 logger = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ class DescriptorStore:
                 f"{desc_path} has {size} bytes, {marker.get('descriptors_bytes')} were written; "
                 "the store was damaged after extraction. Extract it again."
             )
-        desc = np.load(desc_path, allow_pickle=False, mmap_mode="r" if mmap else None)
+        desc = load_npy(desc_path, mmap=mmap)
         with open(self._file(IDS_FILE), encoding="utf-8", newline="") as f:
             text = f.read()
         ids = text.split("\n")[:-1] if text else []

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf.io import atomic_open, atomic_write_json, folder_lock
+from cbir_tf.io import atomic_open, atomic_write_json, folder_lock, load_npz
 from cbir_tf.store import (
     _CHUNK_RE,
     _VOLATILE_FIELDS,
@@ -86,8 +86,7 @@ def _write_chunk(path: str, desc: np.ndarray, ids, skipped_ids, skipped_reasons)
 def _read_chunk(path: str) -> dict[str, Any]:
     """Reads and verifies one chunk. Raises StoreCorruptError when it does not check out."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+        arrays = load_npz(path)
     except Exception as e:  # zip/format errors of a damaged file
         raise StoreCorruptError(f"chunk {path} cannot be read: {e}") from e
     needed = {"descriptors", "ids", "skipped_ids", "skipped_reasons", "sha256"}

@@ -36,12 +36,12 @@ def test_item13_outputs_follow_the_umask(tmp_path, umask, mask):
     expected = 0o666 & ~mask
     cio.atomic_write_text(tmp_path / "report.txt", "x")
     cio.atomic_write_json(tmp_path / "results.json", {"a": 1})
-    cio.atomic_save_npy(tmp_path / "a.npy", np.zeros(3))
+    cio.atomic_save_npz(tmp_path / "a.npz", a=np.zeros(3))
     with store.StoreWriter(store.DescriptorStore(tmp_path / "store"), ["a", "b"], {"x": 1}) as w:
         w.add("a", np.ones(4, np.float32) / 2)
         w.add("b", np.ones(4, np.float32) / 2)
         w.finalize()
-    written = [tmp_path / "report.txt", tmp_path / "results.json", tmp_path / "a.npy"]
+    written = [tmp_path / "report.txt", tmp_path / "results.json", tmp_path / "a.npz"]
     written += [p for p in (tmp_path / "store").iterdir() if p.is_file() and p.name != ".lock"]
     assert len(written) > 6
     for p in written:
