@@ -234,6 +234,7 @@ def learn_benchmark_whitening(
 
 
 def build_model(cfg: Any, whitening: Any | None, output: str = "descriptor") -> Any:
+    """The descriptor model of `cfg.model` with `whitening` built in (output: see `models`)."""
     from cbir_tf import models
 
     m = cfg.model
