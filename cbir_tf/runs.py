@@ -78,12 +78,12 @@ def extract_dataset(
     db, qr, meta = benchmark.extract_benchmark(
         cfg,
         ds,
-        model_path=model_path,
-        download=download,
-        progress=progress,
         shard_index=int(cfg.extract.shard_index),
         num_shards=int(cfg.extract.num_shards),
+        model_path=model_path,
         image_size_explicit=image_size_explicit,
+        download=download,
+        progress=progress,
     )
     print(_summary(f"{ds.name} database", db, os.path.join(meta["store"], "db")))
     print(_summary(f"{ds.name} queries", qr, os.path.join(meta["store"], "queries")))
