@@ -21,14 +21,12 @@ p != 1 requires non-negative vectors (GeM, MAC, SPoC without whitening). Resizin
 reference it antialiases by default when shrinking (``antialias=True``), which avoids aliasing at
 s = 1/2; ``antialias=False`` reproduces the reference's plain bilinear resize.
 
-Sharding splits the (ids, paths) list into `num_shards` contiguous, ordered slices
-(`cbir_tf.store.shard_range`); `cbir_tf.store.merge_shards` joins the shard stores back into the
-original order.
+Each vector goes to a sink as it is computed: `MemorySink`, or a store's resumable writer
+(`cbir_tf.store_writer.StoreWriter`). Sharding takes a contiguous slice (`cbir_tf.shards`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -40,21 +38,14 @@ from typing import Any
 
 import numpy as np
 
+from cbir_tf.shards import shard_meta
 from cbir_tf.store import (
     DescriptorStore,
     NonFiniteDescriptorError,
     _normalize,
     _validate_ids,
     library_versions,
-    shard_range,
 )
-
-__all__ = [
-    "ExtractionResult",
-    "NonFiniteDescriptorError",
-    "build_extract_function",
-    "extract",
-]
 
 
 @dataclasses.dataclass
@@ -224,6 +215,61 @@ def _iter_images(
         images.close()  # stops the decoding threads when the caller stops early
 
 
+class MemorySink:
+    """Collects descriptors in memory: what `extract` writes to without a store.
+
+    The sink protocol (`cbir_tf.store_writer.StoreWriter` follows it too): a context manager
+    with `done` (ids already described), `add(id, vector)`, `skip(id, reason)` and `finish()`:
+    (descriptors float32 [N, D], ids, skipped [(id, reason)], meta) in input order.
+
+    Args:
+      ids: every image id of the run, in input order.
+      meta: the run's metadata; counts, `dim` and `versions` are added by `finish`.
+    """
+
+    def __init__(self, ids: Sequence[str], meta: dict[str, Any]):
+        self.ids = list(ids)
+        self.meta = dict(meta)
+        self.done: set[str] = set()
+        self._vectors: dict[str, np.ndarray] = {}
+        self._skipped: dict[str, str] = {}
+
+    def __enter__(self) -> MemorySink:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Nothing to save: what was recorded is lost with an error, as it was never stored."""
+
+    def add(self, image_id: str, vector: np.ndarray) -> None:
+        """Records the descriptor (float32 [D]) of one image."""
+        self._vectors[image_id] = vector
+        self.done.add(image_id)
+
+    def skip(self, image_id: str, reason: str) -> None:
+        """Records that one image could not be read, and why."""
+        self._skipped[image_id] = reason
+        self.done.add(image_id)
+
+    def finish(self) -> tuple[np.ndarray, list[str], list[tuple[str, str]], dict[str, Any]]:
+        """(descriptors float32 [N, D], ids, skipped, meta) of the images, in input order."""
+        ids = [i for i in self.ids if i in self._vectors]
+        dim = next(iter(self._vectors.values())).shape[0] if ids else 0
+        descriptors = (
+            np.stack([self._vectors[i] for i in ids]).astype(np.float32, copy=False)
+            if ids
+            else np.zeros((0, dim), np.float32)
+        )
+        skipped = [(i, self._skipped[i]) for i in self.ids if i in self._skipped]
+        meta = dict(
+            self.meta,
+            num_images=len(ids),
+            num_skipped=len(skipped),
+            dim=dim,
+            versions=library_versions(),
+        )
+        return descriptors, ids, skipped, meta
+
+
 def extract(
     model,
     paths: Sequence[Any],
@@ -279,6 +325,52 @@ def extract(
       cbir_tf.store.StoreWriteError: the disk filled up (the store stays resumable).
     """
     start_time = time.perf_counter()
+    items, ids, bboxes, shard = _shard_inputs(paths, ids, bboxes, shard_index, num_shards)
+    scales = _validate_scales(scales)
+    if flush_every < 1:
+        raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+    run_meta = _run_meta(meta, image_size, scales, ms_power, antialias)
+    run_meta.update(shard)
+    fn = build_extract_function(model, scales, ms_power, antialias)
+    traces_before = fn.experimental_get_tracing_count()
+    sink = (
+        DescriptorStore(store_dir).writer(ids, run_meta, flush_every=flush_every)
+        if store_dir is not None
+        else MemorySink(ids, run_meta)
+    )
+    # Leaving this block with an error saves the images finished so far (StoreWriter.__exit__).
+    with sink:
+        num_resumed = len(sink.done)
+        todo = [k for k, i in enumerate(ids) if i not in sink.done]
+        bar = _progress_bar(len(ids), num_resumed, progress, store_dir)
+        try:
+            computed, skipped_now = _describe_images(
+                fn, sink, [items[k] for k in todo], [ids[k] for k in todo],
+                None if bboxes is None else [bboxes[k] for k in todo],
+                image_size, scales, ms_power, num_parallel_calls, bar,
+            )  # fmt: skip
+        finally:
+            if bar is not None:
+                bar.close()
+        descriptors, out_ids, skipped, out_meta = sink.finish()
+    seconds = time.perf_counter() - start_time
+    if progress:
+        _print_summary(len(ids), num_resumed, computed, skipped, skipped_now, seconds)
+    return ExtractionResult(
+        descriptors=descriptors,
+        ids=list(out_ids),
+        skipped=list(skipped),
+        meta=out_meta,
+        num_resumed=num_resumed,
+        num_computed=computed,
+        seconds=seconds,
+        images_per_second=(computed + skipped_now) / seconds if seconds > 0 else 0.0,
+        num_traces=fn.experimental_get_tracing_count() - traces_before,
+    )
+
+
+def _shard_inputs(paths, ids, bboxes, shard_index: int, num_shards: int):
+    """(items, ids, bboxes, shard meta) of the shard's slice of the checked inputs."""
     items = list(paths)
     if ids is None:
         ids = [str(k) if _is_array(p) else os.fspath(p) for k, p in enumerate(items)]
@@ -287,15 +379,14 @@ def extract(
         raise ValueError(f"{len(ids)} ids for {len(items)} images")
     if bboxes is not None and len(bboxes) != len(items):
         raise ValueError(f"{len(bboxes)} bboxes for {len(items)} images")
-    scales = _validate_scales(scales)
-    if flush_every < 1:
-        raise ValueError(f"flush_every must be >= 1, got {flush_every}")
-
-    total_images = len(items)
-    lo, hi = shard_range(total_images, shard_index, num_shards)
-    items, ids = items[lo:hi], ids[lo:hi]
+    shard = shard_meta(len(items), shard_index, num_shards)
+    lo, hi = shard["shard_start"], shard["shard_stop"]
     bboxes = None if bboxes is None else list(bboxes)[lo:hi]
+    return items[lo:hi], ids[lo:hi], bboxes, shard
 
+
+def _run_meta(meta, image_size, scales, ms_power, antialias) -> dict[str, Any]:
+    """The caller's `meta` plus the extraction settings (which it must not contradict)."""
     run_meta = _normalize(dict(meta or {}))
     settings = {
         "image_size": image_size,
@@ -310,128 +401,156 @@ def extract(
                 f"{key}={value!r}"
             )
     run_meta.update(_normalize(settings))
-    run_meta.update(
-        {
-            "shard_index": int(shard_index),
-            "num_shards": int(num_shards),
-            "shard_start": lo,
-            "shard_stop": hi,
-            "total_images": total_images,
-        }
-    )
+    return run_meta
 
-    fn = build_extract_function(model, scales, ms_power, antialias)
-    traces_before = fn.experimental_get_tracing_count()
 
-    writer_context = (
-        DescriptorStore(store_dir).writer(ids, run_meta, flush_every=flush_every)
-        if store_dir is not None
-        else contextlib.nullcontext()
-    )
-    # Leaving this block with an error saves the images finished so far (StoreWriter.__exit__).
-    with writer_context as writer:
-        done = writer.done if writer is not None else set()
-        num_resumed = len(done)
-        todo = [k for k, i in enumerate(ids) if i not in done]
-        vectors: dict[int, np.ndarray] = {}
-        skipped_now: dict[int, str] = {}
-        if progress and num_resumed:
-            print(
-                f"resuming {os.fspath(store_dir)}: {num_resumed} of {len(ids)} images already done",
-                file=sys.stderr,
-            )
-        bar = _progress_bar(len(ids), num_resumed, progress, store_dir)
-        computed = 0
+def _describe_images(
+    fn, sink, items, ids, bboxes, image_size, scales, ms_power, num_parallel_calls, bar
+) -> tuple[int, int]:
+    """Runs `items` through `fn` into `sink`; returns (images computed, images skipped)."""
+    computed = skipped = 0
 
-        def settle(k: int, output) -> None:
-            nonlocal computed
-            vec = output.numpy()[0]
-            if not np.isfinite(vec).all():
-                raise NonFiniteDescriptorError(
-                    _non_finite_message(ids[k], items[k], scales, ms_power)
-                )
-            computed += 1
-            if writer is not None:
-                writer.add(ids[k], vec)
-            else:
-                vectors[k] = vec
+    def record(k: int, output) -> None:
+        nonlocal computed
+        vec = output.numpy()[0]
+        if not np.isfinite(vec).all():
+            raise NonFiniteDescriptorError(_non_finite_message(ids[k], items[k], scales, ms_power))
+        computed += 1
+        sink.add(ids[k], vec)
+        if bar is not None:
+            bar.update(1)
+
+    # One image in flight: the next image is dispatched before the previous result is read
+    # back, so that an accelerator never idles while the host copies a vector.
+    in_flight = None
+    call = None  # the concrete function, obtained at the first image
+    for k, inputs, error in _iter_images(items, image_size, bboxes, num_parallel_calls):
+        if error:
+            skipped += 1
+            sink.skip(ids[k], error)
             if bar is not None:
                 bar.update(1)
+                bar.set_postfix(skipped=skipped, refresh=False)
+            continue
+        if call is None:
+            # Calling the concrete function skips the tf.function's per-call signature
+            # matching (0.3-0.5 ms an image); the input signature makes it the only one.
+            call = fn.get_concrete_function()
+        output = call(inputs)
+        if in_flight is not None:
+            record(*in_flight)
+        in_flight = (k, output)
+    if in_flight is not None:
+        record(*in_flight)
+    if computed + skipped != len(items):
+        got = computed + skipped
+        raise RuntimeError(f"the image pipeline yielded {got} of {len(items)} images")
+    return computed, skipped
 
-        try:
-            sub_items = [items[k] for k in todo]
-            sub_boxes = None if bboxes is None else [bboxes[k] for k in todo]
-            # One image in flight: the next image is dispatched before the previous result is
-            # read back, so that an accelerator never idles while the host copies a vector.
-            in_flight = None
-            call = None  # the concrete function, obtained at the first image
-            for j, inputs, error in _iter_images(
-                sub_items, image_size, sub_boxes, num_parallel_calls
-            ):
-                k = todo[j]
-                if error:
-                    skipped_now[k] = error
-                    if writer is not None:
-                        writer.skip(ids[k], error)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(skipped=len(skipped_now), refresh=False)
-                    continue
-                if call is None:
-                    # Calling the concrete function skips the tf.function's per-call signature
-                    # matching (0.3-0.5 ms an image); the input signature makes it the only one.
-                    call = fn.get_concrete_function()
-                output = call(inputs)
-                if in_flight is not None:
-                    settle(*in_flight)
-                in_flight = (k, output)
-            if in_flight is not None:
-                settle(*in_flight)
-        finally:
-            if bar is not None:
-                bar.close()
-        missing = len(todo) - computed - len(skipped_now)
-        if missing:
-            raise RuntimeError(
-                f"the image pipeline yielded {len(todo) - missing} of {len(todo)} images"
-            )
 
-        if writer is not None:
-            store = writer.finalize()
-            descriptors, out_ids, out_meta = store.load(mmap=True)
-            skipped = store.skipped()
-        else:
-            order = [k for k in range(len(ids)) if k in vectors]
-            dim = next(iter(vectors.values())).shape[0] if vectors else 0
-            descriptors = (
-                np.stack([vectors[k] for k in order]).astype(np.float32, copy=False)
-                if order
-                else np.zeros((0, dim), np.float32)
-            )
-            out_ids = [ids[k] for k in order]
-            skipped = [(ids[k], skipped_now[k]) for k in sorted(skipped_now)]
-            out_meta = dict(
-                run_meta,
-                num_images=len(order),
-                num_skipped=len(skipped),
-                dim=dim,
-                versions=library_versions(),
-            )
+def describe_queries(
+    model,
+    queries: Sequence[Any],
+    bboxes: Sequence[Sequence[float] | None] | None = None,
+    *,
+    image_size: int | None,
+    scales: Sequence[float] = (1.0,),
+    ms_power: float = 1.0,
+) -> np.ndarray:
+    """Descriptors of query images, computed exactly as `extract` describes indexed images.
 
-    seconds = time.perf_counter() - start_time
-    if progress:
-        _print_summary(len(ids), num_resumed, computed, skipped, skipped_now, seconds)
-    return ExtractionResult(
-        descriptors=descriptors,
-        ids=list(out_ids),
-        skipped=list(skipped),
-        meta=out_meta,
-        num_resumed=num_resumed,
-        num_computed=computed,
-        seconds=seconds,
-        images_per_second=(computed + len(skipped_now)) / seconds if seconds > 0 else 0.0,
-        num_traces=fn.experimental_get_tracing_count() - traces_before,
-    )
+    Files go through the same loader (`cbir_tf.data.pipeline`); in-memory images are converted
+    the same way (EXIF orientation of PIL images, alpha on white) and shrunk with the same
+    `resize_longest`.
+
+    Args:
+      model, image_size, scales, ms_power: as for `extract` (those the index was made with).
+      queries: Q images: paths, PIL images or arrays [H, W], [H, W, 3|4] (uint8, or float
+        in 0..255).
+      bboxes: optional per-query crop boxes (x1, y1, x2, y2) in pixels, or None entries.
+
+    Returns:
+      float32 [Q, D].
+
+    Raises:
+      FileNotFoundError: a query file does not exist.
+      ValueError: a query cannot be read (the message names it and says why).
+    """
+    queries = list(queries)
+    boxes = list(bboxes) if bboxes is not None else [None] * len(queries)
+    if len(boxes) != len(queries):
+        raise ValueError(f"{len(boxes)} bboxes for {len(queries)} queries")
+    files = [i for i, q in enumerate(queries) if isinstance(q, (str, os.PathLike))]
+    arrays = [i for i in range(len(queries)) if i not in set(files)]
+    out: list[np.ndarray | None] = [None] * len(queries)
+    common = {"image_size": image_size, "scales": scales, "ms_power": ms_power, "progress": False}
+    if files:
+        paths = []
+        for i in files:
+            p = os.path.abspath(os.path.expanduser(os.fspath(queries[i])))
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"query image {p} does not exist")
+            paths.append(p)
+        file_boxes = [boxes[i] for i in files]
+        res = extract(
+            model,
+            paths,
+            ids=[str(i) for i in files],
+            bboxes=file_boxes if any(b is not None for b in file_boxes) else None,
+            **common,
+        )
+        _collect(res, queries, out)
+    if arrays:
+        images = [_prepare_array(queries[i], boxes[i], image_size) for i in arrays]
+        res = extract(model, images, ids=[str(i) for i in arrays], **common)
+        _collect(res, queries, out)
+    return np.stack(out).astype(np.float32, copy=False)
+
+
+def _collect(res: Any, queries: Sequence[Any], out: list) -> None:
+    if res.skipped:
+        qid, reason = res.skipped[0]
+        what = queries[int(qid)]
+        name = os.fspath(what) if isinstance(what, (str, os.PathLike)) else f"#{qid}"
+        raise ValueError(f"query {name} cannot be read: {reason}")
+    for image_id, vec in zip(res.ids, np.asarray(res.descriptors), strict=True):
+        out[int(image_id)] = vec
+
+
+def _prepare_array(image: Any, bbox: Sequence[float] | None, image_size: int | None):
+    """An in-memory query as the file loader would deliver it: uint8 [h, w, 3], shrunk.
+
+    PIL images: cropped to `bbox` in their stored frame, then EXIF-oriented (as files are).
+    Transparent pixels are composited on white, grayscale becomes RGB, floats are clipped to
+    0..255; the crop is scaled by the factor of its full image (`resize_longest`).
+    """
+    from PIL import Image
+
+    from cbir_tf.data.pipeline import ImageError, resize_longest, upright_rgb
+
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        arr = np.asarray(image)
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+            raise ValueError(
+                f"a query array must be an image [H, W], [H, W, 3] or [H, W, 4], got {arr.shape}"
+            )
+        if 0 in arr.shape:
+            raise ValueError(f"a query array is empty: shape {arr.shape}")
+        if arr.dtype != np.uint8:
+            arr = np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(arr)
+    try:
+        rgb, longest = upright_rgb(img, bbox, "query image")
+    except ImageError as e:
+        raise ValueError(f"query image: {e.reason}") from None
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    if not image_size:
+        return rgb
+    return resize_longest(rgb, int(image_size), longest if bbox is not None else None)
 
 
 def _non_finite_message(image_id: str, item: Any, scales, ms_power: float) -> str:
@@ -450,6 +569,9 @@ def _non_finite_message(image_id: str, item: Any, scales, ms_power: float) -> st
 def _progress_bar(total: int, initial: int, enabled: bool, store_dir):
     if not enabled:
         return None
+    if initial:
+        print(f"resuming {os.fspath(store_dir)}: {initial} of {total} images already done",
+              file=sys.stderr)  # fmt: skip
     from tqdm.auto import tqdm
 
     desc = "descriptors" if store_dir is None else f"descriptors -> {os.fspath(store_dir)}"
@@ -458,8 +580,8 @@ def _progress_bar(total: int, initial: int, enabled: bool, store_dir):
     )
 
 
-def _print_summary(total, resumed, computed, skipped, skipped_now, seconds) -> None:
-    rate = (computed + len(skipped_now)) / seconds if seconds > 0 else 0.0
+def _print_summary(total, resumed, computed, skipped, skipped_now: int, seconds) -> None:
+    rate = (computed + skipped_now) / seconds if seconds > 0 else 0.0
     lines = [
         f"extracted {computed} images in {seconds:.1f} s ({rate:.2f} images/s)"
         + (f", {resumed} already done" if resumed else "")

@@ -1,7 +1,7 @@
 """The benchmark run: descriptors → search → re-ranking → Revisited Oxford/Paris metrics.
 
 Each stage is a plain function over arrays so that it can run alone: `evaluate_methods` needs
-only query and database descriptors and the ground truth; `benchmark_descriptors` produces
+only query and database descriptors and the ground truth; `cbir_tf.benchmark` produces
 those descriptors (extracting them, or reusing a finished store); `run_benchmark` wires both
 to a config and writes the report. `evaluate.py` only parses flags and calls `run_benchmark`.
 """
@@ -9,8 +9,6 @@ to a config and writes the report. `evaluate.py` only parses flags and calls `ru
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import logging
 import os
 import time
@@ -19,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf import metrics, report, search
+from cbir_tf import benchmark, metrics, report, search
 from cbir_tf.configs import default as default_config
 from cbir_tf.rerank import pipeline
 
@@ -27,10 +25,6 @@ log = logging.getLogger(__name__)
 
 # The rows of the default table (configs/default.py); every method: `pipeline.METHODS`.
 METHODS = tuple(default_config.get_config().rerank.methods)
-
-# The literature learns whitening on the other landmark dataset (Radenović et al.), so that
-# nothing is learned on the test images.
-_OTHER_DATASET = {"rparis6k": "roxford5k", "roxford5k": "rparis6k"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,317 +275,8 @@ def rankings_with_missing(ranks: np.ndarray, missing: np.ndarray, n_total: int) 
 
 
 # --------------------------------------------------------------------------------------------
-# Descriptors of a benchmark (TensorFlow is imported only here)
+# Precomputed descriptors
 # --------------------------------------------------------------------------------------------
-
-
-def model_key(cfg: Any, model_path: str | None = None) -> str:
-    """A short, file-name-safe name of everything that changes the descriptors."""
-    m, d = cfg.model, cfg.data
-    if model_path:
-        # Fine-tuned models are all called model.keras: the content tells them apart.
-        stem = os.path.splitext(os.path.basename(model_path))[0]
-        base = f"{stem}-{model_sha256(model_path)[:12]}"
-    else:
-        weights = str(m.weights)
-        if weights not in ("imagenet", "none"):
-            weights = os.path.splitext(os.path.basename(weights))[0]
-        alpha = f"a{m.alpha:g}" if m.backbone.startswith("mobilenet") else ""
-        pool = m.pooling + (f"{m.gem_p:g}" if m.pooling == "gem" else "")
-        base = f"{m.backbone}{alpha}-{weights}-{pool}"
-    scales = "_".join(f"{s:.3g}" for s in d.scales)
-    return f"{base}-{d.image_size}px-s{scales}"
-
-
-def model_meta(cfg: Any, model_path: str | None, whitening: Any | None) -> dict[str, Any]:
-    """The descriptor metadata recorded in stores and results (compared before mixing)."""
-    m, d = cfg.model, cfg.data
-    meta = {
-        "backbone": m.backbone,
-        "alpha": float(m.alpha),
-        "weights": os.path.abspath(model_path) if model_path else _weights_name(str(m.weights)),
-        "pooling": m.pooling,
-        "gem_p": float(m.gem_p),
-        "rmac_levels": int(m.rmac_levels),
-        "image_size": int(d.image_size),
-        "scales": [float(s) for s in d.scales],
-        "ms_power": float(d.ms_power),
-        "whitening": None,
-    }
-    if model_path:
-        meta.update(_saved_model_info(model_path))
-        meta["model_sha256"] = model_sha256(model_path)
-    if whitening is not None:
-        info = dict(whitening.info)
-        meta["whitening"] = {
-            "learned_on": info.get("learned_on"),
-            "regional": bool(info.get("regional", False)),
-            "dim": int(whitening.projection.shape[1]),
-            "shrinkage": float(info.get("shrinkage", 0.0)),
-        }
-    return meta
-
-
-def model_sha256(path: str) -> str:
-    """sha256 of a model file, computed once per file version (path, size, mtime)."""
-    st = os.stat(path)
-    return _sha256_of(os.path.abspath(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=16)
-def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
-    del size, mtime_ns  # part of the cache key only
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _saved_model_info(model_path: str) -> dict[str, Any]:
-    """What a saved model is made of: the info train.py stores in it (or its `model.json`)."""
-    from cbir_tf import models
-
-    info = models.saved_model_info(model_path)
-    return {
-        "backbone": info.get("backbone", "saved-model"),
-        "alpha": float(info.get("alpha", 1.0)),
-        "pooling": info.get("pooling", "saved-model"),
-        "fine_tuning": info.get("recipe"),
-    }
-
-
-def with_model_image_size(cfg: Any, model_path: str | None, explicit: bool = False) -> Any:
-    """The config to extract with a saved model: at the resolution it was trained at.
-
-    A fine-tuned model is trained and validated at `train.image_size` (224 px by default);
-    describing images at another size (the benchmark default of 1024 px) can make it worse
-    than the model it started from. The model carries that size (`models.saved_model_info`).
-
-    Args:
-      cfg: the run's config.
-      model_path: the `.keras` model, or None (the config's own model: `cfg` unchanged).
-      explicit: the user set `data.image_size` (e.g. `--config.data.image_size=1024`): it is
-        kept, with a warning when it differs from the trained size.
-
-    Returns:
-      `cfg`, or a copy with `data.image_size` set to the model's trained size.
-    """
-    if not model_path:
-        return cfg
-    from cbir_tf import models
-
-    trained = models.saved_model_info(model_path).get("image_size")
-    asked = int(cfg.data.image_size)
-    if not trained or int(trained) == asked:
-        return cfg
-    if explicit:
-        log.warning(
-            "describing images at %d px as asked, not at the %d px %s was trained and "
-            "validated at",
-            asked, int(trained), model_path,
-        )  # fmt: skip
-        return cfg
-    log.info(
-        "describing images at %d px, the size %s was trained and validated at "
-        "(--config.data.image_size=N overrides it)",
-        int(trained), model_path,
-    )  # fmt: skip
-    import copy
-
-    cfg = copy.deepcopy(cfg)
-    cfg.data.image_size = int(trained)
-    return cfg
-
-
-def _weights_name(weights: str) -> str:
-    # A weights file is named by its absolute path so that a resumed run given a relative path
-    # (or the other way round) is recognised as the same extraction.
-    return weights if weights.lower() in ("imagenet", "none") else os.path.abspath(weights)
-
-
-def whitening_dataset(dataset: str, cfg_whitening: Any) -> str | None:
-    """Which benchmark to learn whitening on: by default the other landmark dataset."""
-    from cbir_tf.data import revisited
-
-    if cfg_whitening.kind == "none":
-        return None
-    if cfg_whitening.kind != "pca":
-        raise ValueError(f"unknown whitening kind {cfg_whitening.kind!r}; valid: pca, none")
-    if cfg_whitening.dataset == "auto":
-        return _OTHER_DATASET.get(dataset, dataset)
-    return revisited.resolve_dataset_name(cfg_whitening.dataset)
-
-
-def learn_benchmark_whitening(
-    cfg: Any, dataset: str, *, workdir: str, download: bool = True, progress: bool = True
-) -> Any | None:
-    """Learns (or loads the cached) PCA-whitening for `dataset` from another image set.
-
-    With R-MAC and `whitening.regional`, whitening is learned on the regional vectors and
-    applied to them before aggregation (Tolias et al.); otherwise on the global descriptors.
-
-    Returns:
-      A `cbir_tf.whitening.Whitening`, or None when `whitening.kind` is 'none'.
-    """
-    from cbir_tf import descriptors, whitening
-    from cbir_tf.data import prepare
-
-    train_name = whitening_dataset(dataset, cfg.whitening)
-    if train_name is None:
-        return None
-    regional = bool(cfg.whitening.regional) and cfg.model.pooling == "rmac"
-    key = f"{model_key(cfg)}-{'regional' if regional else 'global'}-on-{train_name}"
-    key += f"-d{cfg.whitening.dim}-sh{cfg.whitening.shrinkage:g}"
-    path = os.path.join(workdir, "whitening", key + ".npz")
-    if os.path.exists(path):
-        log.info("whitening: reusing %s", path)
-        return whitening.Whitening.load(path)
-
-    log.info(
-        "whitening: learning on %s (%s vectors)", train_name, "regional" if regional else "global"
-    )
-    ds = prepare.prepare_dataset(
-        train_name, cfg.data.data_root, download=download, progress=progress
-    )
-    if regional:
-        model = _build_model(cfg, whitening=None, output="regions")
-        vectors = region_vectors(model, ds.image_paths(), cfg.data.image_size, progress=progress)
-    else:
-        model = _build_model(cfg, whitening=None)
-        store = os.path.join(workdir, "descriptors", train_name, model_key(cfg) + "-raw", "db")
-        res = descriptors.extract(
-            model,
-            ds.image_paths(),
-            ids=list(ds.imlist),
-            image_size=cfg.data.image_size,
-            scales=tuple(cfg.data.scales),
-            ms_power=cfg.data.ms_power,
-            store_dir=store,
-            meta=model_meta(cfg, None, None),
-            progress=progress,
-        )
-        vectors = np.asarray(res.descriptors)
-    # Regional whitening is learned on L2-normalised regions, the distribution it is applied to.
-    learn = whitening.learn_regional_whitening if regional else whitening.learn_pca_whitening
-    w = learn(vectors, dim=int(cfg.whitening.dim), shrinkage=float(cfg.whitening.shrinkage))
-    w.info.update(
-        learned_on=train_name,
-        regional=regional,
-        shrinkage=float(cfg.whitening.shrinkage),
-        backbone=cfg.model.backbone,
-        pooling=cfg.model.pooling,
-        num_vectors=int(len(vectors)),
-    )
-    w.save(path)
-    return w
-
-
-def _build_model(cfg: Any, whitening: Any | None, output: str = "descriptor") -> Any:
-    from cbir_tf import models
-
-    m = cfg.model
-    return models.build_descriptor_model(
-        backbone=m.backbone,
-        weights=m.weights,
-        alpha=float(m.alpha),
-        pooling=m.pooling,
-        gem_p=float(m.gem_p),
-        rmac_levels=int(m.rmac_levels),
-        whitening=whitening,
-        regional_whitening=bool(whitening is not None and whitening.info.get("regional")),
-        output=output,
-    )
-
-
-def region_vectors(
-    model: Any, paths: Sequence[str], image_size: int, progress: bool = True
-) -> np.ndarray:
-    """All R-MAC regional vectors of a set of images, for learning regional whitening.
-
-    Args:
-      model: a descriptor model built with output='regions' ([1, R, C] per image).
-      paths: image files.
-      image_size: longest side in pixels.
-
-    Returns:
-      float32 [sum of R over images, C].
-    """
-    import tensorflow as tf
-    from tqdm import tqdm
-
-    from cbir_tf.data import pipeline
-
-    @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.float32)])
-    def forward(x):
-        return model(x, training=False)
-
-    chunks, skipped = [], 0
-    dataset = pipeline.image_dataset(list(paths), image_size)
-    for item in tqdm(
-        dataset.as_numpy_iterator(),
-        total=len(paths),
-        disable=not progress,
-        desc="regions",
-        unit="img",
-    ):
-        if item["error"]:
-            skipped += 1
-            continue
-        out = forward(tf.convert_to_tensor(item["image"][None], tf.float32)).numpy()
-        chunks.append(out.reshape(-1, out.shape[-1]))
-    if skipped:
-        log.warning("whitening: %d unreadable images skipped", skipped)
-    if not chunks:
-        raise ValueError("no readable image to learn whitening from")
-    return np.concatenate(chunks).astype(np.float32)
-
-
-def benchmark_descriptors(
-    cfg: Any,
-    ds: Any,
-    model: Any,
-    meta: Mapping[str, Any],
-    store_root: str,
-    progress: bool = True,
-    shard_index: int = 0,
-    num_shards: int = 1,
-) -> tuple[Any, Any]:
-    """Extracts (or reuses) database and cropped-query descriptors of a benchmark.
-
-    Returns:
-      (database ExtractionResult, query ExtractionResult); the stores are
-      `<store_root>/db` and `<store_root>/queries`.
-    """
-    from cbir_tf import descriptors
-
-    common = dict(
-        image_size=int(cfg.data.image_size),
-        scales=tuple(float(s) for s in cfg.data.scales),
-        ms_power=float(cfg.data.ms_power),
-        progress=progress,
-        shard_index=shard_index,
-        num_shards=num_shards,
-        flush_every=int(cfg.extract.flush_every),
-    )
-    db = descriptors.extract(
-        model,
-        ds.image_paths(),
-        ids=list(ds.imlist),
-        store_dir=os.path.join(store_root, "db"),
-        meta=dict(meta, split="database", dataset=ds.name),
-        **common,
-    )
-    queries = descriptors.extract(
-        model,
-        ds.query_paths(),
-        ids=list(ds.qimlist),
-        bboxes=ds.query_bboxes(),
-        store_dir=os.path.join(store_root, "queries"),
-        meta=dict(meta, split="queries", dataset=ds.name),
-        **common,
-    )
-    return db, queries
 
 
 def load_precomputed(
@@ -624,95 +309,6 @@ def load_precomputed(
     x, missing = align_rows(x, x_ids, list(ds.imlist), "database")
     q, _ = align_rows(q, q_ids, list(ds.qimlist), "queries")
     return x, q, missing, dict(x_meta, source=os.path.abspath(path), format="store")
-
-
-def extract_benchmark(
-    cfg: Any,
-    ds: Any,
-    *,
-    model_path: str | None = None,
-    download: bool = True,
-    progress: bool = True,
-    shard_index: int = 0,
-    num_shards: int = 1,
-    image_size_explicit: bool = False,
-) -> tuple[Any, Any, dict[str, Any]]:
-    """Learns or loads whitening, builds the model, and extracts a benchmark's descriptors.
-
-    The stores go to `cfg.extract.out` or `<workdir>/descriptors/<dataset>/<model key>/` (with
-    `db/` and `queries/`), and are reused when complete, resumed when interrupted. A saved
-    model describes images at the size it was trained at unless `image_size_explicit` (see
-    `with_model_image_size`).
-
-    Returns:
-      (database ExtractionResult, query ExtractionResult, descriptor metadata).
-    """
-    from cbir_tf import models
-
-    cfg = with_model_image_size(cfg, model_path, image_size_explicit)
-    w = None
-    fallback = None
-    if model_path is None:
-        fallback = use_fallback_weights(cfg)
-        w = learn_benchmark_whitening(
-            cfg, ds.name, workdir=cfg.workdir, download=download, progress=progress
-        )
-        model = _build_model(cfg, w)
-    else:
-        model = models.load_descriptor_model(model_path)
-    meta = model_meta(cfg, model_path, w)
-    key = model_key(cfg, model_path) + ("" if w is None else "-" + _whitening_tag(meta))
-    store_root = cfg.extract.out or os.path.join(cfg.workdir, "descriptors", ds.name, key)
-    db, qr = benchmark_descriptors(
-        cfg,
-        ds,
-        model,
-        meta,
-        store_root,
-        progress=progress,
-        shard_index=shard_index,
-        num_shards=num_shards,
-    )
-    # Where the stores are and how the network behaved, for the summary and the results file
-    # (not part of the settings the stores are checked against).
-    scale = _feature_scale(model, ds.image_paths()[:2], int(cfg.data.image_size))
-    return db, qr, dict(meta, store=store_root, weights_fallback=fallback, feature_scale=scale)
-
-
-def use_fallback_weights(cfg: Any) -> str | None:
-    """Switches `cfg.model.weights` to `cfg.model.weights_fallback` when ImageNet weights cannot be
-    had (offline); the demo runs everywhere this way, and says so.
-
-    Returns:
-      Why the fallback was taken (for the table title), or None when it was not.
-    """
-    from cbir_tf import backbones
-
-    m = cfg.model
-    fallback = str(m.get("weights_fallback", "") or "")
-    if str(m.weights).lower() != "imagenet" or not fallback:
-        return None
-    try:
-        backbones.fetch_imagenet_weights(m.backbone, float(m.alpha))
-        return None
-    except backbones.WeightsUnavailableError as e:
-        log.warning("ImageNet weights unavailable, using weights=%r instead: %s", fallback,
-                    str(e).splitlines()[0])  # fmt: skip
-        m.weights = fallback
-        return "ImageNet weights could not be downloaded"
-
-
-def _feature_scale(model: Any, paths: Sequence[str], image_size: int) -> float | None:
-    """`models.feature_scale` over the first readable images of `paths`."""
-    from cbir_tf import models
-    from cbir_tf.data import pipeline
-
-    images = [
-        item["image"]
-        for item in pipeline.image_dataset(list(paths), image_size).as_numpy_iterator()
-        if not item["error"]
-    ]
-    return models.feature_scale(model, images)
 
 
 def run_benchmark(
@@ -758,7 +354,7 @@ def run_benchmark(
         x, q, missing, meta = load_precomputed(descriptors, ds)
         what = f"descriptors from {descriptors}"
     else:
-        db, qr, meta = extract_benchmark(
+        db, qr, meta = benchmark.extract_benchmark(
             cfg,
             ds,
             model_path=model_path,
@@ -806,11 +402,6 @@ def run_benchmark(
     files.update(_visual_report(out_dir, ds, results, rankings, cfg, title, files, meta))
     log.info("results written to %s", out_dir)
     return {"results": results, "table": table, "files": files, "rankings": rankings}
-
-
-def _whitening_tag(meta: Mapping[str, Any]) -> str:
-    w = meta["whitening"]
-    return f"w{'r' if w['regional'] else 'g'}-{w['learned_on']}-d{w['dim']}-sh{w['shrinkage']:g}"
 
 
 # Below this largest feature-map activation the network's signal has vanished (trained networks

@@ -106,12 +106,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False) + "\n")
 
 
-def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Saves one array as `.npy` atomically (never pickled)."""
-    with atomic_open(path, "wb") as f:
-        np.save(f, np.asarray(array), allow_pickle=False)
-
-
 def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """Saves named arrays as `.npz` atomically (never pickled)."""
     with atomic_open(path, "wb") as f:

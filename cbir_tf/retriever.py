@@ -6,19 +6,14 @@
     for hit in r.search("query.jpg", k=10, rerank="aqe"):
         print(hit.rank, hit.score, hit.path)
 
-An index folder IS a descriptor store (`cbir_tf.store`: descriptors.npy, ids.txt, meta.json,
-skipped.json, COMPLETE), so every tool that reads stores reads indexes, plus `manifest.json`:
-the collection root, how to rebuild the model (its config, or a `.keras` file), and what is known
-about each indexed file (size and modification time, to notice changes). `extract.py
---images=DIR --out=DIR` and this API build the same folders.
+An index folder is a descriptor store plus a manifest (`cbir_tf.index_folder`); `extract.py
+--images=DIR --out=DIR` (`cbir_tf.runs.build_index`) and this API build the same folders.
 
 Indexing streams: new images are extracted into `<index>/pending/` (a store written chunk by
 chunk by `cbir_tf.descriptors.extract`, resumable after a kill), then joined with the existing
 rows into the new descriptors.npy block by block, so memory never holds more than the descriptor
-matrix (memory-mapped) and one block. The join is a journalled commit: every new file is written
-beside the old one as `<name>.new`, a `COMMIT` journal is written, then the files are renamed. A
-run killed during the renames is completed by the next open; killed before, the old index stays
-and the pending extraction resumes.
+matrix (memory-mapped) and one block; `cbir_tf.store.write_store` commits the store and the
+manifest together through its journal.
 
 Image ids are paths relative to the collection root ('/' separators, '../' for images outside
 it). The root is the first folder indexed (or the common folder of the first image files);
@@ -27,41 +22,25 @@ indexes written by earlier versions may hold absolute ids, which keep working.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from cbir_tf import index_folder
 from cbir_tf import store as store_lib
-from cbir_tf.io import atomic_open, atomic_write_json, atomic_write_text, folder_lock
+from cbir_tf.collection import Collection
+from cbir_tf.io import folder_lock
 from cbir_tf.rerank import pipeline
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
-MODEL_FILE = "model.keras"
-PENDING_DIR = "pending"
-PENDING_FILE = "pending.json"
-COMMIT_FILE = "COMMIT"
-FORMAT = "cbir_tf.index"
-FORMAT_VERSION = 1
 DEFAULT_IMAGE_SIZE = 1024  # configs/default.py's data.image_size
 
 _BLOCK_ROWS = 65536
-_INDEX_FILES = (
-    store_lib.DESCRIPTORS_FILE,
-    store_lib.IDS_FILE,
-    store_lib.SKIPPED_FILE,
-    store_lib.META_FILE,
-    MANIFEST_FILE,
-    store_lib.COMPLETE_FILE,
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +123,7 @@ class Retriever:
         self.image_size = int(image_size)
         self.scales = tuple(float(s) for s in scales)
         self.ms_power = float(ms_power)
-        self.root = os.path.abspath(os.path.expanduser(os.fspath(root))) if root else None
+        self.collection = Collection(root)
         # A plain dict (saved in the manifest; fields may be changed between searches).
         self.rerank_settings = pipeline.RerankSettings.from_config(rerank).to_dict()
         self.backend = backend
@@ -155,13 +134,10 @@ class Retriever:
         self._descriptors = np.zeros((0, 0), np.float32)
         self._ids: list[str] = []
         self._row: dict[str, int] = {}
-        self._paths: dict[str, str] = {}  # explicit paths of ids that are not root-relative
-        self._stat: dict[str, list[int]] = {}
-        self._failed: dict[str, dict[str, Any]] = {}
         self._database: pipeline.Database | None = None  # search structures, built on first use
         if self.directory:
-            _refuse_plain_store(self.directory)
-            saved_model = os.path.join(self.directory, MODEL_FILE)
+            index_folder.refuse_plain_store(self.directory)
+            saved_model = os.path.join(self.directory, index_folder.MODEL_FILE)
             if self.prefer_saved_model and os.path.isfile(saved_model):
                 # A model rebuilt with random weights would not match the stored (or pending)
                 # descriptors: the model saved in the folder is the one that described them.
@@ -169,7 +145,7 @@ class Retriever:
 
                 log.info("using the model saved with the index %s", self.directory)
                 self.model = models.load_descriptor_model(saved_model)
-            if _is_index(self.directory):
+            if index_folder.is_index(self.directory):
                 self._open(self.directory)
 
     # -- construction ----------------------------------------------------------------------
@@ -305,11 +281,11 @@ class Retriever:
           cbir_tf.store.StoreIncompleteError: the store was never finished.
         """
         directory = os.path.abspath(os.fspath(directory))
-        _recover(directory)
-        manifest = _read_manifest(directory)
+        index_folder.recover(directory)
+        manifest = index_folder.read_manifest(directory)
         ref = dict(manifest["model"])
         if model is None:
-            model = _load_model(directory, ref)
+            model = index_folder.load_model(directory, ref)
         elif isinstance(model, (str, os.PathLike)):
             from cbir_tf import models
 
@@ -347,38 +323,22 @@ class Retriever:
         return self._descriptors
 
     @property
+    def root(self) -> str | None:
+        """The collection root: image ids are paths relative to it."""
+        return self.collection.root
+
+    @property
     def failed(self) -> dict[str, str]:
         """{id: reason} of images that could not be read (retried only once they change)."""
-        return {i: f["reason"] for i, f in self._failed.items()}
+        return {i: f["reason"] for i, f in self.collection.failed.items()}
 
     def path_of(self, image_id: str) -> str | None:
         """The file of an indexed image (None when unknown)."""
-        if image_id in self._paths:
-            return self._paths[image_id]
-        if os.path.isabs(image_id):
-            return image_id
-        if self.root is None:
-            return None
-        # normpath resolves the '..' of images outside the root.
-        return os.path.normpath(os.path.join(self.root, *image_id.split("/")))
+        return self.collection.path_of(image_id)
 
     def id_of(self, path: str | os.PathLike) -> str:
-        """The id an image file gets (or has) in this index.
-
-        The path relative to the collection root ('/' separators; '../' for images outside it),
-        so that every id is relative and the collection can move (`root=`). Indexes written
-        before kept absolute ids for images outside the root: those ids are kept.
-        """
-        p = os.path.abspath(os.path.expanduser(os.fspath(path)))
-        absolute = p.replace(os.sep, "/") if os.sep != "/" else p
-        if self.root is None or p == self.root:
-            return absolute
-        if not _is_inside(p, self.root) and (absolute in self._row or absolute in self._failed):
-            return absolute
-        try:
-            return os.path.relpath(p, self.root).replace(os.sep, "/")
-        except ValueError:  # another drive (Windows): no relative path exists
-            return absolute
+        """The id an image file gets (or has) in this index (see `cbir_tf.collection`)."""
+        return self.collection.id_of(path, self._row)
 
     def _store_meta(self) -> dict[str, Any]:
         meta = dict(self.descriptor_meta)
@@ -425,46 +385,27 @@ class Retriever:
 
     def _refresh(self) -> None:
         """Re-reads the folder (under its lock): another process may have updated it."""
-        _recover(self.directory)
-        if _is_index(self.directory):
+        index_folder.recover(self.directory)
+        if index_folder.is_index(self.directory):
             self._open(self.directory)
 
     def _index(self, paths_or_folder, ids, recursive, prune, progress) -> dict[str, int]:
-        files, file_ids, folder = self._resolve(paths_or_folder, ids, recursive, prune)
-        todo_ids, new_paths, stats = [], {}, {}
-        counts = {"added": 0, "updated": 0, "unchanged": 0, "failed": 0, "removed": 0}
-        for path, image_id in zip(files, file_ids, strict=True):
-            try:
-                st = os.stat(path)
-            except OSError as e:
-                self._failed[image_id] = {"reason": f"cannot stat: {e.strerror}", "stat": None}
-                counts["failed"] += 1
-                continue
-            stat = [int(st.st_size), int(st.st_mtime_ns)]
-            if image_id in self._row and self._stat.get(image_id) == stat:
-                counts["unchanged"] += 1
-            elif image_id in self._failed and self._failed[image_id].get("stat") == stat:
-                counts["unchanged"] += 1  # still the same unreadable file: not retried
-            else:
-                todo_ids.append(image_id)
-                new_paths[image_id] = path
-                stats[image_id] = stat
+        files, file_ids, folder = self.collection.resolve(
+            paths_or_folder, ids, recursive, prune, self._row
+        )
+        todo_ids, new_paths, stats, seen = self.collection.changes(files, file_ids, self._row)
         remove = set()
         if prune and folder is not None:
-            present = set(file_ids)
-            for i in list(self._ids) + list(self._failed):
-                p = self.path_of(i)
-                if i not in present and p and _is_inside(p, folder) and not os.path.exists(p):
-                    remove.add(i)
+            remove = self.collection.vanished(folder, file_ids, self._ids)
         before = set(self._row)
         if todo_ids or remove:
             self._extract_and_commit(todo_ids, new_paths, stats, remove, progress)
+        counts = {"added": 0, "updated": 0, **seen, "removed": len(remove)}
         for i in todo_ids:
             if i in self._row:
                 counts["updated" if i in before else "added"] += 1
             else:
                 counts["failed"] += 1
-        counts["removed"] = len(remove)
         counts["total"] = len(self._ids)
         log.info(
             "index%s: %d added, %d updated, %d unchanged, %d unreadable, %d removed; %d images",
@@ -472,49 +413,6 @@ class Retriever:
             counts["unchanged"], counts["failed"], counts["removed"], counts["total"],
         )  # fmt: skip
         return counts
-
-    def _resolve(self, paths_or_folder, ids, recursive, prune=False):
-        """(absolute file paths, ids, folder or None) of what `index` was given."""
-        from cbir_tf.data.folder import list_images
-
-        one = isinstance(paths_or_folder, (str, os.PathLike))
-        if one and os.path.isdir(os.path.expanduser(os.fspath(paths_or_folder))):
-            if ids is not None:
-                raise ValueError("ids can only be given with a list of image paths")
-            folder = os.path.abspath(os.path.expanduser(os.fspath(paths_or_folder)))
-            rel = list_images(folder, recursive=recursive)
-            if not rel and not prune:
-                # Indexing nothing would "succeed" silently; an empty prune may drop files.
-                raise ValueError(no_images_message(folder, recursive))
-            if self.root is None:
-                self.root = folder
-            files = [os.path.join(folder, *r.split("/")) for r in rel]
-        else:
-            folder = None
-            if one:
-                if not os.path.exists(os.path.expanduser(os.fspath(paths_or_folder))):
-                    raise FileNotFoundError(
-                        f"{os.fspath(paths_or_folder)} does not exist: give an image folder, "
-                        "an image file or a list of image files"
-                    )
-                paths_or_folder = [paths_or_folder]
-            files = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths_or_folder]
-            if self.root is None and ids is None and files:
-                # The first images indexed fix the root: their common folder, so that their
-                # ids are relative like those of a folder's images.
-                self.root = os.path.commonpath([os.path.dirname(f) for f in files])
-        if ids is None:
-            file_ids = [self.id_of(p) for p in files]
-        else:
-            file_ids = [str(i) for i in ids]
-            if len(file_ids) != len(files):
-                raise ValueError(f"{len(files)} paths but {len(file_ids)} ids")
-        bad = [i for i in file_ids if not i or "\n" in i or "\r" in i]
-        if bad:
-            raise ValueError(f"image ids must be non-empty single-line strings, got {bad[:3]}")
-        if len(set(file_ids)) != len(file_ids):
-            raise ValueError("the same image id appears twice in one call")
-        return files, file_ids, folder
 
     def remove(self, ids_or_paths: Iterable[str | os.PathLike]) -> list[str]:
         """Drops images from the index (by id, or by file path).
@@ -531,9 +429,9 @@ class Retriever:
         wanted, unknown = [], []
         for x in ids_or_paths:
             x = os.fspath(x)
-            if x in self._row or x in self._failed:
+            if x in self._row or x in self.collection.failed:
                 wanted.append(x)
-            elif self.id_of(x) in self._row or self.id_of(x) in self._failed:
+            elif self.id_of(x) in self._row or self.id_of(x) in self.collection.failed:
                 wanted.append(self.id_of(x))
             else:
                 unknown.append(x)
@@ -569,17 +467,13 @@ class Retriever:
             "stats": [stats[i] for i in new_ids],
             "remove": sorted(remove),
         }
-        # The list is saved before extraction so that a killed run resumes exactly this batch.
-        atomic_write_json(os.path.join(self.directory, PENDING_FILE), pending)
+        index_folder.save_pending(self.directory, pending)
         return self._run_pending(pending, progress)
 
     def _resume_pending(self, progress: bool) -> None:
-        path = os.path.join(self.directory, PENDING_FILE)
-        if not os.path.isfile(path):
-            shutil.rmtree(os.path.join(self.directory, PENDING_DIR), ignore_errors=True)
+        pending = index_folder.read_pending(self.directory)
+        if pending is None:
             return
-        with open(path, encoding="utf-8") as f:
-            pending = json.load(f)
         log.info("resuming the interrupted indexing of %d images", len(pending["ids"]))
         self._run_pending(pending, progress)
 
@@ -587,14 +481,12 @@ class Retriever:
         new_ids = list(pending["ids"])
         new_paths = dict(zip(new_ids, pending["paths"], strict=True))
         stats = dict(zip(new_ids, pending["stats"], strict=True))
-        staging = os.path.join(self.directory, PENDING_DIR)
+        staging = os.path.join(self.directory, index_folder.PENDING_DIR)
         result = None
         if new_ids:
             result = self._extract(new_ids, pending["paths"], staging, progress)
         failed = self._apply(result, new_paths, stats, set(pending["remove"]))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.directory, PENDING_FILE))
-        shutil.rmtree(staging, ignore_errors=True)
+        index_folder.clear_pending(self.directory)
         return failed
 
     def _extract(self, ids, paths, store_dir, progress):
@@ -630,22 +522,7 @@ class Retriever:
             [r for r, i in enumerate(self._ids) if i not in drop], dtype=np.int64
         )
         ids = [self._ids[r] for r in keep_rows] + list(got_ids)
-        for i in drop:
-            self._stat.pop(i, None)
-        for i in remove:
-            self._failed.pop(i, None)
-            self._paths.pop(i, None)
-        for i in list(got_ids) + [i for i, _ in skipped]:
-            # Explicit ids (not derived from the path) keep their file in the manifest.
-            self._paths.pop(i, None)
-            if self.path_of(i) != new_paths[i]:
-                self._paths[i] = new_paths[i]
-        for i in got_ids:
-            self._stat[i] = stats[i]
-            self._failed.pop(i, None)
-        for i, reason in skipped:
-            self._failed[i] = {"reason": str(reason), "stat": stats.get(i)}
-            self._stat.pop(i, None)
+        self.collection.record(got_ids, skipped, new_paths, stats, drop, remove)
         dim = self._dim(new_desc)
         if self.directory:
             self._write_index(self.directory, self._descriptors, keep_rows, new_desc, ids, dim)
@@ -680,10 +557,9 @@ class Retriever:
         self._database = None
 
     def _manifest(self, ids: Sequence[str], model_ref: Mapping[str, Any]) -> dict[str, Any]:
-        present = set(ids) | set(self._failed)
         return {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "format": index_folder.FORMAT,
+            "version": index_folder.FORMAT_VERSION,
             "root": self.root,
             "model": dict(model_ref),
             "image_size": self.image_size,
@@ -691,64 +567,26 @@ class Retriever:
             "ms_power": self.ms_power,
             "descriptor_meta": self.descriptor_meta,
             "rerank": self.rerank_settings,
-            "paths": {i: p for i, p in self._paths.items() if i in present},
-            "files": {i: self._stat[i] for i in ids if i in self._stat},
-            "failed": self._failed,
+            **self.collection.manifest_entries(ids),
         }
 
     def _write_index(self, directory, old, keep_rows, new_desc, ids, dim) -> None:
         """Writes rows `old[keep_rows]` then `new_desc` as the index in `directory` (journalled).
 
-        Every file is first written as `<name>.new` (descriptors block by block, so memory holds
-        one block), then the COMMIT journal, then the files are renamed into place.
+        Memory holds one block of rows; a crash leaves the old index or the new one
+        (`cbir_tf.store.write_store` with its journal).
         """
-        model_ref = self._model_ref_for(directory)
-        n = len(ids)
-        desc_path = os.path.join(directory, store_lib.DESCRIPTORS_FILE)
-        with atomic_open(desc_path + ".new", "wb") as f:
-            header = {"descr": "<f4", "fortran_order": False, "shape": (n, dim)}
-            np.lib.format.write_array_header_1_0(f, header)
-            for start in range(0, len(keep_rows), self.block_size):
-                rows = keep_rows[start : start + self.block_size]
-                f.write(np.ascontiguousarray(old[rows], dtype="<f4").tobytes())
-            if new_desc is not None:
-                for start in range(0, np.shape(new_desc)[0], self.block_size):
-                    block = new_desc[start : start + self.block_size]
-                    f.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
-            f.flush()
-            desc_bytes = f.tell()
-        skipped = [{"id": i, "reason": f["reason"]} for i, f in self._failed.items()]
-        meta = self._store_meta()
-        meta.update(
-            {
-                "num_images": n,
-                "num_skipped": len(skipped),
-                "dim": dim,
-                "versions": store_lib.library_versions(),
-                "created": _now(),
-            }
+        sources = [(old, keep_rows)] + ([new_desc] if new_desc is not None else [])
+        store_lib.write_store(
+            directory,
+            ids,
+            store_lib.stacked_blocks(sources, self.block_size),
+            dim=dim,
+            skipped=list(self.failed.items()),
+            meta=self._store_meta(),
+            files={index_folder.MANIFEST_FILE: self._manifest(ids, self._model_ref_for(directory))},
+            journal=True,
         )
-        files: dict[str, Any] = {
-            store_lib.IDS_FILE: "".join(i + "\n" for i in ids),
-            store_lib.SKIPPED_FILE: skipped,
-            store_lib.META_FILE: meta,
-            MANIFEST_FILE: self._manifest(ids, model_ref),
-            store_lib.COMPLETE_FILE: {
-                "num_images": n,
-                "dim": dim,
-                "descriptors_bytes": desc_bytes,
-                "ids_sha256": store_lib.ids_fingerprint(ids),
-            },
-        }
-        for name, content in files.items():
-            if isinstance(content, str):
-                atomic_write_text(os.path.join(directory, name + ".new"), content)
-            else:
-                atomic_write_json(os.path.join(directory, name + ".new"), content)
-        names = [store_lib.DESCRIPTORS_FILE, *files]
-        # The journal makes the renames all-or-nothing across a crash (see `_recover`).
-        atomic_write_json(os.path.join(directory, COMMIT_FILE), {"files": names})
-        _finish_commit(directory)
 
     def _model_ref_for(self, directory: str) -> dict[str, Any]:
         """The manifest's model entry; saves model.keras when no reference can rebuild it."""
@@ -756,17 +594,17 @@ class Retriever:
         ref.pop("file", None)
         if ref.get("reproducible") and ref.get("kind") != "inline":
             return ref
-        path = os.path.join(directory, MODEL_FILE)
+        path = os.path.join(directory, index_folder.MODEL_FILE)
         if not (self.directory == directory and os.path.isfile(path)):
             from cbir_tf import models
 
             models.save_descriptor_model(self.model, path, {"image_size": self.image_size})
-        ref["file"] = MODEL_FILE
+        ref["file"] = index_folder.MODEL_FILE
         return ref
 
     def _open(self, directory: str) -> None:
-        _recover(directory)
-        manifest = _read_manifest(directory)
+        index_folder.recover(directory)
+        manifest = index_folder.read_manifest(directory)
         desc, ids, meta = store_lib.load_store(directory, mmap=True)
         # An index made with other settings must not be extended with these descriptors.
         store_lib.check_compatible(
@@ -774,11 +612,7 @@ class Retriever:
         )
         self._descriptors = desc
         self._set_ids(ids)
-        if self.root is None and manifest.get("root"):
-            self.root = manifest["root"]
-        self._paths = dict(manifest.get("paths", {}))
-        self._stat = {i: list(v) for i, v in manifest.get("files", {}).items()}
-        self._failed = dict(manifest.get("failed", {}))
+        self.collection = Collection(self.root or manifest.get("root"), manifest)
 
     def save(self, directory: str | os.PathLike) -> str:
         """Writes the index to a folder (a descriptor store plus manifest.json).
@@ -794,14 +628,12 @@ class Retriever:
         directory = os.path.abspath(os.fspath(directory))
         if self.directory == directory:
             return directory
-        _refuse_plain_store(directory)
+        index_folder.refuse_plain_store(directory)
         dim = int(self._descriptors.shape[1]) if self._descriptors.ndim == 2 else 0
         os.makedirs(directory, exist_ok=True)
         with folder_lock(directory, what="this index"):
-            _recover(directory)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, PENDING_FILE))
-            shutil.rmtree(os.path.join(directory, PENDING_DIR), ignore_errors=True)
+            index_folder.recover(directory)
+            index_folder.clear_pending(directory)
             rows = np.arange(len(self._ids), dtype=np.int64)
             self._write_index(directory, self._descriptors, rows, None, self._ids, dim)
         return directory
@@ -811,70 +643,21 @@ class Retriever:
     def describe(
         self, queries: Sequence[Any], bboxes: Sequence[Sequence[float] | None] | None = None
     ) -> np.ndarray:
-        """Descriptors of query images, computed exactly as the indexed images' were.
+        """float32 [Q, D] descriptors of query images, computed as the indexed images' were.
 
-        Files go through the same loader as indexed images (`cbir_tf.data.pipeline`); in-memory
-        images are converted the same way (EXIF orientation of PIL images, alpha on white) and
-        shrunk with the same `resize_longest`.
-
-        Args:
-          queries: Q images: paths, PIL images or arrays [H, W], [H, W, 3|4] (uint8, or float
-            in 0..255).
-          bboxes: optional per-query crop boxes (x1, y1, x2, y2) in pixels, or None entries.
-
-        Returns:
-          float32 [Q, D].
-
-        Raises:
-          FileNotFoundError: a query file does not exist.
-          ValueError: a query cannot be read (the message names it and says why).
+        Queries are paths, PIL images or arrays, optionally cropped to `bboxes` (see
+        `cbir_tf.descriptors.describe_queries`).
         """
         from cbir_tf import descriptors
 
-        queries = list(queries)
-        boxes = list(bboxes) if bboxes is not None else [None] * len(queries)
-        if len(boxes) != len(queries):
-            raise ValueError(f"{len(boxes)} bboxes for {len(queries)} queries")
-        files = [i for i, q in enumerate(queries) if isinstance(q, (str, os.PathLike))]
-        arrays = [i for i in range(len(queries)) if i not in set(files)]
-        out: list[np.ndarray | None] = [None] * len(queries)
-        common = {
-            "image_size": self.image_size,
-            "scales": self.scales,
-            "ms_power": self.ms_power,
-            "progress": False,
-        }
-        if files:
-            paths = []
-            for i in files:
-                p = os.path.abspath(os.path.expanduser(os.fspath(queries[i])))
-                if not os.path.isfile(p):
-                    raise FileNotFoundError(f"query image {p} does not exist")
-                paths.append(p)
-            file_boxes = [boxes[i] for i in files]
-            res = descriptors.extract(
-                self.model,
-                paths,
-                ids=[str(i) for i in files],
-                bboxes=file_boxes if any(b is not None for b in file_boxes) else None,
-                **common,
-            )
-            self._collect(res, queries, out)
-        if arrays:
-            images = [_prepare_array(queries[i], boxes[i], self.image_size) for i in arrays]
-            res = descriptors.extract(self.model, images, ids=[str(i) for i in arrays], **common)
-            self._collect(res, queries, out)
-        return np.stack(out).astype(np.float32, copy=False)
-
-    @staticmethod
-    def _collect(res: Any, queries: Sequence[Any], out: list) -> None:
-        if res.skipped:
-            qid, reason = res.skipped[0]
-            what = queries[int(qid)]
-            name = os.fspath(what) if isinstance(what, (str, os.PathLike)) else f"#{qid}"
-            raise ValueError(f"query {name} cannot be read: {reason}")
-        for image_id, vec in zip(res.ids, np.asarray(res.descriptors), strict=True):
-            out[int(image_id)] = vec
+        return descriptors.describe_queries(
+            self.model,
+            queries,
+            bboxes,
+            image_size=self.image_size,
+            scales=self.scales,
+            ms_power=self.ms_power,
+        )
 
     def search(
         self,
@@ -969,136 +752,6 @@ class Retriever:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def build_index(
-    config: Any,
-    images: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    model_path: str | os.PathLike | None = None,
-    shard_index: int = 0,
-    num_shards: int = 1,
-    progress: bool = True,
-    image_size_explicit: bool = False,
-) -> Retriever:
-    """Indexes an image folder into `out` (what `extract.py --images=DIR --out=DIR` runs).
-
-    Resumable: run it again after an interruption, or after adding images, and only new or
-    changed files are described. With `num_shards` > 1 this call indexes the contiguous slice
-    `shard_index` of the sorted file list (`cbir_tf.store.shard_range`) into its own `out`;
-    `merge_indexes` joins the shard folders.
-
-    Args:
-      config: full config (model, data, extract, search, rerank blocks).
-      images: the image folder (its sub-folders included); the collection root.
-      out: the index folder.
-      model_path: a `.keras` descriptor model to use instead of the config's model.
-      shard_index: which shard this call builds.
-      num_shards: how many shards the collection is split into.
-      progress: show progress.
-      image_size_explicit: the user set `data.image_size`: a `model_path` model then describes
-        images at that size instead of the size it was trained at.
-
-    Returns:
-      The Retriever, attached to `out`.
-    """
-    from cbir_tf.data.folder import list_images
-
-    cfg = _to_dict(config)
-    images = os.path.abspath(os.path.expanduser(os.fspath(images)))
-    # Checked before a model is built or `out` created: a wrong folder fails at once.
-    rel = list_images(images, recursive=True)  # FileNotFoundError / NotADirectoryError
-    if not rel:
-        raise ValueError(no_images_message(images, recursive=True))
-    if model_path:
-        data = cfg.get("data", {})
-        r = Retriever.from_model(
-            model_path,
-            image_size=int(data.get("image_size", 1024)) if image_size_explicit else None,
-            scales=tuple(data.get("scales", (1.0,))),
-            ms_power=float(data.get("ms_power", 1.0)),
-            directory=out,
-            root=images,
-            rerank=cfg.get("rerank"),
-            flush_every=int(cfg.get("extract", {}).get("flush_every", 64)),
-        )
-    else:
-        r = Retriever.from_config(config, directory=out, root=images)
-    if int(num_shards) <= 1:
-        r.index(images, progress=progress)
-        return r
-    lo, hi = store_lib.shard_range(len(rel), int(shard_index), int(num_shards))
-    # Recorded in meta.json so that `store.merge_shards` can check and order the shards.
-    r.descriptor_meta.update(
-        {
-            "shard_index": int(shard_index),
-            "num_shards": int(num_shards),
-            "shard_start": lo,
-            "shard_stop": hi,
-            "total_images": len(rel),
-        }
-    )
-    r.index([os.path.join(images, *p.split("/")) for p in rel[lo:hi]], progress=progress)
-    return r
-
-
-def merge_indexes(
-    shard_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False
-) -> str:
-    """Joins index shards (from `build_index(..., num_shards=S)`) into one index folder.
-
-    The descriptor stores are joined by `cbir_tf.store.merge_shards` (which checks that they
-    are the shards 0..S-1 of one collection, made with the same settings); the manifests are
-    united (same root and model required).
-
-    Args:
-      shard_dirs: the shard index folders.
-      out: the merged index folder.
-      overwrite: replace an index already at `out`.
-
-    Returns:
-      `out` as an absolute path.
-
-    Raises:
-      ValueError: the shards index different collections or use different models.
-    """
-    out = os.path.abspath(os.fspath(out))
-    manifests = [_read_manifest(os.path.abspath(os.fspath(d))) for d in shard_dirs]
-    first = manifests[0]
-    for d, m in zip(shard_dirs, manifests, strict=True):
-        for key in ("root", "image_size", "scales", "ms_power"):
-            if m.get(key) != first.get(key):
-                raise ValueError(
-                    f"index shard {d} has {key}={m.get(key)!r}, the first shard "
-                    f"{first.get(key)!r}: shards must index one collection with one model"
-                )
-        a = {k: v for k, v in m["model"].items() if k != "file"}
-        b = {k: v for k, v in first["model"].items() if k != "file"}
-        diffs = _differences(b, a, "model")
-        if diffs:
-            raise ValueError(
-                f"index shard {d} uses another model than {shard_dirs[0]}: "
-                + "; ".join(diffs)
-                + "; merge the shards of one run (same settings and model)"
-            )
-    store_lib.merge_shards(list(shard_dirs), out, overwrite=overwrite)
-    manifest = dict(first)
-    for key in ("paths", "files", "failed"):
-        manifest[key] = {}
-        for m in manifests:
-            manifest[key].update(m.get(key, {}))
-    meta = dict(manifest.get("descriptor_meta", {}))
-    for key in store_lib.SHARD_FIELDS:
-        meta.pop(key, None)
-    manifest["descriptor_meta"] = meta
-    model_file = first["model"].get("file")
-    if model_file:
-        shutil.copyfile(
-            os.path.join(os.fspath(shard_dirs[0]), model_file), os.path.join(out, model_file)
-        )
-    atomic_write_json(os.path.join(out, MANIFEST_FILE), manifest)
-    return out
-
-
 def _image_size_for_model(path: str, image_size: int | None) -> int:
     """The image size to describe images with a saved model (see `Retriever.from_model`)."""
     from cbir_tf import models
@@ -1117,17 +770,6 @@ def _image_size_for_model(path: str, image_size: int | None) -> int:
     return int(image_size)
 
 
-def no_images_message(folder: str, recursive: bool) -> str:
-    """The one-line error for a folder that holds no image file."""
-    from cbir_tf.data.folder import IMAGE_EXTENSIONS
-
-    where = "in it or its sub-folders" if recursive else "in it"
-    return (
-        f"the image folder {folder} holds no image files {where} "
-        f"({', '.join(IMAGE_EXTENSIONS)}); check the path"
-    )
-
-
 def check_k(k: Any) -> int:
     """`k` as an int; a ValueError unless it is a whole number >= 1.
 
@@ -1137,16 +779,6 @@ def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
         raise ValueError(f"k (results per query) must be a whole number >= 1, got {k!r}")
     return int(k)
-
-
-def _differences(a: Any, b: Any, where: str) -> list[str]:
-    """'where.key (first: x, this: y)' for every leaf in which nested dicts `a`, `b` differ."""
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += _differences(a.get(k), b.get(k), f"{where}.{k}")
-        return out
-    return [] if a == b else [f"{where} (first shard: {a!r}, this shard: {b!r})"]
 
 
 def _to_dict(config: Any) -> dict[str, Any]:
@@ -1172,200 +804,3 @@ def _descriptor_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
     skip = {"num_images", "num_skipped", "dim", "versions", "created", "index"}
     skip |= set(store_lib.SHARD_FIELDS) | {"merged_from", "image_size", "scales", "ms_power"}
     return {k: v for k, v in meta.items() if k not in skip}
-
-
-def _is_index(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, MANIFEST_FILE)) or os.path.isfile(
-        os.path.join(directory, COMMIT_FILE)
-    )
-
-
-def _refuse_plain_store(directory: str) -> None:
-    """Refuses to turn a benchmark descriptor store (no manifest) into an index."""
-    if _is_index(directory) or not os.path.isdir(directory):
-        return
-    if any(
-        os.path.exists(os.path.join(directory, n))
-        for n in (store_lib.COMPLETE_FILE, store_lib.DESCRIPTORS_FILE, store_lib.PARTS_DIR)
-    ):
-        raise ValueError(
-            f"{directory} holds a descriptor store that is not an image index (no "
-            f"{MANIFEST_FILE}); write the index to another folder"
-        )
-
-
-def _is_inside(path: str, folder: str) -> bool:
-    path, folder = os.path.abspath(path), os.path.abspath(folder)
-    return os.path.commonpath([path, folder]) == folder
-
-
-def _read_manifest(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, MANIFEST_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{directory} is not an image index (no {MANIFEST_FILE}); build one with "
-            "`python extract.py --images=DIR --out=DIR` or Retriever.index(...).save(DIR)"
-        )
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT or int(manifest.get("version", 0)) > FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: unsupported index format {manifest.get('format')!r} version "
-            f"{manifest.get('version')!r} (this toolkit reads {FORMAT} up to {FORMAT_VERSION})"
-        )
-    return manifest
-
-
-def _load_model(directory: str, ref: Mapping[str, Any]) -> Any:
-    from cbir_tf import models
-
-    if ref.get("file"):
-        return models.load_descriptor_model(os.path.join(directory, ref["file"]))
-    if ref.get("kind") == "keras":
-        if not os.path.isfile(ref["path"]):
-            raise FileNotFoundError(
-                f"the index's model {ref['path']} does not exist; pass model=... to "
-                "Retriever.load (or --model to search.py)"
-            )
-        return models.load_descriptor_model(ref["path"])
-    if ref.get("kind") == "config":
-        return models.model_from_config(dict(ref["config"]))
-    raise ValueError(f"the index names no usable model ({dict(ref)}); pass model=...")
-
-
-def _finish_commit(directory: str) -> None:
-    """Renames every `<name>.new` of the journal into place, COMPLETE last, then drops it."""
-    journal = os.path.join(directory, COMMIT_FILE)
-    with open(journal, encoding="utf-8") as f:
-        names = json.load(f)["files"]
-    names = [n for n in names if n != store_lib.COMPLETE_FILE] + [store_lib.COMPLETE_FILE]
-    # Without COMPLETE the folder reads as unfinished, never as a mix of old and new files.
-    if os.path.isfile(os.path.join(directory, store_lib.COMPLETE_FILE + ".new")):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(directory, store_lib.COMPLETE_FILE))
-    for name in names:
-        src = os.path.join(directory, name + ".new")
-        if os.path.exists(src):
-            os.replace(src, os.path.join(directory, name))
-    os.unlink(journal)
-
-
-def _recover(directory: str) -> None:
-    """Completes a journalled commit cut short, or discards one that never reached its journal."""
-    if not os.path.isdir(directory):
-        return
-    if os.path.isfile(os.path.join(directory, COMMIT_FILE)):
-        log.warning("completing an interrupted update of the index %s", directory)
-        _finish_commit(directory)
-        return
-    for name in _INDEX_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(directory, name + ".new"))
-
-
-def _prepare_array(image: Any, bbox: Sequence[float] | None, image_size: int | None):
-    """An in-memory query as the file loader would deliver it: uint8 [h, w, 3], shrunk.
-
-    PIL images: cropped to `bbox` in their stored frame, then EXIF-oriented (as files are).
-    Transparent pixels are composited on white, grayscale becomes RGB, floats are clipped to
-    0..255; the crop is scaled by the factor of its full image (`resize_longest`).
-    """
-    from PIL import Image
-
-    from cbir_tf.data.pipeline import ImageError, resize_longest, upright_rgb
-
-    if isinstance(image, Image.Image):
-        img = image
-    else:
-        arr = np.asarray(image)
-        if arr.ndim == 3 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-            raise ValueError(
-                f"a query array must be an image [H, W], [H, W, 3] or [H, W, 4], got {arr.shape}"
-            )
-        if 0 in arr.shape:
-            raise ValueError(f"a query array is empty: shape {arr.shape}")
-        if arr.dtype != np.uint8:
-            arr = np.clip(np.nan_to_num(arr.astype(np.float64)), 0, 255).round().astype(np.uint8)
-        img = Image.fromarray(arr)
-    try:
-        rgb, longest = upright_rgb(img, bbox, "query image")
-    except ImageError as e:
-        raise ValueError(f"query image: {e.reason}") from None
-    rgb = np.asarray(rgb, dtype=np.uint8)
-    if not image_size:
-        return rgb
-    return resize_longest(rgb, int(image_size), longest if bbox is not None else None)
-
-
-def _now() -> str:
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).isoformat()
-
-
-def run_search(
-    index_dir: str | os.PathLike,
-    query: str | os.PathLike,
-    *,
-    k: int = 10,
-    rerank: str = "none",
-    out: str | os.PathLike | None = None,
-    model: str | os.PathLike | None = None,
-    root: str | os.PathLike | None = None,
-    recursive: bool = True,
-    embed: bool = False,
-    stream: Any = None,
-) -> list[tuple[str, list[SearchResult]]]:
-    """What `search.py` runs: searches an index, prints ranked tables, writes HTML and PNGs.
-
-    Args:
-      index_dir: an index folder (extract.py --images, or `Retriever.save`).
-      query: an image file, or a folder of query images (one result page per image).
-      k: results per query.
-      rerank: a method of `pipeline.METHODS` ('none', 'aqe', 'diffusion', ...).
-      out: folder for `<query>.html` pages, `<query>.png` grids (and `index.html` for several
-        queries); None writes nothing.
-      model: a `.keras` model replacing the one the index names.
-      root: the collection root, when the images moved since indexing.
-      recursive: scan sub-folders of a query folder.
-      embed: embed images in the pages as base64.
-      stream: where tables are printed (default sys.stdout).
-
-    Returns:
-      [(query path, results)] in query order.
-    """
-    import sys
-
-    from cbir_tf.data.folder import list_images
-
-    check_k(k)
-    stream = sys.stdout if stream is None else stream
-    query = os.path.expanduser(os.fspath(query))
-    if os.path.isdir(query):
-        queries = [os.path.join(query, *p.split("/")) for p in list_images(query, recursive)]
-        if not queries:
-            raise ValueError(f"no images found in the query folder {query}")
-    elif os.path.isfile(query):
-        queries = [query]
-    else:
-        raise FileNotFoundError(f"query {query} does not exist")
-    retriever = Retriever.load(index_dir, model=model, root=root)
-    all_results = retriever.search_batch(queries, k=k, rerank=rerank)
-    pairs = list(zip(queries, all_results, strict=True))
-    for q, results in pairs:
-        stream.write(format_results(results, title=f"query: {q}") + "\n")
-    if out:
-        from cbir_tf import html
-
-        meta = {
-            "index": os.path.abspath(os.fspath(index_dir)),
-            "images indexed": len(retriever),
-            "k": k,
-            "rerank": rerank,
-        }
-        written = html.write_search_report(out, pairs, meta=meta, embed=embed)
-        main_page = written["index"] or written["pages"][0]
-        stream.write(f"results page: {main_page}\n")
-    return pairs

@@ -384,8 +384,8 @@ def rank_all(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Full rankings of the database for each query, best first (what evaluation needs).
 
-    Memory is `Q * N * 12` bytes (scores and ranks), fine for benchmark sizes; use `SearchIndex.search` when
-    only the top of the list matters.
+    Memory is `Q * N * 12` bytes (scores and ranks), fine for benchmark sizes; use
+    `SearchIndex.search` when only the top of the list matters.
 
     Args:
       queries: float `[Q, D]`.

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cbir_tf import store as st
+from cbir_tf import store_writer
 from cbir_tf.descriptors import build_extract_function, extract
 from cbir_tf.io import LockError, atomic_open
 from cbir_tf.store import (
@@ -291,7 +291,7 @@ def test_disk_full_is_a_clear_error_and_the_store_resumes(model, tmp_path, monke
                 raise OSError(errno.ENOSPC, "No space left on device")
             yield f
 
-    monkeypatch.setattr(st, "atomic_open", full_on_third_chunk)
+    monkeypatch.setattr(store_writer, "atomic_open", full_on_third_chunk)
     with pytest.raises(StoreWriteError, match="disk is full.*resume"):
         extract(model, images, store_dir=tmp_path / "s", flush_every=2, progress=False)
     assert "00002.npz" in calls

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from cbir_tf import evaluation, metrics
+from cbir_tf import benchmark, evaluation, metrics
 
 RERANK = {
     "qe": {"n": 2, "alpha": 3.0},
@@ -119,7 +119,7 @@ def test_offline_fallback_to_random_weights_is_named_in_the_title(monkeypatch):
 
     monkeypatch.setattr(backbones, "fetch_imagenet_weights", offline)
     cfg = _model_cfg()
-    reason = evaluation.use_fallback_weights(cfg)
+    reason = benchmark.use_fallback_weights(cfg)
     assert cfg.model.weights == "none" and "could not be downloaded" in reason
     meta = {"backbone": "mobilenet", "weights": "none", "pooling": "gem", "image_size": 224,
             "scales": [1.0], "whitening": None, "weights_fallback": reason,
@@ -131,7 +131,7 @@ def test_offline_fallback_to_random_weights_is_named_in_the_title(monkeypatch):
     # Without a fallback, or with weights given, nothing is tried: a failure stays an error.
     for cfg in (_model_cfg(fallback=""), _model_cfg(weights="none")):
         weights = cfg.model.weights
-        assert evaluation.use_fallback_weights(cfg) is None and cfg.model.weights == weights
+        assert benchmark.use_fallback_weights(cfg) is None and cfg.model.weights == weights
 
 
 def test_available_imagenet_weights_are_kept(monkeypatch):
@@ -140,7 +140,7 @@ def test_available_imagenet_weights_are_kept(monkeypatch):
     fetched = []
     monkeypatch.setattr(backbones, "fetch_imagenet_weights", lambda n, a: fetched.append((n, a)))
     cfg = _model_cfg()
-    assert evaluation.use_fallback_weights(cfg) is None
+    assert benchmark.use_fallback_weights(cfg) is None
     assert cfg.model.weights == "imagenet" and fetched == [("mobilenet", 0.25)]
 
 
@@ -166,7 +166,7 @@ def test_benchmark_queries_are_described_cropped_to_their_box(tmp_path):
             "extract": {"flush_every": 64},
         }
     )
-    _, queries = evaluation.benchmark_descriptors(cfg, ds, model, {"m": 1}, str(tmp_path / "s"),
+    _, queries = benchmark.benchmark_descriptors(cfg, ds, model, {"m": 1}, str(tmp_path / "s"),
                                                   progress=False)  # fmt: skip
     assert list(queries.ids) == list(ds.qimlist)
 

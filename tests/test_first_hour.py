@@ -36,12 +36,12 @@ def test_item13_outputs_follow_the_umask(tmp_path, umask, mask):
     expected = 0o666 & ~mask
     cio.atomic_write_text(tmp_path / "report.txt", "x")
     cio.atomic_write_json(tmp_path / "results.json", {"a": 1})
-    cio.atomic_save_npy(tmp_path / "a.npy", np.zeros(3))
+    cio.atomic_save_npz(tmp_path / "a.npz", a=np.zeros(3))
     with store.StoreWriter(store.DescriptorStore(tmp_path / "store"), ["a", "b"], {"x": 1}) as w:
         w.add("a", np.ones(4, np.float32) / 2)
         w.add("b", np.ones(4, np.float32) / 2)
         w.finalize()
-    written = [tmp_path / "report.txt", tmp_path / "results.json", tmp_path / "a.npy"]
+    written = [tmp_path / "report.txt", tmp_path / "results.json", tmp_path / "a.npz"]
     written += [p for p in (tmp_path / "store").iterdir() if p.is_file() and p.name != ".lock"]
     assert len(written) > 6
     for p in written:
@@ -107,7 +107,7 @@ def _run(args, cwd=ROOT, timeout=300):
 
 
 def test_item2_missing_or_empty_folder_is_refused_by_the_library(tiny_model, tmp_path):
-    from cbir_tf import retriever
+    from cbir_tf import runs
     from cbir_tf.retriever import Retriever
 
     r = Retriever(tiny_model, image_size=64, directory=tmp_path / "index")
@@ -126,7 +126,7 @@ def test_item2_missing_or_empty_folder_is_refused_by_the_library(tiny_model, tmp
         (empty, ValueError),
     ]:
         with pytest.raises(error, match=str(bad)):
-            retriever.build_index(cfg, str(bad), str(tmp_path / "out"), progress=False)
+            runs.build_index(cfg, str(bad), str(tmp_path / "out"), progress=False)
         assert not (tmp_path / "out").exists()
 
 
@@ -195,7 +195,7 @@ def test_item3_train_py_models_carry_their_training_size(tmp_path, tiny_model):
 
 
 def test_item3_from_model_and_benchmarks_use_the_trained_size(trained_at_48, caplog):
-    from cbir_tf import evaluation
+    from cbir_tf import benchmark
     from cbir_tf.retriever import Retriever
     from configs import default
 
@@ -205,21 +205,19 @@ def test_item3_from_model_and_benchmarks_use_the_trained_size(trained_at_48, cap
     assert "at 96 px as asked, not at the 48 px" in caplog.text
     cfg = default.get_config()
     assert cfg.data.image_size == 1024
-    assert evaluation.with_model_image_size(cfg, trained_at_48).data.image_size == 48
+    assert benchmark.with_model_image_size(cfg, trained_at_48).data.image_size == 48
     assert cfg.data.image_size == 1024  # the caller's config is left alone
-    assert evaluation.with_model_image_size(cfg, trained_at_48, explicit=True) is cfg
-    assert evaluation.with_model_image_size(cfg, None) is cfg
+    assert benchmark.with_model_image_size(cfg, trained_at_48, explicit=True) is cfg
+    assert benchmark.with_model_image_size(cfg, None) is cfg
 
 
 def test_item3_extract_uses_the_trained_size_unless_overridden(trained_at_48, photos, tmp_path):
     import json
 
-    from cbir_tf import retriever
+    from cbir_tf import runs
     from configs import default
 
-    r = retriever.build_index(
-        default.get_config(), photos, tmp_path / "a", model_path=trained_at_48
-    )
+    r = runs.build_index(default.get_config(), photos, tmp_path / "a", model_path=trained_at_48)
     assert r.image_size == 48
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["image_size"] == 48
     proc = _run(
@@ -276,13 +274,13 @@ def _move_and_search(index, moved, model_file, query):
 
 
 def test_item5_index_built_with_a_weights_file_survives_moving(weights_file, photos, tmp_path):
-    from cbir_tf import retriever
+    from cbir_tf import runs
 
     cfg = {
         "model": {"backbone": "mobilenet", "alpha": 0.25, "weights": weights_file},
         "data": {"image_size": 64},
     }
-    retriever.build_index(cfg, photos, str(tmp_path / "index"), progress=False)
+    runs.build_index(cfg, photos, str(tmp_path / "index"), progress=False)
     assert (tmp_path / "index" / "model.keras").is_file()
     query = os.path.join(photos, "img2.jpg")
     hits = _move_and_search(str(tmp_path / "index"), str(tmp_path / "moved"), weights_file, query)
@@ -290,11 +288,11 @@ def test_item5_index_built_with_a_weights_file_survives_moving(weights_file, pho
 
 
 def test_item5_index_built_with_a_keras_model_survives_moving(trained_at_48, photos, tmp_path):
-    from cbir_tf import retriever
+    from cbir_tf import runs
     from configs import default
 
     index = str(tmp_path / "index")
-    retriever.build_index(default.get_config(), photos, index, model_path=trained_at_48)
+    runs.build_index(default.get_config(), photos, index, model_path=trained_at_48)
     query = os.path.join(photos, "sub", "img0.jpg")
     hits = _move_and_search(index, str(tmp_path / "moved"), trained_at_48, query)
     assert hits[0].id == "sub/img0.jpg"
@@ -338,13 +336,13 @@ class _PhotoBenchmark:
 def test_item11_two_fine_tuned_models_never_share_a_cache(tiny_model, photos, tmp_path):
     import keras
 
-    from cbir_tf import evaluation, models
+    from cbir_tf import benchmark, models
     from configs import default
 
     cfg = default.get_config()
     cfg.workdir = str(tmp_path / "work")
     # Non-model keys are unchanged, so caches of earlier runs stay valid.
-    assert evaluation.model_key(cfg) == "efficientnetb1-imagenet-rmac-1024px-s1"
+    assert benchmark.model_key(cfg) == "efficientnetb1-imagenet-rmac-1024px-s1"
     paths = []
     for run in ("run1", "run2"):
         keras.utils.set_random_seed(len(paths))
@@ -354,15 +352,15 @@ def test_item11_two_fine_tuned_models_never_share_a_cache(tiny_model, photos, tm
     ds = _PhotoBenchmark(photos)
     stores = []
     for path in paths:
-        db, _, meta = evaluation.extract_benchmark(cfg, ds, model_path=path, progress=False)
-        assert meta["model_sha256"] == evaluation.model_sha256(path)
+        db, _, meta = benchmark.extract_benchmark(cfg, ds, model_path=path, progress=False)
+        assert meta["model_sha256"] == benchmark.model_sha256(path)
         stores.append(meta["store"])
         assert db.descriptors.shape == (3, 8)
     assert stores[0] != stores[1]
     assert os.path.basename(stores[0]).startswith("model-")
     assert "-48px-s1" in os.path.basename(stores[0])  # at the size the model was trained at
     # The same model again reuses its own cache.
-    _, _, meta = evaluation.extract_benchmark(cfg, ds, model_path=paths[0], progress=False)
+    _, _, meta = benchmark.extract_benchmark(cfg, ds, model_path=paths[0], progress=False)
     assert meta["store"] == stores[0]
 
 
@@ -450,18 +448,18 @@ def test_item14_report_embeds_its_images_and_says_no_whitening(photos, tmp_path)
 def test_item14_merge_of_shards_from_different_models_names_the_field(
     tiny_model, trained_at_48, photos, tmp_path
 ):
-    from cbir_tf import models, retriever
+    from cbir_tf import models, runs
     from configs import default
 
     other = models.save_descriptor_model(tiny_model, tmp_path / "other.keras", {"image_size": 48})
     shards = []
     for k, path in enumerate([trained_at_48, other]):
         shards.append(str(tmp_path / f"shard{k}"))
-        retriever.build_index(
+        runs.build_index(
             default.get_config(), photos, shards[-1], model_path=path, shard_index=k, num_shards=2
         )
     with pytest.raises(ValueError) as e:
-        retriever.merge_indexes(shards, tmp_path / "merged")
+        runs.merge_indexes(shards, tmp_path / "merged")
     assert f"model.path (first shard: {trained_at_48!r}, this shard: {other!r})" in str(e.value)
 
 

@@ -149,7 +149,7 @@ def test_retriever_search_is_the_papers_method(index, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_search_runner_is_the_papers_method(index, method):
-    from cbir_tf.retriever import run_search
+    from cbir_tf.runs import run_search
 
     r, queries, folder = index
     ids, _ = _expected(r, queries, method)

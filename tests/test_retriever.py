@@ -11,7 +11,7 @@ from conftest import shared_path
 from PIL import Image, ImageDraw, ImageEnhance
 
 from cbir_tf import retriever as retriever_lib
-from cbir_tf import store
+from cbir_tf import runs, store
 from cbir_tf.retriever import Retriever
 
 NUM_PHOTOS = 10
@@ -300,16 +300,16 @@ def test_interrupted_commit_is_completed_on_next_open(model, photos, tmp_path, m
     r = Retriever(model, image_size=96, directory=index_dir)
     r.index(root, progress=False)
     _photo(os.path.join(root, "extra.jpg"), 77)
-    real_finish = retriever_lib._finish_commit
+    real_finish = store.finish_commit
 
     def die(directory):
         raise OSError("power cut")
 
-    monkeypatch.setattr(retriever_lib, "_finish_commit", die)
+    monkeypatch.setattr(store, "finish_commit", die)
     with pytest.raises(OSError, match="power cut"):
         r.index(root, progress=False)
     assert os.path.isfile(index_dir / "COMMIT")
-    monkeypatch.setattr(retriever_lib, "_finish_commit", real_finish)
+    monkeypatch.setattr(store, "finish_commit", real_finish)
     reopened = Retriever.load(index_dir)
     assert "extra.jpg" in reopened.ids and len(reopened) == NUM_PHOTOS + 1
     assert not os.path.exists(index_dir / "COMMIT")
@@ -347,12 +347,12 @@ def test_build_index_shards_merge_to_the_full_index(model, photos, tmp_path):
     model_path = str(tmp_path / "model.keras")
     model.save(model_path)
     cfg = {"data": {"image_size": 96, "scales": (1.0,), "ms_power": 1.0}}
-    full = retriever_lib.build_index(cfg, photos, tmp_path / "full", model_path=model_path,
+    full = runs.build_index(cfg, photos, tmp_path / "full", model_path=model_path,
                                      progress=False)  # fmt: skip
     shards = [
         str(tmp_path / f"part{s}")
         for s in range(2)
-        if retriever_lib.build_index(
+        if runs.build_index(
             cfg,
             photos,
             tmp_path / f"part{s}",
@@ -362,7 +362,7 @@ def test_build_index_shards_merge_to_the_full_index(model, photos, tmp_path):
             progress=False,
         )  # fmt: skip
     ]
-    merged = Retriever.load(retriever_lib.merge_indexes(shards, tmp_path / "merged"))
+    merged = Retriever.load(runs.merge_indexes(shards, tmp_path / "merged"))
     assert merged.ids == full.ids
     np.testing.assert_allclose(merged.descriptors, full.descriptors, atol=1e-6)
     with open(tmp_path / "merged" / "manifest.json") as f:

@@ -602,7 +602,7 @@ def test_ground_truth_and_image_folder_mismatch_names_the_missing_files(tmp_path
 
 
 def test_whitening_learned_for_another_backbone_is_refused(demo_run):
-    from cbir_tf import evaluation, models, whitening
+    from cbir_tf import benchmark, models, whitening
     from configs import demo
 
     work, _ = demo_run
@@ -612,7 +612,7 @@ def test_whitening_learned_for_another_backbone_is_refused(demo_run):
     cfg.whitening.dataset = "demo"
     cfg.data.image_size = IMAGE_SIZE
     cfg.data.data_root = str(work / "data")
-    evaluation.learn_benchmark_whitening(cfg, "demo", workdir=str(work), progress=False)
+    benchmark.learn_benchmark_whitening(cfg, "demo", workdir=str(work), progress=False)
     files = sorted((work / "whitening").glob("*.npz"))
     assert len(files) == 1, files
     w = whitening.Whitening.load(files[0])  # learned as a run would: MobileNet 0.25, R-MAC

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from cbir_tf import retriever as retriever_lib
+from cbir_tf import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,7 +115,7 @@ def test_single_query_prints_table_and_writes_page_and_grid(index, tmp_path):
     query = os.path.join(index["queries"], "query_p2.jpg")
     out = tmp_path / "out"
     stream = io.StringIO()
-    pairs = retriever_lib.run_search(index["index"], query, k=3, out=out, stream=stream)
+    pairs = runs.run_search(index["index"], query, k=3, out=out, stream=stream)
     lines = stream.getvalue().splitlines()
     assert lines[0] == f"query: {query}"
     assert lines[1].split() == ["rank", "score", "image", "id"]

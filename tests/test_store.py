@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cbir_tf import store as st
+from cbir_tf import store_writer
 from cbir_tf.io import LockError, atomic_open
 from cbir_tf.store import (
     DescriptorStore,
@@ -283,13 +284,14 @@ def test_second_writer_is_refused_while_the_first_runs(tmp_path):
 
 
 class _FullDisk:
-    """Patches the store's atomic_open: files chosen by `fail_on` hit ENOSPC after a few bytes."""
+    """Patches the stores' atomic_open: files chosen by `fail_on` hit ENOSPC after a few bytes."""
 
     def __init__(self, monkeypatch, fail_on, after_bytes=100):
         self.calls = 0
         self.fail_on = fail_on
         self.after_bytes = after_bytes
-        monkeypatch.setattr(st, "atomic_open", self._open)
+        monkeypatch.setattr(st, "atomic_open", self._open)  # the finished files
+        monkeypatch.setattr(store_writer, "atomic_open", self._open)  # the chunks
 
     @contextlib.contextmanager
     def _open(self, path, mode="wb"):
@@ -484,3 +486,32 @@ def test_merge_shards_says_which_shard_is_missing_or_doubled(tmp_path):
     with pytest.raises(StoreMismatchError, match="different splits \\(num_shards .*: 2, .*: 3"):
         merge_shards([halves[0], thirds[1]], tmp_path / "m")
     assert not DescriptorStore(tmp_path / "m").is_complete
+
+
+def test_write_store_places_row_blocks_and_its_journal_survives_a_crash(tmp_path, monkeypatch):
+    vecs = _vectors(7)
+    ids = _ids(7)
+    # Blocks in any order land at their rows; (array, rows) sources take the chosen rows.
+    blocks = list(st.stacked_blocks([(vecs, np.array([0, 1, 2])), vecs[3:]], block_rows=2))
+    assert [row for row, _ in blocks] == [0, 2, 3, 5]
+    st.write_store(tmp_path / "s", ids, blocks[::-1], dim=8, skipped=[("x", "bad")], meta=META)
+    desc, out_ids, meta = load_store(tmp_path / "s")
+    np.testing.assert_array_equal(desc, vecs)
+    assert out_ids == ids and meta["num_skipped"] == 1 and meta["backbone"] == "mobilenet"
+    assert DescriptorStore(tmp_path / "s").skipped() == [("x", "bad")]
+
+    # A journalled rewrite killed before its renames keeps the old store until recovered.
+    def power_cut(directory):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(st, "finish_commit", power_cut)
+    new = [(0, vecs[:2])]
+    with pytest.raises(OSError, match="power cut"):
+        st.write_store(tmp_path / "s", ids[:2], new, dim=8, skipped=[], meta=META, journal=True)
+    assert load_store(tmp_path / "s")[1] == ids  # the old store, untouched
+    monkeypatch.undo()
+    assert st.recover(tmp_path / "s") is True
+    desc, out_ids, _ = load_store(tmp_path / "s")
+    assert out_ids == ids[:2] and not os.path.exists(tmp_path / "s" / st.COMMIT_FILE)
+    np.testing.assert_array_equal(desc, vecs[:2])
+    assert not [n for n in os.listdir(tmp_path / "s") if n.endswith(".new")]

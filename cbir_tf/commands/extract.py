@@ -44,13 +44,13 @@ def main(argv):
     # A saved model describes images at the size it was trained at unless this flag is given.
     size_given = "data.image_size" in config_flags.get_override_values(FLAGS["config"])
     cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
-    from cbir_tf import extraction
+    from cbir_tf import runs
 
     if FLAGS.merge:
-        cli.run_main(lambda: extraction.merge(FLAGS.merge, FLAGS.out))
+        cli.run_main(lambda: runs.merge(FLAGS.merge, FLAGS.out))
     elif FLAGS.images:
         cli.run_main(
-            lambda: extraction.extract_folder(
+            lambda: runs.extract_folder(
                 cfg,
                 FLAGS.images,
                 FLAGS.out,
@@ -61,7 +61,7 @@ def main(argv):
         )
     else:
         cli.run_main(
-            lambda: extraction.extract_dataset(
+            lambda: runs.extract_dataset(
                 cfg, model_path=FLAGS.model, download=FLAGS.download, image_size_explicit=size_given
             )
         )

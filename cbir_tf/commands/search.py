@@ -35,10 +35,10 @@ def main(argv):
     del argv
     cli.setup_logging(FLAGS.verbose)
     cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
-    from cbir_tf import retriever
+    from cbir_tf import runs
 
     cli.run_main(
-        lambda: retriever.run_search(
+        lambda: runs.run_search(
             FLAGS.index,
             FLAGS.query,
             k=FLAGS.k,
