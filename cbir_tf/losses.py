@@ -1,4 +1,5 @@
-"""The tuple losses moved to `cbir_tf.train.losses`; this alias keeps `from cbir_tf import losses`."""
+"""The tuple losses moved to `cbir_tf.train.losses`; this alias keeps `from cbir_tf import losses`
+working."""
 
 from cbir_tf.train.losses import (  # noqa: F401
     TupleLoss,

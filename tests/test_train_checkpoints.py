@@ -34,7 +34,9 @@ def _fit(model: keras.Model, steps: int = 3) -> None:
 
 
 def _same(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    if len(a) != len(b):
+        return False
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
 
 
 def test_save_restore_keeps_weights_optimizer_and_two_checkpoints(tmp_path):
@@ -92,7 +94,7 @@ def test_unknown_and_ill_typed_train_fields_are_one_clear_error():
         Settings.from_config(config)
     config = train_metric.get_config().to_dict()
     config["train"]["margin"] = "0.7"
-    with pytest.raises(TrainConfigError, match=r"train.margin must be a number like 0.7, got '0.7'"):
+    with pytest.raises(TrainConfigError, match=r"margin must be a number like 0.7, got '0.7'"):
         Settings.from_config(config)
     del config["train"]["margin"]
     with pytest.raises(TrainConfigError, match="config.train lacks margin"):
