@@ -20,7 +20,7 @@ import numpy as np
 
 from cbir_tf import backbones, io, models, whitening
 from cbir_tf.train.data import TrainingData
-from cbir_tf.train.network import TrainingModels, pooling_layer_name
+from cbir_tf.train.network import TrainingModels, descriptor_model, pooling_layer_name
 from cbir_tf.train.settings import Settings
 from cbir_tf.train.validation import describe, leave_one_out_map
 
@@ -148,15 +148,7 @@ def final_model(
     gem_p = trained_gem_p(networks) if settings.pooling == "gem" else None
     # Same `weights` argument as training: some constructors (EfficientNet) change their
     # layers with it; the values themselves are overwritten below.
-    final = models.build_descriptor_model(
-        backbone=settings.backbone,
-        weights=settings.weights,
-        alpha=settings.alpha,
-        pooling=settings.pooling,
-        gem_p=gem_p if gem_p is not None else settings.gem_p,
-        rmac_levels=settings.rmac_levels,
-        whitening=white,
-    )
+    final = descriptor_model(settings, gem_p=gem_p, whitening=white)
     _copy_weights(networks.backbone, final.get_layer(spec.name))
     name = pooling_layer_name(settings.pooling)
     _copy_weights(networks.pool_layer, final.get_layer(name))

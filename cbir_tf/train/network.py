@@ -154,6 +154,27 @@ def pooling_layer_name(pooling: str) -> str:
     return pooling  # build_descriptor_model names its pooling layer after the pooling
 
 
+def descriptor_model(
+    settings: Settings, gem_p: float | None = None, whitening: Any = None
+) -> keras.Model:
+    """The run's descriptor model: backbone ▸ pooling ▸ [whitening] ▸ L2.
+
+    Args:
+      settings: backbone, weights, alpha, pooling, GeM's p and R-MAC's levels.
+      gem_p: GeM's p when not `settings.gem_p` (the trained one, for the saved model).
+      whitening: a `cbir_tf.whitening.Whitening` to place after the pooling, or None.
+    """
+    return models.build_descriptor_model(
+        backbone=settings.backbone,
+        weights=settings.weights,
+        alpha=settings.alpha,
+        pooling=settings.pooling,
+        gem_p=settings.gem_p if gem_p is None else gem_p,
+        rmac_levels=settings.rmac_levels,
+        whitening=whitening,
+    )
+
+
 def build_training_models(settings: Settings, num_classes: int) -> TrainingModels:
     """Builds the descriptor model and the recipe's training model around it.
 
@@ -165,14 +186,7 @@ def build_training_models(settings: Settings, num_classes: int) -> TrainingModel
       TrainingModels, not compiled (see `prepare_stage`).
     """
     spec = backbones.get_backbone_spec(settings.backbone)
-    desc = models.build_descriptor_model(
-        backbone=settings.backbone,
-        weights=settings.weights,
-        alpha=settings.alpha,
-        pooling=settings.pooling,
-        gem_p=settings.gem_p,
-        rmac_levels=settings.rmac_levels,
-    )
+    desc = descriptor_model(settings)
     backbone = desc.get_layer(spec.name)
     pool_layer = desc.get_layer(pooling_layer_name(settings.pooling))
     if settings.recipe == "head":
