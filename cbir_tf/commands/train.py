@@ -58,7 +58,7 @@ def main(argv):
         raise app.UsageError("give the training images: --train_dir=FOLDER or --train_data=...")
     if FLAGS.train_data and FLAGS.train_dir and FLAGS.train_data != FLAGS.train_dir:
         raise app.UsageError("give either --train_dir or --train_data, not both")
-    tfds_dir = FLAGS.tfds_data_dir or cfg.train.get("tfds_data_dir", "") or None
+    tfds_dir = FLAGS.tfds_data_dir or cfg.train.tfds_data_dir or None
 
     cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
 
