@@ -50,6 +50,7 @@ _SUBMODULES = (
     "retriever",
     "search",
     "store",
+    "train",
     "whitening",
 )
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from cbir_tf import descriptors, finetune, losses, models
 from cbir_tf.data import folder, training
+from cbir_tf.train import loop, network
 from configs import default, train_head
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (210, 210, 40)]
@@ -340,20 +341,20 @@ def test_resume_after_interruption_matches_uninterrupted_run(
     weights, e2e_data, metric_run, tmp_path, capsys, monkeypatch
 ):
     full, _ = metric_run
-    real = finetune._epoch_dataset
+    real = loop.epoch_dataset
 
     def interrupted(s, m, data, epoch, say):
         if epoch == 1:
             raise KeyboardInterrupt
         return real(s, m, data, epoch, say)
 
-    monkeypatch.setattr(finetune, "_epoch_dataset", interrupted)
+    monkeypatch.setattr(loop, "epoch_dataset", interrupted)
     with pytest.raises(KeyboardInterrupt):
         finetune.train(metric_config(weights), e2e_data, str(tmp_path / "cut"), progress=False)
     state = json.load(open(tmp_path / "cut" / "checkpoints" / "state.json"))
     assert state["next_epoch"] == 1 and not state["finished"]
     assert not os.path.exists(tmp_path / "cut" / "model.keras")
-    monkeypatch.setattr(finetune, "_epoch_dataset", real)
+    monkeypatch.setattr(loop, "epoch_dataset", real)
 
     resumed = finetune.train(metric_config(weights), e2e_data, str(tmp_path / "cut"))
     assert "resumed from last-00001 (epoch 1, optimizer state restored)" in capsys.readouterr().out
@@ -438,7 +439,7 @@ def test_mirrored_strategy_and_mixed_precision_run(weights, data_dir, tmp_path):
     # What several GPUs switch on automatically, forced here on the CPU (one replica).
     config = tiny_config(weights, "metric", epochs=1, strategy="mirrored", mixed_precision="on")
     s = finetune.Settings.from_config(config)
-    with finetune._precision_and_strategy(s) as strategy:
+    with network.precision_and_strategy(s) as strategy:
         assert isinstance(strategy, tf.distribute.MirroredStrategy)
         with strategy.scope():
             m = finetune.build_training_models(s, 4)

@@ -176,12 +176,17 @@ def trained_at_48(tiny_model, tmp_path_factory):
 
 
 def test_item3_train_py_models_carry_their_training_size(tmp_path, tiny_model):
-    from cbir_tf import finetune, models
+    import dataclasses
 
-    s = finetune.Settings(backbone="efficientnetb1", image_size=160)
-    info = finetune._model_info(s, "pooled")
+    from cbir_tf import models
+    from cbir_tf.train import Settings, export
+    from configs import train_head
+
+    s = Settings.from_config(train_head.get_config())
+    s = dataclasses.replace(s, backbone="efficientnetb1", image_size=160)
+    info = export.model_info(s, "pooled")
     assert info["image_size"] == 160 and "alpha" not in info
-    path = finetune._save_model(tiny_model, str(tmp_path), info)
+    path = export.save_model(tiny_model, str(tmp_path), info)
     assert models.saved_model_info(path)["image_size"] == 160
     assert os.listdir(tmp_path) == ["model.keras"]  # no temporary file left
     # Models saved before the info moved into the file: the model.json beside them.
@@ -371,14 +376,12 @@ def _finished_workdir(workdir, settings):
     """A workdir as a finished train.py run leaves it (state, model.keras, model.json)."""
     import json
 
-    from cbir_tf import finetune
-
     os.makedirs(os.path.join(workdir, "checkpoints"))
     state = {"version": 1, "identity": settings.identity(), "finished": True, "class_names": []}
     with open(os.path.join(workdir, "checkpoints", "state.json"), "w") as f:
         json.dump(state, f)
     open(os.path.join(workdir, "model.keras"), "wb").close()
-    info = {"model": "model.keras", "history": [], "settings": finetune._settings_dict(settings)}
+    info = {"model": "model.keras", "history": [], "settings": settings.as_dict()}
     with open(os.path.join(workdir, "model.json"), "w") as f:
         json.dump(cio.json_safe(info), f)
 

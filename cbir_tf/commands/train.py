@@ -58,16 +58,17 @@ def main(argv):
         raise app.UsageError("give the training images: --train_dir=FOLDER or --train_data=...")
     if FLAGS.train_data and FLAGS.train_dir and FLAGS.train_data != FLAGS.train_dir:
         raise app.UsageError("give either --train_dir or --train_data, not both")
-    tfds_dir = FLAGS.tfds_data_dir or cfg.train.get("tfds_data_dir", "") or None
+    tfds_dir = FLAGS.tfds_data_dir or cfg.train.tfds_data_dir or None
 
     cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
 
-    from cbir_tf import finetune, io
+    from cbir_tf import io
+    from cbir_tf import train as fine_tuning
 
     def train_and_report():
         os.makedirs(cfg.workdir, exist_ok=True)
         io.atomic_write_text(os.path.join(cfg.workdir, "config.json"), cfg.to_json_best_effort())
-        result = finetune.train(
+        result = fine_tuning.train(
             cfg,
             train_data,
             cfg.workdir,
