@@ -320,7 +320,7 @@ def extract(
     Raises:
       NonFiniteDescriptorError: a descriptor holds NaN or Inf (the message names the image);
         images finished before it are saved.
-      cbir_tf.io.LockError: another process writes `store_dir`.
+      cbir_tf.fileio.LockError: another process writes `store_dir`.
       cbir_tf.store.StoreMismatchError: `store_dir` holds work of other settings or images.
       cbir_tf.store.StoreWriteError: the disk filled up (the store stays resumable).
     """

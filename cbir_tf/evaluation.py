@@ -473,7 +473,8 @@ def _visual_report(
     Grids need the images; with precomputed descriptors and no images on disk only the plots
     and the table go into the report.
     """
-    from cbir_tf import html, visualize
+    from cbir_tf import pages as html_pages
+    from cbir_tf import visualize
 
     query_paths = ds.query_paths()
     have_images = bool(query_paths) and all(os.path.exists(p) for p in query_paths[:1])
@@ -491,7 +492,7 @@ def _visual_report(
     )
     described = report_meta(meta, ds)
     # The report is one file: the plots and grids are embedded, not linked beside it.
-    page = html.evaluation_report(
+    page = html_pages.evaluation_report(
         out_dir,
         results,
         kappas=tuple(int(k) for k in cfg.eval.kappas),

@@ -240,7 +240,7 @@ def export_saved_model(source: ExportSource, out: str | os.PathLike) -> str:
       FileExistsError: `out` exists already.
     """
 
-    from cbir_tf.io import atomic_write_json, json_safe
+    from cbir_tf.fileio import atomic_write_json, json_safe
 
     out = check_target(out)
     endpoints = serving_endpoints(source)
@@ -309,7 +309,7 @@ def export_tflite(
     Returns:
       The absolute path of the `.tflite` file.
     """
-    from cbir_tf.io import atomic_write_bytes, atomic_write_json, json_safe
+    from cbir_tf.fileio import atomic_write_bytes, atomic_write_json, json_safe
 
     out = check_target(out)
     if tuple(source.scales) != (1.0,):

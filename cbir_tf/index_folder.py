@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cbir_tf import store as store_lib
-from cbir_tf.io import atomic_write_json
+from cbir_tf.fileio import atomic_write_json
 
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.keras"

@@ -331,7 +331,7 @@ def save_descriptor_model(
     import json
     import zipfile
 
-    from cbir_tf.io import json_safe
+    from cbir_tf.fileio import json_safe
 
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf.io import atomic_write_json, atomic_write_text
+from cbir_tf.fileio import atomic_write_json, atomic_write_text
 
 PROTOCOLS = ("easy", "medium", "hard")
 _SHORT = {"easy": "E", "medium": "M", "hard": "H"}

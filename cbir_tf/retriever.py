@@ -33,7 +33,7 @@ import numpy as np
 from cbir_tf import index_folder
 from cbir_tf import store as store_lib
 from cbir_tf.collection import Collection
-from cbir_tf.io import folder_lock
+from cbir_tf.fileio import folder_lock
 from cbir_tf.rerank import pipeline
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Any
 from cbir_tf import index_folder
 from cbir_tf import shards as shards_lib
 from cbir_tf.collection import no_images_message
-from cbir_tf.io import atomic_write_json
+from cbir_tf.fileio import atomic_write_json
 from cbir_tf.retriever import (
     Retriever,
     SearchResult,
@@ -323,7 +323,7 @@ def run_search(
     for q, results in pairs:
         stream.write(format_results(results, title=f"query: {q}") + "\n")
     if out:
-        from cbir_tf import html
+        from cbir_tf import pages as html_pages
 
         meta = {
             "index": os.path.abspath(os.fspath(index_dir)),
@@ -331,7 +331,7 @@ def run_search(
             "k": k,
             "rerank": rerank,
         }
-        written = html.write_search_report(out, pairs, meta=meta, embed=embed)
+        written = html_pages.write_search_report(out, pairs, meta=meta, embed=embed)
         main_page = written["index"] or written["pages"][0]
         stream.write(f"results page: {main_page}\n")
     return pairs

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from cbir_tf.io import folder_lock
+from cbir_tf.fileio import folder_lock
 from cbir_tf.store import (
     _VOLATILE_FIELDS,
     SHARD_FIELDS,

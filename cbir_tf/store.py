@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf.io import (
+from cbir_tf.fileio import (
     atomic_open,
     atomic_write_json,
     atomic_write_text,

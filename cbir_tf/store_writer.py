@@ -9,7 +9,7 @@ power loss, a full disk) loses at most the images after the last chunk; running 
 extraction again reads the chunks, skips what is done, and finishes. ``finalize`` hands the rows
 to `cbir_tf.store.write_store` (the one writer of finished stores), then removes ``parts/``.
 
-A folder lock (``cbir_tf.io.folder_lock``) refuses a second process writing the same store.
+A folder lock (``cbir_tf.fileio.folder_lock``) refuses a second process writing the same store.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf.io import atomic_open, atomic_write_json, folder_lock, load_npz
+from cbir_tf.fileio import atomic_open, atomic_write_json, folder_lock, load_npz
 from cbir_tf.store import (
     _CHUNK_RE,
     _VOLATILE_FIELDS,

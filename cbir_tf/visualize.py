@@ -156,7 +156,7 @@ def result_grid(
         fig.add_subplot(grid[r, 0]).axis("off")
 
     out_path = os.fspath(out_path)
-    from cbir_tf.io import atomic_open
+    from cbir_tf.fileio import atomic_open
 
     with atomic_open(out_path, "wb") as f:
         fig.savefig(f, format="png", bbox_inches="tight", facecolor="white")
@@ -325,7 +325,7 @@ def pr_curve_plot(
         fig.suptitle(title)
     fig.tight_layout()
     out_path = os.fspath(out_path)
-    from cbir_tf.io import atomic_open
+    from cbir_tf.fileio import atomic_open
 
     with atomic_open(out_path, "wb") as f:
         fig.savefig(f, format="png", facecolor="white")
@@ -367,7 +367,7 @@ def evaluation_figures(
 ) -> dict[str, Any]:
     """Writes the PR-curve plots and the per-query result grids of one benchmark run.
 
-    The output plugs into `cbir_tf.html.evaluation_report(out_dir, results, pr_plots=...,
+    The output plugs into `cbir_tf.pages.evaluation_report(out_dir, results, pr_plots=...,
     grids=...)`.
 
     Args:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf.io import atomic_save_npz, json_safe
+from cbir_tf.fileio import atomic_save_npz, json_safe
 
 _EPS = 1e-6  # added to norms, as the reference's l2n
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from cbir_tf import store_writer
 from cbir_tf.descriptors import build_extract_function, extract
-from cbir_tf.io import LockError, atomic_open
+from cbir_tf.fileio import LockError, atomic_open
 from cbir_tf.store import (
     DescriptorStore,
     NonFiniteDescriptorError,

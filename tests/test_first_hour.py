@@ -9,7 +9,7 @@ import stat
 import numpy as np
 import pytest
 
-from cbir_tf import io as cio
+from cbir_tf import fileio as cio
 from cbir_tf import store
 
 

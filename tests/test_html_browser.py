@@ -1,4 +1,4 @@
-"""HTML pages (cbir_tf.html): self-contained, escaped, and rendered by a real headless browser.
+"""HTML pages (cbir_tf.pages): self-contained, escaped, and rendered by a real headless browser.
 
 The browser test starts Debian's chromium itself (`/usr/bin/chromium`, installed by `.ci/run`)
 and skips, saying why, where it is absent.
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir_tf import html as cbir_html
+from cbir_tf import pages as html_pages
 from cbir_tf import visualize
 
 CHROMIUM_FLAGS = (
@@ -109,7 +109,7 @@ def test_search_page_escapes_text_and_references_existing_thumbnails(tmp_path):
         for i in range(3)
     ]  # fmt: skip
     results.append({"rank": 4, "id": "gone.jpg", "score": 0.1, "path": str(photos / "gone.jpg")})
-    page = cbir_html.search_page(
+    page = html_pages.search_page(
         tmp_path / "out" / "page.html", q, results, meta={"index": "a & b"},
         labels=["positive", "negative", "ignored", None],
     )  # fmt: skip
@@ -127,7 +127,7 @@ def test_embedded_pages_need_no_other_file(tmp_path):
     q = _photo(tmp_path / "q.png", (10, 200, 10))
     r = _photo(tmp_path / "r.png", (10, 10, 200))
     out = tmp_path / "out"
-    page = cbir_html.search_page(
+    page = html_pages.search_page(
         out / "p.html", q, [{"rank": 1, "id": "r", "score": 1.0, "path": r}], embed=True
     )
     parsed, _ = _parse(page)
@@ -149,7 +149,7 @@ def test_write_search_report_pages_grids_and_index(tmp_path):
         _photo(photos / "index.png", (0, 0, 200)),
     ]
     res = [{"rank": i + 1, "id": f"db{i}", "score": 1 - i / 10, "path": db[i]} for i in range(3)]
-    written = cbir_html.write_search_report(tmp_path / "out", [(q, res) for q in queries])
+    written = html_pages.write_search_report(tmp_path / "out", [(q, res) for q in queries])
     names = sorted(os.path.basename(p) for p in written["pages"])
     assert names == ["index_.html", "x.html", "x_1.html"]
     assert len(written["grids"]) == 3 and all(os.path.isfile(g) for g in written["grids"])
@@ -160,7 +160,7 @@ def test_write_search_report_pages_grids_and_index(tmp_path):
         parsed, _ = _parse(page)
         _assert_local_refs_exist(page, parsed.srcs + parsed.hrefs)
         assert any(s.endswith(".png") for s in parsed.srcs)  # the grid is on the page
-    single = cbir_html.write_search_report(tmp_path / "one", [(queries[0], res)])
+    single = html_pages.write_search_report(tmp_path / "one", [(queries[0], res)])
     assert single["index"] is None and len(single["pages"]) == 1
 
 
@@ -179,7 +179,7 @@ def _report(tmp_path, embed=False):
     results_json = out / "results.json"
     out.mkdir()
     results_json.write_text("{}")
-    page = cbir_html.evaluation_report(
+    page = html_pages.evaluation_report(
         out,
         _fake_results(),
         kappas=(1, 5, 10),

@@ -267,11 +267,11 @@ def test_prepare_demo_generates_once(tmp_path):
 
 
 def test_prepare_is_locked_against_a_concurrent_writer(tmp_path):
-    from cbir_tf import io as cio
+    from cbir_tf import fileio as cio
 
     folder = tmp_path / "datasets" / "demo"
     code = (
-        "import sys, time; from cbir_tf import io as cio\n"
+        "import sys, time; from cbir_tf import fileio as cio\n"
         f"with cio.folder_lock({str(folder)!r}):\n"
         "    print('locked', flush=True); time.sleep(30)\n"
     )

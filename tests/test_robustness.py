@@ -302,7 +302,7 @@ def test_sigkilled_extract_command_resumes_to_the_uninterrupted_index(
     corpus, clean_index, model_file, tmp_path
 ):
     from cbir_tf import store
-    from cbir_tf.io import folder_lock
+    from cbir_tf.fileio import folder_lock
 
     out = tmp_path / "index"
     args = _extract_args(corpus, out, model_file)
@@ -452,7 +452,7 @@ def test_tampered_demo_benchmark_is_regenerated_never_trusted(demo_run, tmp_path
 
 
 def test_object_arrays_in_npy_and_npz_files_are_refused(tmp_path):
-    from cbir_tf import io as cio
+    from cbir_tf import fileio as cio
     from cbir_tf import store, whitening
 
     marker = tmp_path / "pwned"

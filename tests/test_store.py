@@ -14,7 +14,7 @@ import pytest
 
 from cbir_tf import store as st
 from cbir_tf import store_writer
-from cbir_tf.io import LockError, atomic_open
+from cbir_tf.fileio import LockError, atomic_open
 from cbir_tf.store import (
     DescriptorStore,
     NonFiniteDescriptorError,

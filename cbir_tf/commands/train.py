@@ -62,12 +62,14 @@ def main(argv):
 
     cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
 
-    from cbir_tf import io
+    from cbir_tf import fileio
     from cbir_tf import train as fine_tuning
 
     def train_and_report():
         os.makedirs(cfg.workdir, exist_ok=True)
-        io.atomic_write_text(os.path.join(cfg.workdir, "config.json"), cfg.to_json_best_effort())
+        fileio.atomic_write_text(
+            os.path.join(cfg.workdir, "config.json"), cfg.to_json_best_effort()
+        )
         result = fine_tuning.train(
             cfg,
             train_data,

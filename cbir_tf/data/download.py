@@ -6,7 +6,7 @@ Range request, checks a sha256 when one is known, and renames the result into pl
 it is whole. A `COMPLETE` marker, written last and atomically, tells a finished dataset folder
 from one left behind by an interrupted run. Archives are unpacked by `cbir_tf.data.archive`.
 
-No TensorFlow: standard library, tqdm for the progress bar, `cbir_tf.io` for atomic writes.
+No TensorFlow: standard library, tqdm for the progress bar, `cbir_tf.fileio` for atomic writes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from cbir_tf import io as cio
+from cbir_tf import fileio as cio
 
 COMPLETE_MARKER = "COMPLETE"
 """Name of the marker file that a finished dataset folder holds."""

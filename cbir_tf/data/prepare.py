@@ -28,7 +28,7 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-from cbir_tf import io as cio
+from cbir_tf import fileio as cio
 from cbir_tf.data.archive import ArchiveError, safe_extract
 from cbir_tf.data.download import (
     ChecksumError,

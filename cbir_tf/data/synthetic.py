@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
-from cbir_tf import io as cio
+from cbir_tf import fileio as cio
 from cbir_tf.data.download import file_sha256, remove_complete_marker, write_complete_marker
 from cbir_tf.data.revisited import dataset_dir
 

@@ -24,7 +24,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from cbir_tf import io
+from cbir_tf import fileio
 from cbir_tf.train.settings import Settings
 
 STATE_VERSION = 2
@@ -78,7 +78,7 @@ class Checkpoints:
 
     def write_state(self, state: dict[str, Any]) -> None:
         """Replaces state.json atomically (without the `_path` a loaded state carries)."""
-        io.atomic_write_json(self.state_path, {k: v for k, v in state.items() if k != "_path"})
+        fileio.atomic_write_json(self.state_path, {k: v for k, v in state.items() if k != "_path"})
 
     def save(self, state: dict[str, Any], model: keras.Model, *, best: bool) -> dict[str, Any]:
         """Writes this epoch's weights (and the best ones when `best`), then the state.
@@ -201,7 +201,7 @@ def finished_run_differences(workdir: str, settings: Settings) -> list[str]:
     with open(path, encoding="utf-8") as f:
         saved = json.load(f).get("settings") or {}
     # Through JSON, as model.json holds them (tuples become lists).
-    now = json.loads(json.dumps(io.json_safe(settings.as_dict())))
+    now = json.loads(json.dumps(fileio.json_safe(settings.as_dict())))
     return [
         f"{k} (finished run: {saved.get(k)!r}, now: {now.get(k)!r})"
         for k in sorted((set(saved) | set(now)) - _EXECUTION_SETTINGS)

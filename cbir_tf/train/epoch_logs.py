@@ -7,7 +7,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from cbir_tf import io
+from cbir_tf import fileio
 
 
 class EpochLogs:
@@ -51,4 +51,4 @@ class EpochLogs:
         lines += [
             ",".join("" if row.get(k) is None else f"{row[k]}" for k in keys) for row in history
         ]
-        io.atomic_write_text(self.csv_path, "\n".join(lines) + "\n")
+        fileio.atomic_write_text(self.csv_path, "\n".join(lines) + "\n")

@@ -18,7 +18,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from cbir_tf import backbones, io, models, whitening
+from cbir_tf import backbones, fileio, models, whitening
 from cbir_tf.train.data import TrainingData
 from cbir_tf.train.network import TrainingModels, descriptor_model, pooling_layer_name
 from cbir_tf.train.settings import Settings
@@ -214,7 +214,7 @@ def write_model_json(
         "history": result.history,
         "settings": settings.as_dict(),
     }
-    io.atomic_write_json(os.path.join(workdir, "model.json"), info)
+    fileio.atomic_write_json(os.path.join(workdir, "model.json"), info)
 
 
 def result_from_json(workdir: str) -> TrainResult:

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cbir_tf import backbones, io
+from cbir_tf import backbones, fileio
 from cbir_tf.data import training, tuples
 from cbir_tf.train import checkpoints as checkpoints_lib
 from cbir_tf.train import export
@@ -73,12 +73,12 @@ def train(
       folder.CollectionError: unusable training data (see `load_training_data`).
       CheckpointMismatchError: `workdir` holds a checkpoint of another backbone/recipe/pooling,
         or a finished run of other settings (named in the message).
-      cbir_tf.io.LockError: another training writes to `workdir`.
+      cbir_tf.fileio.LockError: another training writes to `workdir`.
     """
     settings = Settings.from_config(config)
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    with io.folder_lock(workdir, "this training run"):
+    with fileio.folder_lock(workdir, "this training run"):
         return run_in_workdir(settings, train_data, val_data, workdir, tfds_data_dir, progress)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import html as _html
+import html
 import io
 import os
 import re
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cbir_tf.io import atomic_write_text
+from cbir_tf.fileio import atomic_write_text
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px;
@@ -51,7 +51,7 @@ _ASSET_NAME = re.compile(r"^\d{4,}_[A-Za-z0-9_-]*\.(jpg|jpeg|png|svg)$")
 
 def esc(text: Any) -> str:
     """HTML-escapes `str(text)`, quotes included."""
-    return _html.escape(str(text), quote=True)
+    return html.escape(str(text), quote=True)
 
 
 def _page(title: str, body: str) -> str:
