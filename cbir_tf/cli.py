@@ -95,6 +95,17 @@ def define_benchmark_flags() -> None:
     flags.DEFINE_bool("verbose", False, "Debug logging.")
 
 
+def define_index_flags() -> None:
+    """Defines the flags of the commands that open an index folder (search.py, serve.py)."""
+    from absl import flags
+
+    flags.DEFINE_string("index", None, "Index folder (from extract.py --images or Retriever.save).")
+    flags.DEFINE_string("model", None, "A .keras model replacing the one the index names.")
+    flags.DEFINE_string("root", None, "Collection root, when the images moved since indexing.")
+    flags.DEFINE_bool("verbose", False, "Debug logging.")
+    flags.mark_flag_as_required("index")
+
+
 def benchmark_overrides(values: Any) -> dict[str, Any]:
     """Config fields set by the flags of `define_benchmark_flags` (for `apply_overrides`)."""
     return {

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from cbir_tf import config as config_lib
 from cbir_tf import index_folder
 from cbir_tf import store as store_lib
 from cbir_tf.collection import Collection
@@ -173,7 +174,7 @@ class Retriever:
         """
         from cbir_tf import models
 
-        cfg = _to_dict(config)
+        cfg = config_lib.as_dict(config)
         model_cfg = dict(cfg["model"])
         weights = str(model_cfg.get("weights", ""))
         weights_file = weights.lower() not in ("imagenet", "none", "")
@@ -779,14 +780,6 @@ def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
         raise ValueError(f"k (results per query) must be a whole number >= 1, got {k!r}")
     return int(k)
-
-
-def _to_dict(config: Any) -> dict[str, Any]:
-    if config is None:
-        return {}
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    return {k: _to_dict(v) if isinstance(v, Mapping) else v for k, v in dict(config).items()}
 
 
 def _whitening_meta(whitening: Any) -> Any:

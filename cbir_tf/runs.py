@@ -19,6 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from cbir_tf import config as config_lib
 from cbir_tf import index_folder
 from cbir_tf import shards as shards_lib
 from cbir_tf.collection import no_images_message
@@ -26,7 +27,6 @@ from cbir_tf.fileio import atomic_write_json
 from cbir_tf.retriever import (
     Retriever,
     SearchResult,
-    _to_dict,
     check_k,
     format_results,
 )
@@ -174,7 +174,7 @@ def build_index(
     """
     from cbir_tf.data.folder import list_images
 
-    cfg = _to_dict(config)
+    cfg = config_lib.as_dict(config)
     images = os.path.abspath(os.path.expanduser(os.fspath(images)))
     # Checked before a model is built or `out` created: a wrong folder fails at once.
     rel = list_images(images, recursive=True)  # FileNotFoundError / NotADirectoryError

@@ -17,17 +17,14 @@ from absl import flags
 from cbir_tf import cli
 from cbir_tf.rerank import pipeline
 
-flags.DEFINE_string("index", None, "Index folder (from extract.py --images or Retriever.save).")
 flags.DEFINE_string("query", None, "Query image, or a folder of query images.")
 flags.DEFINE_integer("k", 10, "Results per query.")
 flags.DEFINE_enum("rerank", pipeline.NONE, list(pipeline.METHODS), "Re-ranking (aqe, dba, ...).")
 flags.DEFINE_string("out", None, "Folder for the HTML pages and PNG grids (none: table only).")
-flags.DEFINE_string("model", None, "A .keras model replacing the one the index names.")
-flags.DEFINE_string("root", None, "Collection root, when the images moved since indexing.")
 flags.DEFINE_bool("recursive", True, "Search sub-folders of a --query folder for images.")
 flags.DEFINE_bool("embed", False, "Embed images in the pages (one self-contained file each).")
-flags.DEFINE_bool("verbose", False, "Debug logging.")
-flags.mark_flags_as_required(["index", "query"])
+flags.mark_flags_as_required(["query"])
+cli.define_index_flags()
 FLAGS = flags.FLAGS
 
 

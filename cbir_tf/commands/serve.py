@@ -15,15 +15,11 @@ from absl import flags
 
 from cbir_tf import cli
 
-flags.DEFINE_string("index", None, "Index folder (from extract.py --images or Retriever.save).")
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (wider than loopback is logged).")
 flags.DEFINE_integer("port", 8080, "Port to listen on.")
 flags.DEFINE_float("max_upload_mb", 20.0, "Largest accepted upload, MiB (refused while streaming).")
 flags.DEFINE_integer("threads", None, "Worker threads for decoding and search (default: cores).")
-flags.DEFINE_string("model", None, "A .keras model replacing the one the index names.")
-flags.DEFINE_string("root", None, "Collection root, when the images moved since indexing.")
-flags.DEFINE_bool("verbose", False, "Debug logging.")
-flags.mark_flags_as_required(["index"])
+cli.define_index_flags()
 FLAGS = flags.FLAGS
 
 

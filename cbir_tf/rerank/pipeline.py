@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf import search
+from cbir_tf import config, search
 from cbir_tf.rerank import diffusion, query_expansion
 from cbir_tf.rerank.cg import CGInfo
 from cbir_tf.rerank.graph import knn_affinity
@@ -102,7 +102,7 @@ class RerankSettings:
         """
         if isinstance(block, RerankSettings):
             return block
-        given = _to_dict(block)
+        given = config.as_dict(block)
         values = {name: dict(fields) for name, fields in _defaults().items()}
         for name, fields in given.items():
             if name == "methods":
@@ -137,21 +137,10 @@ class RerankSettings:
 
 @functools.cache
 def _defaults() -> dict[str, dict[str, Any]]:
-    """The `rerank` block of configs/default.py, the one source of default values (read once;
-    callers copy it)."""
-    from cbir_tf.configs import default
-
-    values = default.get_config().rerank.to_dict()
+    """The `rerank` block of configs/default.py without `methods` (read once; callers copy)."""
+    values = config.defaults("rerank")
     del values["methods"]
     return values
-
-
-def _to_dict(block: Any) -> dict[str, Any]:
-    if block is None:
-        return {}
-    if hasattr(block, "to_dict"):
-        block = block.to_dict()
-    return {k: _to_dict(v) if isinstance(v, Mapping) else v for k, v in dict(block).items()}
 
 
 # -- the database side -----------------------------------------------------------------------
