@@ -571,6 +571,9 @@ def test_iter_images_bounds_the_images_decoded_ahead(corpus, monkeypatch):
     monkeypatch.setattr(
         pipeline, "load_resized", lambda *a, **k: (decoded.append(1), real(*a, **k))[1]
     )
+    # A patient consumer: on a busy machine it would otherwise decode starved items again itself
+    # (by design), and those second decodes are not what this test bounds.
+    monkeypatch.setattr(pipeline._DecodeAhead, "_patience", lambda self: 30.0)
     consumed = 0
     for _ in pipeline.iter_images([corpus["png"]] * 30, 16, num_threads=3, prefetch=4):
         time.sleep(0.01)  # a slow consumer: the threads must wait for it
