@@ -8,32 +8,14 @@ import shutil
 import numpy as np
 import pytest
 from conftest import shared_path
-from PIL import Image, ImageDraw, ImageEnhance
+from photos import synthetic_photo
+from PIL import Image, ImageEnhance
 
 from cbir_tf import retriever as retriever_lib
 from cbir_tf import runs, store
 from cbir_tf.retriever import Retriever
 
 NUM_PHOTOS = 10
-
-
-def _photo(path, seed, size=(96, 72)):
-    """A synthetic 'photo': coloured shapes on a coloured background, distinct per seed."""
-    r = np.random.default_rng(seed)
-
-    def colour():
-        return tuple(int(v) for v in r.integers(0, 256, 3))
-
-    img = Image.new("RGB", size, colour())
-    d = ImageDraw.Draw(img)
-    for _ in range(6):
-        x, y = (int(v) for v in r.integers(0, size[0] - 16, 2))
-        w, h = (int(v) for v in r.integers(8, 40, 2))
-        d.ellipse([x, y % size[1], x + w, y % size[1] + h], fill=colour())
-        d.rectangle([y, x // 2, y + h // 2, x // 2 + w // 3], fill=colour())
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    img.save(path, quality=95)
-    return str(path)
 
 
 def _near_duplicate(path, out):
@@ -47,7 +29,7 @@ def _near_duplicate(path, out):
 def photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("photos")
     for i in range(NUM_PHOTOS):
-        _photo(root / ("sub" if i % 3 == 0 else "") / f"img{i}.jpg", i)
+        synthetic_photo(root / ("sub" if i % 3 == 0 else "") / f"img{i}.jpg", i)
     (root / "notes.txt").write_text("not an image")
     return str(root)
 
@@ -216,9 +198,9 @@ def test_incremental_add_update_remove_on_disk(model, photos, tmp_path):
     assert again["unchanged"] == NUM_PHOTOS and again["added"] == again["updated"] == 0
 
     # Two new photos, one photo replaced by another picture.
-    _photo(os.path.join(root, "new", "a.jpg"), 100)
-    _photo(os.path.join(root, "b.jpg"), 101)
-    _photo(os.path.join(root, "img2.jpg"), 102)
+    synthetic_photo(os.path.join(root, "new", "a.jpg"), 100)
+    synthetic_photo(os.path.join(root, "b.jpg"), 101)
+    synthetic_photo(os.path.join(root, "img2.jpg"), 102)
     old_row = np.array(r.descriptors[r.ids.index("img2.jpg")])
     counts = r.index(root, progress=False)
     assert counts["added"] == 2 and counts["updated"] == 1
@@ -259,7 +241,7 @@ def test_unreadable_files_are_recorded_and_retried_when_changed(model, photos, t
     assert "broken.jpg" in r.failed and "broken.jpg" not in r.ids
     assert store.DescriptorStore(tmp_path / "index").skipped()[0][0] == "broken.jpg"
     assert r.index(root, progress=False)["unchanged"] == NUM_PHOTOS + 1  # not retried
-    _photo(broken, 55)  # fixed
+    synthetic_photo(broken, 55)  # fixed
     counts = r.index(root, progress=False)
     assert counts["added"] == 1 and "broken.jpg" in r.ids and not r.failed
 
@@ -299,7 +281,7 @@ def test_interrupted_commit_is_completed_on_next_open(model, photos, tmp_path, m
     index_dir = tmp_path / "index"
     r = Retriever(model, image_size=96, directory=index_dir)
     r.index(root, progress=False)
-    _photo(os.path.join(root, "extra.jpg"), 77)
+    synthetic_photo(os.path.join(root, "extra.jpg"), 77)
     real_finish = store.finish_commit
 
     def die(directory):

@@ -20,7 +20,8 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from photos import synthetic_photo
+from PIL import Image
 
 from cbir_tf.serve import client
 
@@ -30,24 +31,6 @@ pytest.importorskip("uvicorn")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PHOTOS = 8
 MAX_UPLOAD_MB = 1.0
-
-
-def _photo(path, seed, size=(96, 72)):
-    r = np.random.default_rng(seed)
-
-    def colour():
-        return tuple(int(v) for v in r.integers(0, 256, 3))
-
-    img = Image.new("RGB", size, colour())
-    d = ImageDraw.Draw(img)
-    for _ in range(6):
-        x, y = (int(v) for v in r.integers(0, 70, 2))
-        w, h = (int(v) for v in r.integers(8, 40, 2))
-        d.ellipse([x, y % 60, x + w, y % 60 + h], fill=colour())
-        d.rectangle([y, x // 2, y + h // 2, x // 2 + w // 3], fill=colour())
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    img.save(path, quality=95)
-    return str(path)
 
 
 def _start(app):
@@ -78,7 +61,7 @@ def served(tmp_path_factory):
     base = tmp_path_factory.mktemp("serve")
     photos = base / "photos"
     for i in range(NUM_PHOTOS):
-        _photo(photos / ("sub" if i % 3 == 0 else "") / f"p{i}.jpg", i)
+        synthetic_photo(photos / ("sub" if i % 3 == 0 else "") / f"p{i}.jpg", i)
     # A small random conv net (as test_retriever's): distinct descriptors, fast on 2 cores.
     keras.utils.set_random_seed(0)
     inp = keras.Input((None, None, 3))
