@@ -1,6 +1,19 @@
-"""Synthetic descriptors shared by the benchmarks."""
+"""Data shared by the benchmarks: synthetic descriptors; where the real photos and weights are."""
+
+import os
 
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Inside ../shared (or $CBIR_SHARED): the official MobileNet (alpha 0.25) ImageNet weights and the
+# real clothing photos.
+WEIGHTS_FILE = "weights/mobilenet_2_5_224_tf_no_top.h5"
+DATA = "data/clothing-small"
+
+
+def shared_dir() -> str:
+    """The workspace's read-only shared folder: $CBIR_SHARED, else ../shared."""
+    return os.environ.get("CBIR_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 
 
 def random_unit(n: int, d: int, seed: int, out: np.ndarray | None = None, chunk: int = 65536):

@@ -36,13 +36,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
-
-WEIGHTS_FILE = "weights/mobilenet_2_5_224_tf_no_top.h5"
-DATA = "data/clothing-small"
-
-
-def shared_dir() -> str:
-    return os.environ.get("CBIR_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+from _data import DATA, WEIGHTS_FILE, shared_dir  # noqa: E402
 
 
 def timed(fn, items, rounds: int = 3) -> tuple[np.ndarray, float]:
