@@ -95,6 +95,14 @@ def define_benchmark_flags() -> None:
     flags.DEFINE_bool("verbose", False, "Debug logging.")
 
 
+def image_size_given(values: Any) -> bool:
+    """Whether `--config.data.image_size` was set on the command line (flag values of a command
+    with a `--config` flag): a saved model then describes images at that size, not its own."""
+    from ml_collections import config_flags
+
+    return "data.image_size" in config_flags.get_override_values(values["config"])
+
+
 def define_index_flags() -> None:
     """Defines the flags of the commands that open an index folder (search.py, serve.py)."""
     from absl import flags

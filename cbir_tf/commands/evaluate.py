@@ -32,8 +32,7 @@ def main(argv):
     cli.setup_logging(FLAGS.verbose)
     cfg = FLAGS.config
     cli.apply_overrides(cfg, cli.benchmark_overrides(FLAGS))
-    # A saved model describes images at the size it was trained at unless this flag is given.
-    size_given = "data.image_size" in config_flags.get_override_values(FLAGS["config"])
+    size_given = cli.image_size_given(FLAGS)
     cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
     from cbir_tf import evaluation
 

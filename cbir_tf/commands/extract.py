@@ -41,8 +41,7 @@ def main(argv):
             "extract.num_shards": FLAGS.num_shards,
         },
     )
-    # A saved model describes images at the size it was trained at unless this flag is given.
-    size_given = "data.image_size" in config_flags.get_override_values(FLAGS["config"])
+    size_given = cli.image_size_given(FLAGS)
     cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
     from cbir_tf import runs
 
