@@ -8,12 +8,8 @@
 
 An index folder is a descriptor store plus a manifest (`cbir_tf.index_folder`); `extract.py
 --images=DIR --out=DIR` (`cbir_tf.runs.build_index`) and this API build the same folders.
-
-Indexing streams: new images are extracted into `<index>/pending/` (a store written chunk by
-chunk by `cbir_tf.descriptors.extract`, resumable after a kill), then joined with the existing
-rows into the new descriptors.npy block by block, so memory never holds more than the descriptor
-matrix (memory-mapped) and one block; `cbir_tf.store.write_store` commits the store and the
-manifest together through its journal.
+Adding, replacing, removing and saving images (streamed, resumable, journalled) are in
+`cbir_tf.indexing`, which `Retriever` inherits; this module builds retrievers and searches.
 
 Image ids are paths relative to the collection root ('/' separators, '../' for images outside
 it). The root is the first folder indexed (or the common folder of the first image files);
@@ -25,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,14 +30,14 @@ from cbir_tf import config as config_lib
 from cbir_tf import index_folder
 from cbir_tf import store as store_lib
 from cbir_tf.collection import Collection
-from cbir_tf.fileio import folder_lock
+from cbir_tf.indexing import IndexUpdates
 from cbir_tf.rerank import pipeline
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGE_SIZE = 1024  # configs/default.py's data.image_size
+DEFAULT_IMAGE_SIZE = config_lib.defaults("data")["image_size"]
 
-_BLOCK_ROWS = 65536
+_BLOCK_ROWS = config_lib.defaults("search")["block_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +66,7 @@ def format_results(results: Sequence[SearchResult], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-class Retriever:
+class Retriever(IndexUpdates):
     """An image index and the model that describes its images.
 
     Build one with `from_config`, `from_model` or `load`. With a `directory`, the index lives in
@@ -106,7 +102,7 @@ class Retriever:
         model: Any,
         *,
         model_ref: Mapping[str, Any] | None = None,
-        image_size: int = 1024,
+        image_size: int = DEFAULT_IMAGE_SIZE,
         scales: Sequence[float] = (1.0,),
         ms_power: float = 1.0,
         directory: str | os.PathLike | None = None,
@@ -114,7 +110,7 @@ class Retriever:
         rerank: Mapping[str, Any] | None = None,
         backend: str = "exact",
         block_size: int = _BLOCK_ROWS,
-        flush_every: int = 64,
+        flush_every: int = config_lib.defaults("extract")["flush_every"],
         descriptor_meta: Mapping[str, Any] | None = None,
         prefer_saved_model: bool = False,
     ):
@@ -181,7 +177,7 @@ class Retriever:
         if weights_file and os.path.exists(weights):
             model_cfg["weights"] = weights = os.path.abspath(weights)
         model = models.model_from_config(model_cfg, whitening=whitening)
-        data = cfg.get("data", {})
+        data = config_lib.block(cfg, "data")
         # Random weights or a learned whitening cannot be rebuilt from the config alone, and a
         # weights file may move or be missing where the index is copied to: all three are saved
         # as the index's model.keras, so that the folder alone describes new queries.
@@ -195,19 +191,19 @@ class Retriever:
                 "whitening": _whitening_meta(whitening),
             }
         )
-        search_cfg = cfg.get("search", {})
+        search_cfg = config_lib.block(cfg, "search")
         return cls(
             model,
             model_ref=ref,
-            image_size=int(data.get("image_size", 1024)),
-            scales=tuple(data.get("scales", (1.0,))),
-            ms_power=float(data.get("ms_power", 1.0)),
+            image_size=int(data["image_size"]),
+            scales=tuple(data["scales"]),
+            ms_power=float(data["ms_power"]),
             directory=directory,
             root=root,
             rerank=cfg.get("rerank"),
-            backend=str(search_cfg.get("backend", "exact")),
-            block_size=int(search_cfg.get("block_size", _BLOCK_ROWS)),
-            flush_every=int(cfg.get("extract", {}).get("flush_every", 64)),
+            backend=str(search_cfg["backend"]),
+            block_size=int(search_cfg["block_size"]),
+            flush_every=int(config_lib.block(cfg, "extract")["flush_every"]),
             descriptor_meta=meta,
             prefer_saved_model=not reproducible,
         )
@@ -341,267 +337,11 @@ class Retriever:
         """The id an image file gets (or has) in this index (see `cbir_tf.collection`)."""
         return self.collection.id_of(path, self._row)
 
-    def _store_meta(self) -> dict[str, Any]:
-        meta = dict(self.descriptor_meta)
-        meta.update(
-            {"image_size": self.image_size, "scales": list(self.scales), "ms_power": self.ms_power}
-        )
-        return meta
-
-    def index(
-        self,
-        paths_or_folder: str | os.PathLike | Iterable[str | os.PathLike],
-        *,
-        ids: Sequence[str] | None = None,
-        recursive: bool = True,
-        prune: bool = False,
-        progress: bool = True,
-    ) -> dict[str, int]:
-        """Adds images to the index; files already indexed and unchanged are skipped.
-
-        A changed file (other size or modification time) is described again and its row
-        replaced. Unreadable images are recorded in `failed` and retried once they change.
-
-        Args:
-          paths_or_folder: a folder (scanned with `cbir_tf.data.folder.list_images`; the first
-            folder indexed becomes the collection root when none is set) or image paths.
-          ids: explicit ids for a list of paths (default: derived from the paths).
-          recursive: scan sub-folders of a folder.
-          prune: for a folder, also drop indexed images under it whose file no longer exists.
-          progress: show a progress bar while extracting.
-
-        Returns:
-          Counts {'added', 'updated', 'unchanged', 'failed', 'removed', 'total'}.
-
-        Raises:
-          FileNotFoundError: a single path that does not exist.
-          ValueError: a folder holding no image file (unless `prune`).
-        """
-        if self.directory:
-            with folder_lock(self.directory, what="this index"):
-                self._refresh()
-                self._resume_pending(progress)
-                return self._index(paths_or_folder, ids, recursive, prune, progress)
-        return self._index(paths_or_folder, ids, recursive, prune, progress)
-
-    def _refresh(self) -> None:
-        """Re-reads the folder (under its lock): another process may have updated it."""
-        index_folder.recover(self.directory)
-        if index_folder.is_index(self.directory):
-            self._open(self.directory)
-
-    def _index(self, paths_or_folder, ids, recursive, prune, progress) -> dict[str, int]:
-        files, file_ids, folder = self.collection.resolve(
-            paths_or_folder, ids, recursive, prune, self._row
-        )
-        todo_ids, new_paths, stats, seen = self.collection.changes(files, file_ids, self._row)
-        remove = set()
-        if prune and folder is not None:
-            remove = self.collection.vanished(folder, file_ids, self._ids)
-        before = set(self._row)
-        if todo_ids or remove:
-            self._extract_and_commit(todo_ids, new_paths, stats, remove, progress)
-        counts = {"added": 0, "updated": 0, **seen, "removed": len(remove)}
-        for i in todo_ids:
-            if i in self._row:
-                counts["updated" if i in before else "added"] += 1
-            else:
-                counts["failed"] += 1
-        counts["total"] = len(self._ids)
-        log.info(
-            "index%s: %d added, %d updated, %d unchanged, %d unreadable, %d removed; %d images",
-            f" {self.directory}" if self.directory else "", counts["added"], counts["updated"],
-            counts["unchanged"], counts["failed"], counts["removed"], counts["total"],
-        )  # fmt: skip
-        return counts
-
-    def remove(self, ids_or_paths: Iterable[str | os.PathLike]) -> list[str]:
-        """Drops images from the index (by id, or by file path).
-
-        Args:
-          ids_or_paths: ids or paths of indexed images.
-
-        Returns:
-          The ids removed.
-
-        Raises:
-          KeyError: naming the entries that are not in the index (nothing is removed then).
-        """
-        wanted, unknown = [], []
-        for x in ids_or_paths:
-            x = os.fspath(x)
-            if x in self._row or x in self.collection.failed:
-                wanted.append(x)
-            elif self.id_of(x) in self._row or self.id_of(x) in self.collection.failed:
-                wanted.append(self.id_of(x))
-            else:
-                unknown.append(x)
-        if unknown:
-            raise KeyError(f"not in the index: {', '.join(map(repr, unknown[:5]))}")
-        if not wanted:
-            return []
-        if self.directory:
-            with folder_lock(self.directory, what="this index"):
-                self._refresh()
-                self._extract_and_commit([], {}, {}, set(wanted), progress=False)
-        else:
-            self._extract_and_commit([], {}, {}, set(wanted), progress=False)
-        return sorted(set(wanted))
-
-    # -- extraction and commit ---------------------------------------------------------------
-
-    def _extract_and_commit(self, new_ids, new_paths, stats, remove, progress) -> int:
-        """Describes `new_ids`, drops `remove`, and commits (to disk when attached).
-
-        Returns:
-          The number of new images that could not be read.
-        """
-        if not self.directory:
-            result = self._extract(new_ids, [new_paths[i] for i in new_ids], None, progress)
-            return self._apply(result, new_paths, stats, remove)
-        # A model no reference can rebuild is saved before any descriptor it makes, so that a
-        # resumed run continues with the same model.
-        self._model_ref_for(self.directory)
-        pending = {
-            "ids": list(new_ids),
-            "paths": [new_paths[i] for i in new_ids],
-            "stats": [stats[i] for i in new_ids],
-            "remove": sorted(remove),
-        }
-        index_folder.save_pending(self.directory, pending)
-        return self._run_pending(pending, progress)
-
-    def _resume_pending(self, progress: bool) -> None:
-        pending = index_folder.read_pending(self.directory)
-        if pending is None:
-            return
-        log.info("resuming the interrupted indexing of %d images", len(pending["ids"]))
-        self._run_pending(pending, progress)
-
-    def _run_pending(self, pending: Mapping[str, Any], progress: bool) -> int:
-        new_ids = list(pending["ids"])
-        new_paths = dict(zip(new_ids, pending["paths"], strict=True))
-        stats = dict(zip(new_ids, pending["stats"], strict=True))
-        staging = os.path.join(self.directory, index_folder.PENDING_DIR)
-        result = None
-        if new_ids:
-            result = self._extract(new_ids, pending["paths"], staging, progress)
-        failed = self._apply(result, new_paths, stats, set(pending["remove"]))
-        index_folder.clear_pending(self.directory)
-        return failed
-
-    def _extract(self, ids, paths, store_dir, progress):
-        """(descriptors float32 [n, D], ids, skipped [(id, reason)]) of new images."""
-        from cbir_tf import descriptors
-
-        if not ids:
-            return None
-        res = descriptors.extract(
-            self.model,
-            list(paths),
-            ids=list(ids),
-            image_size=self.image_size,
-            scales=self.scales,
-            ms_power=self.ms_power,
-            store_dir=store_dir,
-            meta=self._store_meta(),
-            flush_every=self.flush_every,
-            progress=progress,
-        )
-        return res.descriptors, list(res.ids), list(res.skipped)
-
-    def _apply(self, result, new_paths, stats, remove) -> int:
-        """Merges extracted rows into the index: in memory, or on disk when attached.
-
-        Returns:
-          The number of new images that could not be read.
-        """
-        new_desc, got_ids, skipped = result if result is not None else (None, [], [])
-        # Rows of re-described files (changed, or now unreadable) and removed ones are dropped.
-        drop = set(remove) | (set(new_paths) & set(self._row))
-        keep_rows = np.asarray(
-            [r for r, i in enumerate(self._ids) if i not in drop], dtype=np.int64
-        )
-        ids = [self._ids[r] for r in keep_rows] + list(got_ids)
-        self.collection.record(got_ids, skipped, new_paths, stats, drop, remove)
-        dim = self._dim(new_desc)
-        if self.directory:
-            self._write_index(self.directory, self._descriptors, keep_rows, new_desc, ids, dim)
-            self._descriptors, stored_ids, _ = store_lib.load_store(self.directory, mmap=True)
-            self._set_ids(stored_ids)
-        else:
-            parts = []
-            if len(keep_rows):
-                parts.append(np.asarray(self._descriptors[keep_rows], dtype=np.float32))
-            if new_desc is not None and len(got_ids):
-                parts.append(np.asarray(new_desc, dtype=np.float32))
-            self._descriptors = (
-                np.concatenate(parts, axis=0) if parts else np.zeros((0, dim), np.float32)
-            )
-            self._set_ids(ids)
-        return len(skipped)
-
-    def _dim(self, new_desc) -> int:
-        if new_desc is not None and np.ndim(new_desc) == 2 and np.shape(new_desc)[0]:
-            d = int(np.shape(new_desc)[1])
-            if self._descriptors.shape[0] and self._descriptors.shape[1] != d:
-                raise ValueError(
-                    f"new descriptors have {d} dimensions, the index {self._descriptors.shape[1]}"
-                )
-            return d
-        return int(self._descriptors.shape[1]) if self._descriptors.ndim == 2 else 0
-
     def _set_ids(self, ids: list[str]) -> None:
         self._ids = list(ids)
         self._row = {i: r for r, i in enumerate(self._ids)}
         # Rows changed: search structures built on the old matrix are stale.
         self._database = None
-
-    def _manifest(self, ids: Sequence[str], model_ref: Mapping[str, Any]) -> dict[str, Any]:
-        return {
-            "format": index_folder.FORMAT,
-            "version": index_folder.FORMAT_VERSION,
-            "root": self.root,
-            "model": dict(model_ref),
-            "image_size": self.image_size,
-            "scales": list(self.scales),
-            "ms_power": self.ms_power,
-            "descriptor_meta": self.descriptor_meta,
-            "rerank": self.rerank_settings,
-            **self.collection.manifest_entries(ids),
-        }
-
-    def _write_index(self, directory, old, keep_rows, new_desc, ids, dim) -> None:
-        """Writes rows `old[keep_rows]` then `new_desc` as the index in `directory` (journalled).
-
-        Memory holds one block of rows; a crash leaves the old index or the new one
-        (`cbir_tf.store.write_store` with its journal).
-        """
-        sources = [(old, keep_rows)] + ([new_desc] if new_desc is not None else [])
-        store_lib.write_store(
-            directory,
-            ids,
-            store_lib.stacked_blocks(sources, self.block_size),
-            dim=dim,
-            skipped=list(self.failed.items()),
-            meta=self._store_meta(),
-            files={index_folder.MANIFEST_FILE: self._manifest(ids, self._model_ref_for(directory))},
-            journal=True,
-        )
-
-    def _model_ref_for(self, directory: str) -> dict[str, Any]:
-        """The manifest's model entry; saves model.keras when no reference can rebuild it."""
-        ref = dict(self.model_ref)
-        ref.pop("file", None)
-        if ref.get("reproducible") and ref.get("kind") != "inline":
-            return ref
-        path = os.path.join(directory, index_folder.MODEL_FILE)
-        if not (self.directory == directory and os.path.isfile(path)):
-            from cbir_tf import models
-
-            models.save_descriptor_model(self.model, path, {"image_size": self.image_size})
-        ref["file"] = index_folder.MODEL_FILE
-        return ref
 
     def _open(self, directory: str) -> None:
         index_folder.recover(directory)
@@ -614,30 +354,6 @@ class Retriever:
         self._descriptors = desc
         self._set_ids(ids)
         self.collection = Collection(self.root or manifest.get("root"), manifest)
-
-    def save(self, directory: str | os.PathLike) -> str:
-        """Writes the index to a folder (a descriptor store plus manifest.json).
-
-        The retriever stays where it was (in memory, or attached to its own folder).
-
-        Args:
-          directory: the folder; an index already there is replaced.
-
-        Returns:
-          The folder's absolute path.
-        """
-        directory = os.path.abspath(os.fspath(directory))
-        if self.directory == directory:
-            return directory
-        index_folder.refuse_plain_store(directory)
-        dim = int(self._descriptors.shape[1]) if self._descriptors.ndim == 2 else 0
-        os.makedirs(directory, exist_ok=True)
-        with folder_lock(directory, what="this index"):
-            index_folder.recover(directory)
-            index_folder.clear_pending(directory)
-            rows = np.arange(len(self._ids), dtype=np.int64)
-            self._write_index(directory, self._descriptors, rows, None, self._ids, dim)
-        return directory
 
     # -- search ------------------------------------------------------------------------------
 
