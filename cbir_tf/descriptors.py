@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from cbir_tf import config as config_lib
 from cbir_tf.shards import shard_meta
 from cbir_tf.store import (
     DescriptorStore,
@@ -275,7 +276,7 @@ def extract(
     paths: Sequence[Any],
     *,
     ids: Sequence[str] | None = None,
-    image_size: int | None = 1024,
+    image_size: int | None = config_lib.defaults("data")["image_size"],
     scales: Sequence[float] = (1.0,),
     ms_power: float = 1.0,
     bboxes: Sequence[Any] | None = None,

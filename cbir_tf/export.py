@@ -35,6 +35,8 @@ import shutil
 import tempfile
 from typing import Any
 
+from cbir_tf import config as config_lib
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -73,7 +75,7 @@ class ExportSource:
     """
 
     model: Any
-    image_size: int = 1024
+    image_size: int = config_lib.defaults("data")["image_size"]
     scales: tuple[float, ...] = (1.0,)
     ms_power: float = 1.0
     description: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -11,6 +11,10 @@ import dataclasses
 
 import tensorflow as tf
 
+from cbir_tf import config as config_lib
+
+_TRAIN = config_lib.defaults("train")  # the defaults below are configs/default.py's
+
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
@@ -24,10 +28,10 @@ class Augment:
         x[1 - 0.4 s, 1 + 0.4 s], hue +-0.1 s (0 disables).
     """
 
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    flip: bool = True
-    color_jitter: float = 0.2
+    crop_scale: tuple[float, float] = tuple(_TRAIN["crop_scale"])
+    crop_ratio: tuple[float, float] = tuple(_TRAIN["crop_ratio"])
+    flip: bool = _TRAIN["flip"]
+    color_jitter: float = _TRAIN["color_jitter"]
 
     def __post_init__(self):
         lo, hi = self.crop_scale
