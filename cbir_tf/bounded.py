@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -77,7 +78,7 @@ class Rows:
             for part, off in zip(self.parts, self.offsets[:-1], strict=True):
                 lo, hi = max(start - off, 0), min(stop - off, len(part))
                 if lo < hi:
-                    pieces.append(np.asarray(part[lo:hi], np.float32))
+                    pieces.append(_read_rows(part, lo, hi))
             if len(pieces) == 1:
                 return pieces[0]
             return np.concatenate(pieces) if pieces else np.empty((0, self.shape[1]), np.float32)
@@ -89,6 +90,28 @@ class Rows:
             if inside.any():
                 out[inside] = part[flat[inside] - off]
         return out.reshape(*idx.shape, self.shape[1])
+
+
+def _read_rows(part: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Rows lo..hi-1 as float32. A memory-mapped store is read with plain file reads: pages
+    touched through the map would stay in the process (its RSS would grow to the whole file),
+    while a read leaves them in the page cache only."""
+    if (
+        isinstance(part, np.memmap)
+        and isinstance(part.base, mmap.mmap)
+        and part.filename
+        and part.flags.c_contiguous
+    ):
+        row_bytes = part.shape[1] * part.itemsize
+        with open(part.filename, "rb") as f:
+            out = np.fromfile(
+                f,
+                dtype=part.dtype,
+                count=(hi - lo) * part.shape[1],
+                offset=part.offset + lo * row_bytes,
+            )
+        return out.reshape(hi - lo, part.shape[1]).astype(np.float32, copy=False)
+    return np.asarray(part[lo:hi], np.float32)
 
 
 @dataclasses.dataclass

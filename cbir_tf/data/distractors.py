@@ -53,7 +53,6 @@ class DistractorSpec:
     image_list: RemoteFile
     archives: tuple[RemoteFile, ...]
     num_images: int | None = None
-    size_gb: float | None = None
 
 
 R1M = DistractorSpec(
@@ -65,7 +64,6 @@ R1M = DistractorSpec(
         for i in range(1, 101)
     ),
     num_images=1_001_001,
-    size_gb=370.0,
 )
 SPECS = {"r1m": R1M, "revisitop1m": R1M}
 
@@ -188,8 +186,9 @@ def prepare_distractors(
         problems: list[str] = []
         if not os.path.isfile(list_path):
             _fetch_or_note(fetch, spec.image_list, list_path, download, problems)
-        # Images unpacked by hand (no progress records) need no archive.
-        if problems or _listed_missing(jpg_dir, _read_list(list_path)):
+        # Without the list the archives would fail the same way (offline): stop at once. Images
+        # unpacked by hand (no progress records) need no archive.
+        if not problems and _listed_missing(jpg_dir, _read_list(list_path)):
             _fetch_archives(spec, folder, download, fetch, progress, problems)
         if problems:
             raise DatasetUnavailableError(_place_by_hand(spec, folder, problems))
@@ -261,7 +260,7 @@ def _place_by_hand(spec: DistractorSpec, folder: str, problems: list[str]) -> st
     for a in spec.archives:
         if not os.path.isfile(os.path.join(downloads, a.filename + ".extracted")):
             lines.append(f"  {os.path.join(downloads, a.filename)}\n      from {a.url}")
-    size = f" (about {spec.size_gb:g} GB in all)" if spec.size_gb else ""
+    size = f" ({spec.num_images:,} images in all)" if spec.num_images else ""
     return (
         f"the {spec.title} could not be obtained: {problems[0]}\n"
         f"Place these files by hand{size}, then run the same command again (files in place are "
