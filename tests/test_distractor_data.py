@@ -120,6 +120,24 @@ def test_r1m_offline_stops_at_once_listing_the_files_to_place(r1m, tmp_path):
     assert "/r/jpg/revisitop1m.3.tar.gz" in msg  # where to get it
 
 
+def test_evaluate_offline_names_the_dataset_and_distractor_files_before_any_work(r1m, tmp_path):
+    """`evaluate.py --dataset=paris6k --distractors=r1m` without network: one error listing
+    every file to place, for the benchmark and the distractors, before a model is built."""
+    from cbir_tf import evaluation
+    from cbir_tf.configs import default
+
+    cfg = default.get_config()
+    cfg.data.dataset, cfg.data.distractors = "paris6k", "r1m"
+    cfg.data.data_root = str(tmp_path)
+    with pytest.raises(DatasetUnavailableError) as exc:
+        evaluation.run_benchmark(cfg, download=False, progress=False)
+    msg = str(exc.value)
+    assert str(tmp_path / "datasets" / "rparis6k" / "gnd_rparis6k.pkl") in msg
+    assert str(tmp_path / "datasets" / "revisitop1m" / "revisitop1m.txt") in msg
+    assert str(tmp_path / "datasets" / "revisitop1m" / "downloads" / "revisitop1m.3.tar.gz") in msg
+    assert not (tmp_path / "runs").exists() and r1m[0].requests == []
+
+
 def test_distractor_folder_and_unknown_names(tmp_path):
     (tmp_path / "d" / "sub").mkdir(parents=True)
     for n in ("a.jpg", "sub/b.png", "notes.txt"):

@@ -28,6 +28,9 @@ def _benchmark(seed=0, groups=5, n_per=8, dim=16, distractors=300):
         centres[rng.integers(0, groups, distractors)] + 0.8 * rng.normal(size=(distractors, dim))
     )
     d[7] = d[3]  # exact ties: ordered by id in both paths
+    x[5] = x[1]  # a positive tied with a lower-id positive
+    if distractors > 491:
+        d[491] = d[60]  # ids 531 and 100: a tie across blocks of 64 rows
     labels = np.repeat(np.arange(groups), n_per)
     gnd = []
     for g in range(groups):
@@ -118,12 +121,16 @@ def test_bounded_scan_over_many_blocks_equals_the_full_ranking():
         np.testing.assert_array_equal(part.top, full[:, :20])
 
 
-def test_rows_read_slices_and_gathers_across_parts():
+def test_rows_read_slices_and_gathers_across_parts(tmp_path):
     a, b = np.arange(12, dtype=np.float32).reshape(4, 3), -np.ones((2, 3), np.float32)
-    rows = bounded.Rows(a, b)
-    assert rows.shape == (6, 3)
-    np.testing.assert_array_equal(rows[3:5], np.concatenate([a, b])[3:5])
-    np.testing.assert_array_equal(rows[np.array([5, 0, 4])], np.concatenate([a, b])[[5, 0, 4]])
+    c = np.arange(30, dtype=np.float32).reshape(10, 3) / 7
+    np.save(tmp_path / "c.npy", c)
+    rows = bounded.Rows(a, b, np.load(tmp_path / "c.npy", mmap_mode="r"))  # read, not mapped
+    both = np.concatenate([a, b, c])
+    assert rows.shape == (16, 3)
+    for lo, hi in ((3, 5), (5, 9), (0, 16), (7, 16), (12, 13)):
+        np.testing.assert_array_equal(rows[lo:hi], both[lo:hi])
+    np.testing.assert_array_equal(rows[np.array([5, 0, 4, 15])], both[[5, 0, 4, 15]])
 
 
 def test_methods_that_need_the_whole_graph_are_refused_with_distractors():
