@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import mmap
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -88,20 +89,39 @@ class Rows:
         for part, off in zip(self.parts, self.offsets[:-1], strict=True):
             inside = (flat >= off) & (flat < off + len(part))
             if inside.any():
-                out[inside] = part[flat[inside] - off]
+                out[inside] = _gather_rows(part, flat[inside] - off)
         return out.reshape(*idx.shape, self.shape[1])
+
+
+def _is_mapped_file(part: np.ndarray) -> bool:
+    return (
+        isinstance(part, np.memmap)
+        and isinstance(part.base, mmap.mmap)
+        and bool(part.filename)
+        and part.flags.c_contiguous
+    )
+
+
+def _gather_rows(part: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """float32 rows of `part` by index (read from the file for a memory-mapped store)."""
+    if not _is_mapped_file(part):
+        return np.asarray(part[rows], np.float32)
+    row_bytes = part.shape[1] * part.itemsize
+    out = np.empty((len(rows), part.shape[1]), part.dtype)
+    fd = os.open(part.filename, os.O_RDONLY)
+    try:
+        for i, r in enumerate(rows.tolist()):
+            out[i] = np.frombuffer(os.pread(fd, row_bytes, part.offset + r * row_bytes), part.dtype)
+    finally:
+        os.close(fd)
+    return out.astype(np.float32, copy=False)
 
 
 def _read_rows(part: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Rows lo..hi-1 as float32. A memory-mapped store is read with plain file reads: pages
     touched through the map would stay in the process (its RSS would grow to the whole file),
     while a read leaves them in the page cache only."""
-    if (
-        isinstance(part, np.memmap)
-        and isinstance(part.base, mmap.mmap)
-        and part.filename
-        and part.flags.c_contiguous
-    ):
+    if _is_mapped_file(part):
         row_bytes = part.shape[1] * part.itemsize
         with open(part.filename, "rb") as f:
             out = np.fromfile(
