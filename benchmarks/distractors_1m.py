@@ -11,7 +11,7 @@ a fresh process so that its peak RSS is its own; then all four methods in one pr
     python benchmarks/distractors_1m.py --dir /tmp/r1m_bench          # 8 GB on disk
     python benchmarks/distractors_1m.py --n 100000 --dir /tmp/small   # a quick run
 
-Prints, per method: seconds, peak RSS (ru_maxrss), mAP M; writes
+Prints, per method: seconds, peak RSS (VmHWM), mAP M; writes
 benchmarks/results/distractors_1m_<cores>cores.{md,json} with the machine's load.
 """
 
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import pathlib
-import resource
 import shutil
 import subprocess
 import sys
@@ -69,6 +68,16 @@ def benchmark_part(n_db: int, n_q: int, dim: int):
     return x, np.asarray(queries, np.float32), gnd
 
 
+def _status_mib(field: str) -> float:
+    """VmHWM (peak) or VmRSS (now) of this process, MiB. Unlike ru_maxrss, VmHWM starts afresh
+    at exec, so a child's figure is its own and not its parent's."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
 def run_methods(methods: list[str], store_dir: str, n_db: int, n_q: int, truncate: int) -> dict:
     """One process: evaluate `methods` with the store as distractors; time and peak RSS."""
     from cbir_tf import evaluation, store
@@ -76,7 +85,7 @@ def run_methods(methods: list[str], store_dir: str, n_db: int, n_q: int, truncat
 
     d, _, meta = store.load_store(store_dir)  # memory-mapped
     x, q, gnd = benchmark_part(n_db, n_q, d.shape[1])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _status_mib("VmRSS")
     t0 = time.perf_counter()
     results, _ = evaluation.evaluate_methods(
         q, x, gnd, methods=tuple(methods), rerank_cfg=default.get_config().rerank.to_dict(),
@@ -87,7 +96,7 @@ def run_methods(methods: list[str], store_dir: str, n_db: int, n_q: int, truncat
         "methods": methods,
         "seconds": round(seconds, 1),
         "method_seconds": {m: results[m]["info"]["seconds"] for m in methods},
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mib": round(_status_mib("VmHWM")),
         "rss_before_mib": round(base),
         "map_medium": {
             m: round(100 * results[m]["revisited"]["medium"]["map"], 2) for m in methods

@@ -75,14 +75,13 @@ class Rows:
             start, stop, step = key.indices(self.shape[0])
             if step != 1:
                 raise IndexError("Rows supports contiguous slices only")
-            pieces = []
+            # One output array filled part by part: no second copy of a block spanning parts.
+            out = np.empty((max(stop - start, 0), self.shape[1]), np.float32)
             for part, off in zip(self.parts, self.offsets[:-1], strict=True):
                 lo, hi = max(start - off, 0), min(stop - off, len(part))
                 if lo < hi:
-                    pieces.append(_read_rows(part, lo, hi))
-            if len(pieces) == 1:
-                return pieces[0]
-            return np.concatenate(pieces) if pieces else np.empty((0, self.shape[1]), np.float32)
+                    _read_rows(part, lo, hi, out[off + lo - start : off + hi - start])
+            return out
         idx = np.asarray(key, dtype=np.int64)
         flat = idx.reshape(-1)
         out = np.empty((flat.size, self.shape[1]), np.float32)
@@ -117,21 +116,23 @@ def _gather_rows(part: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
-def _read_rows(part: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """Rows lo..hi-1 as float32. A memory-mapped store is read with plain file reads: pages
-    touched through the map would stay in the process (its RSS would grow to the whole file),
-    while a read leaves them in the page cache only."""
-    if _is_mapped_file(part):
+def _read_rows(part: np.ndarray, lo: int, hi: int, out: np.ndarray) -> None:
+    """Rows lo..hi-1 into `out` (float32). A memory-mapped store is read with plain file reads:
+    pages touched through the map would stay in the process (its RSS would grow to the whole
+    file), while a read leaves them in the page cache only."""
+    if _is_mapped_file(part) and part.dtype == np.float32:
         row_bytes = part.shape[1] * part.itemsize
-        with open(part.filename, "rb") as f:
-            out = np.fromfile(
-                f,
-                dtype=part.dtype,
-                count=(hi - lo) * part.shape[1],
-                offset=part.offset + lo * row_bytes,
-            )
-        return out.reshape(hi - lo, part.shape[1]).astype(np.float32, copy=False)
-    return np.asarray(part[lo:hi], np.float32)
+        view = memoryview(out.reshape(-1)).cast("B")
+        with open(part.filename, "rb", buffering=0) as f:
+            f.seek(part.offset + lo * row_bytes)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise OSError(f"{part.filename}: ended before row {hi}")
+                done += n
+        return
+    out[...] = np.asarray(part[lo:hi], np.float32)
 
 
 @dataclasses.dataclass
@@ -307,6 +308,7 @@ def scan(
                 held = []
         else:
             before += _count_before(sims, start, t_rows, t_ids, t_score)
+        del block  # freed before the next block is read: one block in memory at a time
     if off_norm:
         log.warning("%d of %d database rows are not L2-normalised", off_norm, n)
     best_s, best_i = search.sort_by_score(best_s, best_i, k)

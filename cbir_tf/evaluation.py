@@ -340,11 +340,14 @@ def _inputs(cfg: Any, descriptors: str | None, download: bool, progress: bool):
         )  # fmt: skip
     except prepare.DatasetUnavailableError as e:
         problems.append(str(e))
+    value = cfg.data.get("distractors", "")
     try:
-        dset = distractors_lib.open_distractors(
-            cfg.data.get("distractors", ""), cfg.data.data_root, download=download,
-            progress=progress,
-        )  # fmt: skip
+        if descriptors and value:  # their descriptors are given: the images are not needed
+            dset = distractors_lib.named(value, cfg.data.data_root)
+        else:
+            dset = distractors_lib.open_distractors(
+                value, cfg.data.data_root, download=download, progress=progress
+            )
     except prepare.DatasetUnavailableError as e:
         problems.append(str(e))
     if problems:
@@ -368,7 +371,7 @@ def _descriptors(cfg, ds, dset, descriptors, model_path, download, progress, siz
                     f"{path}: with --descriptors and distractors, their store is read from the "
                     "descriptor folder's distractors/ (as extract.py --out=FOLDER writes it)"
                 )
-            dx, _, dmeta = store.load_store(path)
+            dx, dset.ids, dmeta = store.load_store(path)
             store.check_compatible(meta, dmeta)
             meta["distractors"] = {"name": dset.name, "title": dset.title, "store": path}
     else:
@@ -545,6 +548,7 @@ def _visual_report(
 
     query_paths = ds.query_paths()
     have_images = bool(query_paths) and all(os.path.exists(p) for p in query_paths[:1])
+    have_images = have_images and (dset is None or os.path.isdir(dset.root))
     names, paths = list(ds.imlist), ds.image_paths()
     if dset is not None:
         from cbir_tf.with_distractors import Joined

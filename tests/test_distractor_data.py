@@ -223,14 +223,15 @@ def _stores(root, kind):
     return sorted(p.parent for p in root.glob(f"descriptors/*/*/{kind}/COMPLETE"))
 
 
-def test_own_benchmark_with_a_distractor_folder_end_to_end(tmp_path):
-    """gnd.json benchmark + a distractor folder through run_benchmark; the plain row's mAP is
-    the one computed by hand from the concatenated full ranking of the stores it wrote."""
+def test_own_benchmark_with_a_distractor_folder_end_to_end(tmp_path, capsys):
+    """gnd.json benchmark + a distractor folder: extract.py's run writes the stores, evaluate's
+    reuses them; the plain row's mAP is the one computed by hand from the concatenated full
+    ranking of those stores."""
     import pickle
 
     import numpy as np
 
-    from cbir_tf import evaluation, metrics, store
+    from cbir_tf import evaluation, metrics, runs, store
     from cbir_tf.configs import demo
     from cbir_tf.data.synthetic import make_synthetic_benchmark
 
@@ -261,7 +262,13 @@ def test_own_benchmark_with_a_distractor_folder_end_to_end(tmp_path):
     cfg.workdir = str(tmp_path / "runs")
     cfg.eval.num_visualize = 1
     cfg.rerank.methods = ("plain", "aqe+diffusion")
+    runs.extract_dataset(cfg, progress=False, download=False)  # what extract.py runs
+    printed = capsys.readouterr().out
+    assert "jpg distractors: " in printed and "descriptors in " in printed
+    d_store = [p for p in _stores(tmp_path / "runs", "db") if "folder-jpg-" in str(p)]
+    stamp = (d_store[0] / "descriptors.npy").stat().st_mtime_ns
     out = evaluation.run_benchmark(cfg, progress=False, download=False)
+    assert (d_store[0] / "descriptors.npy").stat().st_mtime_ns == stamp  # reused as it is
     title = out["table"].splitlines()[0]
     n_d = len(os.listdir(os.path.join(other, "jpg")))
     assert title.startswith(f"mine+jpg ({len(hand['imlist'])} images + {n_d} distractors, ")
@@ -280,3 +287,38 @@ def test_own_benchmark_with_a_distractor_folder_end_to_end(tmp_path):
     by_hand = metrics.compute_map(ranks, metrics.revisited_gnd(hand["gnd"], "medium"))[0]
     assert out["results"]["plain"]["revisited"]["medium"]["map"] == by_hand
     assert os.path.isfile(out["files"]["report"])
+
+    # The same stores given as precomputed descriptors (as extract.py --out / --merge lays
+    # them out): the same numbers, without the distractor images.
+    import shutil
+
+    given = tmp_path / "given"
+    for part, src in (
+        ("db", db_dir),
+        ("queries", db_dir.parent / "queries"),
+        ("distractors", d_dir),
+    ):
+        shutil.copytree(src, given / part)
+    shutil.rmtree(os.path.join(other, "jpg"))
+    again = evaluation.run_benchmark(cfg, descriptors=str(given), progress=False, download=False)
+    assert again["results"]["plain"]["revisited"]["medium"]["map"] == by_hand
+
+
+def test_whitening_source_for_benchmark_folders(tmp_path):
+    import ml_collections
+
+    from cbir_tf.benchmark import whitening_dataset
+
+    def w(dataset, kind="pca"):
+        return ml_collections.ConfigDict({"kind": kind, "dataset": dataset})
+
+    assert whitening_dataset("rparis6k", w("auto")) == "roxford5k"
+    assert whitening_dataset("mine", w("auto"), folder=True) is None  # said in the title
+    assert whitening_dataset("mine", w("none"), folder=True) is None
+    assert whitening_dataset("mine", w("paris6k"), folder=True) == "rparis6k"
+    (tmp_path / "imgs").mkdir()
+    assert whitening_dataset("mine", w(str(tmp_path / "imgs")), folder=True) == str(
+        tmp_path / "imgs"
+    )
+    with pytest.raises(KeyError, match="unknown dataset 'nowhere'"):
+        whitening_dataset("mine", w("nowhere"), folder=True)

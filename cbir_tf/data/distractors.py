@@ -125,9 +125,25 @@ def open_distractors(
     ids = list_images(folder, recursive=True)
     if not ids:
         raise ValueError(f"the distractor folder {folder} holds no images")
+    return DistractorSet(_folder_name(folder), os.path.basename(folder) or folder, folder, ids)
+
+
+def named(value: str, data_root: str | os.PathLike) -> DistractorSet:
+    """The set `value` names, without its images or ids (its descriptors are given: the ids
+    come from their store); no download, no listing."""
+    spec = SPECS.get(str(value).strip().lower())
+    if spec is not None:
+        return DistractorSet(
+            spec.name, "r1m", os.path.join(dataset_dir(data_root, spec.name), "jpg"), []
+        )
+    folder = os.path.abspath(os.path.expanduser(str(value)))
+    return DistractorSet(_folder_name(folder), os.path.basename(folder) or folder, folder, [])
+
+
+def _folder_name(folder: str) -> str:
     tag = hashlib.sha1(folder.encode()).hexdigest()[:8]
     base = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(folder))
-    return DistractorSet(f"folder-{base}-{tag}", os.path.basename(folder) or folder, folder, ids)
+    return f"folder-{base}-{tag}"
 
 
 def _read_list(path: str) -> list[str]:
