@@ -143,15 +143,16 @@ def main(argv=None) -> None:
     report(rows, args, written)
 
 
-def report(rows: list[dict], args, written) -> None:
+def report(rows: list[dict], args, written, load=None) -> None:
     cores = len(os.sched_getaffinity(0))
-    load = os.getloadavg()
+    load = os.getloadavg() if load is None else load
+    made = f"written in {written} s" if written is not None else "written by an earlier run"
     lines = [
         f"# Evaluation with {args.n:,} distractors of dimension {args.dim} ({cores} cores)",
         "",
         f"`python benchmarks/distractors_1m.py --dir DIR` ({args.db} database images, "
         f"{args.queries} queries, truncated diffusion n = {args.truncate}; store "
-        f"{args.n * args.dim * 4 / 1e9:.1f} GB memory-mapped, written in {written} s). "
+        f"{args.n * args.dim * 4 / 1e9:.1f} GB memory-mapped, {made}). "
         f"Load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
         f"(other sessions shared the machine).",
         "",
