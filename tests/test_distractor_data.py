@@ -322,3 +322,44 @@ def test_whitening_source_for_benchmark_folders(tmp_path):
     )
     with pytest.raises(KeyError, match="unknown dataset 'nowhere'"):
         whitening_dataset("mine", w("nowhere"), folder=True)
+
+
+def test_r1m_set_yields_a_distractor_store(r1m, tmp_path):
+    """The downloaded set is described into its own store (a tiny network), unreadable files
+    skipped and counted; a second run reuses the store as it is."""
+    import keras
+    import numpy as np
+    from PIL import Image
+
+    from cbir_tf import benchmark, store
+    from cbir_tf.configs import default
+    from cbir_tf.layers import GeM, L2Normalization
+
+    server, names, _ = r1m
+    for i, part in enumerate([names[0:4], names[4:8], names[8:]], 1):
+        bodies = {}
+        for j, n in enumerate(part):
+            buf = io.BytesIO()
+            rgb = np.random.default_rng(j + 10 * i).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+            Image.fromarray(rgb).save(buf, format="JPEG")
+            bodies[n] = buf.getvalue()
+        bodies[part[0]] = b"not an image"  # one per archive: skipped, counted
+        server.files[f"/r/jpg/revisitop1m.{i}.tar.gz"] = _tgz(bodies)
+    dset = distractors.open_distractors("r1m", tmp_path, progress=False)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inp)
+    model = keras.Model(inp, L2Normalization()(GeM()(x)))
+    cfg = default.get_config()
+    cfg.data.image_size, cfg.workdir = 32, str(tmp_path / "runs")
+    where = benchmark.distractor_store(cfg, dset, "tiny-32px")
+    info = benchmark.distractor_descriptors(
+        cfg, dset, model, {"model": "tiny"}, where, progress=False
+    )
+    assert info["images"] == len(names) - 3 and info["skipped"] == 3
+    assert where == str(tmp_path / "runs" / "descriptors" / "revisitop1m" / "tiny-32px" / "db")
+    d, ids, _ = store.load_store(where)
+    assert d.shape == (len(names) - 3, 8) and ids == [n for n in names if n not in names[::4]]
+    stamp = os.stat(os.path.join(where, "descriptors.npy")).st_mtime_ns
+    benchmark.distractor_descriptors(cfg, dset, model, {"model": "tiny"}, where, progress=False)
+    assert os.stat(os.path.join(where, "descriptors.npy")).st_mtime_ns == stamp
