@@ -363,3 +363,19 @@ def test_r1m_set_yields_a_distractor_store(r1m, tmp_path):
     stamp = os.stat(os.path.join(where, "descriptors.npy")).st_mtime_ns
     benchmark.distractor_descriptors(cfg, dset, model, {"model": "tiny"}, where, progress=False)
     assert os.stat(os.path.join(where, "descriptors.npy")).st_mtime_ns == stamp
+
+
+def test_own_benchmark_folder_with_a_revisitop_pickle(tmp_path):
+    from cbir_tf.data.safe_pickle import UnsafePickleError
+    from cbir_tf.data.synthetic import make_synthetic_benchmark
+
+    folder = make_synthetic_benchmark(tmp_path, name="mine", num_landmarks=2, distractors=2)
+    ds = open_folder(folder)
+    assert ds.name == "mine" and ds.num_queries == 2 and ds.has_original
+    os.unlink(os.path.join(folder, "gnd_mine.pkl"))
+    touched = tmp_path / "ran"
+    with open(os.path.join(folder, "gnd_mine.pkl"), "wb") as f:  # names os.system
+        f.write(f"cos\nsystem\n(S'touch {touched}'\ntR.".encode())
+    with pytest.raises(UnsafePickleError):
+        open_folder(folder)
+    assert not touched.exists()
