@@ -149,3 +149,18 @@ def test_a_nan_distractor_is_named():
     d[5, 0] = np.nan
     with pytest.raises(ValueError, match=f"rows \\[{len(x) + 5}\\]"):
         evaluation.evaluate_methods(q, x, gnd, methods=("plain",), rerank_cfg=RERANK, distractors=d)
+
+
+def test_original_protocol_subset_with_distractors_equals_the_full_ranking():
+    q, x, d, gnd = _benchmark(seed=3)
+    original = [{"ok": np.r_[g["easy"], g["hard"]].astype(np.int64), "junk": []} for g in gnd[1:4]]
+    kwargs = dict(methods=("plain", "aqe"), rerank_cfg=RERANK, original_gnd=original)
+    full, _ = evaluation.evaluate_methods(
+        q, np.concatenate([x, d]), gnd, original_queries=[1, 2, 3], **kwargs
+    )
+    part, _ = evaluation.evaluate_methods(
+        q, x, gnd, original_queries=[1, 2, 3], distractors=d, **kwargs
+    )
+    for m in ("plain", "aqe"):
+        assert part[m]["original"]["map"] == full[m]["original"]["map"]
+        np.testing.assert_array_equal(part[m]["original"]["aps"], full[m]["original"]["aps"])
