@@ -156,21 +156,62 @@ def _weights_name(weights: str) -> str:
     return weights if weights.lower() in ("imagenet", "none") else os.path.abspath(weights)
 
 
-def whitening_dataset(dataset: str, cfg_whitening: Any) -> str | None:
-    """Which benchmark to learn whitening on: by default the other landmark dataset."""
-    from cbir_tf.data import revisited
+def whitening_dataset(dataset: str, cfg_whitening: Any, folder: bool = False) -> str | None:
+    """Which images to learn whitening on: by default the other landmark dataset.
+
+    `whitening.dataset` may name a benchmark, a folder (an own benchmark's database images, or
+    any images under it) or 'none'; 'auto' is the other landmark dataset, and none for an own
+    benchmark folder (`folder`), which has no other dataset to learn on.
+
+    Returns:
+      A dataset name, an absolute folder path, or None (no whitening).
+    """
+    from cbir_tf.data import prepare, revisited
 
     if cfg_whitening.kind == "none":
         return None
     if cfg_whitening.kind != "pca":
         raise ValueError(f"unknown whitening kind {cfg_whitening.kind!r}; valid: pca, none")
-    if cfg_whitening.dataset == "auto":
-        return _OTHER_DATASET.get(dataset, dataset)
-    return revisited.resolve_dataset_name(cfg_whitening.dataset)
+    value = str(cfg_whitening.dataset).strip()
+    if value.lower() == "none":
+        return None
+    if value == "auto":
+        return None if folder else _OTHER_DATASET.get(dataset, dataset)
+    if prepare.is_folder_benchmark(value):
+        return os.path.abspath(os.path.expanduser(value))
+    return revisited.resolve_dataset_name(value)
+
+
+def _source_tag(name: str) -> str:
+    """A file-name-safe tag of a whitening source: the dataset name, or folder name + hash."""
+    if not os.path.isabs(name):
+        return name
+    base = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(name))
+    return f"folder-{base}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def _whitening_images(
+    name: str, cfg: Any, download: bool, progress: bool
+) -> tuple[list[str], list[str]]:
+    """(paths, ids) whitening is learned on: a benchmark's database, or a folder's images."""
+    from cbir_tf.data import prepare
+    from cbir_tf.data.folder import list_images
+
+    if os.path.isabs(name) and not os.path.isdir(os.path.join(name, "jpg")):
+        rel = list_images(name, recursive=True)
+        return [os.path.join(name, *p.split("/")) for p in rel], rel
+    ds = prepare.open_benchmark(name, cfg.data.data_root, download=download, progress=progress)
+    return ds.image_paths(), list(ds.imlist)
 
 
 def learn_benchmark_whitening(
-    cfg: Any, dataset: str, *, workdir: str, download: bool = True, progress: bool = True
+    cfg: Any,
+    dataset: str,
+    *,
+    workdir: str,
+    download: bool = True,
+    progress: bool = True,
+    folder: bool = False,
 ) -> Any | None:
     """Learns (or loads the cached) PCA-whitening for `dataset` from another image set.
 
@@ -181,13 +222,12 @@ def learn_benchmark_whitening(
       A `cbir_tf.whitening.Whitening`, or None when `whitening.kind` is 'none'.
     """
     from cbir_tf import descriptors, whitening
-    from cbir_tf.data import prepare
 
-    train_name = whitening_dataset(dataset, cfg.whitening)
+    train_name = whitening_dataset(dataset, cfg.whitening, folder=folder)
     if train_name is None:
         return None
     regional = bool(cfg.whitening.regional) and cfg.model.pooling == "rmac"
-    key = f"{model_key(cfg)}-{'regional' if regional else 'global'}-on-{train_name}"
+    key = f"{model_key(cfg)}-{'regional' if regional else 'global'}-on-{_source_tag(train_name)}"
     key += f"-d{cfg.whitening.dim}-sh{cfg.whitening.shrinkage:g}"
     path = os.path.join(workdir, "whitening", key + ".npz")
     if os.path.exists(path):
@@ -197,19 +237,19 @@ def learn_benchmark_whitening(
     log.info(
         "whitening: learning on %s (%s vectors)", train_name, "regional" if regional else "global"
     )
-    ds = prepare.prepare_dataset(
-        train_name, cfg.data.data_root, download=download, progress=progress
-    )
+    paths, ids = _whitening_images(train_name, cfg, download, progress)
     if regional:
         model = build_model(cfg, whitening=None, output="regions")
-        vectors = region_vectors(model, ds.image_paths(), cfg.data.image_size, progress=progress)
+        vectors = region_vectors(model, paths, cfg.data.image_size, progress=progress)
     else:
         model = build_model(cfg, whitening=None)
-        store = os.path.join(workdir, "descriptors", train_name, model_key(cfg) + "-raw", "db")
+        store = os.path.join(
+            workdir, "descriptors", _source_tag(train_name), model_key(cfg) + "-raw", "db"
+        )
         res = descriptors.extract(
             model,
-            ds.image_paths(),
-            ids=list(ds.imlist),
+            paths,
+            ids=ids,
             image_size=cfg.data.image_size,
             scales=tuple(cfg.data.scales),
             ms_power=cfg.data.ms_power,
@@ -351,33 +391,42 @@ def extract_benchmark(
     shard_index: int = 0,
     num_shards: int = 1,
     image_size_explicit: bool = False,
+    distractors: Any = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Learns or loads whitening, builds the model, and extracts a benchmark's descriptors.
 
     The stores go to `cfg.extract.out` or `<workdir>/descriptors/<dataset>/<model key>/` (with
     `db/` and `queries/`), and are reused when complete, resumed when interrupted. A saved
     model describes images at the size it was trained at unless `image_size_explicit` (see
-    `with_model_image_size`).
+    `with_model_image_size`). With `distractors` (a `data.distractors.DistractorSet`), their
+    descriptors go to a store of their own, named by the same key, reused by every benchmark
+    whose descriptors are made the same way (`distractor_store`).
 
     Returns:
-      (database ExtractionResult, query ExtractionResult, descriptor metadata).
+      (database ExtractionResult, query ExtractionResult, descriptor metadata; with
+      distractors, 'distractors': {'store', 'images', 'skipped', ...}).
     """
     from cbir_tf import models
 
     cfg = with_model_image_size(cfg, model_path, image_size_explicit)
     w = None
     fallback = None
+    folder = bool(getattr(ds, "folder_benchmark", False))
     if model_path is None:
         fallback = use_fallback_weights(cfg)
         w = learn_benchmark_whitening(
-            cfg, ds.name, workdir=cfg.workdir, download=download, progress=progress
+            cfg, ds.name, workdir=cfg.workdir, download=download, progress=progress, folder=folder
         )
         model = build_model(cfg, w)
     else:
         model = models.load_descriptor_model(model_path)
     meta = model_meta(cfg, model_path, w)
     key = model_key(cfg, model_path) + ("" if w is None else "-" + _whitening_tag(meta))
-    store_root = cfg.extract.out or os.path.join(cfg.workdir, "descriptors", ds.name, key)
+    name = _source_tag(ds.root) if folder else ds.name
+    store_root = cfg.extract.out or os.path.join(cfg.workdir, "descriptors", name, key)
+    extra: dict[str, Any] = {}
+    if folder and w is None and model_path is None and cfg.whitening.dataset == "auto":
+        extra["whitening_note"] = "whitening.dataset=auto: none for a benchmark folder"
     db, qr = benchmark_descriptors(
         cfg,
         ds,
@@ -388,10 +437,70 @@ def extract_benchmark(
         shard_index=shard_index,
         num_shards=num_shards,
     )
+    if distractors is not None:
+        extra["distractors"] = distractor_descriptors(
+            cfg, distractors, model, meta, distractor_store(cfg, distractors, key),
+            progress=progress, shard_index=shard_index, num_shards=num_shards,
+        )  # fmt: skip
     # Where the stores are and how the network behaved, for the summary and the results file
     # (not part of the settings the stores are checked against).
     scale = _feature_scale(model, ds.image_paths()[:2], int(cfg.data.image_size))
-    return db, qr, dict(meta, store=store_root, weights_fallback=fallback, feature_scale=scale)
+    return (
+        db,
+        qr,
+        dict(meta, store=store_root, weights_fallback=fallback, feature_scale=scale, **extra),
+    )
+
+
+def distractor_store(cfg: Any, distractors: Any, key: str) -> str:
+    """`<extract.out>/distractors` (a shard's or a chosen folder), else the shared store
+    `<workdir>/descriptors/<distractor set>/<model key>/db`."""
+    if cfg.extract.out:
+        return os.path.join(cfg.extract.out, "distractors")
+    return os.path.join(cfg.workdir, "descriptors", distractors.name, key, "db")
+
+
+def distractor_descriptors(
+    cfg: Any,
+    distractors: Any,
+    model: Any,
+    meta: Mapping[str, Any],
+    store_dir: str,
+    *,
+    progress: bool = True,
+    shard_index: int = 0,
+    num_shards: int = 1,
+) -> dict[str, Any]:
+    """Extracts (or reuses, or resumes) the distractors' descriptors into `store_dir`.
+
+    Returns:
+      {'name', 'title', 'store', 'images' (described by this shard), 'skipped' (count),
+      'skipped_examples'} for the summary and the results file.
+    """
+    from cbir_tf import descriptors
+
+    res = descriptors.extract(
+        model,
+        distractors.paths(),
+        ids=list(distractors.ids),
+        image_size=int(cfg.data.image_size),
+        scales=tuple(float(s) for s in cfg.data.scales),
+        ms_power=float(cfg.data.ms_power),
+        store_dir=store_dir,
+        meta=dict(meta, split="distractors", dataset=distractors.name),
+        progress=progress,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        flush_every=int(cfg.extract.flush_every),
+    )
+    return {
+        "name": distractors.name,
+        "title": distractors.title,
+        "store": store_dir,
+        "images": len(res.ids),
+        "skipped": len(res.skipped),
+        "skipped_examples": [list(s) for s in res.skipped[:20]],
+    }
 
 
 def use_fallback_weights(cfg: Any) -> str | None:
@@ -432,4 +541,5 @@ def _feature_scale(model: Any, paths: Sequence[str], image_size: int) -> float |
 
 def _whitening_tag(meta: Mapping[str, Any]) -> str:
     w = meta["whitening"]
-    return f"w{'r' if w['regional'] else 'g'}-{w['learned_on']}-d{w['dim']}-sh{w['shrinkage']:g}"
+    on = _source_tag(str(w["learned_on"]))
+    return f"w{'r' if w['regional'] else 'g'}-{on}-d{w['dim']}-sh{w['shrinkage']:g}"

@@ -85,7 +85,12 @@ def define_benchmark_flags() -> None:
     """Defines the short flags `extract.py` and `evaluate.py` share (see `benchmark_overrides`)."""
     from absl import flags
 
-    flags.DEFINE_string("dataset", None, "paris6k | oxford5k | rparis6k | roxford5k | demo.")
+    flags.DEFINE_string(
+        "dataset", None, "paris6k | oxford5k | rparis6k | roxford5k | demo | a benchmark folder."
+    )
+    flags.DEFINE_string(
+        "distractors", None, "r1m (the revisitop 1M distractors) or a folder of images ('': none)."
+    )
     flags.DEFINE_string("data_root", None, "Folder holding datasets/<name>/ (default: config).")
     flags.DEFINE_string("workdir", None, "Folder for cached whitening, descriptors and results.")
     flags.DEFINE_string("backbone", None, "Backbone name (overrides config.model.backbone).")
@@ -118,6 +123,7 @@ def benchmark_overrides(values: Any) -> dict[str, Any]:
     """Config fields set by the flags of `define_benchmark_flags` (for `apply_overrides`)."""
     return {
         "data.dataset": values.dataset,
+        "data.distractors": values.distractors,
         "data.data_root": values.data_root,
         "workdir": values.workdir,
         "model.backbone": values.backbone,

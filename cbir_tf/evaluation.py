@@ -138,7 +138,9 @@ def evaluate_methods(
     original_gnd: Sequence[Mapping[str, Any]] | None = None,
     original_queries: Sequence[int] | None = None,
     missing: np.ndarray | None = None,
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    distractors: np.ndarray | None = None,
+    distractor_truncate: int = 1000,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluates every retrieval method on one benchmark.
 
     Args:
@@ -151,6 +153,10 @@ def evaluate_methods(
       original_gnd, original_queries: see `evaluate_rankings`.
       missing: ground-truth ids of database images without a descriptor (see `align_rows`);
         `database` then holds only the present ones, in ground-truth order.
+      distractors: float32 [M, D] (memory-mapped) appended after the database: ids N.. N+M-1.
+        Rankings are then `bounded.PartialRanking`s (bounded memory; same metrics), and
+        diffusion is truncated to each query's top n: rerank.diffusion.truncate, or
+        `distractor_truncate` when that is 0.
 
     Returns:
       (results {method: {'revisited', 'original', 'info'}}, rankings {method: int [Q, N]}).
@@ -163,6 +169,15 @@ def evaluate_methods(
         pipeline.check_method(method, "method", none_word="plain")
     settings = pipeline.RerankSettings.from_config(rerank_cfg)
     search.validate_descriptors(queries, "queries")
+    if distractors is not None:
+        from cbir_tf import with_distractors
+
+        return with_distractors.evaluate(
+            queries, database, distractors, gnd, methods, settings, kappas,
+            original_gnd, original_queries,
+            np.zeros(0, np.int64) if missing is None else np.asarray(missing, np.int64),
+            settings.diffusion.truncate or int(distractor_truncate),
+        )  # fmt: skip
     # Validated once; DBA and the diffusion graph are built once for all the methods.
     db = pipeline.Database(database)
     _warn_unless_unit_norm(queries, "queries")
@@ -311,6 +326,84 @@ def load_precomputed(
     return x, q, missing, dict(x_meta, source=os.path.abspath(path), format="store")
 
 
+def _inputs(cfg: Any, descriptors: str | None, download: bool, progress: bool):
+    """The benchmark and the distractor set of the config, both checked before any work: one
+    error lists every file to place when some are missing (offline)."""
+    from cbir_tf.data import distractors as distractors_lib
+    from cbir_tf.data import prepare
+
+    problems, ds, dset = [], None, None
+    try:
+        ds = prepare.open_benchmark(
+            cfg.data.dataset, cfg.data.data_root, download=download, progress=progress,
+            images=not descriptors,
+        )  # fmt: skip
+    except prepare.DatasetUnavailableError as e:
+        problems.append(str(e))
+    value = cfg.data.get("distractors", "")
+    try:
+        if descriptors and value:  # their descriptors are given: the images are not needed
+            dset = distractors_lib.named(value, cfg.data.data_root)
+        else:
+            dset = distractors_lib.open_distractors(
+                value, cfg.data.data_root, download=download, progress=progress
+            )
+    except prepare.DatasetUnavailableError as e:
+        problems.append(str(e))
+    if problems:
+        raise prepare.DatasetUnavailableError("\n".join(problems))
+    return ds, dset
+
+
+def _descriptors(cfg, ds, dset, descriptors, model_path, download, progress, size_explicit):
+    """(database, queries, missing, meta, skipped, what, distractor rows or None)."""
+    from cbir_tf import store
+
+    skipped: dict[str, Any] = {}
+    dx = None
+    if descriptors:
+        x, q, missing, meta = load_precomputed(descriptors, ds)
+        what = f"descriptors from {descriptors}"
+        if dset is not None:
+            path = os.path.join(descriptors, "distractors")
+            if not os.path.isdir(path):
+                raise FileNotFoundError(
+                    f"{path}: with --descriptors and distractors, their store is read from the "
+                    "descriptor folder's distractors/ (as extract.py --out=FOLDER writes it)"
+                )
+            dx, dset.ids, dmeta = store.load_store(path)
+            store.check_compatible(meta, dmeta)
+            meta["distractors"] = {"name": dset.name, "title": dset.title, "store": path}
+    else:
+        db, qr, meta = benchmark.extract_benchmark(
+            cfg, ds, model_path=model_path, download=download, progress=progress,
+            image_size_explicit=size_explicit, distractors=dset,
+        )  # fmt: skip
+        skipped = {"database": list(map(list, db.skipped)), "queries": list(map(list, qr.skipped))}
+        x, missing = align_rows(db.descriptors, db.ids, list(ds.imlist), "database")
+        q, _ = align_rows(qr.descriptors, qr.ids, list(ds.qimlist), "queries")
+        what = _describe(meta)
+        if dset is not None:
+            dx = store.load_store(meta["distractors"]["store"])[0]
+    return x, q, missing, meta, skipped, what, dx
+
+
+def _title(cfg: Any, ds: Any, dset: Any, dx: Any, what: str, truncate: int) -> str:
+    """'rparis6k+r1m (6322 images + 1001001 distractors, 70 queries): <descriptors>...'."""
+    if dset is None:
+        title = f"{ds.name} ({ds.num_images} images, {ds.num_queries} queries): {what}"
+    else:
+        title = (
+            f"{ds.name}+{dset.title} ({ds.num_images} images + {len(dx)} distractors, "
+            f"{ds.num_queries} queries): {what}"
+        )
+        if any("diffusion" in m for m in cfg.rerank.methods):
+            title += f"; diffusion truncated to each query's top {truncate}"
+    if getattr(ds, "ok_lists", 0):
+        title += f"; {ds.ok_lists} queries with one 'ok' list (Easy = Medium; Hard: none)"
+    return title
+
+
 def run_benchmark(
     cfg: Any,
     *,
@@ -324,10 +417,11 @@ def run_benchmark(
     """Runs the whole benchmark and writes its report.
 
     Args:
-      cfg: a config as in `configs/default.py`.
+      cfg: a config as in `configs/default.py` (`data.dataset` a name or a benchmark folder;
+        `data.distractors` '', 'r1m' or a folder of images).
       model_path: a saved `.keras` descriptor model to use instead of `cfg.model`.
       descriptors: precomputed descriptors (store folder or `.mat`); skips extraction.
-      out_dir: where results go (default `<workdir>/eval/<dataset>`).
+      out_dir: where results go (default `<workdir>/eval/<dataset>[+<distractors>]`).
       download: fetch missing benchmark files.
       progress: show progress bars.
       image_size_explicit: the user set `data.image_size`; it then wins over the size a saved
@@ -336,36 +430,13 @@ def run_benchmark(
     Returns:
       {'results': per-method metrics, 'table': the printed table, 'files': written paths}.
     """
-    from cbir_tf.data import prepare, revisited
-
-    name = revisited.resolve_dataset_name(cfg.data.dataset)
-    workdir = cfg.workdir
-    out_dir = out_dir or os.path.join(workdir, "eval", name)
     t0 = time.perf_counter()
-    ds = prepare.prepare_dataset(
-        name,
-        cfg.data.data_root,
-        download=download,
-        progress=progress,
-        **({"images": False} if descriptors else {}),
+    ds, dset = _inputs(cfg, descriptors, download, progress)
+    name = ds.name + (f"+{dset.title}" if dset is not None else "")
+    out_dir = out_dir or os.path.join(cfg.workdir, "eval", name)
+    x, q, missing, meta, skipped, what, dx = _descriptors(
+        cfg, ds, dset, descriptors, model_path, download, progress, image_size_explicit
     )
-    skipped: dict[str, Any] = {}
-    if descriptors:
-        x, q, missing, meta = load_precomputed(descriptors, ds)
-        what = f"descriptors from {descriptors}"
-    else:
-        db, qr, meta = benchmark.extract_benchmark(
-            cfg,
-            ds,
-            model_path=model_path,
-            download=download,
-            progress=progress,
-            image_size_explicit=image_size_explicit,
-        )
-        skipped = {"database": list(map(list, db.skipped)), "queries": list(map(list, qr.skipped))}
-        x, missing = align_rows(db.descriptors, db.ids, list(ds.imlist), "database")
-        q, _ = align_rows(qr.descriptors, qr.ids, list(ds.qimlist), "queries")
-        what = _describe(meta)
     if len(missing):
         log.warning(
             "%d of %d database images have no descriptor and count as never retrieved (first: %s)",
@@ -373,20 +444,15 @@ def run_benchmark(
             ds.num_images,
             [ds.imlist[i] for i in missing[:3]],
         )
-
     kappas = tuple(int(k) for k in cfg.eval.kappas)
+    truncate = int(cfg.rerank.diffusion.truncate) or int(cfg.eval.get("distractor_truncate", 0))
     results, rankings = evaluate_methods(
-        q,
-        x,
-        ds.gnd,
-        methods=tuple(cfg.rerank.methods),
-        rerank_cfg=cfg.rerank.to_dict(),
-        kappas=kappas,
-        original_gnd=ds.original_gnd,
-        original_queries=getattr(ds, "original_queries", None),
-        missing=missing,
-    )
-    title = f"{name} ({ds.num_images} images, {ds.num_queries} queries): {what}"
+        q, x, ds.gnd, methods=tuple(cfg.rerank.methods), rerank_cfg=cfg.rerank.to_dict(),
+        kappas=kappas, original_gnd=ds.original_gnd,
+        original_queries=getattr(ds, "original_queries", None), missing=missing,
+        distractors=dx, distractor_truncate=truncate,
+    )  # fmt: skip
+    title = _title(cfg, ds, dset, dx, what, truncate)
     table = report.format_table(results, kappas, title=title)
     print(table, flush=True)
     extra = {
@@ -399,7 +465,7 @@ def run_benchmark(
     }
     extra["report"] = "report.html"
     files = report.write_results(out_dir, results, kappas, extra=extra)
-    files.update(_visual_report(out_dir, ds, results, rankings, cfg, title, files, meta))
+    files.update(_visual_report(out_dir, ds, results, rankings, cfg, title, files, meta, dset))
     log.info("results written to %s", out_dir)
     return {"results": results, "table": table, "files": files, "rankings": rankings}
 
@@ -420,6 +486,8 @@ def _describe(meta: Mapping[str, Any]) -> str:
     )
     if meta.get("weights_fallback"):
         weights += f": {meta['weights_fallback']}"
+    if meta.get("whitening_note"):
+        wt += f" ({meta['whitening_note']})"
     text = f"{meta['backbone']} ({weights}) + {meta['pooling']}, {wt}, {size}"
     return text + _vanishing_note(meta)
 
@@ -467,27 +535,36 @@ def _visual_report(
     title: str,
     files: Mapping[str, str],
     meta: Mapping[str, Any],
+    dset: Any = None,
 ) -> dict[str, str]:
     """Writes precision-recall plots, per-query result grids and the HTML report.
 
     Grids need the images; with precomputed descriptors and no images on disk only the plots
-    and the table go into the report.
+    and the table go into the report. Distractors (ids after the database's) are named and
+    read by their relative paths, without a list of a million paths.
     """
     from cbir_tf import pages as html_pages
     from cbir_tf import visualize
 
     query_paths = ds.query_paths()
     have_images = bool(query_paths) and all(os.path.exists(p) for p in query_paths[:1])
+    have_images = have_images and (dset is None or os.path.isdir(dset.root))
+    names, paths = list(ds.imlist), ds.image_paths()
+    if dset is not None:
+        from cbir_tf.with_distractors import Joined
+
+        names = Joined(names, lambda i: dset.ids[i])
+        paths = Joined(paths, lambda i: os.path.join(dset.root, *dset.ids[i].split("/")))
     figures = visualize.evaluation_figures(
         out_dir,
         rankings,
         ds.gnd,
         query_paths,
-        ds.image_paths(),
+        paths,
         num_queries=int(cfg.eval.num_visualize) if have_images else 0,
         top=int(cfg.eval.top_visualize),
         query_names=list(ds.qimlist),
-        database_names=list(ds.imlist),
+        database_names=names,
         query_bboxes=ds.query_bboxes(),
     )
     described = report_meta(meta, ds)

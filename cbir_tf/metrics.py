@@ -438,6 +438,7 @@ def compute_map(
     Args:
         ranks: int [Q, N] (any integer dtype), row q is the ranking for query q: 0-based
             database ids, best first. N may be less than the database size (top-k lists).
+            Or a `cbir_tf.bounded.PartialRanking` (the positions of the ground-truth ids).
         gnd: Q dicts with 'ok' (positive ids) and optionally 'junk' (ignored ids).
         kappas: positive integers, the cut-offs for precision at k.
         num_images: database size; when given, every id in `ranks` and `gnd` must be below it.
@@ -456,15 +457,21 @@ def compute_map(
     """
     oks, junks = _gnd_arrays(gnd)
     num_queries = len(oks)
-    ranks = _validate_ranks(ranks, num_queries)
     kappa_arr = _as_kappas(kappas)
-    num_ranked = ranks.shape[1]
     flat_lists = (_flatten_lists(oks), _flatten_lists(junks))
-    table_size = _table_size(ranks, flat_lists, num_images)
-
-    # Positions in the full rankings of every retrieved positive and junk image, merged in
-    # one sorted array of tagged keys (see _ranked_positions).
-    tagged = _ranked_positions(ranks, flat_lists, table_size)
+    if hasattr(ranks, "tagged_positions"):  # a `bounded.PartialRanking`: positions are known
+        if len(ranks) != num_queries:
+            raise ValueError(f"{len(ranks)} rankings for {num_queries} queries")
+        num_ranked = int(ranks.num_images)
+        _table_size(np.zeros((0, 0), np.int64), flat_lists, num_ranked)
+        tagged = ranks.tagged_positions(flat_lists)
+    else:
+        ranks = _validate_ranks(ranks, num_queries)
+        num_ranked = ranks.shape[1]
+        table_size = _table_size(ranks, flat_lists, num_images)
+        # Positions in the full rankings of every retrieved positive and junk image, merged
+        # in one sorted array of tagged keys (see _ranked_positions).
+        tagged = _ranked_positions(ranks, flat_lists, table_size)
     pos_query, order, positions, found, first = _positives_without_junk(
         tagged, num_queries, max(num_ranked, 1)
     )

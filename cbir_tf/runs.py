@@ -67,13 +67,13 @@ def extract_dataset(
       (database ExtractionResult, query ExtractionResult).
     """
     from cbir_tf import benchmark
-    from cbir_tf.data import prepare, revisited
+    from cbir_tf.data import distractors, prepare
 
-    ds = prepare.prepare_dataset(
-        revisited.resolve_dataset_name(cfg.data.dataset),
-        cfg.data.data_root,
-        download=download,
-        progress=progress,
+    ds = prepare.open_benchmark(
+        cfg.data.dataset, cfg.data.data_root, download=download, progress=progress
+    )
+    dset = distractors.open_distractors(
+        cfg.data.get("distractors", ""), cfg.data.data_root, download=download, progress=progress
     )
     db, qr, meta = benchmark.extract_benchmark(
         cfg,
@@ -84,9 +84,16 @@ def extract_dataset(
         image_size_explicit=image_size_explicit,
         download=download,
         progress=progress,
+        distractors=dset,
     )
     print(_summary(f"{ds.name} database", db, os.path.join(meta["store"], "db")))
     print(_summary(f"{ds.name} queries", qr, os.path.join(meta["store"], "queries")))
+    if dset is not None:
+        d = meta["distractors"]
+        print(
+            f"{dset.title} distractors: {d['images']} descriptors in {d['store']}"
+            + (f" ({d['skipped']} images skipped, see skipped.json)" if d["skipped"] else "")
+        )
     return db, qr
 
 
@@ -130,7 +137,9 @@ def merge(shards: Sequence[str], out: str | None) -> None:
     if all(os.path.exists(os.path.join(s, "manifest.json")) for s in shards):
         merge_indexes(list(shards), out)
     elif all(os.path.isdir(os.path.join(s, "db")) for s in shards):
-        for part in ("db", "queries"):
+        # A benchmark's shards (extract.py --out=partI): distractors too when extracted.
+        extra = ("distractors",) if os.path.isdir(os.path.join(shards[0], "distractors")) else ()
+        for part in ("db", "queries", *extra):
             parts = [os.path.join(s, part) for s in shards]
             shards_lib.merge_shards(parts, os.path.join(out, part))
             log.info("merged %d %s shards into %s", len(shards), part, os.path.join(out, part))

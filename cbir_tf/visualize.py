@@ -233,6 +233,15 @@ def interpolated_precision(
     return out
 
 
+def _pr_from_positions(ranks, q: int, ok: np.ndarray, junk: np.ndarray):
+    """`precision_recall` of query q from the positions a `PartialRanking` knows."""
+    pos = np.unique(ranks.positions_of(np.full(ok.size, q), ok))
+    jpos = np.sort(ranks.positions_of(np.full(junk.size, q), junk))
+    pos = pos[~np.isin(pos, jpos)] - np.searchsorted(jpos, pos[~np.isin(pos, jpos)])
+    found = np.arange(1, pos.size + 1, dtype=np.float64)
+    return found / ok.size, found / (pos + 1.0)
+
+
 def mean_pr_curve(
     ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], levels: np.ndarray = RECALL_LEVELS
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -247,15 +256,20 @@ def mean_pr_curve(
       (recall levels float64 [L], mean precision float64 [L]); precision is all NaN when no
       query has a positive.
     """
-    ranks = np.asarray(ranks)
-    if ranks.ndim != 2 or ranks.shape[0] != len(gnd):
+    partial = hasattr(ranks, "positions_of")  # a bounded.PartialRanking (distractors)
+    ranks = ranks if partial else np.asarray(ranks)
+    if len(ranks.shape) != 2 or ranks.shape[0] != len(gnd):
         raise ValueError(f"ranks must be [Q, N] with Q = {len(gnd)} queries; got {ranks.shape}")
     curves = []
     for q, g in enumerate(gnd):
         ok = np.asarray(g.get("ok", ()), dtype=np.int64)
         if ok.size == 0:
             continue
-        rec, prec = precision_recall(ranks[q], ok, np.asarray(g.get("junk", ()), dtype=np.int64))
+        junk = np.asarray(g.get("junk", ()), dtype=np.int64)
+        if partial:
+            rec, prec = _pr_from_positions(ranks, q, ok, junk)
+        else:
+            rec, prec = precision_recall(ranks[q], ok, junk)
         curves.append(interpolated_precision(rec, prec, levels))
     levels = np.asarray(levels, dtype=np.float64)
     if not curves:
@@ -403,7 +417,7 @@ def evaluation_figures(
     grids = []
     nq = min(int(num_queries), len(query_images))
     for m_i, (method, ranks) in enumerate(rankings.items()):
-        ranks = np.asarray(ranks)
+        ranks = ranks.top if hasattr(ranks, "top") else np.asarray(ranks)
         for q in range(nq):
             ids = ranks[q, :top]
             sc = None

@@ -6,6 +6,9 @@ r"""Evaluates retrieval on Revisited Oxford/Paris: descriptors, search, re-ranki
   python evaluate.py --dataset=paris6k --descriptors=feats.mat   # revisitop .mat (X, Q: [D, N])
   python evaluate.py --model=runs/train/model.keras --dataset=oxford5k
   python evaluate.py --config.model.backbone=vgg16 --config.rerank.diffusion.k=100
+  python evaluate.py --dataset=paris6k --distractors=r1m     # RPar+R1M (1M distractors)
+  python evaluate.py --dataset=oxford5k --distractors=~/photos   # any folder as distractors
+  python evaluate.py --dataset=~/my_benchmark               # own benchmark: jpg/ + gnd.json
 
 Prints the table (mAP E/M/H and mP@1,5,10 in %, per method) and writes results.json,
 results.csv, result grids and an HTML report under --out (default <workdir>/eval/<dataset>).

@@ -2,6 +2,8 @@ r"""Extracts global descriptors: a benchmark (database + cropped queries) or you
 
   python extract.py                                   # default: EfficientNet-B1 + R-MAC, Paris6k
   python extract.py --dataset=oxford5k
+  python extract.py --dataset=paris6k --distractors=r1m   # + the 1M distractors (own store)
+  python extract.py --distractors=r1m --out=part0 --shard_index=0 --num_shards=4   # 1 of 4
   python extract.py --images=~/photos --out=index/    # own collection (recursive), an index
   python extract.py --images=DIR --out=STORE --weights=mobilenet_2_5_224_tf_no_top.h5 \
       --config.model.backbone=mobilenet --config.model.alpha=0.25 --config.data.image_size=448

@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.rmac_levels = 3
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "paris6k"  # paris6k | oxford5k | rparis6k | roxford5k | demo
+    c.data.dataset = "paris6k"  # paris6k | oxford5k | rparis6k | roxford5k | demo | a folder
+    c.data.distractors = ""  # '' | r1m (the revisitop 1M distractors) | a folder of images
     c.data.data_root = "data"  # benchmark folders live in <data_root>/datasets/<name>/
     c.data.image_size = 1024  # longest side, pixels
     c.data.scales = (1.0,)  # multi-scale: e.g. (1.0, 0.7071067811865476, 0.5)
@@ -33,7 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.whitening = ml_collections.ConfigDict()
     c.whitening.kind = "pca"  # pca | none
-    c.whitening.dataset = "auto"  # 'auto' = the other landmark dataset (Oxford <-> Paris)
+    # 'auto' = the other landmark dataset (Oxford <-> Paris), none for a benchmark folder;
+    # or a dataset name, a folder (its images), 'none'
+    c.whitening.dataset = "auto"
     c.whitening.dim = 0  # output dimension, 0 = keep all
     c.whitening.shrinkage = 0.0  # eigenvalue shrinkage in [0, 1] (0 = full whitening)
     c.whitening.regional = True  # R-MAC: whiten region vectors the classic way
@@ -70,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.kappas = (1, 5, 10)
     c.eval.num_visualize = 5  # result grids for the first queries
     c.eval.top_visualize = 10
+    # With distractors, diffusion on the full graph (rerank.diffusion.truncate = 0; O(N^2) over
+    # a million images) becomes truncated diffusion on each query's top n.
+    c.eval.distractor_truncate = 1000
 
     c.train = ml_collections.ConfigDict()
     c.train.recipe = "head"  # head | metric

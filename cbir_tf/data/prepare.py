@@ -41,6 +41,7 @@ from cbir_tf.data.download import (
 )
 from cbir_tf.data.ground_truth import GroundTruthError, UnsafePickleError, load_ground_truth
 from cbir_tf.data.revisited import (
+    ALIASES,
     DATASETS,
     BenchmarkDataset,
     DatasetSpec,
@@ -50,7 +51,7 @@ from cbir_tf.data.revisited import (
     resolve_dataset_name,
 )
 
-__all__ = ["prepare_dataset"]
+__all__ = ["is_folder_benchmark", "open_benchmark", "prepare_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,33 @@ def prepare_dataset(
             spec, folder, images=images, download=download, fetch=fetch, keep_archives=keep_archives
         )
         return BenchmarkDataset(canonical, folder, check_images=complete)
+
+
+def is_folder_benchmark(value: str) -> bool:
+    """Whether `--dataset=value` names an own benchmark folder rather than a known dataset."""
+    key = str(value).strip().lower()
+    if key in DATASETS or key in ALIASES:
+        return False
+    return os.path.isdir(os.path.expanduser(str(value))) or os.sep in str(value)
+
+
+def open_benchmark(
+    value: str,
+    data_root: str | os.PathLike,
+    download: bool = True,
+    progress: bool = True,
+    *,
+    images: bool = True,
+) -> BenchmarkDataset:
+    """A known benchmark by name (prepared as `prepare_dataset` does) or an own benchmark folder
+    (`cbir_tf.data.own`: `FOLDER/jpg/` and `gnd.json` or `gnd_<name>.pkl`)."""
+    if is_folder_benchmark(value):
+        from cbir_tf.data.own import open_folder
+
+        return open_folder(value, check_images=images)
+    return prepare_dataset(
+        resolve_dataset_name(value), data_root, download=download, progress=progress, images=images
+    )
 
 
 # ----------------------------------------------------------------------------------------------

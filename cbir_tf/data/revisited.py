@@ -255,6 +255,7 @@ class BenchmarkDataset:
         self.imlist: list[str] = image_names(cfg["imlist"], "imlist", self.gnd_path)
         self.qimlist: list[str] = image_names(cfg["qimlist"], "qimlist", self.gnd_path)
         self.gnd: list[dict[str, Any]] = list(cfg["gnd"])
+        self.ok_lists = int(cfg.get("ok_lists", 0))  # gnd.json queries given one 'ok' list
         if spec is not None:
             self._check_counts(spec)
         if original_gnd_path is None:
