@@ -343,8 +343,12 @@ def benchmark_descriptors(
     progress: bool = True,
     shard_index: int = 0,
     num_shards: int = 1,
+    extract_fn: Any = None,
 ) -> tuple[Any, Any]:
     """Extracts (or reuses) database and cropped-query descriptors of a benchmark.
+
+    `extract_fn` describes the images (default `descriptors.extract`; see
+    `cbir_tf.runs.extract_function`).
 
     Returns:
       (database ExtractionResult, query ExtractionResult); the stores are
@@ -361,7 +365,8 @@ def benchmark_descriptors(
         num_shards=num_shards,
         flush_every=int(cfg.extract.flush_every),
     )
-    db = descriptors.extract(
+    extract = extract_fn or descriptors.extract
+    db = extract(
         model,
         ds.image_paths(),
         ids=list(ds.imlist),
@@ -369,7 +374,7 @@ def benchmark_descriptors(
         meta=dict(meta, split="database", dataset=ds.name),
         **common,
     )
-    queries = descriptors.extract(
+    queries = extract(
         model,
         ds.query_paths(),
         ids=list(ds.qimlist),
@@ -392,6 +397,7 @@ def extract_benchmark(
     num_shards: int = 1,
     image_size_explicit: bool = False,
     distractors: Any = None,
+    extract_fn: Any = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Learns or loads whitening, builds the model, and extracts a benchmark's descriptors.
 
@@ -400,7 +406,8 @@ def extract_benchmark(
     model describes images at the size it was trained at unless `image_size_explicit` (see
     `with_model_image_size`). With `distractors` (a `data.distractors.DistractorSet`), their
     descriptors go to a store of their own, named by the same key, reused by every benchmark
-    whose descriptors are made the same way (`distractor_store`).
+    whose descriptors are made the same way (`distractor_store`). `extract_fn`: see
+    `benchmark_descriptors`.
 
     Returns:
       (database ExtractionResult, query ExtractionResult, descriptor metadata; with
@@ -436,11 +443,13 @@ def extract_benchmark(
         progress=progress,
         shard_index=shard_index,
         num_shards=num_shards,
+        extract_fn=extract_fn,
     )
     if distractors is not None:
         extra["distractors"] = distractor_descriptors(
             cfg, distractors, model, meta, distractor_store(cfg, distractors, key),
             progress=progress, shard_index=shard_index, num_shards=num_shards,
+            extract_fn=extract_fn,
         )  # fmt: skip
     # Where the stores are and how the network behaved, for the summary and the results file
     # (not part of the settings the stores are checked against).
@@ -470,8 +479,11 @@ def distractor_descriptors(
     progress: bool = True,
     shard_index: int = 0,
     num_shards: int = 1,
+    extract_fn: Any = None,
 ) -> dict[str, Any]:
     """Extracts (or reuses, or resumes) the distractors' descriptors into `store_dir`.
+
+    `extract_fn`: see `benchmark_descriptors`.
 
     Returns:
       {'name', 'title', 'store', 'images' (described by this shard), 'skipped' (count),
@@ -479,7 +491,7 @@ def distractor_descriptors(
     """
     from cbir_tf import descriptors
 
-    res = descriptors.extract(
+    res = (extract_fn or descriptors.extract)(
         model,
         distractors.paths(),
         ids=list(distractors.ids),

@@ -284,6 +284,7 @@ def extract(
     meta: dict[str, Any] | None = None,
     shard_index: int = 0,
     num_shards: int = 1,
+    total_images: int | None = None,
     flush_every: int = 64,
     progress: bool = True,
     antialias: bool = True,
@@ -310,6 +311,7 @@ def extract(
         meta.json; a resumed run must pass the same.
       shard_index: which shard of the (ids, paths) list this call handles.
       num_shards: how many contiguous shards the list is split into (`shard_range`).
+      total_images: the whole list's size when `paths` is shard `shard_index`'s slice already.
       flush_every: images per saved chunk.
       progress: show a progress bar (images/s, ETA) and a summary of skipped images.
       antialias: antialias when shrinking for a scale < 1 (False = the reference's resize).
@@ -326,7 +328,8 @@ def extract(
       cbir_tf.store.StoreWriteError: the disk filled up (the store stays resumable).
     """
     start_time = time.perf_counter()
-    items, ids, bboxes, shard = _shard_inputs(paths, ids, bboxes, shard_index, num_shards)
+    inputs = (paths, ids, bboxes, shard_index, num_shards, total_images)
+    items, ids, bboxes, shard = _shard_inputs(*inputs)
     scales = _validate_scales(scales)
     if flush_every < 1:
         raise ValueError(f"flush_every must be >= 1, got {flush_every}")
@@ -370,8 +373,8 @@ def extract(
     )
 
 
-def _shard_inputs(paths, ids, bboxes, shard_index: int, num_shards: int):
-    """(items, ids, bboxes, shard meta) of the shard's slice of the checked inputs."""
+def _shard_inputs(paths, ids, bboxes, shard_index: int, num_shards: int, total=None):
+    """(items, ids, bboxes, shard meta) of the shard's slice (given as is with `total`)."""
     items = list(paths)
     if ids is None:
         ids = [str(k) if _is_array(p) else os.fspath(p) for k, p in enumerate(items)]
@@ -380,8 +383,12 @@ def _shard_inputs(paths, ids, bboxes, shard_index: int, num_shards: int):
         raise ValueError(f"{len(ids)} ids for {len(items)} images")
     if bboxes is not None and len(bboxes) != len(items):
         raise ValueError(f"{len(bboxes)} bboxes for {len(items)} images")
-    shard = shard_meta(len(items), shard_index, num_shards)
+    shard = shard_meta(len(items) if total is None else int(total), shard_index, num_shards)
     lo, hi = shard["shard_start"], shard["shard_stop"]
+    if total is not None:
+        if hi - lo != len(items):
+            raise ValueError(f"shard {shard_index} holds {hi - lo} of {total}, got {len(items)}")
+        lo, hi = 0, len(items)
     bboxes = None if bboxes is None else list(bboxes)[lo:hi]
     return items[lo:hi], ids[lo:hi], bboxes, shard
 
@@ -576,9 +583,8 @@ def _progress_bar(total: int, initial: int, enabled: bool, store_dir):
     from tqdm.auto import tqdm
 
     desc = "descriptors" if store_dir is None else f"descriptors -> {os.fspath(store_dir)}"
-    return tqdm(
-        total=total, initial=initial, unit="img", desc=desc, smoothing=0.05, dynamic_ncols=True
-    )
+    return tqdm(total=total, initial=initial, unit="img", desc=desc, smoothing=0.05,
+                dynamic_ncols=True)  # fmt: skip
 
 
 def _print_summary(total, resumed, computed, skipped, skipped_now: int, seconds) -> None:

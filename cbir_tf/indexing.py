@@ -31,7 +31,13 @@ class IndexUpdates:
     `ms_power`, `descriptor_meta`, `rerank_settings`, `block_size`, `flush_every`, `directory`,
     `collection`, `_descriptors`, `_ids`, `_row`, and provides `_open(directory)` (read an index
     folder) and `_set_ids(ids)` (new row order).
+
+    Attributes:
+      extract_fn: what describes new images: None = `cbir_tf.descriptors.extract`, or a
+        function with its arguments and result (`cbir_tf.beam_extract.BeamExtractor.extract`).
     """
+
+    extract_fn: Any = None
 
     def _store_meta(self) -> dict[str, Any]:
         meta = dict(self.descriptor_meta)
@@ -188,7 +194,7 @@ class IndexUpdates:
 
         if not ids:
             return None
-        res = descriptors.extract(
+        res = (self.extract_fn or descriptors.extract)(
             self.model,
             list(paths),
             ids=list(ids),

@@ -85,6 +85,7 @@ def extract_dataset(
         download=download,
         progress=progress,
         distractors=dset,
+        extract_fn=extract_function(cfg.extract),
     )
     print(_summary(f"{ds.name} database", db, os.path.join(meta["store"], "db")))
     print(_summary(f"{ds.name} queries", qr, os.path.join(meta["store"], "queries")))
@@ -159,6 +160,7 @@ def build_index(
     num_shards: int = 1,
     progress: bool = True,
     image_size_explicit: bool = False,
+    extract_fn: Any = None,
 ) -> Retriever:
     """Indexes an image folder into `out` (what `extract.py --images=DIR --out=DIR` runs).
 
@@ -177,6 +179,8 @@ def build_index(
       progress: show progress.
       image_size_explicit: the user set `data.image_size`: a `model_path` model then describes
         images at that size instead of the size it was trained at.
+      extract_fn: what describes the images (see `extract_function`); default: the one the
+        config's `extract.runner` names.
 
     Returns:
       The Retriever, attached to `out`.
@@ -203,6 +207,7 @@ def build_index(
         )
     else:
         r = Retriever.from_config(config, directory=out, root=images)
+    r.extract_fn = extract_fn or extract_function(cfg.get("extract", {}))
     if int(num_shards) <= 1:
         r.index(images, progress=progress)
         return r
@@ -212,6 +217,25 @@ def build_index(
     files = rel[shard["shard_start"] : shard["shard_stop"]]
     r.index([os.path.join(images, *p.split("/")) for p in files], progress=progress)
     return r
+
+
+def extract_function(extract_cfg: Mapping[str, Any]) -> Any:
+    """What describes images for the config's `extract.runner`: None = `descriptors.extract`.
+
+    'beam' gives `cbir_tf.beam_extract.BeamExtractor.extract` (same arguments and result), set
+    up from `extract.beam_options` and the other `extract.beam_*` fields.
+
+    Raises:
+      ValueError: an unknown runner.
+    """
+    runner = str(extract_cfg.get("runner", "local"))
+    if runner == "local":
+        return None
+    if runner == "beam":
+        from cbir_tf import beam_extract  # imports apache_beam: only when asked for
+
+        return beam_extract.BeamExtractor.from_config(extract_cfg).extract
+    raise ValueError(f"unknown extract.runner {runner!r}; valid runners: 'local', 'beam'")
 
 
 def merge_indexes(

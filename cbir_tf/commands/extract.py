@@ -9,6 +9,9 @@ r"""Extracts global descriptors: a benchmark (database + cropped queries) or you
       --config.model.backbone=mobilenet --config.model.alpha=0.25 --config.data.image_size=448
   python extract.py --images=DIR --out=part0 --shard_index=0 --num_shards=4   # one of 4 shards
   python extract.py --merge=part0,part1,part2,part3 --out=STORE             # join the shards
+  python extract.py --images=DIR --out=index/ --runner=beam                 # Apache Beam, local
+  python extract.py --images=DIR --out=index/ --runner=beam \
+      --beam_options="--runner=FlinkRunner --flink_master=HOST:8081 --environment_type=LOOPBACK"
 
 Interrupted runs resume where they stopped: run the same command again.
 """
@@ -26,6 +29,8 @@ flags.DEFINE_string("out", None, "Output store / index folder.")
 flags.DEFINE_integer("shard_index", None, "This process's shard (0-based).")
 flags.DEFINE_integer("num_shards", None, "Number of shards the collection is split into.")
 flags.DEFINE_list("merge", None, "Shard stores to merge into --out (no extraction).")
+flags.DEFINE_enum("runner", None, ["local", "beam"], "local, or an Apache Beam pipeline.")
+flags.DEFINE_string("beam_options", None, "Beam pipeline options, passed through unchanged.")
 cli.define_benchmark_flags()
 FLAGS = flags.FLAGS
 
@@ -41,6 +46,8 @@ def main(argv):
             "extract.out": FLAGS.out,
             "extract.shard_index": FLAGS.shard_index,
             "extract.num_shards": FLAGS.num_shards,
+            "extract.runner": FLAGS.runner,
+            "extract.beam_options": FLAGS.beam_options,
         },
     )
     size_given = cli.image_size_given(FLAGS)

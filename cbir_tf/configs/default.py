@@ -46,6 +46,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.extract.shard_index = 0
     c.extract.num_shards = 1
     c.extract.flush_every = 64  # images between checkpoints of an interrupted run
+    c.extract.runner = "local"  # local | beam (an Apache Beam pipeline: cbir_tf/beam_extract.py)
+    c.extract.beam_options = ""  # Beam pipeline options, passed through (e.g. --runner=...)
+    c.extract.beam_workers = 0  # local worker processes without a --runner; 0 = usable cores
+    c.extract.beam_shard_images = 256  # images per shard: the unit of work, retry and resume
+    c.extract.beam_attempts = 3  # pipeline runs over unfinished shards before giving up
 
     c.search = ml_collections.ConfigDict()
     c.search.backend = "exact"  # exact | faiss

@@ -1,0 +1,377 @@
+"""Descriptor extraction as an Apache Beam pipeline: the same stores, from a laptop to a cluster.
+
+`BeamExtractor.extract` is a drop-in for `cbir_tf.descriptors.extract` (same arguments, same
+`ExtractionResult`): the images are cut into shards of `shard_images` contiguous images, and
+
+    shards not finished yet ─► Reshuffle ─► ExtractShard (per worker: the model loaded once in
+    setup(); per shard: `descriptors.extract` into the shard's own store) ─┬► done shards
+                                                                          └► dead letters
+    then `cbir_tf.shards.merge_shards` joins the shard stores into `store_dir`.
+
+Each shard is today's extraction, unchanged: the same loader (`cbir_tf.data.pipeline`: EXIF
+orientation, crops, resizing, skip rules and reasons), the same compiled per-image function, the
+same resumable, atomically written store (`cbir_tf.store_writer`). Images keep their own size,
+so the model runs one image at a time, as in the sequential path: Beam's `RunInference` batches
+tensors of one shape, and padding images to a common size would change their descriptors.
+
+Images that cannot be read go to the `skipped` output (a dead letter per image, counted by the
+`images_skipped` metric) and, durably, to their shard store's skipped.json, which the merge
+joins into the final skipped.json in input order, exactly as the sequential path writes it.
+
+Resuming and retrying: a finished shard store is never recomputed (the driver leaves it out of
+the pipeline, a re-executed bundle finds it complete and just reads it), and an interrupted one
+resumes from its saved chunks, so the work is idempotent. A shard that fails is tried again in
+its worker (`attempts`); runners that retry failed bundles (Dataflow, Flink, Spark) retry on top
+of that. The local Fn API runner does not retry bundles: a worker process that dies fails the
+run, and running the same command again resumes it.
+
+Locally the pipeline runs on Beam's in-process Fn API runner with worker processes
+(`--runner=FnApiRunner --direct_running_mode=multi_processing --direct_num_workers=N`), pinned
+explicitly: Beam's DirectRunner first tries the Prism runner, a binary it downloads at run time.
+Stores are written with the local file API: workers and driver must share the filesystem
+(local disk, NFS, a mounted bucket).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics.metric import Metrics, MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+log = logging.getLogger(__name__)
+
+SHARDS_DIR = "beam-shards"  # inside the store folder; removed once the merge is complete
+MODEL_FILE = "model.keras"  # the driver's model, which every worker loads once
+_NAMESPACE = "cbir_tf"
+
+
+def pipeline_options(beam_options: str | Sequence[str] = "", num_workers: int = 0) -> list[str]:
+    """The pipeline's command-line options: the user's, passed through, plus local defaults.
+
+    Without a `--runner`, the in-process Fn API runner with `num_workers` worker processes is
+    used (never Beam's default DirectRunner, which fetches the Prism binary from the internet).
+
+    Args:
+      beam_options: Beam options as one shell-quoted string or a list, e.g.
+        "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp".
+      num_workers: local worker processes; 0 = the usable cores.
+
+    Returns:
+      The option list given to `PipelineOptions`.
+    """
+    opts = shlex.split(beam_options) if isinstance(beam_options, str) else list(beam_options)
+    names = {o.split("=", 1)[0] for o in opts if o.startswith("--")}
+    if "--runner" not in names:
+        opts.append("--runner=FnApiRunner")
+        if "--direct_running_mode" not in names:
+            opts.append("--direct_running_mode=multi_processing")
+        if "--direct_num_workers" not in names:
+            opts.append(f"--direct_num_workers={int(num_workers) or _usable_cores()}")
+    return opts
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def shard_dir(store_dir: str, index: int, num_shards: int) -> str:
+    """The folder of shard `index`'s store under `store_dir`."""
+    return os.path.join(store_dir, SHARDS_DIR, f"shard-{index:05d}-of-{num_shards:05d}")
+
+
+class ExtractShard(beam.DoFn):
+    """Describes one shard per element into its own store; the model is loaded once per worker.
+
+    Elements are dicts {'index', 'num_shards', 'total', 'items', 'ids', 'bboxes', 'store'}.
+    Main output: (shard index, images computed, images skipped); tagged output 'skipped':
+    (id, reason) of each image that could not be read (the dead letters).
+
+    A shard that fails is tried again in place, up to `attempts` times, resuming its store: the
+    local runner fails the whole job on a failed bundle, where Dataflow, Flink or Spark would
+    retry it (and get the same idempotent work).
+
+    Args:
+      model_path: the `.keras` descriptor model every worker loads in `setup`.
+      settings: keyword arguments of `descriptors.extract` common to all shards (image_size,
+        scales, ms_power, meta, flush_every, antialias).
+      attempts: tries per shard.
+      fault_hook: called as fault_hook(shard index, stage) at stage 'start' and 'written' (the
+        shard store is complete); tests raise from it to play a failing worker. None in use.
+    """
+
+    def __init__(self, model_path: str, settings: dict[str, Any], attempts: int, fault_hook=None):
+        self.model_path = model_path
+        self.settings = settings
+        self.attempts = int(attempts)
+        self.fault_hook = fault_hook
+        self.model = None
+        self.counters = {
+            name: Metrics.counter(_NAMESPACE, name)
+            for name in ("images_computed", "images_skipped", "shards_written", "shard_retries")
+        }
+
+    def setup(self) -> None:
+        from cbir_tf import models
+
+        self.model = models.load_descriptor_model(self.model_path)
+
+    def process(self, shard: dict[str, Any]):
+        computed = 0
+        for attempt in range(1, self.attempts + 1):
+            try:
+                res = self._describe(shard, "start")
+                computed += res.num_computed
+                self._describe(shard, "written", res)
+                break
+            except Exception as e:
+                if attempt == self.attempts:
+                    raise
+                self.counters["shard_retries"].inc()
+                log.warning("shard %d failed (%s: %s); trying again (%d of %d)", shard["index"],
+                            type(e).__name__, e, attempt + 1, self.attempts)  # fmt: skip
+        self.counters["images_computed"].inc(computed)
+        self.counters["images_skipped"].inc(len(res.skipped))
+        self.counters["shards_written"].inc()
+        for image_id, reason in res.skipped:
+            yield beam.pvalue.TaggedOutput("skipped", (image_id, reason))
+        yield shard["index"], computed, len(res.skipped)
+
+    def _describe(self, shard: dict[str, Any], stage: str, res: Any = None) -> Any:
+        """The shard's `descriptors.extract` (stage 'start'), or the hook after it ('written')."""
+        from cbir_tf import descriptors
+
+        if self.fault_hook is not None:
+            self.fault_hook(shard["index"], stage)
+        if stage != "start":
+            return res
+        return descriptors.extract(
+            self.model,
+            shard["items"],
+            ids=shard["ids"],
+            bboxes=shard["bboxes"],
+            store_dir=shard["store"],
+            shard_index=shard["index"],
+            num_shards=shard["num_shards"],
+            total_images=shard["total"],
+            progress=False,
+            **self.settings,
+        )
+
+
+def _last_line(e: BaseException) -> str:
+    """The gist of a pipeline error: runners wrap the worker's traceback into the message."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _log_dead_letter(item: tuple[str, str]) -> None:
+    log.info("skipped %s: %s", *item)
+
+
+class BeamExtractor:
+    """Runs `descriptors.extract` as a Beam pipeline (see the module docstring).
+
+    Args:
+      beam_options: pipeline options passed through to Beam (see `pipeline_options`).
+      shard_images: images per shard: the unit of work, of retry and of resumption.
+      attempts: tries per shard in a worker before the run fails.
+      num_workers: local worker processes when `beam_options` names no runner; 0 = the cores.
+      fault_hook: see `ExtractShard` (tests only).
+    """
+
+    def __init__(
+        self,
+        beam_options: str | Sequence[str] = "",
+        *,
+        shard_images: int = 256,
+        attempts: int = 3,
+        num_workers: int = 0,
+        fault_hook: Callable | None = None,
+    ):
+        if int(shard_images) < 1:
+            raise ValueError(f"shard_images must be >= 1, got {shard_images}")
+        if int(attempts) < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
+        self.options = pipeline_options(beam_options, num_workers)
+        self.shard_images = int(shard_images)
+        self.attempts = int(attempts)
+        self.fault_hook = fault_hook
+        self.last_metrics: dict[str, int] = {}
+
+    @classmethod
+    def from_config(cls, extract_cfg: Any) -> BeamExtractor:
+        """From the config's `extract` block (runner, beam_options, beam_* fields)."""
+        return cls(
+            str(extract_cfg.get("beam_options", "")),
+            shard_images=int(extract_cfg.get("beam_shard_images", 256)),
+            attempts=int(extract_cfg.get("beam_attempts", 3)),
+            num_workers=int(extract_cfg.get("beam_workers", 0)),
+        )
+
+    def extract(
+        self,
+        model: Any,
+        paths: Sequence[Any],
+        *,
+        ids: Sequence[str] | None = None,
+        image_size: int | None = 1024,
+        scales: Sequence[float] = (1.0,),
+        ms_power: float = 1.0,
+        bboxes: Sequence[Any] | None = None,
+        store_dir: str | os.PathLike | None = None,
+        meta: dict[str, Any] | None = None,
+        shard_index: int = 0,
+        num_shards: int = 1,
+        flush_every: int = 64,
+        progress: bool = True,
+        antialias: bool = True,
+        num_parallel_calls: int | None = None,
+    ) -> Any:
+        """`descriptors.extract`'s contract, computed by the Beam pipeline.
+
+        The arguments are those of `cbir_tf.descriptors.extract` (image paths only: decoded
+        arrays are not sent to workers). Without `store_dir` the stores go to a temporary
+        folder and the descriptors are returned in memory.
+
+        Raises:
+          RuntimeError: the pipeline failed (finished shards are kept: run again to resume).
+        """
+        from cbir_tf import descriptors
+
+        common = dict(
+            ids=ids, image_size=image_size, scales=scales, ms_power=ms_power, bboxes=bboxes,
+            meta=meta, shard_index=shard_index, num_shards=num_shards, flush_every=flush_every,
+            antialias=antialias, num_parallel_calls=num_parallel_calls,
+        )  # fmt: skip
+        if store_dir is None:
+            with tempfile.TemporaryDirectory(prefix="cbir-beam-") as tmp:
+                res = self.extract(model, paths, store_dir=tmp, progress=progress, **common)
+                res.descriptors = np.array(res.descriptors)  # off the store about to vanish
+                return res
+        if int(num_shards) != 1:
+            raise ValueError(
+                "the Beam runner splits the work into shards itself: drop --shard_index and "
+                "--num_shards (or use --runner=local for a shard made by hand)"
+            )
+        store_dir = os.path.abspath(os.fspath(store_dir))
+        start = time.perf_counter()
+        self.last_metrics = {}
+        from cbir_tf.store import DescriptorStore
+
+        if not DescriptorStore(store_dir).is_complete:
+            self._fill(model, list(paths), store_dir, common)
+        res = descriptors.extract(model, paths, store_dir=store_dir, progress=False, **common)
+        # The store was filled by the workers: report their work, not this read-back.
+        res.num_computed = self.last_metrics.get("images_computed", 0)
+        done = res.num_computed + self.last_metrics.get("images_skipped", 0)
+        res.num_resumed = len(res.ids) + len(res.skipped) - done
+        res.seconds = time.perf_counter() - start
+        res.images_per_second = done / res.seconds if res.seconds > 0 else 0.0
+        if progress:
+            print(
+                f"beam: {res.num_computed} images described, {len(res.skipped)} skipped, "
+                f"{res.num_resumed} already done, in {res.seconds:.1f} s -> {store_dir}"
+            )
+        return res
+
+    def _fill(self, model: Any, paths: list[Any], store_dir: str, common: dict) -> None:
+        """Runs the pipeline until every shard store is complete, then merges them."""
+        from cbir_tf import descriptors, models
+        from cbir_tf.shards import merge_shards
+        from cbir_tf.store import DescriptorStore
+
+        if any(descriptors._is_array(p) for p in paths):
+            raise TypeError("the Beam runner extracts image files: pass paths, not arrays")
+        items, ids, bboxes, _ = descriptors._shard_inputs(
+            paths, common["ids"], common["bboxes"], common["shard_index"], common["num_shards"]
+        )
+        settings = {
+            "image_size": common["image_size"],
+            "scales": tuple(common["scales"]),
+            "ms_power": float(common["ms_power"]),
+            "meta": dict(common["meta"] or {}),
+            "flush_every": int(common["flush_every"]),
+            "antialias": bool(common["antialias"]),
+        }
+        work = os.path.join(store_dir, SHARDS_DIR)
+        model_path = os.path.join(work, MODEL_FILE)
+        if not os.path.isfile(model_path):
+            models.save_descriptor_model(model, model_path)
+        elements = self._shards(items, ids, bboxes, store_dir)
+        todo = [e for e in elements if not DescriptorStore(e["store"]).is_complete]
+        log.info("beam: %d of %d shards to describe", len(todo), len(elements))
+        if todo:
+            try:
+                self._run(todo, model_path, settings)
+            except Exception as e:
+                left = [x["index"] for x in elements if not DescriptorStore(x["store"]).is_complete]
+                raise RuntimeError(
+                    f"beam extraction into {store_dir} failed, shards {left} of {len(elements)} "
+                    f"unfinished ({_last_line(e)}); finished shards are kept: run the same "
+                    "command again to resume"
+                ) from e
+        merge_shards([e["store"] for e in elements], store_dir, overwrite=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    def _shards(self, items, ids, bboxes, store_dir: str) -> list[dict[str, Any]]:
+        """One element per shard of `shard_images` contiguous images (`shards.shard_range`)."""
+        from cbir_tf.shards import shard_range
+
+        n = len(items)
+        count = max(1, math.ceil(n / self.shard_images))
+        out = []
+        for i in range(count):
+            lo, hi = shard_range(n, i, count)
+            out.append(
+                {
+                    "index": i,
+                    "num_shards": count,
+                    "total": n,
+                    "items": [os.fspath(p) for p in items[lo:hi]],
+                    "ids": list(ids[lo:hi]),
+                    "bboxes": None if bboxes is None else list(bboxes[lo:hi]),
+                    "store": shard_dir(store_dir, i, count),
+                }
+            )
+        return out
+
+    def _run(self, todo: list[dict[str, Any]], model_path: str, settings: dict) -> None:
+        """One pipeline run over the `todo` shard elements; keeps its counters."""
+        fn = ExtractShard(model_path, settings, self.attempts, self.fault_hook)
+        p = beam.Pipeline(options=PipelineOptions(self.options))
+        out = (
+            p
+            | "Shards" >> beam.Create(todo, reshuffle=False)
+            | "Redistribute" >> beam.Reshuffle()
+            | "Extract" >> beam.ParDo(fn).with_outputs("skipped", main="done")
+        )
+        _ = out.skipped | "DeadLetters" >> beam.Map(_log_dead_letter)
+        # Beam relays every worker's log lines at INFO (start, shut-down, each skipped image);
+        # the summary says what matters, --verbose shows them all.
+        beam_log = logging.getLogger("apache_beam")
+        level = beam_log.level
+        if not log.isEnabledFor(logging.DEBUG):
+            beam_log.setLevel(logging.WARNING)
+        try:
+            result = p.run()
+            result.wait_until_finish()
+        finally:
+            beam_log.setLevel(level)
+        counters = result.metrics().query(MetricsFilter().with_namespace(_NAMESPACE))["counters"]
+        for c in counters:
+            name = c.key.metric.name
+            self.last_metrics[name] = self.last_metrics.get(name, 0) + int(c.committed or 0)

@@ -1,0 +1,185 @@
+"""Extraction on Apache Beam (2 local worker processes) gives the sequential path's index.
+
+One folder (synthetic photos and broken files) is indexed sequentially, then with Beam twice:
+a first run interrupted by a shard that always fails, then the same command again, in which
+every worker fails once on each shard after writing it and tries again. The Beam index must
+equal the sequential one (ids and order, descriptors, skipped.json, no missing or duplicated
+rows), and the shards finished by the first run must not be described again. Beam's worker
+processes start TensorFlow: the two pipeline runs are the whole cost.
+"""
+
+import json
+import os
+import time
+
+import keras
+import numpy as np
+import pytest
+from photos import synthetic_photo
+
+from cbir_tf import beam_extract, models, runs, store
+from cbir_tf.configs import default
+
+NUM_PHOTOS = 9
+SHARD_IMAGES = 3  # 12 files -> 4 shards
+
+
+class ShardLog:
+    """Fault hook: records every call in `folder` and fails as told (picklable, by reference).
+
+    Args:
+      folder: one file per call, '<shard>-<stage>-<pid>-<ns>'.
+      stage: the stage at which to fail: 'start' or 'written' (the shard's store is complete).
+      always: None, or the one shard that fails every time, but only once another shard's
+        store is complete (so that the run leaves finished work behind); otherwise every shard
+        fails once at `stage`.
+      store_dir: where the shard stores are (to wait for another shard).
+    """
+
+    def __init__(self, folder, stage, always=None, store_dir=None):
+        self.folder, self.stage, self.always, self.store_dir = str(folder), stage, always, store_dir
+        os.makedirs(self.folder, exist_ok=True)
+
+    def __call__(self, shard, stage):
+        name = f"{shard}-{stage}-{os.getpid()}-{time.monotonic_ns()}"
+        open(os.path.join(self.folder, name), "w").close()
+        if stage != self.stage:
+            return
+        if self.always is None:
+            if len(self.calls(stage, shard)) == 1:
+                raise RuntimeError(f"worker fails once on shard {shard}")
+            return
+        if shard == self.always:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not self._others_done():
+                time.sleep(0.1)
+            raise RuntimeError(f"shard {shard} always fails")
+
+    def _others_done(self):
+        shards = os.path.join(self.store_dir, beam_extract.SHARDS_DIR)
+        return any(
+            store.DescriptorStore(os.path.join(shards, d)).is_complete
+            for d in os.listdir(shards) if d.startswith("shard-")
+        )  # fmt: skip
+
+    def calls(self, stage="start", shard=None):
+        """Shard indices of the calls at `stage` (of `shard` only if given), one per call."""
+        found = [int(n.split("-")[0]) for n in os.listdir(self.folder) if f"-{stage}-" in n]
+        return sorted(i for i in found if shard is None or i == shard)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("beam_photos")
+    for i in range(NUM_PHOTOS):
+        synthetic_photo(root / ("sub" if i % 4 == 0 else "") / f"img{i}.jpg", i)
+    (root / "sub" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.png").write_text("not an image")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A small deterministic descriptor model (conv -> GeM -> L2) as a .keras file."""
+    from cbir_tf.layers import GeM, L2Normalization
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inp)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(x)
+    out = L2Normalization()(GeM()(keras.layers.Conv2D(16, 3, strides=2)(x)))
+    return models.save_descriptor_model(
+        keras.Model(inp, out), str(tmp_path_factory.mktemp("model") / "tiny.keras")
+    )
+
+
+def _cfg(runner="local"):
+    cfg = default.get_config()
+    cfg.data.image_size = 64
+    cfg.extract.runner = runner
+    return cfg
+
+
+def _index(cfg, folder, out, model_file, extract_fn=None):
+    return runs.build_index(
+        cfg, folder, out, model_path=model_file, progress=False, image_size_explicit=True,
+        extract_fn=extract_fn,
+    )  # fmt: skip
+
+
+def _skipped(index_dir):
+    with open(os.path.join(index_dir, "skipped.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_beam_index_equals_sequential_and_resumes_after_failures(
+    folder, model_file, tmp_path, monkeypatch
+):
+    from apache_beam.runners.portability import prism_runner
+
+    def no_prism(*args, **kwargs):
+        raise AssertionError("the Prism runner (downloaded at run time) must not be used")
+
+    monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", no_prism)
+    # The worker processes import the fault hooks from this module by name.
+    here = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+
+    seq = _index(_cfg(), folder, tmp_path / "seq", model_file)
+    assert len(seq) == NUM_PHOTOS and len(seq.failed) == 3
+
+    out = str(tmp_path / "beam")
+    staging = os.path.join(out, "pending")
+    first = ShardLog(tmp_path / "log1", "start", always=1, store_dir=staging)
+    beam1 = beam_extract.BeamExtractor(
+        shard_images=SHARD_IMAGES, attempts=2, num_workers=2, fault_hook=first
+    )
+    with pytest.raises(RuntimeError, match=r"shards \[.*1.*\] of 4 unfinished.*run the same"):
+        _index(_cfg("beam"), folder, out, model_file, beam1.extract)
+    assert first.calls(shard=1) == [1, 1]  # tried again in its worker before the run fails
+    shards = os.path.join(staging, beam_extract.SHARDS_DIR)
+    finished = {
+        int(d.split("-")[1])
+        for d in os.listdir(shards)
+        if d.startswith("shard-") and store.DescriptorStore(os.path.join(shards, d)).is_complete
+    }
+    assert finished and 1 not in finished
+
+    # The same command again; every shard's worker fails once after writing it, and retries.
+    second = ShardLog(tmp_path / "log2", "written")
+    beam2 = beam_extract.BeamExtractor(
+        shard_images=SHARD_IMAGES, attempts=2, num_workers=2, fault_hook=second
+    )
+    r = _index(_cfg("beam"), folder, out, model_file, beam2.extract)
+    todo = sorted(set(range(4)) - finished)
+    # Shards finished before are not described again; a retried shard is read back, not redone.
+    assert second.calls("start") == sorted(todo * 2) and second.calls("written") == sorted(todo * 2)
+    m = beam2.last_metrics
+    assert m["shard_retries"] == m["shards_written"] == len(todo)
+    assert m["images_computed"] + m["images_skipped"] == SHARD_IMAGES * len(todo)
+
+    assert r.ids == seq.ids and len(set(r.ids)) == len(r.ids)
+    desc_b, ids_b, _ = store.load_store(out)
+    desc_s, ids_s, _ = store.load_store(str(tmp_path / "seq"))
+    assert ids_b == ids_s
+    np.testing.assert_allclose(desc_b, desc_s, atol=1e-5)
+    assert _skipped(out) == _skipped(str(tmp_path / "seq")) and len(_skipped(out)) == 3
+    assert r.failed == seq.failed
+    assert not os.path.exists(staging)  # committed: no shard stores left behind
+
+
+def test_runner_choice_and_local_options():
+    assert runs.extract_function({"runner": "local"}) is None
+    fn = runs.extract_function({"runner": "beam", "beam_options": "", "beam_workers": 3})
+    assert fn.__self__.options == [
+        "--runner=FnApiRunner",
+        "--direct_running_mode=multi_processing",
+        "--direct_num_workers=3",
+    ]
+    with pytest.raises(ValueError, match="unknown extract.runner 'spark'.*'local', 'beam'"):
+        runs.extract_function({"runner": "spark"})
+    # A runner of the user's is passed through unchanged, with nothing added.
+    dataflow = "--runner=DataflowRunner --project=p --region=europe-west1 --temp_location=gs://b/t"
+    assert beam_extract.pipeline_options(dataflow) == dataflow.split()
+    assert "--direct_num_workers=5" in beam_extract.pipeline_options("--direct_num_workers=5")
