@@ -8,6 +8,10 @@ SERVE = ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18", "thread
 # Python >= 3.9, and newer etils no longer bring it: a `tfds:` source fails without it.
 TFDS = ["tensorflow-datasets>=4.9", "importlib-resources>=5.0"]
 TFLITE = ["ai-edge-litert>=2.0"]
+# Extraction as an Apache Beam pipeline (extract.py --runner=beam). Beam pins protobuf < 7,
+# pillow < 13 and pyarrow < 26; with TensorFlow 2.21 a fresh install resolves to apache-beam
+# 2.77.0, protobuf 6.33.6, pillow 12.3.0, pyarrow 25.0.1 (README, "Scale out").
+BEAM = ["apache-beam>=2.60"]
 
 setup(
     name="cbir-tf",
@@ -43,6 +47,7 @@ setup(
         "serve": SERVE,
         # TFLite's interpreter for exported models (export.py --format=tflite checks them).
         "tflite": TFLITE,
+        "beam": BEAM,
         "dev": [
             "pytest>=8.0",
             "ruff>=0.5",
@@ -51,6 +56,7 @@ setup(
             *SERVE,
             "selenium>=4.10",
             *TFLITE,
+            *BEAM,
         ],
     },
     # The commands, runnable from any directory once installed (the scripts beside setup.py

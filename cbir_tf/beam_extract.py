@@ -88,6 +88,16 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _local_threads(options: Sequence[str]) -> int | None:
+    """TensorFlow threads per worker when local workers share this machine's cores, else None."""
+    opts = dict(o.split("=", 1) for o in options if o.startswith("--") and "=" in o)
+    if opts.get("--runner", "").lower() not in ("fnapirunner", "directrunner"):
+        return None
+    if opts.get("--direct_running_mode") != "multi_processing":
+        return None
+    return max(1, _usable_cores() // max(1, int(opts.get("--direct_num_workers", "1") or 1)))
+
+
 def shard_dir(store_dir: str, index: int, num_shards: int) -> str:
     """The folder of shard `index`'s store under `store_dir`."""
     return os.path.join(store_dir, SHARDS_DIR, f"shard-{index:05d}-of-{num_shards:05d}")
@@ -109,14 +119,24 @@ class ExtractShard(beam.DoFn):
       settings: keyword arguments of `descriptors.extract` common to all shards (image_size,
         scales, ms_power, meta, flush_every, antialias).
       attempts: tries per shard.
+      threads: TensorFlow's intra-op threads per worker (None: TensorFlow's default, all the
+        machine's cores); local workers share one machine, each takes its part of the cores.
       fault_hook: called as fault_hook(shard index, stage) at stage 'start' and 'written' (the
         shard store is complete); tests raise from it to play a failing worker. None in use.
     """
 
-    def __init__(self, model_path: str, settings: dict[str, Any], attempts: int, fault_hook=None):
+    def __init__(
+        self,
+        model_path: str,
+        settings: dict[str, Any],
+        attempts: int,
+        threads=None,
+        fault_hook=None,
+    ):
         self.model_path = model_path
         self.settings = settings
         self.attempts = int(attempts)
+        self.threads = threads
         self.fault_hook = fault_hook
         self.model = None
         self.counters = {
@@ -125,8 +145,12 @@ class ExtractShard(beam.DoFn):
         }
 
     def setup(self) -> None:
+        import tensorflow as tf
+
         from cbir_tf import models
 
+        if self.threads:
+            tf.config.threading.set_intra_op_parallelism_threads(int(self.threads))
         self.model = models.load_descriptor_model(self.model_path)
 
     def process(self, shard: dict[str, Any]):
@@ -207,6 +231,7 @@ class BeamExtractor:
         if int(attempts) < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         self.options = pipeline_options(beam_options, num_workers)
+        self.threads = _local_threads(self.options)
         self.shard_images = int(shard_images)
         self.attempts = int(attempts)
         self.fault_hook = fault_hook
@@ -351,7 +376,7 @@ class BeamExtractor:
 
     def _run(self, todo: list[dict[str, Any]], model_path: str, settings: dict) -> None:
         """One pipeline run over the `todo` shard elements; keeps its counters."""
-        fn = ExtractShard(model_path, settings, self.attempts, self.fault_hook)
+        fn = ExtractShard(model_path, settings, self.attempts, self.threads, self.fault_hook)
         p = beam.Pipeline(options=PipelineOptions(self.options))
         out = (
             p
