@@ -150,7 +150,10 @@ class ExtractShard(beam.DoFn):
         from cbir_tf import models
 
         if self.threads:
-            tf.config.threading.set_intra_op_parallelism_threads(int(self.threads))
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(int(self.threads))
+            except RuntimeError:  # TensorFlow already started in this process (a new DoFn)
+                pass
         self.model = models.load_descriptor_model(self.model_path)
 
     def process(self, shard: dict[str, Any]):
