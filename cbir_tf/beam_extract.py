@@ -78,6 +78,9 @@ def pipeline_options(beam_options: str | Sequence[str] = "", num_workers: int = 
             opts.append("--direct_running_mode=multi_processing")
         if "--direct_num_workers" not in names:
             opts.append(f"--direct_num_workers={int(num_workers) or _usable_cores()}")
+        if "--default_sdk_harness_log_level" not in names and not log.isEnabledFor(logging.DEBUG):
+            # Local workers print on this terminal: their start and shut-down lines are noise.
+            opts.append("--default_sdk_harness_log_level=WARNING")
     return opts
 
 
@@ -96,6 +99,26 @@ def _local_threads(options: Sequence[str]) -> int | None:
     if opts.get("--direct_running_mode") != "multi_processing":
         return None
     return max(1, _usable_cores() // max(1, int(opts.get("--direct_num_workers", "1") or 1)))
+
+
+def _local_runner(options: PipelineOptions) -> Any:
+    """The Fn API runner for `--runner=FnApiRunner`, handing the options to its workers.
+
+    Built as Beam's DirectRunner builds it (which Beam does not do for the runner by name), so
+    that options such as --default_sdk_harness_log_level reach the worker processes. None for
+    other runners: Beam makes them from the options.
+    """
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    if str(options.view_as(StandardOptions).runner).lower() not in ("fnapirunner",):
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(info))
 
 
 def shard_dir(store_dir: str, index: int, num_shards: int) -> str:
@@ -138,6 +161,7 @@ class ExtractShard(beam.DoFn):
         self.attempts = int(attempts)
         self.threads = threads
         self.fault_hook = fault_hook
+        self.verbose = log.isEnabledFor(logging.DEBUG)  # the driver's, carried to the workers
         self.model = None
         self.counters = {
             name: Metrics.counter(_NAMESPACE, name)
@@ -145,10 +169,16 @@ class ExtractShard(beam.DoFn):
         }
 
     def setup(self) -> None:
+        from cbir_tf import cli
+
+        cli.import_tensorflow(self.verbose)  # without its start-up lines, as the commands do
         import tensorflow as tf
 
         from cbir_tf import models
 
+        if not self.verbose:
+            # A local worker's harness logs its start and shut-down at INFO on the terminal.
+            logging.getLogger().setLevel(logging.WARNING)
         if self.threads:
             try:
                 tf.config.threading.set_intra_op_parallelism_threads(int(self.threads))
@@ -379,22 +409,24 @@ class BeamExtractor:
 
     def _run(self, todo: list[dict[str, Any]], model_path: str, settings: dict) -> None:
         """One pipeline run over the `todo` shard elements; keeps its counters."""
-        fn = ExtractShard(model_path, settings, self.attempts, self.threads, self.fault_hook)
-        p = beam.Pipeline(options=PipelineOptions(self.options))
-        out = (
-            p
-            | "Shards" >> beam.Create(todo, reshuffle=False)
-            | "Redistribute" >> beam.Reshuffle()
-            | "Extract" >> beam.ParDo(fn).with_outputs("skipped", main="done")
-        )
-        _ = out.skipped | "DeadLetters" >> beam.Map(_log_dead_letter)
-        # Beam relays every worker's log lines at INFO (start, shut-down, each skipped image);
-        # the summary says what matters, --verbose shows them all.
+        # Beam logs at INFO while it builds the pipeline, and relays every worker's lines (start,
+        # shut-down, each skipped image); the summary says what matters, --verbose shows all.
         beam_log = logging.getLogger("apache_beam")
         level = beam_log.level
         if not log.isEnabledFor(logging.DEBUG):
-            beam_log.setLevel(logging.WARNING)
+            # Local workers' warnings are on the terminal already, from their own stderr.
+            beam_log.setLevel(logging.ERROR)
         try:
+            options = PipelineOptions(self.options)
+            fn = ExtractShard(model_path, settings, self.attempts, self.threads, self.fault_hook)
+            p = beam.Pipeline(runner=_local_runner(options), options=options)
+            out = (
+                p
+                | "Shards" >> beam.Create(todo, reshuffle=False)
+                | "Redistribute" >> beam.Reshuffle()
+                | "Extract" >> beam.ParDo(fn).with_outputs("skipped", main="done")
+            )
+            _ = out.skipped | "DeadLetters" >> beam.Map(_log_dead_letter)
             result = p.run()
             result.wait_until_finish()
         finally:
