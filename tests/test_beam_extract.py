@@ -175,14 +175,18 @@ def test_beam_index_equals_sequential_and_resumes_after_failures(
 def test_runner_choice_and_local_options():
     assert runs.extract_function({"runner": "local"}) is None
     fn = runs.extract_function({"runner": "beam", "beam_options": "", "beam_workers": 3})
-    assert fn.__self__.options == [
+    # The in-process runner, pinned (never Prism, downloaded at run time), with worker processes
+    # that share the cores.
+    assert fn.__self__.options[:3] == [
         "--runner=FnApiRunner",
         "--direct_running_mode=multi_processing",
         "--direct_num_workers=3",
     ]
+    assert fn.__self__.threads == max(1, len(os.sched_getaffinity(0)) // 3)
     with pytest.raises(ValueError, match="unknown extract.runner 'spark'.*'local', 'beam'"):
         runs.extract_function({"runner": "spark"})
     # A runner of the user's is passed through unchanged, with nothing added.
     dataflow = "--runner=DataflowRunner --project=p --region=europe-west1 --temp_location=gs://b/t"
     assert beam_extract.pipeline_options(dataflow) == dataflow.split()
+    assert beam_extract.BeamExtractor(dataflow).threads is None
     assert "--direct_num_workers=5" in beam_extract.pipeline_options("--direct_num_workers=5")
