@@ -56,6 +56,10 @@ MODEL_FILE = "model.keras"  # the driver's model, which every worker loads once
 _NAMESPACE = "cbir_tf"
 
 
+class BeamExtractionError(RuntimeError):
+    """The pipeline failed; the shards it finished are kept (run the same command to resume)."""
+
+
 def pipeline_options(beam_options: str | Sequence[str] = "", num_workers: int = 0) -> list[str]:
     """The pipeline's command-line options: the user's, passed through, plus local defaults.
 
@@ -306,7 +310,8 @@ class BeamExtractor:
         folder and the descriptors are returned in memory.
 
         Raises:
-          RuntimeError: the pipeline failed (finished shards are kept: run again to resume).
+          BeamExtractionError: the pipeline failed (finished shards are kept: run again to
+            resume).
         """
         from cbir_tf import descriptors
 
@@ -377,7 +382,7 @@ class BeamExtractor:
                 self._run(todo, model_path, settings)
             except Exception as e:
                 left = [x["index"] for x in elements if not DescriptorStore(x["store"]).is_complete]
-                raise RuntimeError(
+                raise BeamExtractionError(
                     f"beam extraction into {store_dir} failed, shards {left} of {len(elements)} "
                     f"unfinished ({_last_line(e)}); finished shards are kept: run the same "
                     "command again to resume"

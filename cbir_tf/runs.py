@@ -232,7 +232,12 @@ def extract_function(extract_cfg: Mapping[str, Any]) -> Any:
     if runner == "local":
         return None
     if runner == "beam":
-        from cbir_tf import beam_extract  # imports apache_beam: only when asked for
+        try:
+            from cbir_tf import beam_extract  # imports apache_beam: only when asked for
+        except ImportError as e:
+            raise ValueError(
+                f"extract.runner='beam' needs Apache Beam ({e}): pip install 'cbir-tf[beam]'"
+            ) from e
 
         return beam_extract.BeamExtractor.from_config(extract_cfg).extract
     raise ValueError(f"unknown extract.runner {runner!r}; valid runners: 'local', 'beam'")

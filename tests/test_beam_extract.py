@@ -10,6 +10,8 @@ worker processes start TensorFlow: that is most of the test's time.
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import keras
@@ -138,7 +140,9 @@ def test_beam_index_equals_sequential_and_resumes_after_failures(
     beam1 = beam_extract.BeamExtractor(
         threads, shard_images=SHARD_IMAGES, attempts=2, fault_hook=first
     )
-    with pytest.raises(RuntimeError, match=r"shards \[.*1.*\] of 4 unfinished.*run the same"):
+    with pytest.raises(
+        beam_extract.BeamExtractionError, match=r"shards \[.*1.*\] of 4 unfinished.*run the same"
+    ):
         _index(_cfg("beam"), folder, out, model_file, beam1.extract)
     assert first.calls(shard=1) == [1, 1]  # tried again in its worker before the run fails
     shards = os.path.join(staging, beam_extract.SHARDS_DIR)
@@ -190,3 +194,22 @@ def test_runner_choice_and_local_options():
     assert beam_extract.pipeline_options(dataflow) == dataflow.split()
     assert beam_extract.BeamExtractor(dataflow).threads is None
     assert "--direct_num_workers=5" in beam_extract.pipeline_options("--direct_num_workers=5")
+
+
+def test_extract_command_passes_beam_options_through(folder, tmp_path):
+    """extract.py --runner=beam --beam_options=...: the options reach Beam as given (one line)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [
+            sys.executable, os.path.join(root, "extract.py"), f"--images={folder}",
+            f"--out={tmp_path / 'index'}", "--runner=beam", "--weights=none",
+            "--config.model.backbone=mobilenet", "--config.model.alpha=0.25",
+            "--config.data.image_size=32", "--beam_options=--runner=NoSuchRunner",
+        ],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES=""),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: beam extraction into ") and "NoSuchRunner" in last, last
+    assert "Traceback" not in proc.stderr
