@@ -385,10 +385,9 @@ def _shard_inputs(paths, ids, bboxes, shard_index: int, num_shards: int, total=N
         raise ValueError(f"{len(bboxes)} bboxes for {len(items)} images")
     shard = shard_meta(len(items) if total is None else int(total), shard_index, num_shards)
     lo, hi = shard["shard_start"], shard["shard_stop"]
-    if total is not None:
-        if hi - lo != len(items):
-            raise ValueError(f"shard {shard_index} holds {hi - lo} of {total}, got {len(items)}")
-        lo, hi = 0, len(items)
+    if total is not None and hi - lo != len(items):
+        raise ValueError(f"shard {shard_index} holds {hi - lo} of {total}, got {len(items)}")
+    lo, hi = (0, len(items)) if total is not None else (lo, hi)  # `items` is the slice already
     bboxes = None if bboxes is None else list(bboxes)[lo:hi]
     return items[lo:hi], ids[lo:hi], bboxes, shard
 

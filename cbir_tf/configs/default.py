@@ -11,6 +11,15 @@ Every field can be overridden from the command line, e.g.
 import ml_collections
 
 
+def _runner_fields(extract: ml_collections.ConfigDict) -> None:
+    """What runs an extraction: this process, or an Apache Beam pipeline (beam_extract.py)."""
+    extract.runner = "local"  # local | beam
+    extract.beam_options = ""  # Beam pipeline options, passed through (e.g. --runner=...)
+    extract.beam_workers = 0  # local worker processes when the options name no runner; 0 = cores
+    extract.beam_shard_images = 256  # images per shard: the unit of work, retry and resumption
+    extract.beam_attempts = 3  # tries per shard in its worker before the run fails
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
@@ -46,11 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.extract.shard_index = 0
     c.extract.num_shards = 1
     c.extract.flush_every = 64  # images between checkpoints of an interrupted run
-    c.extract.runner = "local"  # local | beam (an Apache Beam pipeline: cbir_tf/beam_extract.py)
-    c.extract.beam_options = ""  # Beam pipeline options, passed through (e.g. --runner=...)
-    c.extract.beam_workers = 0  # local worker processes without a --runner; 0 = usable cores
-    c.extract.beam_shard_images = 256  # images per shard: the unit of work, retry and resume
-    c.extract.beam_attempts = 3  # pipeline runs over unfinished shards before giving up
+    _runner_fields(c.extract)  # extract.runner: local | beam, and the Beam pipeline's fields
 
     c.search = ml_collections.ConfigDict()
     c.search.backend = "exact"  # exact | faiss
