@@ -21,7 +21,7 @@ joins into the final skipped.json in input order, exactly as the sequential path
 Resuming and retrying: a finished shard store is never recomputed (the driver leaves it out of
 the pipeline, a re-executed bundle finds it complete and just reads it), and an interrupted one
 resumes from its saved chunks, so the work is idempotent. A shard that fails is tried again in
-its worker (`attempts`); runners that retry failed bundles (Dataflow, Flink, Spark) retry on top
+its worker (`attempts`); runners that retry failed bundles (Dataflow does) retry on top
 of that. The local Fn API runner does not retry bundles: a worker process that dies fails the
 run, and running the same command again resumes it.
 
