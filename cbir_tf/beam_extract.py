@@ -49,6 +49,8 @@ import numpy as np
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from cbir_tf import config as config_lib
+
 log = logging.getLogger(__name__)
 
 SHARDS_DIR = "beam-shards"  # inside the store folder; removed once the merge is complete
@@ -246,7 +248,7 @@ def _log_dead_letter(item: tuple[str, str]) -> None:
 class BeamExtractor:
     """Runs `descriptors.extract` as a Beam pipeline (see the module docstring).
 
-    Args:
+    Args (None: the `extract` block of configs/default.py):
       beam_options: pipeline options passed through to Beam (see `pipeline_options`).
       shard_images: images per shard: the unit of work, of retry and of resumption.
       attempts: tries per shard in a worker before the run fails.
@@ -256,13 +258,18 @@ class BeamExtractor:
 
     def __init__(
         self,
-        beam_options: str | Sequence[str] = "",
+        beam_options: str | Sequence[str] | None = None,
         *,
-        shard_images: int = 256,
-        attempts: int = 3,
-        num_workers: int = 0,
+        shard_images: int | None = None,
+        attempts: int | None = None,
+        num_workers: int | None = None,
         fault_hook: Callable | None = None,
     ):
+        d = config_lib.defaults("extract")
+        beam_options = d["beam_options"] if beam_options is None else beam_options
+        shard_images = d["beam_shard_images"] if shard_images is None else shard_images
+        attempts = d["beam_attempts"] if attempts is None else attempts
+        num_workers = d["beam_workers"] if num_workers is None else num_workers
         if int(shard_images) < 1:
             raise ValueError(f"shard_images must be >= 1, got {shard_images}")
         if int(attempts) < 1:
@@ -278,10 +285,10 @@ class BeamExtractor:
     def from_config(cls, extract_cfg: Any) -> BeamExtractor:
         """From the config's `extract` block (runner, beam_options, beam_* fields)."""
         return cls(
-            str(extract_cfg.get("beam_options", "")),
-            shard_images=int(extract_cfg.get("beam_shard_images", 256)),
-            attempts=int(extract_cfg.get("beam_attempts", 3)),
-            num_workers=int(extract_cfg.get("beam_workers", 0)),
+            extract_cfg.get("beam_options"),
+            shard_images=extract_cfg.get("beam_shard_images"),
+            attempts=extract_cfg.get("beam_attempts"),
+            num_workers=extract_cfg.get("beam_workers"),
         )
 
     def extract(
@@ -290,7 +297,7 @@ class BeamExtractor:
         paths: Sequence[Any],
         *,
         ids: Sequence[str] | None = None,
-        image_size: int | None = 1024,
+        image_size: int | None = config_lib.defaults("data")["image_size"],
         scales: Sequence[float] = (1.0,),
         ms_power: float = 1.0,
         bboxes: Sequence[Any] | None = None,
