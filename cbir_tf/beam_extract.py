@@ -28,12 +28,20 @@ run, and running the same command again resumes it.
 Locally the pipeline runs on Beam's in-process Fn API runner with worker processes
 (`--runner=FnApiRunner --direct_running_mode=multi_processing --direct_num_workers=N`), pinned
 explicitly: Beam's DirectRunner first tries the Prism runner, a binary it downloads at run time.
-Stores are written with the local file API: workers and driver must share the filesystem
-(local disk, NFS, a mounted bucket).
+Paths may be local or on any filesystem tf.io.gfile reads (gs://, s3://, hdfs://; see
+`cbir_tf.remote`). Local paths use the plain file API, with the shard stores inside the output
+store (workers share the driver's disk). With `shard_dir` on another filesystem (what workers
+on a cluster need), each worker writes its shard store on its own disk with today's code, then
+copies the finished files there, the COMPLETE marker last; the driver takes a shard as finished
+from that marker, copies the finished stores to a local temporary folder and merges them. Images
+on another filesystem are read as bytes through tf.io.gfile into the same decoder (same skip
+rules and reasons). An output store on another filesystem is written locally, then copied.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -50,6 +58,7 @@ from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from cbir_tf import config as config_lib
+from cbir_tf import remote
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +136,19 @@ def _local_runner(options: PipelineOptions) -> Any:
     return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(info))
 
 
-def shard_dir(store_dir: str, index: int, num_shards: int) -> str:
-    """The folder of shard `index`'s store under `store_dir`."""
-    return os.path.join(store_dir, SHARDS_DIR, f"shard-{index:05d}-of-{num_shards:05d}")
+def _is_complete(store: str) -> bool:
+    """Whether the shard store at `store` (local or not) is finished."""
+    from cbir_tf.store import DescriptorStore
+
+    return remote.is_complete_store(store) if remote.is_remote(store) else (
+        DescriptorStore(store).is_complete
+    )  # fmt: skip
+
+
+def _run_key(ids: Sequence[str], settings: dict[str, Any], count: int) -> str:
+    """A run's name in a shared shard folder: the same command resumes, another cannot mix in."""
+    text = json.dumps([list(ids), settings, count], sort_keys=True, default=str)
+    return "run-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 class ExtractShard(beam.DoFn):
@@ -190,7 +209,13 @@ class ExtractShard(beam.DoFn):
                 tf.config.threading.set_intra_op_parallelism_threads(int(self.threads))
             except RuntimeError:  # TensorFlow already started in this process (a new DoFn)
                 pass
-        self.model = models.load_descriptor_model(self.model_path)
+        if remote.is_remote(self.model_path):
+            with tempfile.TemporaryDirectory(prefix="cbir-model-") as tmp:
+                local = os.path.join(tmp, MODEL_FILE)
+                tf.io.gfile.copy(self.model_path, local)
+                self.model = models.load_descriptor_model(local)
+        else:
+            self.model = models.load_descriptor_model(self.model_path)
 
     def process(self, shard: dict[str, Any]):
         computed = 0
@@ -221,18 +246,26 @@ class ExtractShard(beam.DoFn):
             self.fault_hook(shard["index"], stage)
         if stage != "start":
             return res
-        return descriptors.extract(
-            self.model,
-            shard["items"],
-            ids=shard["ids"],
-            bboxes=shard["bboxes"],
-            store_dir=shard["store"],
-            shard_index=shard["index"],
-            num_shards=shard["num_shards"],
-            total_images=shard["total"],
-            progress=False,
+        args = dict(
+            ids=shard["ids"], bboxes=shard["bboxes"], shard_index=shard["index"],
+            num_shards=shard["num_shards"], total_images=shard["total"], progress=False,
             **self.settings,
-        )
+        )  # fmt: skip
+        store = shard["store"]
+        if not remote.is_remote(store):
+            return descriptors.extract(self.model, shard["items"], store_dir=store, **args)
+        # Written on this worker's disk (atomic renames), then copied, COMPLETE last; a store
+        # finished before (a retried bundle) is copied back and read, not computed again.
+        with tempfile.TemporaryDirectory(prefix="cbir-shard-") as tmp:
+            local = os.path.join(tmp, "store")
+            done = remote.is_complete_store(store)
+            if done:
+                remote.download_store(store, local)
+            res = descriptors.extract(self.model, shard["items"], store_dir=local, **args)
+            if not done:
+                remote.upload_store(local, store)
+            res.descriptors = None  # a map of the temporary file: only the counts are used
+        return res
 
 
 def _last_line(e: BaseException) -> str:
@@ -253,6 +286,8 @@ class BeamExtractor:
       shard_images: images per shard: the unit of work, of retry and of resumption.
       attempts: tries per shard in a worker before the run fails.
       num_workers: local worker processes when `beam_options` names no runner; 0 = the cores.
+      shard_dir: where workers write the shard stores: "" = inside the output store (workers
+        share the driver's disk), or a folder every worker reaches (gs://bucket/tmp/shards).
       fault_hook: see `ExtractShard` (tests only).
     """
 
@@ -263,6 +298,7 @@ class BeamExtractor:
         shard_images: int | None = None,
         attempts: int | None = None,
         num_workers: int | None = None,
+        shard_dir: str | None = None,
         fault_hook: Callable | None = None,
     ):
         d = config_lib.defaults("extract")
@@ -270,6 +306,7 @@ class BeamExtractor:
         shard_images = d["beam_shard_images"] if shard_images is None else shard_images
         attempts = d["beam_attempts"] if attempts is None else attempts
         num_workers = d["beam_workers"] if num_workers is None else num_workers
+        shard_dir = d["beam_shard_dir"] if shard_dir is None else shard_dir
         if int(shard_images) < 1:
             raise ValueError(f"shard_images must be >= 1, got {shard_images}")
         if int(attempts) < 1:
@@ -278,6 +315,7 @@ class BeamExtractor:
         self.threads = _local_threads(self.options)
         self.shard_images = int(shard_images)
         self.attempts = int(attempts)
+        self.shard_dir = str(shard_dir or "")
         self.fault_hook = fault_hook
         self.last_metrics: dict[str, int] = {}
 
@@ -289,6 +327,7 @@ class BeamExtractor:
             shard_images=extract_cfg.get("beam_shard_images"),
             attempts=extract_cfg.get("beam_attempts"),
             num_workers=extract_cfg.get("beam_workers"),
+            shard_dir=extract_cfg.get("beam_shard_dir"),
         )
 
     def extract(
@@ -332,6 +371,8 @@ class BeamExtractor:
                 res = self.extract(model, paths, store_dir=tmp, progress=progress, **common)
                 res.descriptors = np.array(res.descriptors)  # off the store about to vanish
                 return res
+        if remote.is_remote(store_dir):
+            return self._extract_to_remote(model, paths, os.fspath(store_dir), progress, common)
         if int(num_shards) != 1:
             raise ValueError(
                 "the Beam runner splits the work into shards itself: drop --shard_index and "
@@ -358,11 +399,34 @@ class BeamExtractor:
             )
         return res
 
+    def _extract_to_remote(self, model, paths, url: str, progress: bool, common: dict) -> Any:
+        """`extract` into a store on another filesystem: written locally, copied COMPLETE last.
+
+        The descriptors are returned in memory (the local copy is temporary).
+        """
+        from cbir_tf import descriptors
+
+        shards = self.shard_dir or remote.join(url, SHARDS_DIR)
+        with tempfile.TemporaryDirectory(prefix="cbir-beam-") as tmp:
+            local = os.path.join(tmp, "store")
+            if remote.is_complete_store(url):
+                remote.download_store(url, local)
+                res = descriptors.extract(model, paths, store_dir=local, progress=False, **common)
+            else:
+                saved, self.shard_dir = self.shard_dir, shards
+                try:
+                    res = self.extract(model, paths, store_dir=local, progress=progress, **common)
+                finally:
+                    self.shard_dir = saved
+                remote.upload_store(local, url)
+                if not saved:  # the default shard folder, inside the output store
+                    remote.remove_tree(shards)
+            res.descriptors = np.array(res.descriptors)  # off the store about to vanish
+        return res
+
     def _fill(self, model: Any, paths: list[Any], store_dir: str, common: dict) -> None:
         """Runs the pipeline until every shard store is complete, then merges them."""
-        from cbir_tf import descriptors, models
-        from cbir_tf.shards import merge_shards
-        from cbir_tf.store import DescriptorStore
+        from cbir_tf import descriptors
 
         if any(descriptors._is_array(p) for p in paths):
             raise TypeError("the Beam runner extracts image files: pass paths, not arrays")
@@ -377,32 +441,70 @@ class BeamExtractor:
             "flush_every": int(common["flush_every"]),
             "antialias": bool(common["antialias"]),
         }
-        work = os.path.join(store_dir, SHARDS_DIR)
-        model_path = os.path.join(work, MODEL_FILE)
-        if not os.path.isfile(model_path):
-            models.save_descriptor_model(model, model_path)
-        elements = self._shards(items, ids, bboxes, store_dir)
-        todo = [e for e in elements if not DescriptorStore(e["store"]).is_complete]
+        count = max(1, math.ceil(len(items) / self.shard_images))
+        if remote.is_remote(self.shard_dir):
+            work = remote.join(self.shard_dir, _run_key(ids, settings, count))
+        else:
+            work = os.path.join(os.path.abspath(self.shard_dir or store_dir), SHARDS_DIR)
+        elements = self._shards(items, ids, bboxes, work, count)
+        todo = [e for e in elements if not _is_complete(e["store"])]
         log.info("beam: %d of %d shards to describe", len(todo), len(elements))
         if todo:
             try:
-                self._run(todo, model_path, settings)
+                self._run(todo, self._model_file(model, work), settings)
             except Exception as e:
-                left = [x["index"] for x in elements if not DescriptorStore(x["store"]).is_complete]
+                left = [x["index"] for x in elements if not _is_complete(x["store"])]
                 raise BeamExtractionError(
                     f"beam extraction into {store_dir} failed, shards {left} of {len(elements)} "
                     f"unfinished ({_last_line(e)}); finished shards are kept: run the same "
                     "command again to resume"
                 ) from e
-        merge_shards([e["store"] for e in elements], store_dir, overwrite=True)
-        shutil.rmtree(work, ignore_errors=True)
+        self._merge([e["store"] for e in elements], store_dir, work)
 
-    def _shards(self, items, ids, bboxes, store_dir: str) -> list[dict[str, Any]]:
+    @staticmethod
+    def _model_file(model: Any, work: str) -> str:
+        """The model saved where the workers load it from (once per run folder)."""
+        from cbir_tf import models
+
+        path = (remote.join if remote.is_remote(work) else os.path.join)(work, MODEL_FILE)
+        if not remote.is_remote(work):
+            if not os.path.isfile(path):
+                models.save_descriptor_model(model, path)
+            return path
+        import tensorflow as tf
+
+        if not tf.io.gfile.exists(path):
+            with tempfile.TemporaryDirectory(prefix="cbir-model-") as tmp:
+                local = models.save_descriptor_model(model, os.path.join(tmp, MODEL_FILE))
+                tf.io.gfile.makedirs(work)
+                tf.io.gfile.copy(local, path + ".partial", overwrite=True)
+                tf.io.gfile.rename(path + ".partial", path, overwrite=True)
+        return path
+
+    @staticmethod
+    def _merge(stores: list[str], store_dir: str, work: str) -> None:
+        """`merge_shards` into `store_dir`; shard stores on another filesystem copied here first."""
+        from cbir_tf.shards import merge_shards
+
+        if not remote.is_remote(work):
+            merge_shards(stores, store_dir, overwrite=True)
+            shutil.rmtree(work, ignore_errors=True)
+            return
+        import tensorflow as tf
+
+        with tempfile.TemporaryDirectory(prefix="cbir-merge-") as tmp:
+            local = [os.path.join(tmp, s.rstrip("/").rsplit("/", 1)[-1]) for s in stores]
+            for url, path in zip(stores, local, strict=True):
+                remote.download_store(url, path)
+            merge_shards(local, store_dir, overwrite=True)
+        remote.remove_tree(work)
+
+    def _shards(self, items, ids, bboxes, work: str, count: int) -> list[dict[str, Any]]:
         """One element per shard of `shard_images` contiguous images (`shards.shard_range`)."""
         from cbir_tf.shards import shard_range
 
         n = len(items)
-        count = max(1, math.ceil(n / self.shard_images))
+        join = remote.join if remote.is_remote(work) else os.path.join
         out = []
         for i in range(count):
             lo, hi = shard_range(n, i, count)
@@ -414,7 +516,7 @@ class BeamExtractor:
                     "items": [os.fspath(p) for p in items[lo:hi]],
                     "ids": list(ids[lo:hi]),
                     "bboxes": None if bboxes is None else list(bboxes[lo:hi]),
-                    "store": shard_dir(store_dir, i, count),
+                    "store": join(work, f"shard-{i:05d}-of-{count:05d}"),
                 }
             )
         return out

@@ -213,3 +213,56 @@ def test_extract_command_passes_beam_options_through(folder, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: beam extraction into ") and "NoSuchRunner" in last, last
     assert "Traceback" not in proc.stderr
+
+
+def test_beam_on_another_filesystem_equals_sequential(folder, model_file, tmp_path):
+    """Images, shard stores and the output on ram:// (tf.io.gfile), the pipeline in-process.
+
+    ram:// lives in one process, so the Fn API runner runs in memory; gs://, s3:// or hdfs://
+    take the same code on Dataflow, Flink or Spark.
+    """
+    import tensorflow as tf
+
+    from cbir_tf import descriptors, remote
+    from cbir_tf.data.folder import list_images
+
+    gfile = tf.io.gfile
+    src = f"ram://beam-{os.getpid()}/photos"
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), folder).replace(os.sep, "/")
+            gfile.makedirs(remote.join(src, os.path.dirname(rel)))
+            gfile.copy(os.path.join(dirpath, name), remote.join(src, rel), overwrite=True)
+    gfile.makedirs(remote.join(src, ".hidden"))
+    gfile.copy(os.path.join(folder, "img1.jpg"), remote.join(src, ".hidden", "x.jpg"))
+    rel = list_images(folder)
+    assert list_images(src) == rel and len(rel) == NUM_PHOTOS + 3  # the local rules and ids
+
+    model = models.load_descriptor_model(model_file)
+    seq = descriptors.extract(
+        model, [os.path.join(folder, r) for r in rel], ids=rel, image_size=64,
+        store_dir=str(tmp_path / "seq"), progress=False,
+    )  # fmt: skip
+    shards = f"ram://beam-{os.getpid()}/shards"
+    beam = beam_extract.BeamExtractor(
+        "--direct_running_mode=in_memory --direct_num_workers=1", shard_images=5, shard_dir=shards
+    )
+    urls = [remote.join(src, r) for r in rel]
+    out = str(tmp_path / "beam")
+    res = beam.extract(model, urls, ids=rel, image_size=64, store_dir=out, progress=False)
+    assert beam.last_metrics["shards_written"] == 3 and res.num_computed == NUM_PHOTOS
+    desc_b, ids_b, _ = store.load_store(out)
+    desc_s, ids_s, _ = store.load_store(str(tmp_path / "seq"))
+    assert ids_b == ids_s == list(seq.ids)
+    np.testing.assert_allclose(desc_b, desc_s, atol=1e-5)
+    assert _skipped(out) == _skipped(str(tmp_path / "seq")) and len(_skipped(out)) == 3
+    assert gfile.listdir(shards) == []  # merged: the run's shard stores are removed
+
+    # The output store itself on ram://: written locally, copied with COMPLETE last.
+    url = f"ram://beam-{os.getpid()}/index"
+    res = beam_extract.BeamExtractor(
+        "--direct_running_mode=in_memory", shard_images=20
+    ).extract(model, urls, ids=rel, image_size=64, store_dir=url, progress=False)
+    assert remote.is_complete_store(url) and not gfile.exists(remote.join(url, "beam-shards"))
+    np.testing.assert_allclose(res.descriptors, desc_s, atol=1e-5)
+    assert [i for i, _ in res.skipped] == [i for i, _ in seq.skipped]

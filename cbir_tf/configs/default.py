@@ -18,6 +18,9 @@ def _runner_fields(extract: ml_collections.ConfigDict) -> None:
     extract.beam_workers = 0  # local worker processes when the options name no runner; 0 = cores
     extract.beam_shard_images = 256  # images per shard: the unit of work, retry and resumption
     extract.beam_attempts = 3  # tries per shard in its worker before the run fails
+    # Where workers write their shard stores: "" = inside the output store (workers share the
+    # driver's disk); a folder on a filesystem all workers reach (gs://...) for a cluster.
+    extract.beam_shard_dir = ""
 
 
 def get_config() -> ml_collections.ConfigDict:

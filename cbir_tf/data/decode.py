@@ -170,11 +170,18 @@ def _to_rgb(img: Image.Image, path: str) -> Image.Image:
     return img
 
 
-def _open_rgb(
-    path: str | os.PathLike, bbox: BoxLike | None, max_pixels: int | None
-) -> tuple[Image.Image, int]:
-    """Decodes `path` to an upright RGB PIL image; returns it and the full image's longest side."""
-    path = os.fspath(path)
+def _open_file(path: str):
+    """The image file opened for reading, after the checks whose reasons a skip reports."""
+    if "://" in path:
+        # Another filesystem (gs://, s3://, ram://, ...): its bytes, read through tf.io.gfile
+        # (imported only then), and decoded below exactly as a local file's.
+        from cbir_tf import remote
+
+        if remote.is_remote(path):
+            try:
+                return remote.read_image_file(path)
+            except remote.RemoteFileError as e:
+                raise ImageError(path, e.reason) from None
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
@@ -188,9 +195,17 @@ def _open_rgb(
     try:
         # We own the file object, so PIL keeps the decoded pixels after it is closed (closing an
         # image PIL opened itself would free them).
-        f = open(path, "rb")
+        return open(path, "rb")
     except OSError as e:
         raise ImageError(path, f"cannot read file: {e.strerror or e}") from None
+
+
+def _open_rgb(
+    path: str | os.PathLike, bbox: BoxLike | None, max_pixels: int | None
+) -> tuple[Image.Image, int]:
+    """Decodes `path` to an upright RGB PIL image; returns it and the full image's longest side."""
+    path = os.fspath(path)
+    f = _open_file(path)
     with f:
         try:
             # Lazy: reads the header only, so the size check below happens before decoding.

@@ -81,7 +81,7 @@ def list_images(
     Symbolic links to folders are not followed, so a link cycle cannot loop forever.
 
     Args:
-      root: folder to scan.
+      root: folder to scan: local, or on any filesystem tf.io.gfile reads (gs://...).
       recursive: descend into sub-folders.
       extensions: accepted file extensions, compared case-insensitively ('.JPG' matches).
 
@@ -91,8 +91,13 @@ def list_images(
     Raises:
       FileNotFoundError / NotADirectoryError: `root` is missing or not a folder.
     """
-    root = _check_dir(root, "image folder")
     exts = _normalise_extensions(extensions)
+    if "://" in os.fspath(root):
+        from cbir_tf import remote  # imports TensorFlow: only for another filesystem
+
+        if remote.is_remote(root):
+            return remote.list_images(os.fspath(root), recursive, exts)
+    root = _check_dir(root, "image folder")
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]

@@ -1,0 +1,140 @@
+"""Paths on other filesystems (gs://, s3://, hdfs://, ram://, ...), read through tf.io.gfile.
+
+A path with a scheme (`<scheme>://...`) is not on the local disk: the Beam runner's workers on
+Dataflow, Flink or Spark share no disk with the driver, so images and shard stores live on such
+a filesystem. Local paths never come here (they keep the plain file API and its speed).
+TensorFlow is imported only when a non-local path is used.
+
+Stores are copied, never written in place, on those filesystems: a store is written on local
+disk with `cbir_tf.store_writer` (atomic renames, which object stores lack), then its files are
+copied with the COMPLETE marker last (`upload_store`), so a partial copy is never taken for a
+finished store (`is_complete_store` reads the marker).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import re
+from collections.abc import Iterable
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_remote(path: str | os.PathLike | None) -> bool:
+    """Whether `path` names a file on a filesystem other than the local disk (has a scheme)."""
+    return path is not None and not isinstance(path, bytes) and bool(_SCHEME.match(os.fspath(path)))
+
+
+def join(root: str, *parts: str) -> str:
+    """`root`/parts with '/' separators (what every tf.io.gfile filesystem uses)."""
+    return posixpath.join(root.rstrip("/"), *parts)
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile, tf.errors
+
+
+class RemoteFileError(OSError):
+    """A non-local file that cannot be read; `reason` says why, in the local decoder's words."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_image_file(path: str) -> io.BytesIO:
+    """A non-local image file's bytes, checked as the decoder checks a local file.
+
+    Raises:
+      RemoteFileError: with the reason a local file would get ('file not found', 'is a folder,
+        not an image file', 'empty file (0 bytes)', 'cannot read file: ...').
+    """
+    gfile, errors = _gfile()
+    try:
+        st = gfile.stat(path)
+    except errors.NotFoundError:
+        raise RemoteFileError("file not found") from None
+    except errors.OpError as e:
+        raise RemoteFileError(f"cannot read file: {e.message or type(e).__name__}") from None
+    if st.is_directory:
+        raise RemoteFileError("is a folder, not an image file")
+    if st.length == 0:
+        raise RemoteFileError("empty file (0 bytes)")
+    try:
+        with gfile.GFile(path, "rb") as f:
+            return io.BytesIO(f.read())
+    except errors.OpError as e:
+        raise RemoteFileError(f"cannot read file: {e.message or type(e).__name__}") from None
+
+
+def list_images(root: str, recursive: bool, exts: tuple[str, ...]) -> list[str]:
+    """`cbir_tf.data.folder.list_images` for a non-local folder (same rules, same ids).
+
+    Raises:
+      FileNotFoundError / NotADirectoryError: `root` is missing or not a folder.
+    """
+    gfile, _ = _gfile()
+    root = root.rstrip("/")
+    if not gfile.exists(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    if not gfile.isdir(root):
+        raise NotADirectoryError(f"image folder {root!r} is not a folder")
+    found: list[str] = []
+    for dirpath, dirnames, filenames in gfile.walk(root):
+        rel_dir = dirpath.rstrip("/")[len(root) :].strip("/")
+        # gfile.walk has no pruning: hidden folders are skipped by their relative path.
+        if any(part.startswith(".") for part in rel_dir.split("/") if part):
+            continue
+        for name in filenames:
+            if name.startswith(".") or not name.lower().endswith(exts):
+                continue
+            found.append(f"{rel_dir}/{name}" if rel_dir else name)
+        if not recursive:
+            break
+    return sorted(found)
+
+
+def is_complete_store(url: str) -> bool:
+    """Whether the store at `url` was copied whole (its COMPLETE marker is there)."""
+    from cbir_tf.store import COMPLETE_FILE
+
+    gfile, _ = _gfile()
+    return gfile.exists(join(url, COMPLETE_FILE))
+
+
+def _store_files(names: Iterable[str]) -> list[str]:
+    """A finished store's file names, the COMPLETE marker last (chunks and locks left out)."""
+    from cbir_tf.store import COMPLETE_FILE, STORE_FILES
+
+    return [n for n in STORE_FILES if n != COMPLETE_FILE and n in names] + [COMPLETE_FILE]
+
+
+def upload_store(local_dir: str, url: str) -> None:
+    """Copies a finished local store to `url`, COMPLETE last (a stale marker removed first)."""
+    from cbir_tf.store import COMPLETE_FILE
+
+    gfile, _ = _gfile()
+    gfile.makedirs(url)
+    if gfile.exists(join(url, COMPLETE_FILE)):
+        gfile.remove(join(url, COMPLETE_FILE))
+    for name in _store_files(os.listdir(local_dir)):
+        gfile.copy(os.path.join(local_dir, name), join(url, name), overwrite=True)
+
+
+def download_store(url: str, local_dir: str) -> None:
+    """Copies a finished store at `url` into the local folder `local_dir`, COMPLETE last."""
+    gfile, _ = _gfile()
+    os.makedirs(local_dir, exist_ok=True)
+    for name in _store_files(gfile.listdir(url)):
+        gfile.copy(join(url, name), os.path.join(local_dir, name), overwrite=True)
+
+
+def remove_tree(url: str) -> None:
+    """Removes the folder `url` and what it holds, if it exists."""
+    gfile, _ = _gfile()
+    if gfile.exists(url):
+        gfile.rmtree(url)
