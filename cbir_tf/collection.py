@@ -16,6 +16,8 @@ from collections.abc import Collection as Container
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from cbir_tf import remote
+
 
 class Collection:
     """What an index knows about its image files, apart from their descriptors.
@@ -26,7 +28,7 @@ class Collection:
     """
 
     def __init__(self, root: str | os.PathLike | None = None, manifest: Mapping | None = None):
-        self.root = os.path.abspath(os.path.expanduser(os.fspath(root))) if root else None
+        self.root = absolute_path(root) if root else None
         manifest = manifest or {}
         self.paths: dict[str, str] = dict(manifest.get("paths", {}))  # ids not root-relative
         self.stats = {i: list(v) for i, v in manifest.get("files", {}).items()}  # [size, mtime]
@@ -47,8 +49,12 @@ class Collection:
             return self.paths[image_id]
         if os.path.isabs(image_id):
             return image_id
+        if remote.is_remote(image_id):
+            return image_id
         if self.root is None:
             return None
+        if remote.is_remote(self.root):
+            return remote.normpath(remote.join(self.root, image_id))
         # normpath resolves the '..' of images outside the root.
         return os.path.normpath(os.path.join(self.root, *image_id.split("/")))
 
@@ -60,10 +66,13 @@ class Collection:
           indexed: the ids of the index's rows; an absolute id an earlier version gave an image
             outside the root is kept.
         """
-        p = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        p = absolute_path(path)
         absolute = p.replace(os.sep, "/") if os.sep != "/" else p
         if self.root is None or p == self.root:
             return absolute
+        if remote.is_remote(p) or remote.is_remote(self.root):
+            # Another filesystem: ids relative to a root there, else the whole URL.
+            return p[len(self.root) + 1 :] if is_inside(p, self.root) else absolute
         if not is_inside(p, self.root) and (absolute in indexed or absolute in self.failed):
             return absolute
         try:
@@ -76,28 +85,28 @@ class Collection:
         from cbir_tf.data.folder import list_images
 
         one = isinstance(paths_or_folder, (str, os.PathLike))
-        if one and os.path.isdir(os.path.expanduser(os.fspath(paths_or_folder))):
+        if one and _isdir(absolute_path(paths_or_folder)):
             if ids is not None:
                 raise ValueError("ids can only be given with a list of image paths")
-            folder = os.path.abspath(os.path.expanduser(os.fspath(paths_or_folder)))
+            folder = absolute_path(paths_or_folder)
             rel = list_images(folder, recursive=recursive)
             if not rel and not prune:
                 # Indexing nothing would "succeed" silently; an empty prune may drop files.
                 raise ValueError(no_images_message(folder, recursive))
             if self.root is None:
                 self.root = folder
-            files = [os.path.join(folder, *r.split("/")) for r in rel]
+            files = [_join(folder, r) for r in rel]
         else:
             folder = None
             if one:
-                if not os.path.exists(os.path.expanduser(os.fspath(paths_or_folder))):
+                if not _exists(absolute_path(paths_or_folder)):
                     raise FileNotFoundError(
                         f"{os.fspath(paths_or_folder)} does not exist: give an image folder, "
                         "an image file or a list of image files"
                     )
                 paths_or_folder = [paths_or_folder]
-            files = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths_or_folder]
-            if self.root is None and ids is None and files:
+            files = [absolute_path(p) for p in paths_or_folder]
+            if self.root is None and ids is None and files and not remote.is_remote(files[0]):
                 # The first images indexed fix the root: their common folder, so that their
                 # ids are relative like those of a folder's images.
                 self.root = os.path.commonpath([os.path.dirname(f) for f in files])
@@ -121,12 +130,11 @@ class Collection:
         counts = {"unchanged": 0, "failed": 0}
         for path, image_id in zip(files, file_ids, strict=True):
             try:
-                st = os.stat(path)
+                stat = _stat(path)
             except OSError as e:
                 self.failed[image_id] = {"reason": f"cannot stat: {e.strerror}", "stat": None}
                 counts["failed"] += 1
                 continue
-            stat = [int(st.st_size), int(st.st_mtime_ns)]
             if image_id in indexed and self.stats.get(image_id) == stat:
                 counts["unchanged"] += 1
             elif image_id in self.failed and self.failed[image_id].get("stat") == stat:
@@ -143,7 +151,7 @@ class Collection:
         gone = set()
         for i in list(indexed) + list(self.failed):
             p = self.path_of(i)
-            if i not in present and p and is_inside(p, folder) and not os.path.exists(p):
+            if i not in present and p and is_inside(p, folder) and not _exists(p):
                 gone.add(i)
         return gone
 
@@ -187,8 +195,40 @@ def _check_ids(file_ids: Sequence[str]) -> None:
 
 def is_inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies under it."""
+    if remote.is_remote(path) or remote.is_remote(folder):
+        path, folder = path.rstrip("/"), folder.rstrip("/")
+        return path == folder or path.startswith(folder + "/")
     path, folder = os.path.abspath(path), os.path.abspath(folder)
     return os.path.commonpath([path, folder]) == folder
+
+
+def absolute_path(path: str | os.PathLike) -> str:
+    """An absolute local path (`~` expanded), or a URL of another filesystem as given."""
+    path = os.fspath(path)
+    if remote.is_remote(path):
+        return remote.normpath(path.rstrip("/"))
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _isdir(path: str) -> bool:
+    return remote.isdir(path) if remote.is_remote(path) else os.path.isdir(path)
+
+
+def _exists(path: str) -> bool:
+    return remote.exists(path) if remote.is_remote(path) else os.path.exists(path)
+
+
+def _join(folder: str, rel: str) -> str:
+    return remote.join(folder, rel) if remote.is_remote(folder) else os.path.join(folder, *rel.split("/"))
+
+
+def _stat(path: str) -> list[int]:
+    """[size, modification time in ns] of a file (OSError when it cannot be stat'ed)."""
+    if remote.is_remote(path):
+        size, mtime_ns, _ = remote.stat(path)
+        return [size, mtime_ns]
+    st = os.stat(path)
+    return [int(st.st_size), int(st.st_mtime_ns)]
 
 
 def no_images_message(folder: str, recursive: bool) -> str:

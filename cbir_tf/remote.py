@@ -138,3 +138,32 @@ def remove_tree(url: str) -> None:
     gfile, _ = _gfile()
     if gfile.exists(url):
         gfile.rmtree(url)
+
+
+def normpath(url: str) -> str:
+    """`os.path.normpath` of a URL ('..' and '.' resolved), its `scheme://` kept."""
+    scheme, rest = url.split("://", 1)
+    rest = posixpath.normpath("/" + rest).lstrip("/") if rest else rest
+    return f"{scheme}://{rest}"
+
+
+def stat(url: str) -> tuple[int, int, bool]:
+    """(size in bytes, modification time in ns, is a folder) of `url` (OSError if missing)."""
+    gfile, errors = _gfile()
+    try:
+        st = gfile.stat(url)
+    except errors.OpError as e:
+        raise FileNotFoundError(2, e.message or "not found", url) from None
+    return int(st.length), int(st.mtime_nsec), bool(st.is_directory)
+
+
+def isdir(url: str) -> bool:
+    """Whether `url` is a folder."""
+    gfile, _ = _gfile()
+    return bool(gfile.isdir(url))
+
+
+def exists(url: str) -> bool:
+    """Whether `url` exists."""
+    gfile, _ = _gfile()
+    return bool(gfile.exists(url))

@@ -188,7 +188,9 @@ def build_index(
     from cbir_tf.data.folder import list_images
 
     cfg = config_lib.as_dict(config)
-    images = os.path.abspath(os.path.expanduser(os.fspath(images)))
+    from cbir_tf.collection import absolute_path
+
+    images = absolute_path(images)  # local, or a URL (gs://...) read through tf.io.gfile
     # Checked before a model is built or `out` created: a wrong folder fails at once.
     rel = list_images(images, recursive=True)  # FileNotFoundError / NotADirectoryError
     if not rel:
@@ -215,7 +217,8 @@ def build_index(
     # Recorded in meta.json so that `shards.merge_shards` can check and order the shards.
     r.descriptor_meta.update(shard)
     files = rel[shard["shard_start"] : shard["shard_stop"]]
-    r.index([os.path.join(images, *p.split("/")) for p in files], progress=progress)
+    r.index([f"{images}/{p}" if "://" in images else os.path.join(images, *p.split("/"))
+             for p in files], progress=progress)  # fmt: skip
     return r
 
 

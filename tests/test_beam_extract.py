@@ -223,7 +223,7 @@ def test_beam_on_another_filesystem_equals_sequential(folder, model_file, tmp_pa
     """
     import tensorflow as tf
 
-    from cbir_tf import descriptors, remote
+    from cbir_tf import remote
     from cbir_tf.data.folder import list_images
 
     gfile = tf.io.gfile
@@ -238,31 +238,32 @@ def test_beam_on_another_filesystem_equals_sequential(folder, model_file, tmp_pa
     rel = list_images(folder)
     assert list_images(src) == rel and len(rel) == NUM_PHOTOS + 3  # the local rules and ids
 
-    model = models.load_descriptor_model(model_file)
-    seq = descriptors.extract(
-        model, [os.path.join(folder, r) for r in rel], ids=rel, image_size=64,
-        store_dir=str(tmp_path / "seq"), progress=False,
-    )  # fmt: skip
+    seq_dir = str(tmp_path / "seq")
+    seq = _index(_cfg(), folder, seq_dir, model_file)
     shards = f"ram://beam-{os.getpid()}/shards"
     beam = beam_extract.BeamExtractor(
         "--direct_running_mode=in_memory --direct_num_workers=1", shard_images=5, shard_dir=shards
     )
-    urls = [remote.join(src, r) for r in rel]
     out = str(tmp_path / "beam")
-    res = beam.extract(model, urls, ids=rel, image_size=64, store_dir=out, progress=False)
-    assert beam.last_metrics["shards_written"] == 3 and res.num_computed == NUM_PHOTOS
+    r = _index(_cfg("beam"), src, out, model_file, beam.extract)  # extract.py --images=ram://...
+    assert beam.last_metrics["shards_written"] == 3 and r.root == src
+    assert r.ids == seq.ids
     desc_b, ids_b, _ = store.load_store(out)
-    desc_s, ids_s, _ = store.load_store(str(tmp_path / "seq"))
-    assert ids_b == ids_s == list(seq.ids)
+    desc_s, ids_s, _ = store.load_store(seq_dir)
+    assert ids_b == ids_s and len(ids_b) == NUM_PHOTOS
     np.testing.assert_allclose(desc_b, desc_s, atol=1e-5)
-    assert _skipped(out) == _skipped(str(tmp_path / "seq")) and len(_skipped(out)) == 3
+    assert _skipped(out) == _skipped(seq_dir) and len(_skipped(out)) == 3
+    assert r.failed == seq.failed  # the same skip reasons as for local files
     assert gfile.listdir(shards) == []  # merged: the run's shard stores are removed
 
     # The output store itself on ram://: written locally, copied with COMPLETE last.
     url = f"ram://beam-{os.getpid()}/index"
-    res = beam_extract.BeamExtractor(
-        "--direct_running_mode=in_memory", shard_images=20
-    ).extract(model, urls, ids=rel, image_size=64, store_dir=url, progress=False)
+    model = models.load_descriptor_model(model_file)
+    res = beam_extract.BeamExtractor("--direct_running_mode=in_memory", shard_images=20).extract(
+        model, [remote.join(src, i) for i in rel], ids=rel, image_size=64, store_dir=url,
+        progress=False,
+    )  # fmt: skip
     assert remote.is_complete_store(url) and not gfile.exists(remote.join(url, "beam-shards"))
+    assert res.ids == ids_s
+    assert [list(x) for x in res.skipped] == [[x["id"], x["reason"]] for x in _skipped(seq_dir)]
     np.testing.assert_allclose(res.descriptors, desc_s, atol=1e-5)
-    assert [i for i, _ in res.skipped] == [i for i, _ in seq.skipped]
