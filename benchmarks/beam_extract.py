@@ -13,7 +13,10 @@ the same settings (longest side --image_size: the photos, 400 px wide, are not r
   * cpu:        the same ratio in CPU seconds (this process plus the worker processes, its
                 children), which a machine shared with other work measures more reliably than
                 wall-clock rates: what the pipeline's overhead costs in work;
-  * fixed:      the Beam command's time for 2 images (workers started, one shard, merge):
+  * command:    what a user sees: `extract.py --images=DIR --out=...` against the same command
+                with `--runner=beam`, each a fresh process (Python, TensorFlow, the model built
+                from its weights file, the folder listed and indexed), timed from outside;
+  * fixed:      the Beam call's time for 2 images (workers started, one shard, merge):
                 the cost that does not grow with the collection; `ratio_without_fixed` sets it
                 aside, which is what a long extraction sees.
 
@@ -30,6 +33,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,18 +61,50 @@ def _load() -> str:
         return " ".join(f.read().split()[:3])
 
 
+def _commands(args, data: str, ids: list[str], weights: str, tmp: str) -> dict[str, float]:
+    """Seconds of `extract.py --images=...` without and with `--runner=beam`, fresh processes."""
+    folder = os.path.join(tmp, "photos")  # the same first images, linked
+    for i in ids:
+        os.makedirs(os.path.dirname(os.path.join(folder, i)), exist_ok=True)
+        os.symlink(os.path.join(data, i), os.path.join(folder, i))
+    base = [
+        sys.executable, os.path.join(ROOT, "extract.py"), f"--images={folder}",
+        "--backbone=mobilenetv2", f"--weights={weights}", "--config.model.pooling=gem",
+        f"--config.data.image_size={args.image_size}",
+    ]  # fmt: skip
+    beam = [
+        "--runner=beam", f"--config.extract.beam_workers={args.workers}",
+        f"--config.extract.beam_shard_images={args.shard_images}",
+    ] + ([f"--beam_options={args.beam_options}"] if args.beam_options else [])  # fmt: skip
+    out = {}
+    for name, extra in (("sequential", []), ("beam", beam)):
+        t = time.perf_counter()
+        subprocess.run(
+            base + [f"--out={os.path.join(tmp, 'cmd_' + name)}"] + extra, check=True,
+            stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=ROOT),
+        )  # fmt: skip
+        out[name] = time.perf_counter() - t
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_images", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image_size", type=int, default=1024)
-    parser.add_argument("--shard_images", type=int, default=50)
+    parser.add_argument("--shard_images", type=int, default=0, help="0: the config's (256)")
+    parser.add_argument("--beam_options", default="", help="passed to BeamExtractor")
+    parser.add_argument("--commands", type=int, default=1, help="also time the commands (0: no)")
     parser.add_argument(
         "--tf_threads", type=int, default=0,
         help="TensorFlow threads per worker: 0 = the extractor's (cores / workers), -1 = TF's",
     )  # fmt: skip
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args()
+    if not args.shard_images:
+        from cbir_tf import config as config_lib
+
+        args.shard_images = int(config_lib.defaults("extract")["beam_shard_images"])
 
     from cbir_tf import beam_extract, descriptors, models
     from cbir_tf.data.folder import list_images
@@ -95,7 +131,7 @@ def main() -> int:
         seq_s, seq_cpu = time.perf_counter() - t, _cpu() - c
         load_mid = _load()
         extractor = beam_extract.BeamExtractor(
-            shard_images=args.shard_images, num_workers=args.workers
+            args.beam_options, shard_images=args.shard_images, num_workers=args.workers
         )
         if args.tf_threads:
             extractor.threads = None if args.tf_threads < 0 else args.tf_threads
@@ -110,6 +146,8 @@ def main() -> int:
             **dict(common, ids=ids[:2]),
         )  # fmt: skip
         fixed_s = time.perf_counter() - t
+        load_cmd = _load()
+        cmd = _commands(args, data, ids, weights, tmp) if args.commands else {}
         load_after = _load()
         assert beam.ids == seq.ids and beam.skipped == seq.skipped
         diff = float(np.max(np.abs(np.asarray(beam.descriptors) - np.asarray(seq.descriptors))))
@@ -138,6 +176,15 @@ def main() -> int:
         "max_abs_descriptor_difference": diff,
         "load_before_seq_mid_after": [load_before, load_mid, load_after],
     }
+    if cmd:
+        result.update(
+            {
+                "command_sequential_s": round(cmd["sequential"], 2),
+                "command_beam_s": round(cmd["beam"], 2),
+                "command_ratio": round(cmd["sequential"] / cmd["beam"], 3),
+                "load_before_commands": load_cmd,
+            }
+        )
     print(json.dumps(result, indent=2))
     print(
         f"sequential {n / seq_s:.2f} img/s, beam ({args.workers} workers) {n / beam_s:.2f} img/s: "
@@ -145,6 +192,11 @@ def main() -> int:
         f"{seq_s / max(beam_s - fixed_s, 1e-9):.2f}; in CPU time {seq_cpu / beam_cpu:.2f}; "
         f"load {load_before} / {load_after}"
     )
+    if cmd:
+        print(
+            f"commands: extract.py {cmd['sequential']:.1f} s, --runner=beam {cmd['beam']:.1f} s: "
+            f"ratio {cmd['sequential'] / cmd['beam']:.2f}"
+        )
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"beam_extract_{cores}cores")
     with open(stem + ".json", "w", encoding="utf-8") as f:

@@ -22,12 +22,16 @@ Resuming and retrying: a finished shard store is never recomputed (the driver le
 the pipeline, a re-executed bundle finds it complete and just reads it), and an interrupted one
 resumes from its saved chunks, so the work is idempotent. A shard that fails is tried again in
 its worker (`attempts`); runners that retry failed bundles (Dataflow does) retry on top
-of that. The local Fn API runner does not retry bundles: a worker process that dies fails the
-run, and running the same command again resumes it.
+of that. The local Fn API runner does not retry bundles: a worker that dies fails the run, and
+running the same command again resumes it.
 
-Locally the pipeline runs on Beam's in-process Fn API runner with worker processes
-(`--runner=FnApiRunner --direct_running_mode=multi_processing --direct_num_workers=N`), pinned
+Locally the pipeline runs on Beam's in-process Fn API runner with worker threads
+(`--runner=FnApiRunner --direct_running_mode=multi_threading --direct_num_workers=N`), pinned
 explicitly: Beam's DirectRunner first tries the Prism runner, a binary it downloads at run time.
+Worker threads share the driver's TensorFlow and use its model as is (TensorFlow and the image
+decoder release the GIL): a worker process (`--direct_running_mode=multi_processing`, or any
+cluster runner) pays ~10 s to start Python, Beam and TensorFlow and load the model saved by the
+driver, which over a few hundred images is a large part of the run.
 Paths may be local or on any filesystem tf.io.gfile reads (gs://, s3://, hdfs://; see
 `cbir_tf.remote`). Local paths use the plain file API, with the shard stores inside the output
 store (workers share the driver's disk). With `shard_dir` on another filesystem (what workers
@@ -65,6 +69,8 @@ log = logging.getLogger(__name__)
 SHARDS_DIR = "beam-shards"  # inside the store folder; removed once the merge is complete
 MODEL_FILE = "model.keras"  # the driver's model, which every worker loads once
 _NAMESPACE = "cbir_tf"
+# The driver's models, by run, for worker threads in its own process (the local runner).
+_SHARED_MODELS: dict[str, Any] = {}
 
 
 class BeamExtractionError(RuntimeError):
@@ -74,13 +80,13 @@ class BeamExtractionError(RuntimeError):
 def pipeline_options(beam_options: str | Sequence[str] = "", num_workers: int = 0) -> list[str]:
     """The pipeline's command-line options: the user's, passed through, plus local defaults.
 
-    Without a `--runner`, the in-process Fn API runner with `num_workers` worker processes is
+    Without a `--runner`, the in-process Fn API runner with `num_workers` worker threads is
     used (never Beam's default DirectRunner, which fetches the Prism binary from the internet).
 
     Args:
       beam_options: Beam options as one shell-quoted string or a list, e.g.
         "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp".
-      num_workers: local worker processes; 0 = the usable cores.
+      num_workers: local workers (threads, or processes); 0 = the usable cores.
 
     Returns:
       The option list given to `PipelineOptions`.
@@ -90,7 +96,7 @@ def pipeline_options(beam_options: str | Sequence[str] = "", num_workers: int = 
     if "--runner" not in names:
         opts.append("--runner=FnApiRunner")
         if "--direct_running_mode" not in names:
-            opts.append("--direct_running_mode=multi_processing")
+            opts.append("--direct_running_mode=multi_threading")
         if "--direct_num_workers" not in names:
             opts.append(f"--direct_num_workers={int(num_workers) or _usable_cores()}")
         if "--default_sdk_harness_log_level" not in names and not log.isEnabledFor(logging.DEBUG):
@@ -104,6 +110,14 @@ def _usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def _in_process(options: Sequence[str]) -> bool:
+    """Whether the workers are threads of this process (the Fn API runner, not in processes)."""
+    opts = dict(o.split("=", 1) for o in options if o.startswith("--") and "=" in o)
+    return opts.get("--runner", "").lower() == "fnapirunner" and opts.get(
+        "--direct_running_mode", "in_memory"
+    ) in ("in_memory", "multi_threading")
 
 
 def _local_threads(options: Sequence[str]) -> int | None:
@@ -171,6 +185,8 @@ class ExtractShard(beam.DoFn):
         machine's cores); local workers share one machine, each takes its part of the cores.
       fault_hook: called as fault_hook(shard index, stage) at stage 'start' and 'written' (the
         shard store is complete); tests raise from it to play a failing worker. None in use.
+      model_key: the driver's model in `_SHARED_MODELS`, used as is by workers that run as
+        threads of the driver's process (`model_path` is then None: nothing saved or loaded).
     """
 
     def __init__(
@@ -180,8 +196,10 @@ class ExtractShard(beam.DoFn):
         attempts: int,
         threads=None,
         fault_hook=None,
+        model_key: str | None = None,
     ):
         self.model_path = model_path
+        self.model_key = model_key
         self.settings = settings
         self.attempts = int(attempts)
         self.threads = threads
@@ -194,6 +212,10 @@ class ExtractShard(beam.DoFn):
         }
 
     def setup(self) -> None:
+        if self.model_key in _SHARED_MODELS:
+            # A worker thread of the driver's process: its model, loaded and traced already.
+            self.model = _SHARED_MODELS[self.model_key]
+            return
         from cbir_tf import cli
 
         cli.import_tensorflow(self.verbose)  # without its start-up lines, as the commands do
@@ -285,7 +307,7 @@ class BeamExtractor:
       beam_options: pipeline options passed through to Beam (see `pipeline_options`).
       shard_images: images per shard: the unit of work, of retry and of resumption.
       attempts: tries per shard in a worker before the run fails.
-      num_workers: local worker processes when `beam_options` names no runner; 0 = the cores.
+      num_workers: local workers when `beam_options` names no runner; 0 = the cores.
       shard_dir: where workers write the shard stores: "" = inside the output store (workers
         share the driver's disk), or a folder every worker reaches (gs://bucket/tmp/shards).
       fault_hook: see `ExtractShard` (tests only).
@@ -451,7 +473,7 @@ class BeamExtractor:
         log.info("beam: %d of %d shards to describe", len(todo), len(elements))
         if todo:
             try:
-                self._run(todo, self._model_file(model, work), settings)
+                self._run(todo, model, work, settings)
             except Exception as e:
                 left = [x["index"] for x in elements if not _is_complete(x["store"])]
                 raise BeamExtractionError(
@@ -521,8 +543,18 @@ class BeamExtractor:
             )
         return out
 
-    def _run(self, todo: list[dict[str, Any]], model_path: str, settings: dict) -> None:
-        """One pipeline run over the `todo` shard elements; keeps its counters."""
+    def _run(self, todo: list[dict[str, Any]], model: Any, work: str, settings: dict) -> None:
+        """One pipeline run over the `todo` shard elements; keeps its counters.
+
+        Worker threads of this process use `model` itself; other workers load it from the run's
+        folder (saved there once).
+        """
+        key = model_path = None
+        if _in_process(self.options):
+            key = f"{os.getpid()}-{id(model)}-{time.monotonic_ns()}"
+            _SHARED_MODELS[key] = model
+        else:
+            model_path = self._model_file(model, work)
         # Beam logs at INFO while it builds the pipeline, and relays every worker's lines (start,
         # shut-down, each skipped image); the summary says what matters, --verbose shows all.
         beam_log = logging.getLogger("apache_beam")
@@ -532,7 +564,9 @@ class BeamExtractor:
             beam_log.setLevel(logging.ERROR)
         try:
             options = PipelineOptions(self.options)
-            fn = ExtractShard(model_path, settings, self.attempts, self.threads, self.fault_hook)
+            fn = ExtractShard(
+                model_path, settings, self.attempts, self.threads, self.fault_hook, key
+            )
             p = beam.Pipeline(runner=_local_runner(options), options=options)
             out = (
                 p
@@ -545,6 +579,7 @@ class BeamExtractor:
             result.wait_until_finish()
         finally:
             beam_log.setLevel(level)
+            _SHARED_MODELS.pop(key, None)
         counters = result.metrics().query(MetricsFilter().with_namespace(_NAMESPACE))["counters"]
         for c in counters:
             name = c.key.metric.name

@@ -1,4 +1,4 @@
-"""Extraction on Apache Beam (2 local worker processes) gives the sequential path's index.
+"""Extraction on Apache Beam (local worker threads or processes) gives the sequential index.
 
 One folder (synthetic photos and broken files) is indexed sequentially, then with Beam twice:
 a first run interrupted by a shard that always fails, then the same command again, in which
@@ -154,10 +154,12 @@ def test_beam_index_equals_sequential_and_resumes_after_failures(
     assert finished and 1 not in finished
 
     # The same command again; every shard's worker fails once after writing it, and retries.
+    # Worker processes this time: they load the model the driver saved for them.
     second = ShardLog(tmp_path / "log2", "written")
     beam2 = beam_extract.BeamExtractor(
-        shard_images=SHARD_IMAGES, attempts=2, num_workers=2, fault_hook=second
-    )
+        "--direct_running_mode=multi_processing", shard_images=SHARD_IMAGES, attempts=2,
+        num_workers=2, fault_hook=second,
+    )  # fmt: skip
     r = _index(_cfg("beam"), folder, out, model_file, beam2.extract)
     todo = sorted(set(range(4)) - finished)
     # Shards finished before are not described again; a retried shard is read back, not redone.
@@ -179,14 +181,18 @@ def test_beam_index_equals_sequential_and_resumes_after_failures(
 def test_runner_choice_and_local_options():
     assert runs.extract_function({"runner": "local"}) is None
     fn = runs.extract_function({"runner": "beam", "beam_options": "", "beam_workers": 3})
-    # The in-process runner, pinned (never Prism, downloaded at run time), with worker processes
-    # that share the cores.
+    # The in-process runner, pinned (never Prism, downloaded at run time), with worker threads
+    # that use the driver's model (nothing to start or load).
     assert fn.__self__.options[:3] == [
         "--runner=FnApiRunner",
-        "--direct_running_mode=multi_processing",
+        "--direct_running_mode=multi_threading",
         "--direct_num_workers=3",
     ]
-    assert fn.__self__.threads == max(1, len(os.sched_getaffinity(0)) // 3)
+    assert fn.__self__.threads is None and beam_extract._in_process(fn.__self__.options)
+    # Worker processes share the cores.
+    procs = beam_extract.BeamExtractor("--direct_running_mode=multi_processing", num_workers=3)
+    assert procs.threads == max(1, len(os.sched_getaffinity(0)) // 3)
+    assert not beam_extract._in_process(procs.options)
     with pytest.raises(ValueError, match="unknown extract.runner 'spark'.*'local', 'beam'"):
         runs.extract_function({"runner": "spark"})
     # A runner of the user's is passed through unchanged, with nothing added.

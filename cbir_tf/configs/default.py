@@ -15,7 +15,7 @@ def _runner_fields(extract: ml_collections.ConfigDict) -> None:
     """What runs an extraction: this process, or an Apache Beam pipeline (beam_extract.py)."""
     extract.runner = "local"  # local | beam
     extract.beam_options = ""  # Beam pipeline options, passed through (e.g. --runner=...)
-    extract.beam_workers = 0  # local worker processes when the options name no runner; 0 = cores
+    extract.beam_workers = 0  # local workers when the options name no runner; 0 = cores
     extract.beam_shard_images = 256  # images per shard: the unit of work, retry and resumption
     extract.beam_attempts = 3  # tries per shard in its worker before the run fails
     # Where workers write their shard stores: "" = inside the output store (workers share the
