@@ -79,10 +79,12 @@ def _commands(args, data: str, ids: list[str], weights: str, tmp: str) -> dict[s
     out = {}
     for name, extra in (("sequential", []), ("beam", beam)):
         t = time.perf_counter()
-        subprocess.run(
-            base + [f"--out={os.path.join(tmp, 'cmd_' + name)}"] + extra, check=True,
-            stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=ROOT),
+        proc = subprocess.run(
+            base + [f"--out={os.path.join(tmp, 'cmd_' + name)}"] + extra, capture_output=True,
+            text=True, env=dict(os.environ, PYTHONPATH=ROOT),
         )  # fmt: skip
+        if proc.returncode:
+            raise RuntimeError(f"extract.py ({name}) failed:\n{proc.stderr[-3000:]}")
         out[name] = time.perf_counter() - t
     return out
 

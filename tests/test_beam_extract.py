@@ -261,6 +261,10 @@ def test_beam_on_another_filesystem_equals_sequential(folder, model_file, tmp_pa
     assert _skipped(out) == _skipped(seq_dir) and len(_skipped(out)) == 3
     assert r.failed == seq.failed  # the same skip reasons as for local files
     assert gfile.listdir(shards) == []  # merged: the run's shard stores are removed
+    calls = []
+    again = lambda *a, **k: calls.append(a) or beam.extract(*a, **k)  # noqa: E731
+    assert _index(_cfg("beam"), src, out, model_file, again).ids == seq.ids
+    assert calls == []  # the same files (sizes and times from gfile.stat): nothing described
 
     # The output store itself on ram://: written locally, copied with COMPLETE last.
     url = f"ram://beam-{os.getpid()}/index"

@@ -5,6 +5,10 @@ or raise `ImageError(path, reason)`; `cbir_tf.data.pipeline` runs them over many
 threads or tf.data) and turns those errors into strings, so that a run over a large collection
 skips and counts broken files instead of stopping.
 
+Files on another filesystem (`gs://...`, any scheme tf.io.gfile reads) are read whole through
+tf.io.gfile (`cbir_tf.remote`; TensorFlow is imported only then) and decoded from those bytes by
+the same code, with the same checks and reasons.
+
 Decisions (and why):
   * **Formats**: only the raster formats of photo collections are opened (`ALLOWED_FORMATS`:
     JPEG (MPO included), PNG, BMP, GIF, WebP, TIFF, PPM/PGM/PBM). PIL would otherwise hand an
