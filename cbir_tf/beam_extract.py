@@ -464,6 +464,15 @@ class BeamExtractor:
             "antialias": bool(common["antialias"]),
         }
         count = max(1, math.ceil(len(items) / self.shard_images))
+        runner = dict(o.split("=", 1) for o in self.options if "=" in o).get("--runner", "")
+        if runner.lower() not in ("fnapirunner", "directrunner") and not (
+            remote.is_remote(self.shard_dir) or remote.is_remote(store_dir)
+        ):
+            log.warning(
+                "%s workers write their shard stores under %s: they must share that folder with "
+                "this machine (NFS, a mounted bucket); else set extract.beam_shard_dir to a "
+                "folder they all reach (gs://...)", runner, self.shard_dir or store_dir,
+            )  # fmt: skip
         if remote.is_remote(self.shard_dir):
             work = remote.join(self.shard_dir, _run_key(ids, settings, count))
         else:
@@ -512,8 +521,6 @@ class BeamExtractor:
             merge_shards(stores, store_dir, overwrite=True)
             shutil.rmtree(work, ignore_errors=True)
             return
-        import tensorflow as tf
-
         with tempfile.TemporaryDirectory(prefix="cbir-merge-") as tmp:
             local = [os.path.join(tmp, s.rstrip("/").rsplit("/", 1)[-1]) for s in stores]
             for url, path in zip(stores, local, strict=True):

@@ -219,7 +219,9 @@ def _exists(path: str) -> bool:
 
 
 def _join(folder: str, rel: str) -> str:
-    return remote.join(folder, rel) if remote.is_remote(folder) else os.path.join(folder, *rel.split("/"))
+    if remote.is_remote(folder):
+        return remote.join(folder, rel)
+    return os.path.join(folder, *rel.split("/"))
 
 
 def _stat(path: str) -> list[int]:

@@ -84,7 +84,7 @@ def list_images(root: str, recursive: bool, exts: tuple[str, ...]) -> list[str]:
     if not gfile.isdir(root):
         raise NotADirectoryError(f"image folder {root!r} is not a folder")
     found: list[str] = []
-    for dirpath, dirnames, filenames in gfile.walk(root):
+    for dirpath, _, filenames in gfile.walk(root):
         rel_dir = dirpath.rstrip("/")[len(root) :].strip("/")
         # gfile.walk has no pruning: hidden folders are skipped by their relative path.
         if any(part.startswith(".") for part in rel_dir.split("/") if part):
@@ -114,13 +114,20 @@ def _store_files(names: Iterable[str]) -> list[str]:
 
 
 def upload_store(local_dir: str, url: str) -> None:
-    """Copies a finished local store to `url`, COMPLETE last (a stale marker removed first)."""
+    """Copies a finished local store to `url`, COMPLETE last.
+
+    What was at `url` goes first, its COMPLETE marker before the rest: a copy over an older
+    file is not atomic everywhere (ram:// keeps the old file's tail), and no reader may take
+    the old marker for the new files.
+    """
     from cbir_tf.store import COMPLETE_FILE
 
     gfile, _ = _gfile()
+    if gfile.exists(url):
+        if gfile.exists(join(url, COMPLETE_FILE)):
+            gfile.remove(join(url, COMPLETE_FILE))
+        gfile.rmtree(url)
     gfile.makedirs(url)
-    if gfile.exists(join(url, COMPLETE_FILE)):
-        gfile.remove(join(url, COMPLETE_FILE))
     for name in _store_files(os.listdir(local_dir)):
         gfile.copy(os.path.join(local_dir, name), join(url, name), overwrite=True)
 

@@ -70,6 +70,19 @@ class ShardLog:
         return sorted(i for i in found if shard is None or i == shard)
 
 
+class FailOn(ShardLog):
+    """Records every call (as ShardLog) and fails each time shard `shard` starts."""
+
+    def __init__(self, folder, shard):
+        super().__init__(folder, "never")
+        self.shard = shard
+
+    def __call__(self, shard, stage):
+        super().__call__(shard, stage)
+        if shard == self.shard and stage == "start":
+            raise RuntimeError(f"shard {shard} always fails")
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("beam_photos")
@@ -266,13 +279,35 @@ def test_beam_on_another_filesystem_equals_sequential(folder, model_file, tmp_pa
     assert _index(_cfg("beam"), src, out, model_file, again).ids == seq.ids
     assert calls == []  # the same files (sizes and times from gfile.stat): nothing described
 
+    # Resuming from shard stores on ram://: a run fails on shard 1; a finished shard that lost
+    # its COMPLETE marker (a copy cut short) counts as unfinished; the next run does the rest.
+    model = models.load_descriptor_model(model_file)
+    urls = [remote.join(src, i) for i in rel]
+    mem = "--direct_running_mode=in_memory"
+    first = FailOn(tmp_path / "log1", shard=1)
+    failing = beam_extract.BeamExtractor(
+        mem, shard_images=4, attempts=1, shard_dir=shards, fault_hook=first
+    )
+    with pytest.raises(beam_extract.BeamExtractionError, match=r"shards \[.*1.*\] of 3"):
+        failing.extract(model, urls, ids=rel, image_size=64, store_dir=str(tmp_path / "r"))
+    stores = sorted(gfile.glob(remote.join(shards, "run-*", "shard-*")))
+    done = [int(u.rsplit("shard-", 1)[1][:5]) for u in stores if remote.is_complete_store(u)]
+    assert 1 not in done and set(done) == set(first.calls()) - {1}
+    cut = [u for u in stores if remote.is_complete_store(u)][:1]
+    for u in cut:
+        gfile.remove(remote.join(u, store.COMPLETE_FILE))
+    second = ShardLog(tmp_path / "log2", "never")
+    resumed = beam_extract.BeamExtractor(mem, shard_images=4, shard_dir=shards, fault_hook=second)
+    res = resumed.extract(model, urls, ids=rel, image_size=64, store_dir=str(tmp_path / "r"))
+    assert second.calls() == sorted({0, 1, 2} - set(done) | {int(u[-14:-9]) for u in cut})
+    assert res.ids == ids_s and gfile.listdir(shards) == []
+    np.testing.assert_allclose(store.load_store(str(tmp_path / "r"))[0], desc_s, atol=1e-5)
+
     # The output store itself on ram://: written locally, copied with COMPLETE last.
     url = f"ram://beam-{os.getpid()}/index"
-    model = models.load_descriptor_model(model_file)
-    res = beam_extract.BeamExtractor("--direct_running_mode=in_memory", shard_images=20).extract(
-        model, [remote.join(src, i) for i in rel], ids=rel, image_size=64, store_dir=url,
-        progress=False,
-    )  # fmt: skip
+    res = beam_extract.BeamExtractor(mem, shard_images=20).extract(
+        model, urls, ids=rel, image_size=64, store_dir=url, progress=False
+    )
     assert remote.is_complete_store(url) and not gfile.exists(remote.join(url, "beam-shards"))
     assert res.ids == ids_s
     assert [list(x) for x in res.skipped] == [[x["id"], x["reason"]] for x in _skipped(seq_dir)]
