@@ -274,6 +274,8 @@ def test_beam_on_another_filesystem_equals_sequential(folder, model_file, tmp_pa
     assert _skipped(out) == _skipped(seq_dir) and len(_skipped(out)) == 3
     assert r.failed == seq.failed  # the same skip reasons as for local files
     assert gfile.listdir(shards) == []  # merged: the run's shard stores are removed
+    local_runner = _index(_cfg(), src, str(tmp_path / "seq_ram"), model_file)  # no Beam
+    assert local_runner.ids == seq.ids and local_runner.failed == seq.failed
     calls = []
     again = lambda *a, **k: calls.append(a) or beam.extract(*a, **k)  # noqa: E731
     assert _index(_cfg("beam"), src, out, model_file, again).ids == seq.ids
