@@ -25,13 +25,13 @@ its worker (`attempts`); runners that retry failed bundles (Dataflow does) retry
 of that. The local Fn API runner does not retry bundles: a worker that dies fails the run, and
 running the same command again resumes it.
 
-Locally the pipeline runs on Beam's in-process Fn API runner with worker threads
-(`--runner=FnApiRunner --direct_running_mode=multi_threading --direct_num_workers=N`), pinned
+Locally the pipeline runs on Beam's Fn API runner with worker processes
+(`--runner=FnApiRunner --direct_running_mode=multi_processing --direct_num_workers=N`), pinned
 explicitly: Beam's DirectRunner first tries the Prism runner, a binary it downloads at run time.
-Worker threads share the driver's TensorFlow and use its model as is (TensorFlow and the image
-decoder release the GIL): a worker process (`--direct_running_mode=multi_processing`, or any
-cluster runner) pays ~10 s to start Python, Beam and TensorFlow and load the model saved by the
-driver, which over a few hundred images is a large part of the run.
+Worker processes load the model the driver saved, as a cluster's workers do, so a local run
+tries the path a cluster runs; each pays ~10 s to start Python, Beam and TensorFlow.
+`--direct_running_mode=multi_threading` runs the workers as threads of the driver instead,
+sharing its model as is (TensorFlow and the image decoder release the GIL): nothing starts.
 Paths may be local or on any filesystem tf.io.gfile reads (gs://, s3://, hdfs://; see
 `cbir_tf.remote`). Local paths use the plain file API, with the shard stores inside the output
 store (workers share the driver's disk). With `shard_dir` on another filesystem (what workers
@@ -96,7 +96,7 @@ def pipeline_options(beam_options: str | Sequence[str] = "", num_workers: int = 
     if "--runner" not in names:
         opts.append("--runner=FnApiRunner")
         if "--direct_running_mode" not in names:
-            opts.append("--direct_running_mode=multi_threading")
+            opts.append("--direct_running_mode=multi_processing")
         if "--direct_num_workers" not in names:
             opts.append(f"--direct_num_workers={int(num_workers) or _usable_cores()}")
         if "--default_sdk_harness_log_level" not in names and not log.isEnabledFor(logging.DEBUG):

@@ -194,18 +194,18 @@ def test_beam_index_equals_sequential_and_resumes_after_failures(
 def test_runner_choice_and_local_options():
     assert runs.extract_function({"runner": "local"}) is None
     fn = runs.extract_function({"runner": "beam", "beam_options": "", "beam_workers": 3})
-    # The in-process runner, pinned (never Prism, downloaded at run time), with worker threads
-    # that use the driver's model (nothing to start or load).
+    # The Fn API runner, pinned (never Prism, downloaded at run time), with worker processes
+    # that share the cores and load the saved model, as a cluster's workers do.
     assert fn.__self__.options[:3] == [
         "--runner=FnApiRunner",
-        "--direct_running_mode=multi_threading",
+        "--direct_running_mode=multi_processing",
         "--direct_num_workers=3",
     ]
-    assert fn.__self__.threads is None and beam_extract._in_process(fn.__self__.options)
-    # Worker processes share the cores.
-    procs = beam_extract.BeamExtractor("--direct_running_mode=multi_processing", num_workers=3)
-    assert procs.threads == max(1, len(os.sched_getaffinity(0)) // 3)
-    assert not beam_extract._in_process(procs.options)
+    assert fn.__self__.threads == max(1, len(os.sched_getaffinity(0)) // 3)
+    assert not beam_extract._in_process(fn.__self__.options)
+    # Worker threads use the driver's model (nothing to start or load).
+    threads = beam_extract.BeamExtractor("--direct_running_mode=multi_threading", num_workers=3)
+    assert threads.threads is None and beam_extract._in_process(threads.options)
     with pytest.raises(ValueError, match="unknown extract.runner 'spark'.*'local', 'beam'"):
         runs.extract_function({"runner": "spark"})
     # A runner of the user's is passed through unchanged, with nothing added.
