@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf import benchmark, metrics, report, search
+from cbir_tf import benchmark, config, metrics, report, search
 from cbir_tf.configs import default as default_config
 from cbir_tf.rerank import pipeline
 
@@ -138,6 +138,7 @@ def evaluate_methods(
     original_gnd: Sequence[Mapping[str, Any]] | None = None,
     original_queries: Sequence[int] | None = None,
     missing: np.ndarray | None = None,
+    search_cfg: Any = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Evaluates every retrieval method on one benchmark.
 
@@ -151,6 +152,8 @@ def evaluate_methods(
       original_gnd, original_queries: see `evaluate_rankings`.
       missing: ground-truth ids of database images without a descriptor (see `align_rows`);
         `database` then holds only the present ones, in ground-truth order.
+      search_cfg: the config's `search` block (backend 'ann' ranks with an approximate index
+        built over `database`, `cbir_tf.ann`); None: the defaults.
 
     Returns:
       (results {method: {'revisited', 'original', 'info'}}, rankings {method: int [Q, N]}).
@@ -164,7 +167,10 @@ def evaluate_methods(
     settings = pipeline.RerankSettings.from_config(rerank_cfg)
     search.validate_descriptors(queries, "queries")
     # Validated once; DBA and the diffusion graph are built once for all the methods.
-    db = pipeline.Database(database)
+    sc = config.block({"search": config.as_dict(search_cfg)}, "search")
+    db = pipeline.Database(
+        database, backend=sc["backend"], block_size=int(sc["block_size"]), ann_settings=sc["ann"]
+    )
     _warn_unless_unit_norm(queries, "queries")
     _warn_unless_unit_norm(database, "database")
     results: dict[str, Any] = {}
@@ -385,6 +391,7 @@ def run_benchmark(
         original_gnd=ds.original_gnd,
         original_queries=getattr(ds, "original_queries", None),
         missing=missing,
+        search_cfg=cfg.get("search"),
     )
     title = f"{name} ({ds.num_images} images, {ds.num_queries} queries): {what}"
     table = report.format_table(results, kappas, title=title)

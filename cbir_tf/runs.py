@@ -191,6 +191,8 @@ def build_index(
             root=images,
             rerank=cfg.get("rerank"),
             flush_every=int(cfg.get("extract", {}).get("flush_every", 64)),
+            backend=str(config_lib.block(cfg, "search")["backend"]),
+            ann=config_lib.block(cfg, "search")["ann"],
         )
     else:
         r = Retriever.from_config(config, directory=out, root=images)
@@ -319,6 +321,10 @@ def run_search(
         raise FileNotFoundError(f"query {query} does not exist")
     retriever = Retriever.load(index_dir, model=model, root=root)
     all_results = retriever.search_batch(queries, k=k, rerank=rerank)
+    approximate = retriever.approximate_index()
+    if approximate is not None:
+        # How far the approximate index may differ from exact search, measured when built.
+        stream.write(approximate.describe() + "\n\n")
     pairs = list(zip(queries, all_results, strict=True))
     for q, results in pairs:
         stream.write(format_results(results, title=f"query: {q}") + "\n")

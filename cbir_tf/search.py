@@ -18,7 +18,11 @@ float32/int64 `[Q, k]`; full rankings int64 `[Q, N]`, best first.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+BACKENDS = ("exact", "auto", "ann", "faiss")
 
 __all__ = [
     "SearchIndex",
@@ -276,22 +280,29 @@ class SearchIndex:
         nprobe: int | None = None,
         ef_search: int | None = None,
         validate: bool = True,
+        ann: Any = None,
+        ann_settings: Any = None,
     ):
         """Prepares a database for search.
 
         Args:
           database: float `[N, D]` descriptors, N >= 1 (a `np.memmap` works: it is read in blocks).
-          backend: 'exact' (blocked numpy, the reference) or 'faiss'.
+          backend: 'exact' (blocked numpy, the reference), 'ann' (`cbir_tf.ann`: candidates
+            re-scored exactly), 'auto' ('ann' when `ann` is given, else 'exact') or 'faiss'.
           block_size: database rows per block (exact backend) or per `add` (faiss).
           faiss_factory, nprobe, ef_search: see `build_faiss_index`.
           validate: check the database with `validate_descriptors` (one pass over it).
+          ann: a `cbir_tf.ann.AnnIndex` over `database` (a saved approximate index) for the
+            'ann' and 'auto' backends.
+          ann_settings: the `search.ann` settings of an index built for backend='ann' when
+            `ann` is None.
 
         Raises:
           ValueError: empty or invalid database, unknown backend.
           ImportError: backend='faiss' without faiss installed.
         """
-        if backend not in ("exact", "faiss"):
-            raise ValueError(f"unknown search backend {backend!r}; valid: 'exact', 'faiss'")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown search backend {backend!r}; valid: {', '.join(BACKENDS)}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if validate:
@@ -304,9 +315,19 @@ class SearchIndex:
                 "index at least one image first"
             )
         self.database = database
-        self.backend = backend
         self.block_size = int(block_size)
         self.faiss_index = None
+        # 'auto' is exact unless a saved approximate index is given; 'ann' builds one in memory.
+        self.ann = ann
+        if backend == "auto":
+            backend = "ann" if ann is not None else "exact"
+        self.backend = backend
+        if backend == "ann" and ann is None:
+            from cbir_tf import ann as ann_lib
+
+            self.ann = ann_lib.build(
+                database, ann_lib.AnnSettings.from_config(ann_settings), block_size=block_size
+            )
         if backend == "faiss":
             self.faiss_index = build_faiss_index(
                 database, faiss_factory, nprobe=nprobe, ef_search=ef_search, block_size=block_size
@@ -342,6 +363,8 @@ class SearchIndex:
             return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
         if self.backend == "exact":
             return _exact_knn(queries, self.database, k, self.block_size)
+        if self.backend == "ann":
+            return self.ann.search(queries, k)
         scores, ids = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         # faiss orders ties arbitrarily and marks missing results with id -1: re-sort so both
         # backends follow the same rule, with missing entries (-inf) last.
