@@ -198,6 +198,11 @@ def build_index(
         r = Retriever.from_config(config, directory=out, root=images)
     if int(num_shards) <= 1:
         r.index(images, progress=progress)
+        # Past the size threshold, an index without a usable approximate index gets one (e.g.
+        # one built before they existed); `index` keeps it up to date afterwards.
+        if len(r) >= r.ann_settings.min_rows and r.backend != "exact":
+            if r.approximate_index() is None:
+                r.rebuild_ann()
         return r
     shard = shards_lib.shard_meta(len(rel), int(shard_index), int(num_shards))
     # Recorded in meta.json so that `shards.merge_shards` can check and order the shards.

@@ -1,4 +1,4 @@
-"""Nearest-neighbour search by inner product over L2-normalised descriptors (numpy; faiss optional).
+"""Nearest-neighbour search by inner product over L2-normalised descriptors (numpy; faiss lazily).
 
 The exact path is the default and the reference: the database is scanned in blocks of rows
 (`block_size`), each block's similarities are computed with one float32 matrix product, the
@@ -9,8 +9,8 @@ memory-mapped descriptor stores of millions of rows can be searched without load
 Ties are broken deterministically: results are ordered by score (descending), then by database
 id (ascending), and when several items tie at the k-th place the ones with the lower ids are kept.
 
-The optional faiss backend (`pip install cbir-tf[faiss]`) is imported only when asked for. Its
-'Flat' index is exact too (up to float rounding); 'HNSW32', 'IVF1024,Flat', ... are approximate.
+faiss (a dependency since the saved approximate index, `cbir_tf.ann`; faiss-gpu may replace
+faiss-cpu) is imported only when asked for. Its 'Flat' index is exact too (up to float rounding); 'HNSW32', 'IVF1024,Flat', ... are approximate.
 
 Conventions: descriptors float32 `[N, D]`, one row per image; search results `(scores, ids)`
 float32/int64 `[Q, k]`; full rankings int64 `[Q, N]`, best first.
@@ -201,14 +201,14 @@ def _exact_knn(
 
 
 def require_faiss():
-    """Imports faiss, or raises an ImportError that names the `[faiss]` extra."""
+    """Imports faiss, or raises an ImportError saying how to install it."""
     try:
-        import faiss  # noqa: PLC0415 (optional dependency, imported only when asked for)
+        import faiss  # noqa: PLC0415 (imported only when asked for: it loads a large library)
     except ImportError as err:
         raise ImportError(
-            "backend='faiss' needs the optional faiss package; install the [faiss] extra: "
-            "pip install 'cbir-tf[faiss]' (or pip install faiss-cpu). The default "
-            "backend='exact' needs nothing more."
+            "faiss is missing (the 'faiss' and 'ann' backends and the approximate index need "
+            "it): pip install faiss-cpu (a dependency of cbir-tf; `pip install "
+            "'cbir-tf[faiss]'` reinstalls it), or faiss-gpu. backend='exact' needs nothing more."
         ) from err
     return faiss
 
