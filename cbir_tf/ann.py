@@ -17,9 +17,8 @@ held-out rows of the collection used as queries (their own row excluded), reache
 `target_recall`. The recall reached is kept in the metadata (`ann.json`) beside the index
 (`ann.faiss`, written atomically, opened memory-mapped, checked against a SHA-256).
 
-`knn_graph` builds each row's k nearest rows for the diffusion graph without the O(N^2 D) scan:
-rows are grouped by their nearest k-means centroid; each group is compared exactly (one BLAS
-product per group) with the rows of the lists its members probe.
+The diffusion graph of large collections is approximate too: `cbir_tf.rerank.graph.
+approximate_knn`.
 
 numpy + faiss only (no TensorFlow).
 """
@@ -108,7 +107,8 @@ def plan(n: int, d: int, settings: AnnSettings) -> dict[str, Any]:
         (m, lists)
         for m in sorted(_PQ_BYTES, reverse=True)
         for lists in (nlist, max(16, nlist // 2))
-        if m <= d and d % m == 0
+        if m <= d
+        and d % m == 0
         and m + _ID_BYTES + lists * (4 * d + 320) / n <= settings.bytes_per_vector
     ]
     if not options:
@@ -422,7 +422,7 @@ def load(
     """
     meta = read_meta(directory)
     where = os.path.join(directory, INDEX_FILE)
-    rebuild = "rebuild it with `python extract.py --images=... --out=...` or Retriever.rebuild_ann()"
+    rebuild = "rebuild it (`python extract.py --images=... --out=...`, Retriever.rebuild_ann())"
     mine = _model_fields(store_meta, database.shape[1])
     if meta.get("descriptors") != mine:
         raise AnnIndexError(
@@ -478,7 +478,6 @@ def add_rows(
     Raises:
       AnnIndexError: the saved index is unusable or did not cover the previous rows.
     """
-    meta = read_meta(directory)
     old = int(previous_rows)
     ann = load(directory, database[:old], store_meta, mmap=False)
     ann.database = database
@@ -501,90 +500,18 @@ def add_rows(
     return ann
 
 
+def copy_files(source: str, dest: str) -> None:
+    """Copies an index folder's approximate index to another folder holding the same rows."""
+    path = os.path.join(source, INDEX_FILE)
+    if os.path.exists(path):
+        with open(path, "rb") as src, atomic_open(os.path.join(dest, INDEX_FILE), "wb") as out:
+            out.write(src.read())
+    atomic_write_json(os.path.join(dest, META_FILE), read_meta(source))
+
+
 def remove(directory: str) -> None:
     """Deletes an index folder's approximate index (both files)."""
     for name in (META_FILE, INDEX_FILE):
         path = os.path.join(directory, name)
         if os.path.exists(path):
             os.unlink(path)
-
-
-# -- approximate kNN graph ----------------------------------------------------------------------
-
-
-def _probe_lists(database, centroids, probes, block_size):
-    """int32 `[N, probes]` nearest centroids of each row, nearest first."""
-    n = database.shape[0]
-    top = np.empty((n, probes), np.int32)
-    for start in range(0, n, block_size):
-        block = np.ascontiguousarray(database[start : start + block_size], dtype=np.float32)
-        sims = block @ centroids.T
-        cols = np.argpartition(-sims, probes - 1, axis=1)[:, :probes]
-        order = np.argsort(-np.take_along_axis(sims, cols, axis=1), axis=1, kind="stable")
-        top[start : start + block.shape[0]] = np.take_along_axis(cols, order, axis=1)
-    return top
-
-
-def knn_graph(
-    database: np.ndarray,
-    k: int,
-    *,
-    probes: int = 8,
-    rows_per_list: int = 1000,
-    refine: int = 8,
-    seed: int = 0,
-    block_size: int = 65536,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k nearest rows (itself included), searched among the rows of nearby lists.
-
-    Rows are grouped by nearest k-means centroid (about `rows_per_list` rows a list); a group's
-    candidates are the rows of every list one of its members has among its `probes` nearest
-    centroids. One exact float32 product per group finds k + `refine` candidates per row, which
-    are re-scored in float64 (as the exact graph's `neighbors64`). Memory: the descriptors once
-    more in RAM, in list order, plus the `[N, k]` results.
-
-    Args:
-      database: float `[N, D]` L2-normalised (a memory map is read once, in blocks).
-      k: neighbours per row (clipped to N).
-      probes: lists probed per row (more: closer to the exact graph, slower).
-      rows_per_list: average list size.
-      refine: extra float32 candidates re-scored in float64.
-      seed: k-means sampling seed.
-      block_size: rows per block when reading the database.
-
-    Returns:
-      sims float64 `[N, k]` descending and ids int64 `[N, k]` (missing: -1, -inf).
-    """
-    faiss = _faiss()
-    n, d = database.shape
-    k = min(int(k), n)
-    nlist = max(1, min(n // 39, int(round(n / rows_per_list))))
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))
-    km = faiss.Kmeans(d, nlist, niter=10, spherical=True, seed=seed, verbose=False)
-    km.train(np.ascontiguousarray(database[sample], dtype=np.float32))
-    top = _probe_lists(database, km.centroids, min(probes, nlist), block_size)
-    order = np.argsort(top[:, 0], kind="stable")  # row ids in list order
-    starts = np.concatenate([[0], np.cumsum(np.bincount(top[:, 0], minlength=nlist))])
-    position = np.empty(n, np.int64)
-    position[order] = np.arange(n)
-    xp = np.empty((n, d), np.float32)  # the rows in list order: each list is one slice
-    for start in range(0, n, block_size):
-        stop = min(n, start + block_size)
-        xp[position[start:stop]] = database[start:stop]
-    out_s = np.full((n, k), -np.inf)
-    out_i = np.full((n, k), -1, np.int64)
-    for lst in range(nlist):
-        lo, hi = int(starts[lst]), int(starts[lst + 1])
-        if hi == lo:
-            continue
-        lists = np.unique(top[order[lo:hi]])
-        cand_pos = np.concatenate([np.arange(starts[c], starts[c + 1]) for c in lists])
-        kk = min(k + refine, cand_pos.size)
-        _, found = faiss.knn(xp[lo:hi], xp[cand_pos], kk, metric=faiss.METRIC_INNER_PRODUCT)
-        found_pos = np.where(found < 0, -1, cand_pos[np.clip(found, 0, None)])
-        sims, pos = search.refine_knn(xp[lo:hi], xp, found_pos)
-        kept = min(k, kk)
-        out_s[order[lo:hi], :kept] = sims[:, :kept]
-        out_i[order[lo:hi], :kept] = np.where(pos[:, :kept] < 0, -1, order[pos[:, :kept]])
-    return out_s, out_i

@@ -328,7 +328,8 @@ class IndexUpdates:
     def _build_ann(self, kind: str | None):
         from cbir_tf import ann
 
-        index = ann.build(self._descriptors, self.ann_settings, block_size=self.block_size, kind=kind)
+        settings, rows = self.ann_settings, self._descriptors
+        index = ann.build(rows, settings, block_size=self.block_size, kind=kind)
         if self.directory:
             ann.save(index, self.directory, store_lib.DescriptorStore(self.directory).meta())
         self._ann = index
@@ -374,8 +375,12 @@ class IndexUpdates:
             index_folder.clear_pending(directory)
             rows = np.arange(len(self._ids), dtype=np.int64)
             self._write_index(directory, self._descriptors, rows, None, self._ids, dim)
-            if self._ann is not None:  # the approximate index describes the same rows
-                from cbir_tf import ann
+            from cbir_tf import ann
 
+            # The approximate index describes the same rows: its files are copied (one opened
+            # memory-mapped cannot be serialised again), or an in-memory one is saved.
+            if self.directory and ann.exists(self.directory):
+                ann.copy_files(self.directory, directory)
+            elif self._ann is not None:
                 ann.save(self._ann, directory, store_lib.DescriptorStore(directory).meta())
         return directory

@@ -10,7 +10,8 @@ Ties are broken deterministically: results are ordered by score (descending), th
 id (ascending), and when several items tie at the k-th place the ones with the lower ids are kept.
 
 faiss (a dependency since the saved approximate index, `cbir_tf.ann`; faiss-gpu may replace
-faiss-cpu) is imported only when asked for. Its 'Flat' index is exact too (up to float rounding); 'HNSW32', 'IVF1024,Flat', ... are approximate.
+faiss-cpu) is imported only when asked for. Its 'Flat' index is exact too (up to float
+rounding); 'HNSW32', 'IVF1024,Flat', ... are approximate.
 
 Conventions: descriptors float32 `[N, D]`, one row per image; search results `(scores, ids)`
 float32/int64 `[Q, k]`; full rankings int64 `[Q, N]`, best first.

@@ -41,7 +41,8 @@ def built(data):
 
 
 def _recall(ids, exact_ids):
-    return np.mean([len(set(a) & set(e)) / exact_ids.shape[1] for a, e in zip(ids, exact_ids)])
+    k = exact_ids.shape[1]
+    return np.mean([len(set(a) & set(e)) / k for a, e in zip(ids, exact_ids, strict=True)])
 
 
 def test_size_and_budget_choose_the_kind():
@@ -50,7 +51,8 @@ def test_size_and_budget_choose_the_kind():
     big = ann.plan(1_000_000, 512, s)
     # 4096 lists' centroids would take ~10 bytes a row: 2048 keep 64-byte codes under 80.
     assert big["factory"] == "IVF2048_HNSW32,PQ64" and big["m"] + 8 <= s.bytes_per_vector
-    assert ann.plan(1_000_000, 512, ann.AnnSettings.from_config({"bytes_per_vector": 48}))["m"] == 32
+    budget48 = ann.AnnSettings.from_config({"bytes_per_vector": 48})
+    assert ann.plan(1_000_000, 512, budget48)["m"] == 32
     with pytest.raises(ValueError, match="bytes_per_vector"):
         ann.plan(1_000_000, 512, ann.AnnSettings.from_config({"bytes_per_vector": 12}))
     with pytest.raises(ValueError, match="unknown search.ann field"):
@@ -77,7 +79,7 @@ def test_saved_index_reopens_memory_mapped_with_the_same_results(built, data, tm
     assert type(ann._faiss().extract_index_ivf(reopened.index).invlists).__name__ in (
         "InvertedLists", "OnDiskInvertedLists")  # fmt: skip
     queries = clustered(50, seed=8)
-    for a, b in zip(built.search(queries, 20), reopened.search(queries, 20)):
+    for a, b in zip(built.search(queries, 20), reopened.search(queries, 20), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -136,6 +138,10 @@ def test_retriever_builds_adds_without_rebuild_and_searches_with_it(data, tmp_pa
     assert exact.approximate_index() is None
     _, exact_rows = exact.search_descriptors(queries, k=5)
     np.testing.assert_array_equal(exact_rows[:, 0], rows[:, 0])
+    # Saved elsewhere: the approximate index goes with the rows.
+    copy = r2.save(str(tmp_path / "copy"))
+    assert _retriever(copy).approximate_index().search(queries, 5)[1][:, 0].tolist() == [
+        3, 5001, 6499]  # fmt: skip
     # Rows removed: the approximate index is rebuilt over the new rows.
     r2._apply(None, {}, {}, {"img0.jpg"})
     meta = ann.read_meta(str(tmp_path))
@@ -160,15 +166,17 @@ def test_a_damaged_index_is_not_used_by_the_retriever(data, tmp_path, caplog):
 def test_approximate_graph_agrees_with_the_exact_graph():
     x = clustered(6000, seed=3)
     k = 20
-    sims, ids = ann.knn_graph(x, k, probes=8, rows_per_list=200)
     exact_sims, exact_ids = graph.neighbors64(x, x, k)
-    agree = np.mean([len(set(a) & set(e)) / k for a, e in zip(ids, exact_ids)])
-    assert agree >= 0.99
-    same = ids == exact_ids
-    np.testing.assert_allclose(sims[same], exact_sims[same], rtol=0, atol=1e-12)
-    a = graph.mutual_knn_affinity(sims, ids, 3.0)
     e = graph.mutual_knn_affinity(exact_sims, exact_ids, 3.0)
-    assert e.multiply(a > 0).nnz / e.nnz >= 0.99
+    agreement = {}
+    for probes in (30, 15):  # all 30 lists (exact up to float32 rounding), then half of them
+        sims, ids = graph.approximate_knn(x, k, probes=probes, rows_per_list=200)
+        assert np.all(np.diff(sims, axis=1) <= 0) and np.all(ids[:, 0] == np.arange(6000))
+        same = ids == exact_ids
+        np.testing.assert_allclose(sims[same], exact_sims[same], rtol=0, atol=1e-6)
+        a = graph.mutual_knn_affinity(sims, ids, 3.0)
+        agreement[probes] = e.multiply(a > 0).nnz / e.nnz
+    assert agreement[30] >= 0.999 and agreement[15] >= 0.9
 
 
 def test_database_switches_to_the_approximate_graph_above_its_threshold(monkeypatch):
@@ -177,8 +185,9 @@ def test_database_switches_to_the_approximate_graph_above_its_threshold(monkeypa
     exact = graph.knn_affinity(x, 10, 3.0)
     assert (small != exact).nnz == 0  # below the threshold: the exact graph, bit for bit
     calls = []
-    real = ann.knn_graph
-    monkeypatch.setattr(ann, "knn_graph", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = graph.approximate_knn
+    spy = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(pipeline, "approximate_knn", spy)
     approx = pipeline.Database(x, backend="auto", ann_settings={"graph_min_rows": 1000})
     approx = approx.graph(10, 3.0)
     assert calls and exact.multiply(approx > 0).nnz / exact.nnz >= 0.98

@@ -28,7 +28,7 @@ import numpy as np
 from cbir_tf import config, search
 from cbir_tf.rerank import diffusion, query_expansion
 from cbir_tf.rerank.cg import CGInfo
-from cbir_tf.rerank.graph import knn_affinity, mutual_knn_affinity
+from cbir_tf.rerank.graph import approximate_knn, knn_affinity, mutual_knn_affinity
 
 __all__ = ["METHODS", "NONE", "Database", "Ranking", "RerankSettings", "check_method", "rerank"]
 
@@ -154,7 +154,7 @@ class Database:
       vectors: float `[N, D]` L2-normalised, N >= 1 (memory maps are read in blocks).
       backend: 'exact', 'auto', 'ann' or 'faiss' search (see `search.SearchIndex`); with any
         but 'exact', graphs of `ann_settings.graph_min_rows` rows or more are approximate
-        (`cbir_tf.ann.knn_graph`).
+        (`graph.approximate_knn`).
       block_size: database rows per search block.
       validate: check the vectors first.
       ann: a saved approximate index over `vectors` (`cbir_tf.ann.AnnIndex`), or None.
@@ -213,10 +213,8 @@ class Database:
             idx = self.index
             a = self.ann_settings
             if self.approximate_graphs and n >= a.graph_min_rows:
-                from cbir_tf import ann
-
                 _log.info("approximate kNN graph over %d rows (search.ann.graph_min_rows)", n)
-                sims, ids = ann.knn_graph(
+                sims, ids = approximate_knn(
                     self.vectors, k, probes=a.graph_probes, seed=a.seed, block_size=idx.block_size
                 )
                 self._graphs[key] = mutual_knn_affinity(sims, ids, gamma, num_nodes=n)
