@@ -44,7 +44,14 @@ def uptime_load() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def clustered(n: int, dim: int, seed: int, out: np.ndarray | None = None, chunk: int = 65536):
+def clustered(
+    n: int,
+    dim: int,
+    seed: int,
+    out: np.ndarray | None = None,
+    chunk: int = 65536,
+    clusters_of: int | None = None,
+):
     """Unit vectors in clusters of ~20 (Poisson sizes; noise of a spread that varies per cluster).
 
     No unclustered rows: isotropic loners are uniform noise, whose neighbours no compressed
@@ -52,12 +59,13 @@ def clustered(n: int, dim: int, seed: int, out: np.ndarray | None = None, chunk:
     whatever nprobe, PQ64 codes and 80 candidates).
     """
     rng = np.random.default_rng(seed)
-    n_clusters = max(1, n // 20)
+    size = n if clusters_of is None else clusters_of  # the clusters of a collection of this size
+    n_clusters = max(1, size // 20)
     scale = (1.0 / np.sqrt(1.0 + np.arange(dim))).astype(np.float32) ** 0.5
     # Clusters of clusters (near-duplicates of one object, objects of one place, ...): centres
     # spread around ~n/1000 group centres, so that a row's 50 neighbours are its cluster and
     # its group's nearest clusters, not a random draw over the sphere.
-    groups = rng.standard_normal((max(1, n // 1000), dim), dtype=np.float32) * scale
+    groups = rng.standard_normal((max(1, size // 1000), dim), dtype=np.float32) * scale
     groups /= np.linalg.norm(groups, axis=1, keepdims=True)
     centres = groups[rng.integers(0, len(groups), n_clusters)] + 0.7 * rng.standard_normal(
         (n_clusters, dim), dtype=np.float32
@@ -88,7 +96,7 @@ def collection(n: int, dim: int, folder: str) -> np.ndarray:
 
 def queries_like(n_queries: int, n: int, dim: int) -> np.ndarray:
     # Same generator and cluster centres as the collection (seed 1), fresh points (later rows).
-    x = clustered(n + n_queries, dim, seed=1)
+    x = clustered(n + n_queries, dim, seed=1, clusters_of=n)
     return np.ascontiguousarray(x[n:])
 
 
