@@ -14,6 +14,9 @@ product) with the rows that probe it, each row keeping the best k of the lists i
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -185,6 +188,16 @@ def _probe_lists(database, centroids, probes, block_size):
     return top
 
 
+def _release_pages(array: np.ndarray) -> None:
+    """Drops a memory-mapped array's resident pages from the process (they stay cached)."""
+    base = array
+    while base is not None and not isinstance(getattr(base, "_mmap", None), mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            base._mmap.madvise(mmap.MADV_DONTNEED)
+
+
 def approximate_knn(
     database: np.ndarray,
     k: int,
@@ -231,6 +244,7 @@ def approximate_knn(
     for start in range(0, n, block_size):
         stop = min(n, start + block_size)
         xp[position[start:stop]] = database[start:stop]
+    _release_pages(database)  # read once: its mapped pages need not stay in this process
     # For each list, the rows probing it.
     by_list = np.argsort(top.ravel(), kind="stable")
     probing = (by_list // top.shape[1]).astype(np.int64)
