@@ -292,6 +292,7 @@ def run_search(
     recursive: bool = True,
     embed: bool = False,
     stream: Any = None,
+    exact: bool = False,
 ) -> list[tuple[str, list[SearchResult]]]:
     """What `search.py` runs: searches an index, prints ranked tables, writes HTML and PNGs.
 
@@ -307,6 +308,7 @@ def run_search(
       recursive: scan sub-folders of a query folder.
       embed: embed images in the pages as base64.
       stream: where tables are printed (default sys.stdout).
+      exact: exact search even when the index folder holds an approximate index.
 
     Returns:
       [(query path, results)] in query order.
@@ -324,7 +326,9 @@ def run_search(
         queries = [query]
     else:
         raise FileNotFoundError(f"query {query} does not exist")
-    retriever = Retriever.load(index_dir, model=model, root=root)
+    retriever = Retriever.load(
+        index_dir, model=model, root=root, **({"backend": "exact"} if exact else {})
+    )
     all_results = retriever.search_batch(queries, k=k, rerank=rerank)
     approximate = retriever.approximate_index()
     if approximate is not None:

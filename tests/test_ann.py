@@ -76,6 +76,7 @@ def test_saved_index_reopens_memory_mapped_with_the_same_results(built, data, tm
     meta = json.loads((tmp_path / ann.META_FILE).read_text())
     assert meta["recall"] == built.recall and meta["rows"] == N and len(meta["sha256"]) == 64
     reopened = ann.load(str(tmp_path), data, STORE_META)
+    assert f"recall@10 {built.recall:.3f}" in reopened.describe()  # what search.py prints
     assert type(ann._faiss().extract_index_ivf(reopened.index).invlists).__name__ in (
         "InvertedLists", "OnDiskInvertedLists")  # fmt: skip
     queries = clustered(50, seed=8)
