@@ -31,6 +31,8 @@ setup(
         "keras>=3.3",
         "numpy>=1.26",
         "scipy>=1.11",
+        # The approximate index of large collections (cbir_tf.ann); faiss-gpu may replace it.
+        "faiss-cpu>=1.8",
         "scikit-learn>=1.3",
         "pandas>=2.0",
         "absl-py>=2.0",
@@ -42,7 +44,7 @@ setup(
         "tensorboard>=2.16",
     ],
     extras_require={
-        "faiss": ["faiss-cpu>=1.8"],
+        "faiss": [],  # faiss-cpu is a regular dependency now; the extra is kept for old commands
         "tfds": TFDS,
         "serve": SERVE,
         # TFLite's interpreter for exported models (export.py --format=tflite checks them).
@@ -52,7 +54,6 @@ setup(
             "pytest>=8.0",
             "ruff>=0.5",
             *TFDS,
-            "faiss-cpu>=1.8",
             *SERVE,
             "selenium>=4.10",
             *TFLITE,

@@ -17,8 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf import benchmark, metrics, report, search
+from cbir_tf import benchmark, config, metrics, report, search
 from cbir_tf.configs import default as default_config
+from cbir_tf.precomputed import (  # noqa: F401 (evaluation's names before the split)
+    align_rows,
+    load_mat_descriptors,
+    load_precomputed,
+    rankings_with_missing,
+)
 from cbir_tf.rerank import pipeline
 
 log = logging.getLogger(__name__)
@@ -140,6 +146,7 @@ def evaluate_methods(
     missing: np.ndarray | None = None,
     distractors: np.ndarray | None = None,
     distractor_truncate: int = 1000,
+    search_cfg: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluates every retrieval method on one benchmark.
 
@@ -157,6 +164,9 @@ def evaluate_methods(
         Rankings are then `bounded.PartialRanking`s (bounded memory; same metrics), and
         diffusion is truncated to each query's top n: rerank.diffusion.truncate, or
         `distractor_truncate` when that is 0.
+      search_cfg: the config's `search` block (backend 'ann' ranks with an approximate index
+        built over `database`, `cbir_tf.ann`; refused with distractors, which are ranked
+        exactly in bounded memory); None: the defaults.
 
     Returns:
       (results {method: {'revisited', 'original', 'info'}}, rankings {method: int [Q, N]}).
@@ -169,8 +179,17 @@ def evaluate_methods(
         pipeline.check_method(method, "method", none_word="plain")
     settings = pipeline.RerankSettings.from_config(rerank_cfg)
     search.validate_descriptors(queries, "queries")
+    sc = config.block({"search": config.as_dict(search_cfg)}, "search")
     if distractors is not None:
         from cbir_tf import with_distractors
+
+        if sc["backend"] == "ann":
+            # Ranked exactly in bounded memory: an 'ann' table would silently show no cost.
+            raise ValueError(
+                "search.backend=ann is not available with distractors yet: the distractor "
+                "evaluation ranks exactly in bounded memory; drop --distractors to measure the "
+                "approximate index, or use search.backend=exact"
+            )
 
         return with_distractors.evaluate(
             queries, database, distractors, gnd, methods, settings, kappas,
@@ -179,7 +198,12 @@ def evaluate_methods(
             settings.diffusion.truncate or int(distractor_truncate),
         )  # fmt: skip
     # Validated once; DBA and the diffusion graph are built once for all the methods.
-    db = pipeline.Database(database)
+    db = pipeline.Database(
+        database, backend=sc["backend"], block_size=int(sc["block_size"]), ann_settings=sc["ann"]
+    )
+    ann = getattr(db.index, "ann", None)
+    if ann is not None:  # the table must say that rankings come from an approximate index
+        log.info("ranking with the %s", ann.describe())
     _warn_unless_unit_norm(queries, "queries")
     _warn_unless_unit_norm(database, "database")
     results: dict[str, Any] = {}
@@ -189,7 +213,7 @@ def evaluate_methods(
         if missing is not None and len(missing):
             ranks = rankings_with_missing(ranks, missing, len(database) + len(missing))
         res = evaluate_rankings(ranks, gnd, kappas, original_gnd, original_queries)
-        res["info"] = info
+        res["info"] = info if ann is None else {**info, "search": ann.describe()}
         results[method] = res
         rankings[method] = ranks
         log.info(
@@ -199,131 +223,6 @@ def evaluate_methods(
             info["seconds"],
         )
     return results, rankings
-
-
-# --------------------------------------------------------------------------------------------
-# Precomputed descriptors
-# --------------------------------------------------------------------------------------------
-
-
-def load_mat_descriptors(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Loads revisitop-style `.mat` descriptors: `X` database and `Q` queries, both [D, N].
-
-    Args:
-      path: a MATLAB file (v5 via scipy, or v7.3/HDF5 via h5py).
-
-    Returns:
-      (database float32 [N, D], queries float32 [Q, D]), converted to the project's row layout.
-    """
-    path = os.fspath(path)
-    try:
-        import scipy.io
-
-        data = scipy.io.loadmat(path)
-        x, q = data.get("X"), data.get("Q")
-    except NotImplementedError:  # v7.3 files are HDF5
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            # MATLAB writes column-major arrays: h5py sees them transposed, i.e. already [N, D].
-            x = np.asarray(f["X"]).T if "X" in f else None
-            q = np.asarray(f["Q"]).T if "Q" in f else None
-    if x is None or q is None:
-        raise ValueError(f"{path}: a descriptor .mat file needs variables 'X' and 'Q' ([D, N])")
-    x, q = np.asarray(x, np.float32), np.asarray(q, np.float32)
-    if x.ndim != 2 or q.ndim != 2 or x.shape[0] != q.shape[0]:
-        raise ValueError(
-            f"{path}: 'X' {x.shape} and 'Q' {q.shape} must be [D, N] and [D, Q] with the same D"
-        )
-    return np.ascontiguousarray(x.T), np.ascontiguousarray(q.T)
-
-
-def align_rows(
-    descriptors: np.ndarray, ids: Sequence[str], expected_ids: Sequence[str], what: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Reorders store rows to the ground truth's image order.
-
-    Images that could not be read were skipped at extraction. A missing database image is
-    ranked after every present one for every method (`rankings_with_missing`), i.e. it counts
-    as never retrieved: the honest reading; the caller reports how many. A missing query is
-    fatal, since its AP cannot be computed.
-
-    Args:
-      descriptors: float32 [M, D] rows of a store.
-      ids: the store's M image ids.
-      expected_ids: the ground truth's image names, in its order.
-      what: 'database' or 'queries' (for the messages).
-
-    Returns:
-      (float32 [P, D] the present rows in ground-truth order, int64 [len(expected) - P] the
-      ground-truth indices of the missing images).
-    """
-    pos = {name: i for i, name in enumerate(ids)}
-    rows = np.array([pos.get(name, -1) for name in expected_ids], dtype=np.int64)
-    missing = np.flatnonzero(rows < 0)
-    if len(missing) and what == "queries":
-        names = [expected_ids[i] for i in missing[:5]]
-        raise ValueError(
-            f"{len(missing)} query images have no descriptor (first: {names}); every query of "
-            "the benchmark is needed: check the skipped-images summary of the extraction and "
-            "fix or re-download those files"
-        )
-    return np.asarray(descriptors)[rows[rows >= 0]].astype(np.float32, copy=False), missing
-
-
-def rankings_with_missing(ranks: np.ndarray, missing: np.ndarray, n_total: int) -> np.ndarray:
-    """Maps rankings over the present database rows back to all `n_total` ids, missing last.
-
-    Args:
-      ranks: int [Q, P] rankings over the present rows (0..P-1).
-      missing: int [n_total - P] ground-truth indices with no descriptor.
-      n_total: number of database images in the ground truth.
-
-    Returns:
-      int64 [Q, n_total] rankings in ground-truth ids.
-    """
-    if len(missing) == 0:
-        return ranks
-    present = np.setdiff1d(np.arange(n_total), missing)
-    tail = np.broadcast_to(np.asarray(missing, np.int64), (len(ranks), len(missing)))
-    return np.concatenate([present[ranks], tail], axis=1)
-
-
-# --------------------------------------------------------------------------------------------
-# Precomputed descriptors
-# --------------------------------------------------------------------------------------------
-
-
-def load_precomputed(
-    path: str, ds: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """Loads precomputed descriptors: a `.mat` file or a folder with `db/` and `queries/` stores.
-
-    Returns:
-      (database [P, D], queries [Q, D], missing database ids, meta).
-    """
-    from cbir_tf import store
-
-    if path.endswith(".mat"):
-        x, q = load_mat_descriptors(path)
-        if len(x) != ds.num_images or len(q) != ds.num_queries:
-            raise ValueError(
-                f"{path}: {len(x)} database and {len(q)} query descriptors, but {ds.name} has "
-                f"{ds.num_images} database images and {ds.num_queries} queries"
-            )
-        return x, q, np.zeros(0, np.int64), {"source": os.path.abspath(path), "format": "mat"}
-    db_dir, q_dir = os.path.join(path, "db"), os.path.join(path, "queries")
-    if not (os.path.isdir(db_dir) and os.path.isdir(q_dir)):
-        raise FileNotFoundError(
-            f"{path}: expected a descriptor folder with db/ and queries/ stores (as written by "
-            "extract.py --dataset=...) or a .mat file"
-        )
-    x, x_ids, x_meta = store.load_store(db_dir)
-    q, q_ids, q_meta = store.load_store(q_dir)
-    store.check_compatible(x_meta, q_meta)
-    x, missing = align_rows(x, x_ids, list(ds.imlist), "database")
-    q, _ = align_rows(q, q_ids, list(ds.qimlist), "queries")
-    return x, q, missing, dict(x_meta, source=os.path.abspath(path), format="store")
 
 
 def _inputs(cfg: Any, descriptors: str | None, download: bool, progress: bool):
@@ -388,7 +287,9 @@ def _descriptors(cfg, ds, dset, descriptors, model_path, download, progress, siz
     return x, q, missing, meta, skipped, what, dx
 
 
-def _title(cfg: Any, ds: Any, dset: Any, dx: Any, what: str, truncate: int) -> str:
+def _title(
+    cfg: Any, ds: Any, dset: Any, dx: Any, what: str, truncate: int, results: Mapping[str, Any]
+) -> str:
     """'rparis6k+r1m (6322 images + 1001001 distractors, 70 queries): <descriptors>...'."""
     if dset is None:
         title = f"{ds.name} ({ds.num_images} images, {ds.num_queries} queries): {what}"
@@ -399,6 +300,9 @@ def _title(cfg: Any, ds: Any, dset: Any, dx: Any, what: str, truncate: int) -> s
         )
         if any("diffusion" in m for m in cfg.rerank.methods):
             title += f"; diffusion truncated to each query's top {truncate}"
+    search = next(iter(results.values()), {}).get("info", {}).get("search")
+    if search:
+        title += f"; {search}"
     if getattr(ds, "ok_lists", 0):
         title += f"; {ds.ok_lists} queries with one 'ok' list (Easy = Medium; Hard: none)"
     return title
@@ -450,9 +354,9 @@ def run_benchmark(
         q, x, ds.gnd, methods=tuple(cfg.rerank.methods), rerank_cfg=cfg.rerank.to_dict(),
         kappas=kappas, original_gnd=ds.original_gnd,
         original_queries=getattr(ds, "original_queries", None), missing=missing,
-        distractors=dx, distractor_truncate=truncate,
+        distractors=dx, distractor_truncate=truncate, search_cfg=cfg.get("search"),
     )  # fmt: skip
-    title = _title(cfg, ds, dset, dx, what, truncate)
+    title = _title(cfg, ds, dset, dx, what, truncate, results)
     table = report.format_table(results, kappas, title=title)
     print(table, flush=True)
     extra = {

@@ -224,9 +224,12 @@ class IndexUpdates:
         self.collection.record(got_ids, skipped, new_paths, stats, drop, remove)
         dim = self._dim(new_desc)
         if self.directory:
+            old_rows = len(self._ids)
+            appended = np.array_equal(keep_rows, np.arange(old_rows))
             self._write_index(self.directory, self._descriptors, keep_rows, new_desc, ids, dim)
             self._descriptors, stored_ids, _ = store_lib.load_store(self.directory, mmap=True)
             self._set_ids(stored_ids)
+            self._update_ann(old_rows if appended else None)
         else:
             parts = []
             if len(keep_rows):
@@ -295,6 +298,67 @@ class IndexUpdates:
         ref["file"] = index_folder.MODEL_FILE
         return ref
 
+    # -- the approximate index ---------------------------------------------------------------
+
+    def _update_ann(self, previous_rows: int | None) -> None:
+        """Keeps the folder's approximate index in step with its rows (`cbir_tf.ann`).
+
+        Rows only appended: they are added to the saved index (no retraining; a rebuild is
+        proposed once they make the quantiser stale). Rows removed or replaced: rebuilt. No
+        index yet: built once the collection reaches `search.ann.min_rows` (not with backend
+        'exact').
+        """
+        from cbir_tf import ann
+
+        have = ann.exists(self.directory)
+        n = len(self._ids)
+        if not have and (n < self.ann_settings.min_rows or self.backend == "exact"):
+            return
+        if n == 0:
+            ann.remove(self.directory)
+            return
+        if have and previous_rows is not None:
+            meta = store_lib.DescriptorStore(self.directory).meta()
+            try:
+                self._ann = ann.add_rows(
+                    self.directory, self._descriptors, meta, self.ann_settings,
+                    previous_rows=previous_rows, block_size=self.block_size,
+                )  # fmt: skip
+                return
+            except ann.AnnIndexError as err:
+                log.warning("rebuilding the approximate index: %s", err)
+        elif have:
+            log.info("rows were removed or replaced: rebuilding the approximate index")
+        self._build_ann(None)
+
+    def _build_ann(self, kind: str | None):
+        from cbir_tf import ann
+
+        settings, rows = self.ann_settings, self._descriptors
+        index = ann.build(rows, settings, block_size=self.block_size, kind=kind)
+        if self.directory:
+            ann.save(index, self.directory, store_lib.DescriptorStore(self.directory).meta())
+        self._ann = index
+        self._database = None
+        return index
+
+    def rebuild_ann(self, kind: str | None = None):
+        """Builds (or rebuilds) the approximate index of the images indexed, saved in the folder.
+
+        Args:
+          kind: 'flat' or 'ivfpq' (None: `search.ann.kind`, by default chosen by size).
+
+        Returns:
+          The `cbir_tf.ann.AnnIndex` (searches use it with backend 'auto' or 'ann').
+        """
+        if not len(self._ids):
+            raise ValueError("the index is empty: index some images first")
+        if not self.directory:
+            return self._build_ann(kind)
+        with folder_lock(self.directory, what="this index"):
+            self._refresh()
+            return self._build_ann(kind)
+
     def save(self, directory: str | os.PathLike) -> str:
         """Writes the index to a folder (a descriptor store plus manifest.json).
 
@@ -317,4 +381,12 @@ class IndexUpdates:
             index_folder.clear_pending(directory)
             rows = np.arange(len(self._ids), dtype=np.int64)
             self._write_index(directory, self._descriptors, rows, None, self._ids, dim)
+            from cbir_tf import ann
+
+            # The approximate index describes the same rows: its files are copied (one opened
+            # memory-mapped cannot be serialised again), or an in-memory one is saved.
+            if self.directory and ann.exists(self.directory):
+                ann.copy_files(self.directory, directory)
+            elif self._ann is not None:
+                ann.save(self._ann, directory, store_lib.DescriptorStore(directory).meta())
         return directory

@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from cbir_tf import ann as ann_lib
 from cbir_tf import config as config_lib
 from cbir_tf import index_folder
 from cbir_tf import store as store_lib
+from cbir_tf.ann import AnnSettings
 from cbir_tf.collection import Collection
 from cbir_tf.indexing import IndexUpdates
 from cbir_tf.rerank import pipeline
@@ -88,7 +90,9 @@ class Retriever(IndexUpdates):
       root: collection root: image ids are paths relative to it.
       rerank: the config's `rerank` block, {'qe': {'n', 'alpha'}, 'dba': {'n', 'alpha'},
         'diffusion': {...}} (missing fields: those of configs/default.py).
-      backend: 'exact' or 'faiss' nearest-neighbour search.
+      backend: 'auto' (the folder's approximate index when it has one, `cbir_tf.ann`; else
+        exact), 'exact' (always exact), 'ann' or 'faiss' nearest-neighbour search.
+      ann: the config's `search.ann` block (when an approximate index is built; thresholds).
       block_size: database rows per block of exact search.
       flush_every: images per checkpoint of a running extraction.
       descriptor_meta: fields recorded in the store's meta.json (backbone, pooling, ...).
@@ -108,7 +112,8 @@ class Retriever(IndexUpdates):
         directory: str | os.PathLike | None = None,
         root: str | os.PathLike | None = None,
         rerank: Mapping[str, Any] | None = None,
-        backend: str = "exact",
+        backend: str = config_lib.defaults("search")["backend"],
+        ann: Mapping[str, Any] | None = None,
         block_size: int = _BLOCK_ROWS,
         flush_every: int = config_lib.defaults("extract")["flush_every"],
         descriptor_meta: Mapping[str, Any] | None = None,
@@ -124,6 +129,7 @@ class Retriever(IndexUpdates):
         # A plain dict (saved in the manifest; fields may be changed between searches).
         self.rerank_settings = pipeline.RerankSettings.from_config(rerank).to_dict()
         self.backend = backend
+        self.ann_settings = AnnSettings.from_config(ann)
         self.block_size = int(block_size)
         self.flush_every = int(flush_every)
         self.descriptor_meta = store_lib._normalize(dict(descriptor_meta or {}))
@@ -132,6 +138,7 @@ class Retriever(IndexUpdates):
         self._ids: list[str] = []
         self._row: dict[str, int] = {}
         self._database: pipeline.Database | None = None  # search structures, built on first use
+        self._ann: ann_lib.AnnIndex | None = None
         if self.directory:
             index_folder.refuse_plain_store(self.directory)
             saved_model = os.path.join(self.directory, index_folder.MODEL_FILE)
@@ -202,6 +209,7 @@ class Retriever(IndexUpdates):
             root=root,
             rerank=cfg.get("rerank"),
             backend=str(search_cfg["backend"]),
+            ann=search_cfg["ann"],
             block_size=int(search_cfg["block_size"]),
             flush_every=int(config_lib.block(cfg, "extract")["flush_every"]),
             descriptor_meta=meta,
@@ -342,6 +350,7 @@ class Retriever(IndexUpdates):
         self._row = {i: r for r, i in enumerate(self._ids)}
         # Rows changed: search structures built on the old matrix are stale.
         self._database = None
+        self._ann = None
 
     def _open(self, directory: str) -> None:
         index_folder.recover(directory)
@@ -446,11 +455,35 @@ class Retriever(IndexUpdates):
             # Validated (and, for faiss, built) once per state of the index, not per query;
             # it also keeps the DBA vectors and diffusion graphs for later queries.
             self._database = pipeline.Database(
-                database, backend=self.backend, block_size=self.block_size
-            )
+                database, backend=self.backend, block_size=self.block_size,
+                ann=self.approximate_index(), ann_settings=self.ann_settings,
+            )  # fmt: skip
         settings = pipeline.RerankSettings.from_config(self.rerank_settings)
         ranking = pipeline.rerank(method, queries, self._database, settings, k=k)
         return np.asarray(ranking.scores, np.float32), np.asarray(ranking.ids, np.int64)
+
+    def approximate_index(self) -> ann_lib.AnnIndex | None:
+        """The folder's saved approximate index (memory-mapped), when searches use it.
+
+        None with backend 'exact', without a folder, or when the folder holds none; an index
+        that fails its checks (checksum, model, rows) is refused with a warning (exact search
+        is used) until `rebuild_ann` or the next `index` call rebuilds it.
+        """
+        if self.backend not in ("auto", "ann"):
+            return None
+        if self._ann is not None or not self.directory:
+            return self._ann
+        if not ann_lib.exists(self.directory) or not len(self._ids):
+            return None
+        if self._ann is None:
+            try:
+                meta = store_lib.DescriptorStore(self.directory).meta()
+                self._ann = ann_lib.load(self.directory, self._descriptors, meta)
+            except ann_lib.AnnIndexError as err:
+                log.warning("not using the approximate index: %s", err)
+                return None
+            log.info("%s", self._ann.describe())
+        return self._ann
 
     def _results(self, scores: np.ndarray, rows: np.ndarray) -> list[SearchResult]:
         out = []

@@ -206,12 +206,19 @@ def build_index(
             root=images,
             rerank=cfg.get("rerank"),
             flush_every=int(cfg.get("extract", {}).get("flush_every", 64)),
+            backend=str(config_lib.block(cfg, "search")["backend"]),
+            ann=config_lib.block(cfg, "search")["ann"],
         )
     else:
         r = Retriever.from_config(config, directory=out, root=images)
     r.extract_fn = extract_fn or extract_function(cfg.get("extract", {}))
     if int(num_shards) <= 1:
         r.index(images, progress=progress)
+        # Past the size threshold, an index without a usable approximate index gets one (e.g.
+        # one built before they existed); `index` keeps it up to date afterwards.
+        if len(r) >= r.ann_settings.min_rows and r.backend != "exact":
+            if r.approximate_index() is None:
+                r.rebuild_ann()
         return r
     shard = shards_lib.shard_meta(len(rel), int(shard_index), int(num_shards))
     # Recorded in meta.json so that `shards.merge_shards` can check and order the shards.
@@ -326,6 +333,7 @@ def run_search(
     recursive: bool = True,
     embed: bool = False,
     stream: Any = None,
+    exact: bool = False,
 ) -> list[tuple[str, list[SearchResult]]]:
     """What `search.py` runs: searches an index, prints ranked tables, writes HTML and PNGs.
 
@@ -341,6 +349,7 @@ def run_search(
       recursive: scan sub-folders of a query folder.
       embed: embed images in the pages as base64.
       stream: where tables are printed (default sys.stdout).
+      exact: exact search even when the index folder holds an approximate index.
 
     Returns:
       [(query path, results)] in query order.
@@ -358,8 +367,14 @@ def run_search(
         queries = [query]
     else:
         raise FileNotFoundError(f"query {query} does not exist")
-    retriever = Retriever.load(index_dir, model=model, root=root)
+    retriever = Retriever.load(
+        index_dir, model=model, root=root, **({"backend": "exact"} if exact else {})
+    )
     all_results = retriever.search_batch(queries, k=k, rerank=rerank)
+    approximate = retriever.approximate_index()
+    if approximate is not None:
+        # How far the approximate index may differ from exact search, measured when built.
+        stream.write(approximate.describe() + "\n\n")
     pairs = list(zip(queries, all_results, strict=True))
     for q, results in pairs:
         stream.write(format_results(results, title=f"query: {q}") + "\n")

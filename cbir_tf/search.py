@@ -1,4 +1,4 @@
-"""Nearest-neighbour search by inner product over L2-normalised descriptors (numpy; faiss optional).
+"""Nearest-neighbour search by inner product over L2-normalised descriptors (numpy; faiss lazily).
 
 The exact path is the default and the reference: the database is scanned in blocks of rows
 (`block_size`), each block's similarities are computed with one float32 matrix product, the
@@ -9,8 +9,9 @@ memory-mapped descriptor stores of millions of rows can be searched without load
 Ties are broken deterministically: results are ordered by score (descending), then by database
 id (ascending), and when several items tie at the k-th place the ones with the lower ids are kept.
 
-The optional faiss backend (`pip install cbir-tf[faiss]`) is imported only when asked for. Its
-'Flat' index is exact too (up to float rounding); 'HNSW32', 'IVF1024,Flat', ... are approximate.
+faiss (a dependency since the saved approximate index, `cbir_tf.ann`; faiss-gpu may replace
+faiss-cpu) is imported only when asked for. Its 'Flat' index is exact too (up to float
+rounding); 'HNSW32', 'IVF1024,Flat', ... are approximate.
 
 Conventions: descriptors float32 `[N, D]`, one row per image; search results `(scores, ids)`
 float32/int64 `[Q, k]`; full rankings int64 `[Q, N]`, best first.
@@ -18,7 +19,11 @@ float32/int64 `[Q, k]`; full rankings int64 `[Q, N]`, best first.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+BACKENDS = ("exact", "auto", "ann", "faiss")
 
 __all__ = [
     "SearchIndex",
@@ -197,14 +202,14 @@ def _exact_knn(
 
 
 def require_faiss():
-    """Imports faiss, or raises an ImportError that names the `[faiss]` extra."""
+    """Imports faiss, or raises an ImportError saying how to install it."""
     try:
-        import faiss  # noqa: PLC0415 (optional dependency, imported only when asked for)
+        import faiss  # noqa: PLC0415 (imported only when asked for: it loads a large library)
     except ImportError as err:
         raise ImportError(
-            "backend='faiss' needs the optional faiss package; install the [faiss] extra: "
-            "pip install 'cbir-tf[faiss]' (or pip install faiss-cpu). The default "
-            "backend='exact' needs nothing more."
+            "faiss is missing (the 'faiss' and 'ann' backends and the approximate index need "
+            "it): pip install faiss-cpu (a dependency of cbir-tf; `pip install "
+            "'cbir-tf[faiss]'` reinstalls it), or faiss-gpu. backend='exact' needs nothing more."
         ) from err
     return faiss
 
@@ -276,22 +281,29 @@ class SearchIndex:
         nprobe: int | None = None,
         ef_search: int | None = None,
         validate: bool = True,
+        ann: Any = None,
+        ann_settings: Any = None,
     ):
         """Prepares a database for search.
 
         Args:
           database: float `[N, D]` descriptors, N >= 1 (a `np.memmap` works: it is read in blocks).
-          backend: 'exact' (blocked numpy, the reference) or 'faiss'.
+          backend: 'exact' (blocked numpy, the reference), 'ann' (`cbir_tf.ann`: candidates
+            re-scored exactly), 'auto' ('ann' when `ann` is given, else 'exact') or 'faiss'.
           block_size: database rows per block (exact backend) or per `add` (faiss).
           faiss_factory, nprobe, ef_search: see `build_faiss_index`.
           validate: check the database with `validate_descriptors` (one pass over it).
+          ann: a `cbir_tf.ann.AnnIndex` over `database` (a saved approximate index) for the
+            'ann' and 'auto' backends.
+          ann_settings: the `search.ann` settings of an index built for backend='ann' when
+            `ann` is None.
 
         Raises:
           ValueError: empty or invalid database, unknown backend.
           ImportError: backend='faiss' without faiss installed.
         """
-        if backend not in ("exact", "faiss"):
-            raise ValueError(f"unknown search backend {backend!r}; valid: 'exact', 'faiss'")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown search backend {backend!r}; valid: {', '.join(BACKENDS)}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if validate:
@@ -304,9 +316,19 @@ class SearchIndex:
                 "index at least one image first"
             )
         self.database = database
-        self.backend = backend
         self.block_size = int(block_size)
         self.faiss_index = None
+        # 'auto' is exact unless a saved approximate index is given; 'ann' builds one in memory.
+        self.ann = ann
+        if backend == "auto":
+            backend = "ann" if ann is not None else "exact"
+        self.backend = backend
+        if backend == "ann" and ann is None:
+            from cbir_tf import ann as ann_lib
+
+            self.ann = ann_lib.build(
+                database, ann_lib.AnnSettings.from_config(ann_settings), block_size=block_size
+            )
         if backend == "faiss":
             self.faiss_index = build_faiss_index(
                 database, faiss_factory, nprobe=nprobe, ef_search=ef_search, block_size=block_size
@@ -342,6 +364,8 @@ class SearchIndex:
             return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
         if self.backend == "exact":
             return _exact_knn(queries, self.database, k, self.block_size)
+        if self.backend == "ann":
+            return self.ann.search(queries, k)
         scores, ids = self.faiss_index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         # faiss orders ties arbitrarily and marks missing results with id -1: re-sort so both
         # backends follow the same rule, with missing entries (-inf) last.

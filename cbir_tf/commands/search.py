@@ -23,6 +23,7 @@ flags.DEFINE_enum("rerank", pipeline.NONE, list(pipeline.METHODS), "Re-ranking (
 flags.DEFINE_string("out", None, "Folder for the HTML pages and PNG grids (none: table only).")
 flags.DEFINE_bool("recursive", True, "Search sub-folders of a --query folder for images.")
 flags.DEFINE_bool("embed", False, "Embed images in the pages (one self-contained file each).")
+flags.DEFINE_bool("exact", False, "Exact search even where the index has an approximate index.")
 flags.mark_flags_as_required(["query"])
 cli.define_index_flags()
 FLAGS = flags.FLAGS
@@ -45,6 +46,7 @@ def main(argv):
             root=FLAGS.root,
             recursive=FLAGS.recursive,
             embed=FLAGS.embed,
+            exact=FLAGS.exact,
         )
     )
 

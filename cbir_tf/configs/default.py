@@ -60,9 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.extract.flush_every = 64  # images between checkpoints of an interrupted run
     _runner_fields(c.extract)  # extract.runner: local | beam, and the Beam pipeline's fields
 
-    c.search = ml_collections.ConfigDict()
-    c.search.backend = "exact"  # exact | faiss
-    c.search.block_size = 65536
+    c.search = search_config()
 
     c.rerank = ml_collections.ConfigDict()
     # Rows of the evaluation table; also 'dba', 'aqe+dba' (see cbir_tf.rerank.pipeline.METHODS).
@@ -123,3 +121,28 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.workdir = "runs/default"
     return c
+
+
+def search_config() -> ml_collections.ConfigDict:
+    """The `search` block: exact or approximate nearest-neighbour search (cbir_tf.search, .ann)."""
+    s = ml_collections.ConfigDict()
+    # auto: an index folder's saved approximate index when it has one (else exact search), and
+    # the approximate diffusion graph from ann.graph_min_rows rows; exact: always exact (the
+    # way to force it); ann: an approximate index (built in memory when none is saved); faiss:
+    # an in-memory faiss index (exact 'Flat').
+    s.backend = "auto"  # auto | exact | ann | faiss
+    s.block_size = 65536
+    s.ann = ml_collections.ConfigDict()  # the approximate index (cbir_tf.ann)
+    s.ann.min_rows = 200_000  # extract.py --images / Retriever build one from this size
+    s.ann.kind = "auto"  # auto (flat below min_rows, else ivfpq) | flat | ivfpq
+    s.ann.bytes_per_vector = 80  # memory budget: PQ code bytes + 8 (the id) fit in it
+    s.ann.target_recall = 0.95  # nprobe is tuned at build time to reach it ...
+    s.ann.recall_k = 10  # ... as recall@recall_k ...
+    s.ann.tune_queries = 500  # ... on this many held-out rows of the collection
+    s.ann.train_size = 65536  # rows sampled to train (at least 32 per inverted list)
+    s.ann.refine = 8  # candidates per result re-scored exactly (k * refine)
+    s.ann.stale_share = 0.2  # propose a rebuild past this share of rows added since
+    s.ann.graph_min_rows = 200_000  # approximate diffusion kNN graph from this size
+    s.ann.graph_probes = 8  # lists each row's neighbours are searched in (graph)
+    s.ann.seed = 0
+    return s

@@ -28,7 +28,7 @@ import numpy as np
 from cbir_tf import config, search
 from cbir_tf.rerank import diffusion, query_expansion
 from cbir_tf.rerank.cg import CGInfo
-from cbir_tf.rerank.graph import knn_affinity
+from cbir_tf.rerank.graph import approximate_knn, knn_affinity, mutual_knn_affinity
 
 __all__ = ["METHODS", "NONE", "Database", "Ranking", "RerankSettings", "check_method", "rerank"]
 
@@ -152,9 +152,13 @@ class Database:
 
     Args:
       vectors: float `[N, D]` L2-normalised, N >= 1 (memory maps are read in blocks).
-      backend: 'exact' or 'faiss' search.
+      backend: 'exact', 'auto', 'ann' or 'faiss' search (see `search.SearchIndex`); with any
+        but 'exact', graphs of `ann_settings.graph_min_rows` rows or more are approximate
+        (`graph.approximate_knn`).
       block_size: database rows per search block.
       validate: check the vectors first.
+      ann: a saved approximate index over `vectors` (`cbir_tf.ann.AnnIndex`), or None.
+      ann_settings: the config's `search.ann` block (None: the defaults).
     """
 
     def __init__(
@@ -164,10 +168,17 @@ class Database:
         backend: str = "exact",
         block_size: int = 65536,
         validate: bool = True,
+        ann: Any = None,
+        ann_settings: Any = None,
     ):
+        from cbir_tf.ann import AnnSettings
+
+        self.ann_settings = AnnSettings.from_config(ann_settings)
+        self.approximate_graphs = backend != "exact"
         self.index = search.SearchIndex(
-            vectors, backend=backend, block_size=block_size, validate=validate
-        )
+            vectors, backend=backend, block_size=block_size, validate=validate, ann=ann,
+            ann_settings=self.ann_settings,
+        )  # fmt: skip
         self._augmented: dict[Expansion, Database] = {}
         self._graphs: dict[tuple[int, float], Any] = {}
 
@@ -183,8 +194,9 @@ class Database:
             )
             idx = self.index
             self._augmented[dba] = Database(
-                x, backend=idx.backend, block_size=idx.block_size, validate=False
-            )
+                x, backend=idx.backend, block_size=idx.block_size, validate=False,
+                ann_settings=self.ann_settings,
+            )  # fmt: skip
         return self._augmented[dba]
 
     def graph(self, k: int, gamma: float):
@@ -199,10 +211,19 @@ class Database:
                     "(e.g. %d)", n, k, max(2, n // 3),
                 )  # fmt: skip
             idx = self.index
-            self._graphs[key] = knn_affinity(
-                self.vectors, k, gamma, block_size=idx.block_size, backend=idx.backend,
-                validate=False,
-            )  # fmt: skip
+            a = self.ann_settings
+            if self.approximate_graphs and n >= a.graph_min_rows:
+                _log.info("approximate kNN graph over %d rows (search.ann.graph_min_rows)", n)
+                sims, ids = approximate_knn(
+                    self.vectors, k, probes=a.graph_probes, seed=a.seed, block_size=idx.block_size
+                )
+                self._graphs[key] = mutual_knn_affinity(sims, ids, gamma, num_nodes=n)
+            else:
+                # Below the threshold the exact graph, bit for bit as before.
+                self._graphs[key] = knn_affinity(
+                    self.vectors, k, gamma, block_size=idx.block_size,
+                    backend="faiss" if idx.backend == "faiss" else "exact", validate=False,
+                )  # fmt: skip
         return self._graphs[key]
 
 
@@ -259,6 +280,10 @@ def rerank(
             queries, db.vectors, settings.qe.n, settings.qe.alpha, index=db.index
         )
     if "diffusion" not in steps:
+        if db.index.backend == "ann" and k == n:
+            # A full ranking from an approximate index: the candidates it finds (exact scores),
+            # then every row it missed, as not retrieved (score -inf, in row order).
+            return Ranking(*_fill_missing(*db.index.search(queries, k, validate=False)))
         if k < n or db.index.backend != "exact":
             return Ranking(*db.index.search(queries, k, validate=False))
         ranks, scores = search.rank_all(queries, db.vectors, block_size=db.index.block_size)
@@ -279,3 +304,16 @@ def _best(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return np.take_along_axis(scores, ids, axis=1), ids.astype(np.int64, copy=False)
     ids = search.top_k_indices(scores, k).astype(np.int64)
     return search.sort_by_score(np.take_along_axis(scores, ids, axis=1), ids, k)
+
+
+def _fill_missing(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rankings `[Q, N]` whose missing entries (id -1, at the end) become the absent rows."""
+    n = ids.shape[1]
+    ids = ids.copy()
+    for row in ids:
+        missing = row < 0
+        if missing.any():
+            present = np.zeros(n, bool)
+            present[row[~missing]] = True
+            row[missing] = np.flatnonzero(~present)
+    return scores, ids
