@@ -185,16 +185,24 @@ def build_index(
     Returns:
       The Retriever, attached to `out`.
     """
-    from cbir_tf.data.folder import list_images
+    from cbir_tf.data.folder import list_images, read_image_list
 
     cfg = config_lib.as_dict(config)
     from cbir_tf.collection import absolute_path
 
     images = absolute_path(images)  # local, or a URL (gs://...) read through tf.io.gfile
     # Checked before a model is built or `out` created: a wrong folder fails at once.
-    rel = list_images(images, recursive=True)  # FileNotFoundError / NotADirectoryError
-    if not rel:
-        raise ValueError(no_images_message(images, recursive=True))
+    listed = read_image_list(images) if _is_list_file(images) else None
+    if listed is None:
+        rel = list_images(images, recursive=True)  # FileNotFoundError / NotADirectoryError
+        if not rel:
+            raise ValueError(no_images_message(images, recursive=True))
+        paths = [f"{images}/{p}" if "://" in images else os.path.join(images, *p.split("/"))
+                 for p in rel]  # fmt: skip
+    else:
+        # The root (ids are relative to it): the listed files' common folder, the same for
+        # every shard of the list.
+        paths, images = listed, _common_folder(listed)
     if model_path:
         data = cfg.get("data", {})
         r = Retriever.from_model(
@@ -213,20 +221,40 @@ def build_index(
         r = Retriever.from_config(config, directory=out, root=images)
     r.extract_fn = extract_fn or extract_function(cfg.get("extract", {}))
     if int(num_shards) <= 1:
-        r.index(images, progress=progress)
+        r.index(images if listed is None else paths, progress=progress)
         # Past the size threshold, an index without a usable approximate index gets one (e.g.
         # one built before they existed); `index` keeps it up to date afterwards.
         if len(r) >= r.ann_settings.min_rows and r.backend != "exact":
             if r.approximate_index() is None:
                 r.rebuild_ann()
         return r
-    shard = shards_lib.shard_meta(len(rel), int(shard_index), int(num_shards))
+    shard = shards_lib.shard_meta(len(paths), int(shard_index), int(num_shards))
     # Recorded in meta.json so that `shards.merge_shards` can check and order the shards.
     r.descriptor_meta.update(shard)
-    files = rel[shard["shard_start"] : shard["shard_stop"]]
-    r.index([f"{images}/{p}" if "://" in images else os.path.join(images, *p.split("/"))
-             for p in files], progress=progress)  # fmt: skip
+    r.index(paths[shard["shard_start"] : shard["shard_stop"]], progress=progress)
     return r
+
+
+def _common_folder(paths: Sequence[str]) -> str:
+    """The deepest folder holding every path (URLs compared part by part)."""
+    if not any("://" in p for p in paths):
+        return os.path.commonpath([os.path.dirname(p) for p in paths])
+    common = paths[0].rsplit("/", 1)[0].split("/")
+    for p in paths[1:]:
+        parts = p.rsplit("/", 1)[0].split("/")
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return "/".join(common)
+
+
+def _is_list_file(images: str) -> bool:
+    """Whether `--images` names a text file listing image paths (not a folder, not an image)."""
+    from cbir_tf.collection import _exists, _isdir
+
+    name = images.lower()
+    return name.endswith((".txt", ".lst", ".list")) and _exists(images) and not _isdir(images)
 
 
 def extract_function(extract_cfg: Mapping[str, Any]) -> Any:

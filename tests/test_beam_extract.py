@@ -314,3 +314,45 @@ def test_beam_on_another_filesystem_equals_sequential(folder, model_file, tmp_pa
     assert res.ids == ids_s
     assert [list(x) for x in res.skipped] == [[x["id"], x["reason"]] for x in _skipped(seq_dir)]
     np.testing.assert_allclose(res.descriptors, desc_s, atol=1e-5)
+
+
+def test_a_list_of_image_paths_indexes_like_its_folder(folder, model_file, tmp_path):
+    """`extract.py --images=LIST.txt`: the same ids, descriptors and skips as the folder, with
+    the local runner and with Beam; a list that names nothing or a path twice is refused."""
+    from cbir_tf.data.folder import list_images
+
+    rel = list_images(folder)
+    lst = tmp_path / "photos.txt"
+    # Relative to the list file's folder, absolute, comments and blank lines: all accepted.
+    rel_to_list = [os.path.relpath(os.path.join(folder, r), tmp_path) for r in rel[1:]]
+    lst.write_text(
+        f"# my photos\n{os.path.join(folder, rel[0])}\n\n" + "\n".join(rel_to_list) + "\n",
+        encoding="utf-8",
+    )
+    seq = _index(_cfg(), folder, str(tmp_path / "from_folder"), model_file)
+    listed = _index(_cfg(), str(lst), str(tmp_path / "from_list"), model_file)
+    beam = beam_extract.BeamExtractor("--direct_running_mode=in_memory", shard_images=6)
+    with_beam = _index(_cfg("beam"), str(lst), str(tmp_path / "beam"), model_file, beam.extract)
+    desc_s, ids_s, _ = store.load_store(str(tmp_path / "from_folder"))
+    for r, out in ((listed, "from_list"), (with_beam, "beam")):
+        assert r.ids == seq.ids and r.failed == seq.failed and r.root == folder
+        desc, ids, _ = store.load_store(str(tmp_path / out))
+        assert ids == ids_s
+        np.testing.assert_allclose(desc, desc_s, atol=1e-5)
+        assert _skipped(str(tmp_path / out)) == _skipped(str(tmp_path / "from_folder"))
+    # Every shard of a list has the list's root, so that merged shards keep the folder's ids.
+    from cbir_tf import shards
+
+    part = runs.build_index(
+        _cfg(), str(lst), str(tmp_path / "part1"), model_path=model_file, progress=False,
+        image_size_explicit=True, shard_index=1, num_shards=2,
+    )  # fmt: skip
+    span = shards.shard_range(len(rel), 1, 2)
+    assert part.root == folder and part.ids
+    assert part.ids == [i for i in rel[span[0] : span[1]] if i in seq.ids]
+    (tmp_path / "empty.txt").write_text("# nothing\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty.txt: the list names no image path"):
+        runs.build_index(_cfg(), str(tmp_path / "empty.txt"), str(tmp_path / "x"))
+    (tmp_path / "twice.txt").write_text(f"{rel[0]}\n{rel[1]}\n{rel[0]}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"twice.txt:3: .* is listed twice \(line 1\)"):
+        runs.build_index(_cfg(), str(tmp_path / "twice.txt"), str(tmp_path / "y"))

@@ -24,7 +24,12 @@ from ml_collections import config_flags
 from cbir_tf import cli
 
 config_flags.DEFINE_config_file("config", cli.config_path("default"), cli.CONFIG_HELP)
-flags.DEFINE_string("images", None, "A folder of images (searched recursively) to index.")
+flags.DEFINE_string(
+    "images",
+    None,
+    "A folder of images (searched recursively) to index, or a .txt/.lst file listing image "
+    "paths, one per line (relative to the list file).",
+)
 flags.DEFINE_string("out", None, "Output store / index folder.")
 flags.DEFINE_integer("shard_index", None, "This process's shard (0-based).")
 flags.DEFINE_integer("num_shards", None, "Number of shards the collection is split into.")

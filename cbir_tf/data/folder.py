@@ -112,6 +112,60 @@ def list_images(
     return sorted(found)
 
 
+def read_image_list(path: str | os.PathLike) -> list[str]:
+    """The image paths a list file names, one per line (`extract.py --images=LIST.txt`).
+
+    Blank lines and lines starting with '#' are skipped; a relative path is relative to the list
+    file's folder (a path with a scheme, gs://..., is kept as it is). Files that do not exist are
+    kept: indexing records them as unreadable, reported and counted.
+
+    Args:
+      path: a UTF-8 text file, local or on any filesystem tf.io.gfile reads.
+
+    Returns:
+      Absolute paths (or URLs), in the list's order.
+
+    Raises:
+      ValueError: the file is not UTF-8 text, names no path, or names one twice.
+    """
+    path = os.fspath(path)
+    remote_list = "://" in path
+    if remote_list:
+        from cbir_tf import remote
+
+        try:
+            raw = remote.read_image_file(path).getvalue()
+        except remote.RemoteFileError as e:
+            raise FileNotFoundError(f"{path}: {e.reason}") from None
+    else:
+        with open(path, "rb") as f:
+            raw = f.read()
+    try:
+        lines = raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text list of image paths ({e.reason})") from None
+    base = path.rsplit("/", 1)[0] if remote_list else os.path.dirname(os.path.abspath(path))
+    out, seen = [], {}
+    for number, line in enumerate(lines, start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if "://" not in entry:
+            entry = os.path.expanduser(entry)
+            if not os.path.isabs(entry):
+                entry = f"{base}/{entry}" if remote_list else os.path.join(base, entry)
+            entry = entry if remote_list else os.path.normpath(entry)
+        if entry in seen:
+            raise ValueError(
+                f"{path}:{number}: {line.strip()!r} is listed twice (line {seen[entry]})"
+            )
+        seen[entry] = number
+        out.append(entry)
+    if not out:
+        raise ValueError(f"{path}: the list names no image path (one path per line)")
+    return out
+
+
 def list_labelled(
     root: str | os.PathLike,
     extensions: Iterable[str] = IMAGE_EXTENSIONS,
