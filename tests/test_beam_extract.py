@@ -350,6 +350,12 @@ def test_a_list_of_image_paths_indexes_like_its_folder(folder, model_file, tmp_p
     span = shards.shard_range(len(rel), 1, 2)
     assert part.root == folder and part.ids
     assert part.ids == [i for i in rel[span[0] : span[1]] if i in seq.ids]
+    # A listed file that is missing is reported and counted, not dropped silently.
+    (tmp_path / "gone.txt").write_text(f"{os.path.join(folder, seq.ids[0])}\nmissing.jpg\n")
+    gone = _index(_cfg(), str(tmp_path / "gone.txt"), str(tmp_path / "gone"), model_file)
+    assert len(gone.ids) == 1 and list(gone.failed) == [gone.id_of(tmp_path / "missing.jpg")]
+    assert "No such file" in next(iter(gone.failed.values()))
+    assert _skipped(str(tmp_path / "gone"))  # recorded in the store's skipped.json too
     (tmp_path / "empty.txt").write_text("# nothing\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match="empty.txt: the list names no image path"):
         runs.build_index(_cfg(), str(tmp_path / "empty.txt"), str(tmp_path / "x"))
