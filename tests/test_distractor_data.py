@@ -363,6 +363,21 @@ def test_r1m_set_yields_a_distractor_store(r1m, tmp_path):
     stamp = os.stat(os.path.join(where, "descriptors.npy")).st_mtime_ns
     benchmark.distractor_descriptors(cfg, dset, model, {"model": "tiny"}, where, progress=False)
     assert os.stat(os.path.join(where, "descriptors.npy")).st_mtime_ns == stamp
+    # Through Apache Beam (issue 17; the runner in-process): the same store and skips.
+    from cbir_tf import beam_extract
+
+    beam = beam_extract.BeamExtractor("--direct_running_mode=in_memory", shard_images=4)
+    where_b = str(tmp_path / "beam" / "db")
+    info_b = benchmark.distractor_descriptors(
+        cfg, dset, model, {"model": "tiny"}, where_b, progress=False, extract_fn=beam.extract
+    )
+    assert (info_b["images"], info_b["skipped"]) == (info["images"], info["skipped"])
+    d_b, ids_b, _ = store.load_store(where_b)
+    assert ids_b == ids and beam.last_metrics["shards_written"] == 3
+    np.testing.assert_allclose(d_b, d, atol=1e-5)
+    with open(os.path.join(where, "skipped.json"), encoding="utf-8") as a:
+        with open(os.path.join(where_b, "skipped.json"), encoding="utf-8") as b:
+            assert json.load(a) == json.load(b)
 
 
 def test_own_benchmark_folder_with_a_revisitop_pickle(tmp_path):
