@@ -45,6 +45,7 @@ rules and reasons). An output store on another filesystem is written locally, th
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -53,7 +54,7 @@ import shlex
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -300,6 +301,19 @@ def _log_dead_letter(item: tuple[str, str]) -> None:
     log.info("skipped %s: %s", *item)
 
 
+def _extract_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`descriptors.extract`'s keyword arguments (its defaults where not given) for the shards."""
+    from cbir_tf import descriptors
+
+    params = inspect.signature(descriptors.extract).parameters
+    own = {"store_dir", "progress", "total_images"}  # set per call, or per shard by `_fill`
+    names = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} - own
+    unknown = set(options) - names
+    if unknown:
+        raise TypeError(f"BeamExtractor.extract got unexpected arguments {sorted(unknown)}")
+    return {**{n: params[n].default for n in names}, **options}
+
+
 class BeamExtractor:
     """Runs `descriptors.extract` as a Beam pipeline (see the module docstring).
 
@@ -357,25 +371,16 @@ class BeamExtractor:
         model: Any,
         paths: Sequence[Any],
         *,
-        ids: Sequence[str] | None = None,
-        image_size: int | None = config_lib.defaults("data")["image_size"],
-        scales: Sequence[float] = (1.0,),
-        ms_power: float = 1.0,
-        bboxes: Sequence[Any] | None = None,
         store_dir: str | os.PathLike | None = None,
-        meta: dict[str, Any] | None = None,
-        shard_index: int = 0,
-        num_shards: int = 1,
-        flush_every: int = 64,
         progress: bool = True,
-        antialias: bool = True,
-        num_parallel_calls: int | None = None,
+        **options: Any,
     ) -> Any:
         """`descriptors.extract`'s contract, computed by the Beam pipeline.
 
-        The arguments are those of `cbir_tf.descriptors.extract` (image paths only: decoded
-        arrays are not sent to workers). Without `store_dir` the stores go to a temporary
-        folder and the descriptors are returned in memory.
+        The arguments are those of `cbir_tf.descriptors.extract` (`options`: its keyword
+        arguments but `total_images`; image paths only: decoded arrays are not sent to
+        workers). Without `store_dir` the stores go to a temporary folder and the descriptors
+        are returned in memory.
 
         Raises:
           BeamExtractionError: the pipeline failed (finished shards are kept: run again to
@@ -383,11 +388,8 @@ class BeamExtractor:
         """
         from cbir_tf import descriptors
 
-        common = dict(
-            ids=ids, image_size=image_size, scales=scales, ms_power=ms_power, bboxes=bboxes,
-            meta=meta, shard_index=shard_index, num_shards=num_shards, flush_every=flush_every,
-            antialias=antialias, num_parallel_calls=num_parallel_calls,
-        )  # fmt: skip
+        common = _extract_options(options)
+        num_shards = common["num_shards"]
         if store_dir is None:
             with tempfile.TemporaryDirectory(prefix="cbir-beam-") as tmp:
                 res = self.extract(model, paths, store_dir=tmp, progress=progress, **common)

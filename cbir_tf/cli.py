@@ -81,6 +81,14 @@ def run_main(fn: Callable[[], Any]) -> Any:
         sys.exit(1)
 
 
+def define_model_flags(weights_help: str) -> None:
+    """Defines --backbone and --weights, the short forms of config.model's two fields."""
+    from absl import flags
+
+    flags.DEFINE_string("backbone", None, "Backbone name (overrides config.model.backbone).")
+    flags.DEFINE_string("weights", None, weights_help)
+
+
 def define_benchmark_flags() -> None:
     """Defines the short flags `extract.py` and `evaluate.py` share (see `benchmark_overrides`)."""
     from absl import flags
@@ -93,8 +101,7 @@ def define_benchmark_flags() -> None:
     )
     flags.DEFINE_string("data_root", None, "Folder holding datasets/<name>/ (default: config).")
     flags.DEFINE_string("workdir", None, "Folder for cached whitening, descriptors and results.")
-    flags.DEFINE_string("backbone", None, "Backbone name (overrides config.model.backbone).")
-    flags.DEFINE_string("weights", None, "'imagenet', 'none', or a weights file (.h5).")
+    define_model_flags("'imagenet', 'none', or a weights file (.h5).")
     flags.DEFINE_string("model", None, "A saved .keras descriptor model (from train.py).")
     flags.DEFINE_bool("download", True, "Download missing benchmark files.")
     flags.DEFINE_bool("verbose", False, "Debug logging.")

@@ -67,3 +67,16 @@ class RangeServer:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def offline_opener(request, timeout):
+    """An `opener` for the download code that behaves as a machine without network does."""
+    import socket
+    import urllib.error
+
+    raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+
+def no_network_opener(request, timeout):
+    """An `opener` that fails the test on any network access."""
+    raise AssertionError(f"unexpected network access: {request.full_url}")

@@ -5,12 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import tarfile
-import urllib.error
 
 import pytest
-from file_server import RangeServer
+from file_server import RangeServer, no_network_opener, offline_opener
 
 from cbir_tf.data import distractors
 from cbir_tf.data.archive import UnsafeArchiveError
@@ -55,14 +53,6 @@ def r1m(monkeypatch):
     server.close()
 
 
-def _offline(request, timeout):
-    raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
-
-
-def _no_network(request, timeout):
-    raise AssertionError(f"unexpected network access: {request.full_url}")
-
-
 def test_r1m_download_resumes_mid_archive_and_counts_no_partial_set(r1m, tmp_path):
     server, names, bodies = r1m
     folder = tmp_path / "datasets" / "revisitop1m"
@@ -90,7 +80,7 @@ def test_r1m_download_resumes_mid_archive_and_counts_no_partial_set(r1m, tmp_pat
     ]  # every archive deleted once unpacked
     assert read_complete_marker(folder)["num_images"] == len(names)
     # Complete: used as is, without network access.
-    again = distractors.open_distractors("r1m", tmp_path, progress=False, opener=_no_network)
+    again = distractors.open_distractors("r1m", tmp_path, progress=False, opener=no_network_opener)
     assert again.paths()[0] == str(folder / "jpg" / names[0])
 
 
@@ -107,7 +97,7 @@ def test_r1m_refuses_a_hostile_archive(r1m, tmp_path):
 
 def test_r1m_offline_stops_at_once_listing_the_files_to_place(r1m, tmp_path):
     with pytest.raises(DatasetUnavailableError) as exc:
-        distractors.open_distractors("r1m", tmp_path, progress=False, opener=_offline)
+        distractors.open_distractors("r1m", tmp_path, progress=False, opener=offline_opener)
     msg = str(exc.value)
     folder = tmp_path / "datasets" / "revisitop1m"
     assert "Place these files by hand" in msg

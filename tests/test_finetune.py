@@ -21,6 +21,7 @@ from PIL import Image
 from cbir_tf import descriptors, finetune, losses, models
 from cbir_tf.data import folder, training
 from cbir_tf.train import loop, network
+from cbir_tf.train import settings as train_settings
 from configs import default, train_head
 
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (210, 210, 40)]
@@ -417,17 +418,8 @@ def test_config_files_define_the_training_fields():
 
     for c in (train_head.get_config(), train_metric.get_config()):
         # Every training setting can be overridden from the command line (--config.train.X).
-        read_elsewhere = {
-            "backbone",
-            "alpha",
-            "weights",
-            "pooling",
-            "gem_p",
-            "rmac_levels",
-            "whitening_dim",
-            "whitening_shrinkage",
-            "augment",
-        }
+        read_elsewhere = set(train_settings._ELSEWHERE) | {"augment"}  # model, whitening blocks
+        assert {"backbone", "pooling", "whitening_dim"} <= read_elsewhere
         settings = {f.name for f in dataclasses.fields(finetune.Settings)} - read_elsewhere
         assert settings <= set(c.train), settings - set(c.train)
         assert set(default.get_config().train) <= set(c.train)

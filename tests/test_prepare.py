@@ -7,15 +7,13 @@ import hashlib
 import io
 import os
 import shutil
-import socket
 import sys
 import tarfile
-import urllib.error
 import zipfile
 
 import pytest
 from conftest import RPARIS_SHA
-from file_server import RangeServer
+from file_server import RangeServer, no_network_opener, offline_opener
 
 from cbir_tf.data import revisited
 from cbir_tf.data.download import (
@@ -86,14 +84,6 @@ def served(source, monkeypatch):
     server.close()
 
 
-def _offline(request, timeout):
-    raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
-
-
-def _no_network(request, timeout):
-    raise AssertionError(f"unexpected network access: {request.full_url}")
-
-
 def test_prepare_downloads_extracts_and_marks_complete(served, tmp_path):
     server, src, jpgs = served
     ds = prepare_dataset("oxford5k", tmp_path, progress=False)
@@ -126,7 +116,7 @@ def test_prepare_downloads_extracts_and_marks_complete(served, tmp_path):
 
     # Complete: the next call uses it as is, without any network access.
     n_requests = len(server.requests)
-    again = prepare_dataset("roxford5k", tmp_path, progress=False, opener=_no_network)
+    again = prepare_dataset("roxford5k", tmp_path, progress=False, opener=no_network_opener)
     assert again.imlist == ds.imlist and len(server.requests) == n_requests
 
 
@@ -172,7 +162,7 @@ def test_prepare_refuses_a_hostile_archive(served, tmp_path):
 
 def test_prepare_offline_names_every_file_and_place(tmp_path):
     with pytest.raises(DatasetUnavailableError) as exc:
-        prepare_dataset("paris6k", tmp_path, progress=False, opener=_offline)
+        prepare_dataset("paris6k", tmp_path, progress=False, opener=offline_opener)
     msg = str(exc.value)
     folder = tmp_path / "datasets" / "rparis6k"
     assert "Temporary failure in name resolution" in msg
@@ -189,20 +179,20 @@ def test_prepare_offline_names_every_file_and_place(tmp_path):
 
 def test_prepare_without_download_never_touches_the_network(tmp_path, real_gnd_path):
     with pytest.raises(DatasetUnavailableError, match="download=False") as exc:
-        prepare_dataset("rparis6k", tmp_path, download=False, opener=_no_network)
+        prepare_dataset("rparis6k", tmp_path, download=False, opener=no_network_opener)
     assert "gnd_rparis6k.pkl" in str(exc.value)
     # With the ground truth placed by hand only the archives are asked for.
     folder = tmp_path / "datasets" / "rparis6k"
     shutil.copy(real_gnd_path, folder / "gnd_rparis6k.pkl")
     with pytest.raises(DatasetUnavailableError) as exc:
-        prepare_dataset("rparis6k", tmp_path, download=False, opener=_no_network)
+        prepare_dataset("rparis6k", tmp_path, download=False, opener=no_network_opener)
     msg = str(exc.value)
     assert str(folder / "downloads" / "paris_1-v1.tgz") in msg
     assert "from http://cmp.felk.cvut.cz/revisitop" not in msg  # the gnd is there already
 
 
 def test_prepare_accepts_files_placed_by_hand(tmp_path, rparis_folder):
-    ds = prepare_dataset("paris6k", tmp_path / "data", download=False, opener=_no_network)
+    ds = prepare_dataset("paris6k", tmp_path / "data", download=False, opener=no_network_opener)
     assert ds.num_images == 6322
     marker = read_complete_marker(tmp_path / "data" / "datasets" / "rparis6k")
     assert marker["files"]["gnd_rparis6k.pkl"]["sha256"] == RPARIS_SHA
@@ -215,7 +205,7 @@ def test_prepare_accepts_archives_placed_by_hand(served, tmp_path):
     for name in ("a1.tgz", "a2.zip"):
         (downloads / name).write_bytes(server.files["/" + name])
     (downloads.parent / "gnd_roxford5k.pkl").write_bytes(server.files["/gnd_roxford5k.pkl"])
-    ds = prepare_dataset("roxford5k", tmp_path, download=False, opener=_no_network)
+    ds = prepare_dataset("roxford5k", tmp_path, download=False, opener=no_network_opener)
     assert sorted(os.listdir(ds.image_dir)) == jpgs
     assert not ds.has_original  # optional file, not placed: fine
     assert server.requests == []
@@ -236,7 +226,7 @@ def test_complete_marker_is_not_trusted_blindly(served, tmp_path):
     # An image deleted after completion: the folder is repaired, not used as is.
     os.unlink(ds.image_paths()[0])
     with pytest.raises(DatasetUnavailableError, match="download=False"):
-        prepare_dataset("roxford5k", tmp_path, download=False, opener=_no_network)
+        prepare_dataset("roxford5k", tmp_path, download=False, opener=no_network_opener)
     assert read_complete_marker(folder) is None
     prepare_dataset("roxford5k", tmp_path, progress=False)
     assert os.path.exists(ds.image_paths()[0]) and read_complete_marker(folder) is not None
@@ -256,7 +246,7 @@ def test_prepare_refuses_a_ground_truth_with_the_wrong_hash(tmp_path, source):
 
 
 def test_prepare_demo_generates_once(tmp_path):
-    ds = prepare_dataset("demo", tmp_path, opener=_no_network)
+    ds = prepare_dataset("demo", tmp_path, opener=no_network_opener)
     assert ds.name == "demo" and ds.num_images == 48 and ds.num_queries == 6 and ds.has_original
     first = os.stat(ds.image_paths()[0]).st_mtime_ns
     again = prepare_dataset("demo", tmp_path)
@@ -300,5 +290,5 @@ def test_unpinned_ground_truth_is_said_to_be_unverified(served, tmp_path, monkey
         prepare_dataset("roxford5k", tmp_path / "a", progress=False, images=False)
     assert "gnd_roxford5k.pkl: downloaded, unverified: no published sha256" in caplog.text
     with pytest.raises(DatasetUnavailableError) as exc:
-        prepare_dataset("roxford5k", tmp_path / "b", progress=False, opener=_offline)
+        prepare_dataset("roxford5k", tmp_path / "b", progress=False, opener=offline_opener)
     assert "gnd_roxford5k.pkl (unverified: no published sha256" in str(exc.value)

@@ -407,13 +407,9 @@ def _roxford_gnd(num_images: int = 4993, num_queries: int = 70) -> dict:
     return {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
 
 
-def test_hostile_ground_truth_is_refused_by_evaluate(tmp_path):
-    marker = tmp_path / "pwned"
-    folder = tmp_path / "data" / "datasets" / "roxford5k"
-    folder.mkdir(parents=True)
-    # Revisited Oxford has no published hash to check: the unpickler alone must refuse it.
-    (folder / "gnd_roxford5k.pkl").write_bytes(_hostile_pickle(marker))
-    proc = _run(
+def _evaluate_oxford_offline(tmp_path):
+    """evaluate.py on the Oxford files placed under tmp_path/data, never downloading."""
+    return _run(
         "evaluate.py",
         "--config=configs/demo.py",
         "--weights=none",
@@ -422,6 +418,15 @@ def test_hostile_ground_truth_is_refused_by_evaluate(tmp_path):
         f"--workdir={tmp_path / 'work'}",
         "--nodownload",
     )
+
+
+def test_hostile_ground_truth_is_refused_by_evaluate(tmp_path):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "data" / "datasets" / "roxford5k"
+    folder.mkdir(parents=True)
+    # Revisited Oxford has no published hash to check: the unpickler alone must refuse it.
+    (folder / "gnd_roxford5k.pkl").write_bytes(_hostile_pickle(marker))
+    proc = _evaluate_oxford_offline(tmp_path)
     line = _one_line_error(proc)
     assert "gnd_roxford5k.pkl" in line and "refusing to load" in line and "system" in line
     assert not marker.exists()
@@ -584,15 +589,7 @@ def test_ground_truth_and_image_folder_mismatch_names_the_missing_files(tmp_path
     for name in gnd["imlist"] + gnd["qimlist"]:
         if name not in missing:
             (folder / "jpg" / f"{name}.jpg").write_bytes(b"")
-    proc = _run(
-        "evaluate.py",
-        "--config=configs/demo.py",
-        "--weights=none",
-        "--dataset=oxford5k",
-        f"--data_root={tmp_path / 'data'}",
-        f"--workdir={tmp_path / 'work'}",
-        "--nodownload",
-    )
+    proc = _evaluate_oxford_offline(tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: " in proc.stderr
     assert f"2 of the {len(gnd['imlist']) + len(gnd['qimlist'])} images" in proc.stderr
