@@ -322,6 +322,41 @@ def scan(
     )
 
 
+def ann_scan(index: Any, queries: np.ndarray, targets: Sequence[np.ndarray], top: int):
+    """The ranking an approximate index gives, kept to its top and the targets.
+
+    First the index's `top` best candidates (exact scores, best first), then the rows it did not
+    return: the non-target ones by id, and the targets it missed last of all, as never
+    retrieved (placing them by id would favour the database images, numbered before the
+    distractors).
+
+    Args:
+      index: a `cbir_tf.ann.AnnIndex` over the database.
+      queries: float32 `[Q, D]` L2-normalised.
+      targets: Q int64 arrays of distinct ids whose positions are wanted.
+      top: candidates asked of the index (clipped to N).
+
+    Returns:
+      A `PartialRanking`.
+    """
+    n = int(index.ntotal)
+    scores, ids = index.search(np.ascontiguousarray(queries, np.float32), min(int(top), n))
+    positions = []
+    for q, t in enumerate(targets):
+        t = np.asarray(t, np.int64)
+        found = ids[q][ids[q] >= 0]
+        missed = np.sort(t[~np.isin(t, found)])
+        if len(found) < ids.shape[1]:  # fewer candidates than asked: missed non-targets by id
+            m = ids.shape[1] - len(found)
+            taken = np.concatenate([found, missed])
+            ids[q, len(found) :] = np.setdiff1d(np.arange(len(taken) + m), taken)[:m]
+            scores[q, len(found) :] = -np.inf
+        where = {int(i): p for p, i in enumerate(found)}
+        last = {int(i): n - len(missed) + r for r, i in enumerate(missed)}
+        positions.append(np.array([where.get(int(i), last.get(int(i))) for i in t], np.int64))
+    return PartialRanking(ids, scores, [np.asarray(t, np.int64) for t in targets], positions, n)
+
+
 class _Precomputed:
     """A `search.SearchIndex` stand-in that answers with a scan's top (same order, same ties)."""
 
@@ -400,6 +435,7 @@ def rank_methods(
     top: int = 100,
     truncate: int = 1000,
     block_size: int = 65536,
+    index: Any = None,
 ) -> dict[str, tuple[PartialRanking, dict[str, Any]]]:
     """Partial rankings of every method: two passes over the database at most.
 
@@ -412,6 +448,8 @@ def rank_methods(
       top: head of each ranking kept (grids, and the neighbours α-QE needs).
       truncate: items diffused per query.
       block_size: database rows per block.
+      index: an approximate index (`cbir_tf.ann.AnnIndex`) over `database` that ranks instead
+        of the exact scans (see `ann_scan`); None: exact.
 
     Returns:
       {method: (PartialRanking, info: seconds, diffusion convergence)}.
@@ -421,7 +459,13 @@ def rank_methods(
     diffuse = any("diffusion" in s for s in steps.values())
     k = max(int(top), settings.qe.n, truncate if diffuse else 0)
     t0 = time.perf_counter()
-    plain = scan(queries, database, targets, k, block_size=block_size)
+
+    def ranked(qs: np.ndarray) -> PartialRanking:
+        if index is not None:
+            return ann_scan(index, qs, targets, k)
+        return scan(qs, database, targets, k, block_size=block_size)
+
+    plain = ranked(queries)
     times = {"plain": time.perf_counter() - t0}
     expanded, aqe = None, None
     if any("aqe" in s for s in steps.values()):
@@ -430,7 +474,7 @@ def rank_methods(
             queries, database, settings.qe.n, settings.qe.alpha,
             index=_Precomputed(database, plain),
         )  # fmt: skip
-        aqe = scan(expanded, database, targets, k, block_size=block_size)
+        aqe = ranked(expanded)
         times["aqe"] = time.perf_counter() - t0
     out = {}
     for method, s in steps.items():

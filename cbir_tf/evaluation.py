@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf import benchmark, config, metrics, report, search
+from cbir_tf import benchmark, bounded, config, metrics, report, search
 from cbir_tf.configs import default as default_config
 from cbir_tf.precomputed import (  # noqa: F401 (evaluation's names before the split)
     align_rows,
@@ -63,7 +63,36 @@ def rank_method(
     if ranking.cg is not None:
         info["diffusion"] = _diffusion_info(ranking.cg)
     info["seconds"] = round(time.perf_counter() - t0, 3)
+    retrieved = np.isfinite(ranking.scores).sum(axis=1)
+    if (retrieved < ranking.ids.shape[1]).any():  # an approximate index missed rows
+        info["retrieved"] = retrieved
     return ranking.ids, info
+
+
+def _target_rows(gnd, original_gnd, original_queries, missing, num_rows) -> list[np.ndarray]:
+    """Per query, the database rows of its ground-truth ids (images without a row left out)."""
+    orig = None
+    if original_gnd is not None:
+        orig = (original_gnd, range(len(gnd)) if original_queries is None else original_queries)
+    missing = np.zeros(0, np.int64) if missing is None else np.asarray(missing, np.int64)
+    row_of = np.full(num_rows + len(missing), -1, np.int64)
+    row_of[np.setdiff1d(np.arange(len(row_of)), missing)] = np.arange(num_rows)
+    targets = bounded.target_ids(gnd, orig, num_queries=len(gnd))
+    return [row_of[t][row_of[t] >= 0] for t in targets]
+
+
+def not_retrieved_last(
+    ranks: np.ndarray, retrieved: np.ndarray, targets: Sequence[np.ndarray]
+) -> np.ndarray:
+    """Rankings `[Q, N]` whose targets (ground-truth ids) past each query's `retrieved` head
+    move to the end: an approximate search never found them (rows it missed come in row order,
+    which must not favour the ground truth's images)."""
+    out = np.array(ranks, np.int64)
+    for q, (c, t) in enumerate(zip(retrieved, targets, strict=True)):
+        tail = out[q, int(c) :]
+        late = np.isin(tail, t)
+        out[q, int(c) :] = np.concatenate([tail[~late], tail[late]])
+    return out
 
 
 def _diffusion_info(dinfo: Any) -> dict[str, Any]:
@@ -165,8 +194,7 @@ def evaluate_methods(
         diffusion is truncated to each query's top n: rerank.diffusion.truncate, or
         `distractor_truncate` when that is 0.
       search_cfg: the config's `search` block (backend 'ann' ranks with an approximate index
-        built over `database`, `cbir_tf.ann`; refused with distractors, which are ranked
-        exactly in bounded memory); None: the defaults.
+        built over `database` and the distractors, `cbir_tf.ann`); None: the defaults.
 
     Returns:
       (results {method: {'revisited', 'original', 'info'}}, rankings {method: int [Q, N]}).
@@ -183,19 +211,12 @@ def evaluate_methods(
     if distractors is not None:
         from cbir_tf import with_distractors
 
-        if sc["backend"] == "ann":
-            # Ranked exactly in bounded memory: an 'ann' table would silently show no cost.
-            raise ValueError(
-                "search.backend=ann is not available with distractors yet: the distractor "
-                "evaluation ranks exactly in bounded memory; drop --distractors to measure the "
-                "approximate index, or use search.backend=exact"
-            )
-
         return with_distractors.evaluate(
             queries, database, distractors, gnd, methods, settings, kappas,
             original_gnd, original_queries,
             np.zeros(0, np.int64) if missing is None else np.asarray(missing, np.int64),
             settings.diffusion.truncate or int(distractor_truncate),
+            sc["ann"] if sc["backend"] == "ann" else None,
         )  # fmt: skip
     # Validated once; DBA and the diffusion graph are built once for all the methods.
     db = pipeline.Database(
@@ -210,6 +231,9 @@ def evaluate_methods(
     rankings: dict[str, np.ndarray] = {}
     for method in methods:
         ranks, info = rank_method(method, queries, db, settings)
+        if "retrieved" in info:
+            targets = _target_rows(gnd, original_gnd, original_queries, missing, len(database))
+            ranks = not_retrieved_last(ranks, info.pop("retrieved"), targets)
         if missing is not None and len(missing):
             ranks = rankings_with_missing(ranks, missing, len(database) + len(missing))
         res = evaluate_rankings(ranks, gnd, kappas, original_gnd, original_queries)

@@ -35,8 +35,12 @@ def evaluate(
     original_queries: Sequence[int] | None,
     missing: np.ndarray,
     truncate: int,
+    ann_settings: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`evaluation.evaluate_methods` over the database and its distractors, in bounded memory.
+
+    `ann_settings` (the config's `search.ann` block): rank with an approximate index built over
+    the database and distractors (`bounded.ann_scan`), to measure what it costs in mAP.
 
     Returns:
       (results {method: {'revisited', 'original', 'info'}}, rankings {method: PartialRanking}
@@ -54,9 +58,16 @@ def evaluate(
         orig = (original_gnd, range(len(gnd)) if original_queries is None else original_queries)
     targets = bounded.target_ids(gnd, orig, num_queries=len(gnd))
     top = max(int(k) for k in (*kappas, 100))
+    index, search_text = None, None
+    if ann_settings is not None:
+        from cbir_tf import ann
+
+        index = ann.build(rows, ann.AnnSettings.from_config(ann_settings))
+        search_text = f"{index.describe()}; rows it did not return ranked last"
+        log.info("ranking with the %s", search_text)
     ranked = bounded.rank_methods(
         methods, queries, rows, settings, [row_of[t][row_of[t] >= 0] for t in targets],
-        top=top, truncate=truncate, block_size=65536,
+        top=top, truncate=truncate, block_size=65536, index=index,
     )  # fmt: skip
     results: dict[str, Any] = {}
     rankings: dict[str, Any] = {}
@@ -65,7 +76,7 @@ def evaluate(
         res = evaluate_rankings(ranking, gnd, kappas, original_gnd, original_queries)
         if info.get("diffusion") is not None:
             info["diffusion"] = _diffusion_info(info["diffusion"])
-        res["info"] = info
+        res["info"] = info if search_text is None else {**info, "search": search_text}
         results[method], rankings[method] = res, ranking
         log.info("%s: mAP M %.2f (%.1f s)", method, 100 * res["revisited"]["medium"]["map"],
                  info["seconds"])  # fmt: skip

@@ -210,20 +210,18 @@ def test_ann_backend_gives_full_rankings_for_evaluation(built, data):
     assert flat.index.ann.kind == "flat"
 
 
-def test_ann_backend_with_distractors_is_refused_not_silently_exact():
+def test_evaluation_ranks_ground_truth_the_index_missed_last(built, data):
     from cbir_tf import evaluation
 
-    rng = np.random.default_rng(0)
-    unit = lambda n: (lambda v: v / np.linalg.norm(v, axis=1, keepdims=True))(  # noqa: E731
-        rng.standard_normal((n, 8)).astype(np.float32)
-    )
-    gnd = [{"easy": [0], "hard": [], "junk": []}] * 2
-    with pytest.raises(ValueError, match="search.backend=ann is not available with distractors"):
-        evaluation.evaluate_methods(
-            unit(2),
-            unit(5),
-            gnd,
-            rerank_cfg=None,
-            distractors=unit(3),
-            search_cfg={"backend": "ann"},
-        )
+    db = pipeline.Database(data, backend="ann", ann=built)
+    queries = clustered(5, seed=9)
+    ranks, info = evaluation.rank_method("plain", queries, db, None)
+    retrieved = info["retrieved"]  # the IVF lists probed hold fewer than N rows
+    assert (retrieved < N).all() and (retrieved > 10).all()
+    # Targets: two rows the index returned and two it missed, per query.
+    targets = [np.sort(np.r_[r[:2], r[c : c + 2]]) for r, c in zip(ranks, retrieved, strict=True)]
+    out = evaluation.not_retrieved_last(ranks, retrieved, targets)
+    for r, o, c, t in zip(ranks, out, retrieved, targets, strict=True):
+        assert np.array_equal(o[:c], r[:c]) and np.array_equal(np.sort(o), np.arange(N))
+        np.testing.assert_array_equal(o[-2:], r[c : c + 2])  # the missed ones, now last
+        assert not np.isin(o[c:-2], t).any()

@@ -164,3 +164,48 @@ def test_original_protocol_subset_with_distractors_equals_the_full_ranking():
     for m in ("plain", "aqe"):
         assert part[m]["original"]["map"] == full[m]["original"]["map"]
         np.testing.assert_array_equal(part[m]["original"]["aps"], full[m]["original"]["aps"])
+
+
+def test_approximate_index_with_distractors_ranks_missed_ground_truth_last():
+    """search.backend=ann: the index's top candidates, the rows it did not return by id, and the
+    ground-truth images it missed last, as never retrieved (kind 'flat' returns the exact top,
+    so the ranking is known in advance)."""
+    q, x, d, gnd = _benchmark(distractors=3000)
+    search_cfg = {"backend": "ann", "ann": {"kind": "flat"}}
+    part, _ = evaluation.evaluate_methods(
+        q, x, gnd, methods=("plain", "aqe"), rerank_cfg=RERANK, distractors=d,
+        search_cfg=search_cfg,
+    )  # fmt: skip
+    assert "approximate index: flat" in part["plain"]["info"]["search"]
+    scores = q @ np.concatenate([x, d]).T
+    full = np.argsort(-scores, axis=1, kind="stable")
+    head = full[:, :100]  # the candidates asked: max(top 100, α-QE's n)
+    positives = [g["easy"] + g["hard"] for g in gnd]
+    beyond = [np.isin(p, h, invert=True).any() for p, h in zip(positives, head, strict=True)]
+    assert any(beyond)  # some positive lies past the candidates: its position is tested
+    rows = []
+    for h, g in zip(head, gnd, strict=True):
+        rest = np.setdiff1d(np.arange(scores.shape[1]), h)
+        late = np.isin(rest, g["easy"] + g["hard"] + g["junk"])
+        rows.append(np.concatenate([h, rest[~late], rest[late]]))
+    want = evaluation.evaluate_rankings(np.stack(rows), gnd, (1, 5, 10))
+    _assert_same(part["plain"], want)
+    exact, _ = evaluation.evaluate_methods(
+        q, x, gnd, methods=("plain",), rerank_cfg=RERANK, distractors=d
+    )
+    # Positives past the candidates count as not retrieved: the mAP can only go down.
+    assert part["plain"]["revisited"]["hard"]["map"] <= exact["plain"]["revisited"]["hard"]["map"]
+
+
+def test_ann_scan_fills_missing_candidates_with_the_rows_it_did_not_return():
+    class Partial:  # an index that found rows 4 and 1 only, of 6
+        ntotal = 6
+
+        def search(self, queries, k):
+            ids = np.full((1, k), -1, np.int64)
+            ids[0, :2] = [4, 1]
+            return np.where(ids >= 0, 0.5, -np.inf).astype(np.float32), ids
+
+    r = bounded.ann_scan(Partial(), np.ones((1, 3), np.float32), [np.array([0, 1, 3, 4])], 4)
+    np.testing.assert_array_equal(r.top, [[4, 1, 2, 5]])  # then missed non-targets by id
+    np.testing.assert_array_equal(r.positions[0], [4, 1, 5, 0])  # missed targets 0, 3 last
