@@ -63,7 +63,7 @@ def evaluate(
         from cbir_tf import ann
 
         index = ann.build(rows, ann.AnnSettings.from_config(ann_settings))
-        search_text = f"{index.describe()}; rows it did not return ranked last"
+        search_text = f"{index.describe()}; ground truth it did not return ranked last"
         log.info("ranking with the %s", search_text)
     ranked = bounded.rank_methods(
         methods, queries, rows, settings, [row_of[t][row_of[t] >= 0] for t in targets],
