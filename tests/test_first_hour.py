@@ -116,13 +116,15 @@ def test_item2_missing_or_empty_folder_is_refused_by_the_library(tiny_model, tmp
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "notes.txt").write_text("no image here")
+    (empty / "notes.md").write_text("no image here")
     with pytest.raises(ValueError, match=f"{empty} holds no image files"):
         r.index(str(empty), progress=False)
     assert r.root is None and len(r) == 0
     cfg = {"model": {"backbone": "mobilenet", "weights": "none", "alpha": 0.25}}
     for bad, error in [
         (tmp_path / "nope", FileNotFoundError),
-        (empty / "notes.txt", NotADirectoryError),
+        (empty / "notes.md", NotADirectoryError),
+        (empty / "notes.txt", ValueError),  # read as a list of images: none exists
         (empty, ValueError),
     ]:
         with pytest.raises(error, match=str(bad)):

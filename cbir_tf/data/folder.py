@@ -126,7 +126,8 @@ def read_image_list(path: str | os.PathLike) -> list[str]:
       Absolute paths (or URLs), in the list's order.
 
     Raises:
-      ValueError: the file is not UTF-8 text, names no path, or names one twice.
+      ValueError: the file is not UTF-8 text, names no path, names one twice, or names only
+        local files none of which exists (not a list of images).
     """
     path = os.fspath(path)
     remote_list = "://" in path
@@ -163,6 +164,12 @@ def read_image_list(path: str | os.PathLike) -> list[str]:
         out.append(entry)
     if not out:
         raise ValueError(f"{path}: the list names no image path (one path per line)")
+    local = not remote_list and all("://" not in p for p in out)
+    if local and not any(os.path.exists(p) for p in out):  # not a list of images: say so now
+        raise ValueError(
+            f"{path}: none of the {len(out)} paths it lists exists (first: {out[0]}); "
+            "a list file names one image file per line"
+        )
     return out
 
 
