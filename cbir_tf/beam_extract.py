@@ -81,8 +81,8 @@ class BeamExtractionError(RuntimeError):
 def pipeline_options(beam_options: str | Sequence[str] = "", num_workers: int = 0) -> list[str]:
     """The pipeline's command-line options: the user's, passed through, plus local defaults.
 
-    Without a `--runner`, the in-process Fn API runner with `num_workers` worker threads is
-    used (never Beam's default DirectRunner, which fetches the Prism binary from the internet).
+    Without a `--runner`, the Fn API runner with `num_workers` worker processes is used (never
+    Beam's default DirectRunner, which fetches the Prism binary from the internet).
 
     Args:
       beam_options: Beam options as one shell-quoted string or a list, e.g.
