@@ -221,6 +221,35 @@ def target_ids(*gnds: Sequence[Mapping[str, Any]] | None, num_queries: int) -> l
     return [np.unique(np.concatenate(a)) if a else np.zeros(0, np.int64) for a in out]
 
 
+def ground_truth_rows(
+    gnd: Sequence[Mapping[str, Any]],
+    original_gnd: Sequence[Mapping[str, Any]] | None,
+    original_queries: Sequence[int] | None,
+    missing: np.ndarray | None,
+    num_rows: int,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The ids whose positions the metrics need, and where they are among the database rows.
+
+    Args:
+      gnd: the revisited ground truth, one dict per query.
+      original_gnd, original_queries: the original protocol's, and the queries it covers
+        (None: all), or None.
+      missing: sorted ground-truth ids without a descriptor (no database row), or None.
+      num_rows: database rows (the present images, in ground-truth order).
+
+    Returns:
+      (targets: per query the sorted ids of every list (`target_ids`), row_of: int64
+      `[num_rows + len(missing)]` the row of each ground-truth id, -1 for a missing image).
+    """
+    orig = None
+    if original_gnd is not None:
+        orig = (original_gnd, range(len(gnd)) if original_queries is None else original_queries)
+    missing = np.zeros(0, np.int64) if missing is None else np.asarray(missing, np.int64)
+    row_of = np.full(num_rows + len(missing), -1, np.int64)
+    row_of[np.setdiff1d(np.arange(len(row_of)), missing)] = np.arange(num_rows)
+    return target_ids(gnd, orig, num_queries=len(gnd)), row_of
+
+
 def _count_before(
     sims: np.ndarray, start: int, t_rows: np.ndarray, t_ids: np.ndarray, t_score: np.ndarray
 ) -> np.ndarray:

@@ -69,18 +69,6 @@ def rank_method(
     return ranking.ids, info
 
 
-def _target_rows(gnd, original_gnd, original_queries, missing, num_rows) -> list[np.ndarray]:
-    """Per query, the database rows of its ground-truth ids (images without a row left out)."""
-    orig = None
-    if original_gnd is not None:
-        orig = (original_gnd, range(len(gnd)) if original_queries is None else original_queries)
-    missing = np.zeros(0, np.int64) if missing is None else np.asarray(missing, np.int64)
-    row_of = np.full(num_rows + len(missing), -1, np.int64)
-    row_of[np.setdiff1d(np.arange(len(row_of)), missing)] = np.arange(num_rows)
-    targets = bounded.target_ids(gnd, orig, num_queries=len(gnd))
-    return [row_of[t][row_of[t] >= 0] for t in targets]
-
-
 def not_retrieved_last(
     ranks: np.ndarray, retrieved: np.ndarray, targets: Sequence[np.ndarray]
 ) -> np.ndarray:
@@ -229,11 +217,16 @@ def evaluate_methods(
     _warn_unless_unit_norm(database, "database")
     results: dict[str, Any] = {}
     rankings: dict[str, np.ndarray] = {}
+    target_rows = None  # the ground truth's rows, for an approximate index's misses
     for method in methods:
         ranks, info = rank_method(method, queries, db, settings)
         if "retrieved" in info:
-            targets = _target_rows(gnd, original_gnd, original_queries, missing, len(database))
-            ranks = not_retrieved_last(ranks, info.pop("retrieved"), targets)
+            if target_rows is None:
+                targets, row_of = bounded.ground_truth_rows(
+                    gnd, original_gnd, original_queries, missing, len(database)
+                )
+                target_rows = [row_of[t][row_of[t] >= 0] for t in targets]
+            ranks = not_retrieved_last(ranks, info.pop("retrieved"), target_rows)
         if missing is not None and len(missing):
             ranks = rankings_with_missing(ranks, missing, len(database) + len(missing))
         res = evaluate_rankings(ranks, gnd, kappas, original_gnd, original_queries)

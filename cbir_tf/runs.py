@@ -204,18 +204,18 @@ def build_index(
         # every shard of the list.
         paths, images = listed, _common_folder(listed)
     if model_path:
-        data = cfg.get("data", {})
+        data, search_cfg = config_lib.block(cfg, "data"), config_lib.block(cfg, "search")
         r = Retriever.from_model(
             model_path,
-            image_size=int(data.get("image_size", 1024)) if image_size_explicit else None,
-            scales=tuple(data.get("scales", (1.0,))),
-            ms_power=float(data.get("ms_power", 1.0)),
+            image_size=int(data["image_size"]) if image_size_explicit else None,
+            scales=tuple(data["scales"]),
+            ms_power=float(data["ms_power"]),
             directory=out,
             root=images,
             rerank=cfg.get("rerank"),
-            flush_every=int(cfg.get("extract", {}).get("flush_every", 64)),
-            backend=str(config_lib.block(cfg, "search")["backend"]),
-            ann=config_lib.block(cfg, "search")["ann"],
+            flush_every=int(config_lib.block(cfg, "extract")["flush_every"]),
+            backend=str(search_cfg["backend"]),
+            ann=search_cfg["ann"],
         )
     else:
         r = Retriever.from_config(config, directory=out, root=images)

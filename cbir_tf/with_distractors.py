@@ -49,14 +49,10 @@ def evaluate(
     from cbir_tf.evaluation import _diffusion_info, evaluate_rankings
 
     rows = bounded.Rows(database, distractors)
-    n_db = len(database) + len(missing)
-    present = np.setdiff1d(np.arange(n_db), missing)
-    row_of = np.full(n_db, -1, np.int64)
-    row_of[present] = np.arange(len(present))
-    orig = None
-    if original_gnd is not None:
-        orig = (original_gnd, range(len(gnd)) if original_queries is None else original_queries)
-    targets = bounded.target_ids(gnd, orig, num_queries=len(gnd))
+    targets, row_of = bounded.ground_truth_rows(
+        gnd, original_gnd, original_queries, missing, len(database)
+    )
+    present = np.flatnonzero(row_of >= 0)
     top = max(int(k) for k in (*kappas, 100))
     index, search_text = None, None
     if ann_settings is not None:
