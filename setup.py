@@ -24,14 +24,17 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["cbir_tf", "cbir_tf.*"]),
+    # configs/ (the get_config() files, at the top of a checkout) is installed as cbir_tf/configs/,
+    # where `cbir_tf.config.config_dir` finds it from any directory.
+    packages=[*find_packages(include=["cbir_tf", "cbir_tf.*"]), "cbir_tf.configs"],
+    package_dir={"cbir_tf.configs": "configs"},
     package_data={"cbir_tf.serve": ["page.html"]},
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.3",
         "numpy>=1.26",
         "scipy>=1.11",
-        # The approximate index of large collections (cbir_tf.ann); faiss-gpu may replace it.
+        # The approximate index of large collections (cbir_tf.search.ann); faiss-gpu may replace it.
         "faiss-cpu>=1.8",
         "scikit-learn>=1.3",
         "pandas>=2.0",

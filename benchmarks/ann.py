@@ -1,4 +1,4 @@
-"""The saved approximate index (`cbir_tf.ann`) and the approximate diffusion graph, measured.
+"""The saved approximate index (`cbir_tf.search.ann`) and the approximate diffusion graph, measured.
 
 On a synthetic collection shaped like real descriptors (unit vectors in many small clusters,
 ~20 rows each, plus noise of a spread that varies per cluster; cluster centres grouped around
@@ -35,8 +35,9 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cbir_tf import ann, search  # noqa: E402
 from cbir_tf.rerank import diffusion, graph  # noqa: E402
+from cbir_tf.search import ann  # noqa: E402
+from cbir_tf.search import exact as search  # noqa: E402
 
 
 def uptime_load() -> str:
@@ -113,7 +114,7 @@ def index_mode(args, database: np.ndarray) -> dict:
         bytes_per_vector = os.path.getsize(os.path.join(tmp, ann.INDEX_FILE)) / args.n
         k = 10
         t0 = time.perf_counter()
-        _, exact_ids = search._exact_knn(queries, database, k, 65536)
+        _, exact_ids = search.exact_knn(queries, database, k, 65536)
         exact_s = time.perf_counter() - t0
         index.search(queries[:50], k)  # warm the page cache of the lists and candidate rows
         t0 = time.perf_counter()

@@ -4,8 +4,8 @@ The same real photos (the first --num_images of ../shared/data/clothing-small, s
 model (MobileNetV2, alpha 1.0, the official ImageNet weights file in ../shared/weights, GeM),
 the same settings (longest side --image_size: the photos, 400 px wide, are not resized at 1024):
 
-  * sequential: `cbir_tf.descriptors.extract` into a store (decoding threads + one network);
-  * beam:       `cbir_tf.beam_extract.BeamExtractor(num_workers=N).extract` into a store: the
+  * sequential: `cbir_tf.describe.extract.extract` into a store (decoding threads + one network);
+  * beam:       `cbir_tf.beam.extract.BeamExtractor(num_workers=N).extract` into a store: the
                 whole command's time, the workers' start (Python, Beam, TensorFlow, the model),
                 the shards, their stores and the merge included;
   * ratio:      beam / sequential images per second (issue 17's goal: >= 0.8 on 2 cores, the
@@ -108,8 +108,11 @@ def main() -> int:
 
         args.shard_images = int(config_lib.defaults("extract")["beam_shard_images"])
 
-    from cbir_tf import beam_extract, descriptors, models
+    from cbir_tf.beam import extract as beam_extract
     from cbir_tf.data.folder import list_images
+    from cbir_tf.describe import extract as descriptors
+    from cbir_tf.describe import models
+    from cbir_tf.store.writer import StoreSink
 
     shared = shared_dir()
     weights, data = os.path.join(shared, V2_WEIGHTS), os.path.join(shared, DATA)
@@ -119,8 +122,8 @@ def main() -> int:
             return 1
     ids = list_images(data, recursive=True)[: args.num_images]
     paths = [os.path.join(data, *i.split("/")) for i in ids]
-    model = models.model_from_config(
-        {"backbone": "mobilenetv2", "weights": weights, "pooling": "gem", "gem_p": 3.0}
+    model = models.build_descriptor_model(
+        "mobilenetv2", weights=weights, alpha=1.0, pooling="gem", gem_p=3.0
     )
     common = {"ids": ids, "image_size": args.image_size, "meta": {"backbone": "mobilenetv2"}}
     cores = len(os.sched_getaffinity(0))
@@ -128,7 +131,7 @@ def main() -> int:
         load_before = _load()
         t, c = time.perf_counter(), _cpu()
         seq = descriptors.extract(
-            model, paths, store_dir=os.path.join(tmp, "seq"), progress=False, **common
+            model, paths, sink=StoreSink(os.path.join(tmp, "seq")), progress=False, **common
         )
         seq_s, seq_cpu = time.perf_counter() - t, _cpu() - c
         load_mid = _load()
@@ -139,12 +142,12 @@ def main() -> int:
             extractor.threads = None if args.tf_threads < 0 else args.tf_threads
         t, c = time.perf_counter(), _cpu()
         beam = extractor.extract(
-            model, paths, store_dir=os.path.join(tmp, "beam"), progress=False, **common
+            model, paths, sink=StoreSink(os.path.join(tmp, "beam")), progress=False, **common
         )
         beam_s, beam_cpu = time.perf_counter() - t, _cpu() - c
         t = time.perf_counter()
         extractor.extract(
-            model, paths[:2], store_dir=os.path.join(tmp, "fixed"), progress=False,
+            model, paths[:2], sink=StoreSink(os.path.join(tmp, "fixed")), progress=False,
             **dict(common, ids=ids[:2]),
         )  # fmt: skip
         fixed_s = time.perf_counter() - t

@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 from _data import random_unit  # noqa: E402
 
-from cbir_tf import search  # noqa: E402
 from cbir_tf.rerank import cg, graph  # noqa: E402
 from cbir_tf.rerank import diffusion as dfu  # noqa: E402
+from cbir_tf.search.index import SearchIndex  # noqa: E402
 
 
 class Phase:
@@ -171,7 +171,7 @@ def run_full(x, queries, args) -> None:
 
 
 def run_truncated(x, queries, args) -> None:
-    index = search.SearchIndex(x, validate=False)
+    index = SearchIndex(x, validate=False)
     with Phase(f"truncated: top-{args.truncate} search over N") as s:
         index.search(queries, min(args.truncate, x.shape[0]), validate=False)
     with Phase(f"truncated: search + sub-graphs + solve (n={args.truncate})") as t:

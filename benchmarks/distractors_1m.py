@@ -1,7 +1,7 @@
 """Evaluation with a million distractors: time and peak memory of each method (bounded path).
 
 Writes a synthetic distractor store of 1 001 001 random unit vectors of dimension 2048 (8 GB of
-float32, the size of R1M with EfficientNet/ResNet descriptors) with `cbir_tf.store`, builds a
+float32, the size of R1M with EfficientNet/ResNet descriptors) with `cbir_tf.store.files`, builds a
 benchmark of 6 322 database images and 70 queries (the size of RParis6k: each query near its 10
 positives, 3 junk images), and evaluates it as `evaluate.py --distractors=...` does
 (`evaluation.evaluate_methods(..., distractors=store)`, the store memory-mapped), each method in
@@ -38,7 +38,7 @@ METHODS = ("plain", "aqe", "diffusion", "aqe+diffusion")
 
 def write_distractors(directory: str, n: int, dim: int) -> float:
     """The synthetic store (block by block: bounded memory); returns seconds."""
-    from cbir_tf import store
+    from cbir_tf.store import files as store
 
     t0 = time.perf_counter()
     chunk = 65536
@@ -80,15 +80,16 @@ def _status_mib(field: str) -> float:
 
 def run_methods(methods: list[str], store_dir: str, n_db: int, n_q: int, truncate: int) -> dict:
     """One process: evaluate `methods` with the store as distractors; time and peak RSS."""
-    from cbir_tf import evaluation, store
-    from cbir_tf.configs import default
+    from cbir_tf import config as config_lib
+    from cbir_tf.evaluate import methods as evaluation
+    from cbir_tf.store import files as store
 
     d, _, meta = store.load_store(store_dir)  # memory-mapped
     x, q, gnd = benchmark_part(n_db, n_q, d.shape[1])
     base = _status_mib("VmRSS")
     t0 = time.perf_counter()
     results, _ = evaluation.evaluate_methods(
-        q, x, gnd, methods=tuple(methods), rerank_cfg=default.get_config().rerank.to_dict(),
+        q, x, gnd, methods=tuple(methods), rerank_cfg=config_lib.default_config().rerank.to_dict(),
         distractors=d, distractor_truncate=truncate,
     )  # fmt: skip
     seconds = time.perf_counter() - t0

@@ -3,7 +3,7 @@
 MobileNet (alpha 0.25, the official Keras ImageNet weights) + GeM (p = 3) with PCA-whitening
 learned on clothing-small/validation, described at image size 224 on clothing-small/test:
 
-  keras         `cbir_tf.descriptors.extract` on the files (what extract.py does)
+  keras         `cbir_tf.describe.extract.extract` on the files (what extract.py does)
   saved_model   the SavedModel's `serving_default` on the encoded file bytes, one file per call
                 (decoding, EXIF orientation and resizing in TF ops inside the model)
   tflite-*      the TFLite files (float32, float16 weights, dynamic-range int8 weights) on the
@@ -53,8 +53,9 @@ def timed(fn, items, rounds: int = 3) -> tuple[np.ndarray, float]:
 
 def build_model(weights: str, image_size: int, data: str):
     """GeM MobileNet with whitening learned on the validation photos."""
-    from cbir_tf import descriptors, models, whitening
     from cbir_tf.data import folder
+    from cbir_tf.describe import extract as descriptors
+    from cbir_tf.describe import models, whitening
 
     plain = models.build_descriptor_model("mobilenet", weights, alpha=0.25, pooling="gem")
     val = folder.list_labelled(os.path.join(data, "validation")).paths
@@ -80,9 +81,11 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from cbir_tf import descriptors, export, finetune
+    from cbir_tf import train as finetune
     from cbir_tf.data import folder
-    from cbir_tf.data.pipeline import load_resized
+    from cbir_tf.data.decode import load_resized
+    from cbir_tf.describe import extract as descriptors
+    from cbir_tf.export import formats as export
 
     test = folder.list_labelled(os.path.join(data, "test"))
     paths, labels = list(test.paths), np.asarray(test.labels)

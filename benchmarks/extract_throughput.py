@@ -3,7 +3,7 @@
 Prints, for each longest side in --sizes:
   * bare:  images/s of the bare backbone forward pass (one compiled function, input signature
            [1, None, None, 3]) over images already decoded and resized, held in memory;
-  * full:  images/s of the full `cbir_tf.descriptors.extract` path on the same images as JPEG
+  * full:  images/s of the full `cbir_tf.describe.extract.extract` path on the same images as JPEG
            files: decoding and resizing (low-priority threads, `pipeline.iter_images`), the
            descriptor model (backbone + pooling + L2), NaN checks and the resumable store with
            its chunks, finalize included;
@@ -72,24 +72,26 @@ def make_images(folder: str, count: int, seed: int = 0) -> list[str]:
 def build_models(backbone: str, pooling: str, mixed_precision: bool):
     """(descriptor model, bare backbone model, description).
 
-    Uses `cbir_tf.models.build_descriptor_model` when available; otherwise the backbone from
-    `keras.applications` with global max pooling (MAC) and L2 normalisation.
+    Uses `cbir_tf.describe.models.build_descriptor_model` when available; otherwise the backbone
+    from `keras.applications` with global max pooling (MAC) and L2 normalisation.
     """
     import keras
 
     if mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        from cbir_tf.backbones import build_backbone
-        from cbir_tf.models import build_descriptor_model
+        from cbir_tf.describe.backbones import build_backbone
+        from cbir_tf.describe.models import build_descriptor_model
     except ImportError:
         build_descriptor_model = None
     if build_descriptor_model is not None:
         model = build_descriptor_model(backbone=backbone, weights="none", pooling=pooling)
         bare = build_backbone(backbone, weights="none")
-        return model, bare, f"cbir_tf.models.build_descriptor_model({backbone}, {pooling})"
+        return model, bare, f"cbir_tf.describe.models.build_descriptor_model({backbone}, {pooling})"
     if backbone != "efficientnetb1":
-        raise SystemExit("without cbir_tf.models only --backbone=efficientnetb1 is available")
+        raise SystemExit(
+            "without cbir_tf.describe.models only --backbone=efficientnetb1 is available"
+        )
     bare = keras.applications.EfficientNetB1(
         include_top=False, weights=None, input_shape=(None, None, 3)
     )
@@ -118,7 +120,8 @@ def bare_forward_rate(bare, images) -> tuple[float, float]:
 
 def full_extract_rate(model, paths, size, workdir) -> tuple[float, float]:
     """(images/s, CPU seconds per image) of `extract` from JPEG files to a finished store."""
-    from cbir_tf.descriptors import extract
+    from cbir_tf.describe.extract import extract
+    from cbir_tf.store.writer import StoreSink
 
     # Warm-up on the first shapes: traces the shared compiled function once.
     extract(model, paths[: len(SHAPES)], image_size=size, progress=False)
@@ -127,7 +130,7 @@ def full_extract_rate(model, paths, size, workdir) -> tuple[float, float]:
         model,
         paths,
         image_size=size,
-        store_dir=os.path.join(workdir, f"store_{size}_{time.time_ns()}"),
+        sink=StoreSink(os.path.join(workdir, f"store_{size}_{time.time_ns()}")),
         progress=False,
     )
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -168,7 +171,8 @@ def rss_child(args) -> None:
     import gc
 
     model, _, _ = build_models(args.backbone, args.pooling, args.mixed_precision)
-    from cbir_tf.descriptors import extract
+    from cbir_tf.describe.extract import extract
+    from cbir_tf.store.writer import StoreSink
 
     paths = make_images(args.image_dir, args.rss_child)
     extract(model, paths[: len(SHAPES)], image_size=args.rss_size, progress=False)
@@ -181,8 +185,7 @@ def rss_child(args) -> None:
             model,
             paths,
             image_size=args.rss_size,
-            store_dir=os.path.join(tmp, "store"),
-            flush_every=64,
+            sink=StoreSink(os.path.join(tmp, "store"), 64),
             progress=False,
         )
         n = result.descriptors.shape[0]
@@ -225,7 +228,7 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from cbir_tf.data.pipeline import load_resized
+    from cbir_tf.data.decode import load_resized
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     counts = [int(c) for c in args.rss_counts.split(",") if c]

@@ -8,7 +8,7 @@ clothing-small photos of ../shared/data (10 classes; train/, validation/, test/ 
      best epoch kept), saved as a .keras model and loaded back with safe_mode=True;
 
 then leave-one-out mAP on test/ (each test photo queries the other test photos; positives are
-the photos of its class) with descriptors computed by `cbir_tf.descriptors.extract` from the
+the photos of its class) with descriptors computed by `cbir_tf.describe.extract.extract` from the
 image files, exactly as extract.py would. Prints both figures, the gain and the training time.
 
 Run (2 shared CPU cores: a few minutes; images decoded once and kept in memory):
@@ -37,9 +37,9 @@ from _data import DATA, WEIGHTS_FILE, shared_dir  # noqa: E402
 
 
 def make_config(args, recipe: str, weights: str):
-    from configs import train_head, train_metric
+    from cbir_tf import config as config_lib
 
-    c = (train_head if recipe == "head" else train_metric).get_config()
+    c = config_lib.load_config("train_head" if recipe == "head" else "train_metric")
     c.model.backbone = "mobilenet"
     c.model.alpha = 0.25
     c.model.weights = weights
@@ -74,7 +74,8 @@ def make_config(args, recipe: str, weights: str):
 
 
 def test_map(model, paths: list[str], labels: np.ndarray, image_size: int) -> float:
-    from cbir_tf import descriptors, finetune
+    from cbir_tf import train as finetune
+    from cbir_tf.describe import extract as descriptors
 
     result = descriptors.extract(model, paths, image_size=image_size, progress=False)
     if result.skipped:
@@ -107,8 +108,9 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from cbir_tf import finetune, models
+    from cbir_tf import train as finetune
     from cbir_tf.data import folder
+    from cbir_tf.describe import models
 
     print(
         f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, GPUs: "

@@ -1,9 +1,9 @@
-"""Speed of `cbir_tf.metrics.compute_map` against the reference per-query loop.
+"""Speed of `cbir_tf.evaluate.metrics.compute_map` against the reference per-query loop.
 
 Times both on the RParis6k golden rankings (3 cases x Easy/Medium/Hard, 70 queries x 6322
 images), checks that they give identical values, and prints both times and their ratio.
 
-    python benchmarks/metrics_speed.py [--golden_dir tests/data/golden] [--repeats 9]
+    python benchmarks/metrics_speed.py [--golden_dir tests/fixtures/golden] [--repeats 9]
 
 The reference loop is the faithful port of revisitop's `python/evaluate.py` kept with the tests
 (tests/reference_metrics.py), which check the library against it too.
@@ -62,12 +62,12 @@ def _best_times(fns, repeats: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--golden_dir", default=str(ROOT / "tests" / "data" / "golden"))
+    parser.add_argument("--golden_dir", default=str(ROOT / "tests" / "fixtures" / "golden"))
     parser.add_argument("--repeats", type=int, default=9, help="best of this many rounds")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from cbir_tf.metrics import PROTOCOLS, compute_map, revisited_gnd
+    from cbir_tf.evaluate.metrics import PROTOCOLS, compute_map, revisited_gnd
 
     golden = pathlib.Path(args.golden_dir)
     raw = load_gnd(golden / "gnd_rparis6k.pkl")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"machine: {os.cpu_count()} CPUs, load average {load}; best of {args.repeats} rounds")
     print(f"reference per-query loop: {slow_s * 1e3:9.2f} ms")
-    print(f"cbir_tf.metrics         : {fast_s * 1e3:9.2f} ms")
+    print(f"cbir_tf.evaluate.metrics         : {fast_s * 1e3:9.2f} ms")
     print(f"speed-up                : {slow_s / fast_s:9.1f}x  (goal: at least 20x)")
     return 0
 

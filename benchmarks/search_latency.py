@@ -3,7 +3,7 @@
 Builds a random L2-normalised float32 database chunk by chunk (in memory, or as a memory-mapped
 .npy with --memmap DIR), prepares it once (`SearchIndex`: validation; faiss: index build), then
 times single queries (the latency a user waits for) and a batch of queries (throughput):
-- exact blocked search (`cbir_tf.search`, the default backend, numpy only);
+- exact blocked search (`cbir_tf.search.exact`, the default backend, numpy only);
 - faiss indexes when faiss is installed (the `[faiss]` extra): 'Flat' (exact) and, by default,
   'IVF1024,Flat' (approximate, nprobe 16), with recall@k against the exact result.
 
@@ -29,10 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 from _data import random_unit  # noqa: E402
 
-from cbir_tf import search  # noqa: E402
+from cbir_tf.search.ann import require_faiss  # noqa: E402
+from cbir_tf.search.index import SearchIndex  # noqa: E402
 
 
-def time_queries(index: search.SearchIndex, queries: np.ndarray, k: int, label: str):
+def time_queries(index: SearchIndex, queries: np.ndarray, k: int, label: str):
     """Prints single-query latency (median, 90th percentile) and batch time per query."""
     index.search(queries[:1], k)  # warm-up (page cache, BLAS threads)
     single = []
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
 
     t0 = time.perf_counter()
-    exact = search.SearchIndex(db, block_size=args.block_size)
+    exact = SearchIndex(db, block_size=args.block_size)
     print(f"  exact: validated database in {time.perf_counter() - t0:.1f} s (once per index)")
     exact_ids = time_queries(exact, queries, args.k, "exact (blocked numpy)")
     found = np.mean(exact_ids[:, 0] == truth)
@@ -93,13 +94,13 @@ def main(argv=None) -> None:
 
     if args.faiss:
         try:
-            search.require_faiss()
+            require_faiss()
         except ImportError as err:
             print(f"  faiss: skipped ({err})")
             return
         for factory in args.faiss:
             t0 = time.perf_counter()
-            index = search.SearchIndex(
+            index = SearchIndex(
                 db, backend="faiss", faiss_factory=factory, nprobe=args.nprobe,
                 ef_search=args.ef_search, block_size=args.block_size, validate=False,
             )  # fmt: skip

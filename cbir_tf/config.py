@@ -1,18 +1,73 @@
-"""The only readers of a config: a config (or one of its blocks) -> keyword arguments.
+"""Configs: the shipped `get_config()` files, their defaults, and their blocks as plain dicts.
 
-Configs are `ml_collections.ConfigDict`s built by the `get_config()` files of `cbir_tf/configs/`,
-or the same nested structure as plain dicts (e.g. the `model` block an index manifest keeps).
-`cbir_tf/configs/default.py` is the single source of defaults: a field a config lacks (an old
-manifest, a hand-written dict) takes the default config's value, never one written in code.
+Configs are `ml_collections.ConfigDict`s built by `get_config()` files: the shipped ones live in
+`configs/` at the top of a checkout (installed as `cbir_tf/configs/` by setup.py), a user's own
+anywhere. `configs/default.py` is the single source of defaults: a field a config lacks (an old
+manifest, a hand-written dict) takes the default config's value, never one written in code, and
+library signatures read theirs with `default("block.field")`.
+
+This module and the command layer (`cbir_tf/commands/`, `cbir_tf/runs/`) are the only readers
+of a whole config; the library below them takes keyword arguments, e.g.
+`build_descriptor_model(**config.block(cfg, "model"))`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["as_dict", "block", "defaults", "model_kwargs"]
+__all__ = [
+    "as_dict",
+    "block",
+    "config_dir",
+    "config_path",
+    "default",
+    "default_config",
+    "defaults",
+    "load_config",
+]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def config_dir() -> str:
+    """The folder of the shipped config files: installed beside the package, or the checkout's."""
+    for folder in (os.path.join(_HERE, "configs"), os.path.join(os.path.dirname(_HERE), "configs")):
+        if os.path.isfile(os.path.join(folder, "default.py")):
+            return folder
+    raise FileNotFoundError(f"the shipped configs/ folder is missing beside {_HERE}; reinstall")
+
+
+def config_path(name: str = "default") -> str:
+    """The shipped config file `configs/<name>.py` (absolute; it may not exist)."""
+    return os.path.join(config_dir(), f"{name}.py")
+
+
+def load_config(name_or_path: str) -> Any:
+    """The ConfigDict a config file's `get_config()` builds.
+
+    Args:
+      name_or_path: a shipped config's name ('default', 'demo', 'train_head', 'train_metric')
+        or the path of a `get_config()` file.
+    """
+    path = os.path.expanduser(name_or_path)
+    if not os.path.isfile(path):
+        path = config_path(os.path.splitext(os.path.basename(name_or_path))[0])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file {name_or_path}")
+    name = "cbir_tf_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def default_config() -> Any:
+    """A fresh copy of `configs/default.py`'s config (callers may change it)."""
+    return load_config(config_path("default"))
 
 
 def as_dict(config: Any) -> dict[str, Any]:
@@ -26,14 +81,20 @@ def as_dict(config: Any) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def _default_dict() -> dict[str, Any]:
-    from cbir_tf.configs import default
-
-    return as_dict(default.get_config())
+    return as_dict(default_config())
 
 
 def defaults(name: str) -> dict[str, Any]:
     """A copy of block `name` of the default config (e.g. 'model', 'rerank')."""
     return _merge({}, _default_dict()[name])
+
+
+def default(field: str) -> Any:
+    """One field of the default config by its dotted name, e.g. `default("search.block_size")`."""
+    value: Any = _default_dict()
+    for part in field.split("."):
+        value = value[part]
+    return _merge({}, value) if isinstance(value, Mapping) else value
 
 
 def block(config: Any, name: str) -> dict[str, Any]:
@@ -47,23 +108,3 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = _merge(out.get(k, {}), v) if isinstance(v, Mapping) else v
     return out
-
-
-def model_kwargs(model_block: Any) -> dict[str, Any]:
-    """`models.build_descriptor_model` arguments from a config's `model` block.
-
-    Args:
-      model_block: `cfg.model` (ConfigDict or dict); missing fields take the default config's.
-
-    Returns:
-      {'backbone', 'weights', 'alpha', 'pooling', 'gem_p', 'rmac_levels'}.
-    """
-    m = _merge(defaults("model"), as_dict(model_block))
-    return {
-        "backbone": m["backbone"],
-        "weights": m["weights"],
-        "alpha": float(m["alpha"]),
-        "pooling": m["pooling"],
-        "gem_p": float(m["gem_p"]),
-        "rmac_levels": int(m["rmac_levels"]),
-    }

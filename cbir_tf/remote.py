@@ -5,10 +5,7 @@ Dataflow, Flink or Spark share no disk with the driver, so images and shard stor
 a filesystem. Local paths never come here (they keep the plain file API and its speed).
 TensorFlow is imported only when a non-local path is used.
 
-Stores are copied, never written in place, on those filesystems: a store is written on local
-disk with `cbir_tf.store_writer` (atomic renames, which object stores lack), then its files are
-copied with the COMPLETE marker last (`upload_store`), so a partial copy is never taken for a
-finished store (`is_complete_store` reads the marker).
+Stores are copied, never written in place, on those filesystems (`cbir_tf.store.copies`).
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import io
 import os
 import posixpath
 import re
-from collections.abc import Iterable
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -36,6 +32,11 @@ def _gfile():
     import tensorflow as tf
 
     return tf.io.gfile, tf.errors
+
+
+def gfile():
+    """`tf.io.gfile`, the file API of every filesystem TensorFlow reads (imports TensorFlow)."""
+    return _gfile()[0]
 
 
 class RemoteFileError(OSError):
@@ -96,48 +97,6 @@ def list_images(root: str, recursive: bool, exts: tuple[str, ...]) -> list[str]:
         if not recursive:
             break
     return sorted(found)
-
-
-def is_complete_store(url: str) -> bool:
-    """Whether the store at `url` was copied whole (its COMPLETE marker is there)."""
-    from cbir_tf.store import COMPLETE_FILE
-
-    gfile, _ = _gfile()
-    return gfile.exists(join(url, COMPLETE_FILE))
-
-
-def _store_files(names: Iterable[str]) -> list[str]:
-    """A finished store's file names, the COMPLETE marker last (chunks and locks left out)."""
-    from cbir_tf.store import COMPLETE_FILE, STORE_FILES
-
-    return [n for n in STORE_FILES if n != COMPLETE_FILE and n in names] + [COMPLETE_FILE]
-
-
-def upload_store(local_dir: str, url: str) -> None:
-    """Copies a finished local store to `url`, COMPLETE last.
-
-    What was at `url` goes first, its COMPLETE marker before the rest: a copy over an older
-    file is not atomic everywhere (ram:// keeps the old file's tail), and no reader may take
-    the old marker for the new files.
-    """
-    from cbir_tf.store import COMPLETE_FILE
-
-    gfile, _ = _gfile()
-    if gfile.exists(url):
-        if gfile.exists(join(url, COMPLETE_FILE)):
-            gfile.remove(join(url, COMPLETE_FILE))
-        gfile.rmtree(url)
-    gfile.makedirs(url)
-    for name in _store_files(os.listdir(local_dir)):
-        gfile.copy(os.path.join(local_dir, name), join(url, name), overwrite=True)
-
-
-def download_store(url: str, local_dir: str) -> None:
-    """Copies a finished store at `url` into the local folder `local_dir`, COMPLETE last."""
-    gfile, _ = _gfile()
-    os.makedirs(local_dir, exist_ok=True)
-    for name in _store_files(gfile.listdir(url)):
-        gfile.copy(join(url, name), os.path.join(local_dir, name), overwrite=True)
 
 
 def remove_tree(url: str) -> None:

@@ -6,10 +6,13 @@
     for hit in r.search("query.jpg", k=10, rerank="aqe"):
         print(hit.rank, hit.score, hit.path)
 
-An index folder is a descriptor store plus a manifest (`cbir_tf.index_folder`); `extract.py
---images=DIR --out=DIR` (`cbir_tf.runs.build_index`) and this API build the same folders.
-Adding, replacing, removing and saving images (streamed, resumable, journalled) are in
-`cbir_tf.indexing`, which `Retriever` inherits; this module builds retrievers and searches.
+An index folder is a descriptor store plus a manifest (`cbir_tf.store.index_folder`); `extract.py
+--images=DIR --out=DIR` (`cbir_tf.runs.extract.build_index`) and this API build the same folders.
+In memory, new descriptors are joined to the matrix. Attached to a folder, new images are first
+extracted into `<index>/pending/` (a store written chunk by chunk, resumable after a kill: the
+work list is saved before it starts), then joined with the kept rows into the new
+descriptors.npy block by block, so memory never holds more than the memory-mapped matrix and
+one block; the store and the manifest are committed together through the store's journal.
 
 Image ids are paths relative to the collection root ('/' separators, '../' for images outside
 it). The root is the first folder indexed (or the common folder of the first image files);
@@ -21,25 +24,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from cbir_tf import ann as ann_lib
 from cbir_tf import config as config_lib
-from cbir_tf import index_folder
-from cbir_tf import store as store_lib
-from cbir_tf.ann import AnnSettings
-from cbir_tf.collection import Collection
-from cbir_tf.indexing import IndexUpdates
+from cbir_tf.config import default
+from cbir_tf.data.image_list import SHARD_FIELDS
+from cbir_tf.fileio import folder_lock
 from cbir_tf.rerank import pipeline
+from cbir_tf.search import ann as ann_lib
+from cbir_tf.search.ann import AnnSettings
+from cbir_tf.store import files as store_lib
+from cbir_tf.store import index_folder
+from cbir_tf.store.collection import Collection
+from cbir_tf.store.meta import check_compatible, normalize
+from cbir_tf.store.writer import StoreSink
 
 log = logging.getLogger(__name__)
-
-DEFAULT_IMAGE_SIZE = config_lib.defaults("data")["image_size"]
-
-_BLOCK_ROWS = config_lib.defaults("search")["block_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +71,7 @@ def format_results(results: Sequence[SearchResult], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-class Retriever(IndexUpdates):
+class Retriever:
     """An image index and the model that describes its images.
 
     Build one with `from_config`, `from_model` or `load`. With a `directory`, the index lives in
@@ -90,7 +93,7 @@ class Retriever(IndexUpdates):
       root: collection root: image ids are paths relative to it.
       rerank: the config's `rerank` block, {'qe': {'n', 'alpha'}, 'dba': {'n', 'alpha'},
         'diffusion': {...}} (missing fields: those of configs/default.py).
-      backend: 'auto' (the folder's approximate index when it has one, `cbir_tf.ann`; else
+      backend: 'auto' (the folder's approximate index when it has one, `cbir_tf.search.ann`; else
         exact), 'exact' (always exact), 'ann' or 'faiss' nearest-neighbour search.
       ann: the config's `search.ann` block (when an approximate index is built; thresholds).
       block_size: database rows per block of exact search.
@@ -99,23 +102,29 @@ class Retriever(IndexUpdates):
       prefer_saved_model: when `directory` holds an index with its own saved model, use that
         model instead of `model` (for models that cannot be rebuilt identically, e.g. random
         weights: the saved one described the stored images).
+
+    Attributes:
+      extract_fn: what describes new images: None = `cbir_tf.describe.extract.extract`, or a
+        function with its arguments and result (`cbir_tf.beam.extract.BeamExtractor.extract`).
     """
+
+    extract_fn: Any = None
 
     def __init__(
         self,
         model: Any,
         *,
         model_ref: Mapping[str, Any] | None = None,
-        image_size: int = DEFAULT_IMAGE_SIZE,
-        scales: Sequence[float] = (1.0,),
-        ms_power: float = 1.0,
+        image_size: int = default("data.image_size"),
+        scales: Sequence[float] = default("data.scales"),
+        ms_power: float = default("data.ms_power"),
         directory: str | os.PathLike | None = None,
         root: str | os.PathLike | None = None,
         rerank: Mapping[str, Any] | None = None,
-        backend: str = config_lib.defaults("search")["backend"],
+        backend: str = default("search.backend"),
         ann: Mapping[str, Any] | None = None,
-        block_size: int = _BLOCK_ROWS,
-        flush_every: int = config_lib.defaults("extract")["flush_every"],
+        block_size: int = default("search.block_size"),
+        flush_every: int = default("extract.flush_every"),
         descriptor_meta: Mapping[str, Any] | None = None,
         prefer_saved_model: bool = False,
     ):
@@ -132,7 +141,7 @@ class Retriever(IndexUpdates):
         self.ann_settings = AnnSettings.from_config(ann)
         self.block_size = int(block_size)
         self.flush_every = int(flush_every)
-        self.descriptor_meta = store_lib._normalize(dict(descriptor_meta or {}))
+        self.descriptor_meta = normalize(dict(descriptor_meta or {}))
         self.directory = os.path.abspath(os.fspath(directory)) if directory else None
         self._descriptors = np.zeros((0, 0), np.float32)
         self._ids: list[str] = []
@@ -145,7 +154,7 @@ class Retriever(IndexUpdates):
             if self.prefer_saved_model and os.path.isfile(saved_model):
                 # A model rebuilt with random weights would not match the stored (or pending)
                 # descriptors: the model saved in the folder is the one that described them.
-                from cbir_tf import models
+                from cbir_tf.describe import models
 
                 log.info("using the model saved with the index %s", self.directory)
                 self.model = models.load_descriptor_model(saved_model)
@@ -159,6 +168,7 @@ class Retriever(IndexUpdates):
         cls,
         config: Any,
         *,
+        model_path: str | os.PathLike | None = None,
         whitening: Any = None,
         directory: str | os.PathLike | None = None,
         root: str | os.PathLike | None = None,
@@ -168,52 +178,61 @@ class Retriever(IndexUpdates):
         Args:
           config: a full config (ml_collections.ConfigDict or nested dict) with `model` and
             `data` blocks, optionally `search`, `rerank`, `extract`.
-          whitening: an optional `cbir_tf.whitening.Whitening` built into the model.
+          model_path: a saved `.keras` descriptor model used instead of `config.model` (see
+            `from_model`; described at `data.image_size`).
+          whitening: an optional `cbir_tf.describe.whitening.Whitening` built into the model.
           directory: index folder (see the class docstring).
           root: collection root.
 
         Returns:
           A Retriever with an empty index (or the index already in `directory`).
         """
-        from cbir_tf import models
+        from cbir_tf.describe import backbones, models
 
         cfg = config_lib.as_dict(config)
-        model_cfg = dict(cfg["model"])
-        weights = str(model_cfg.get("weights", ""))
+        data, search_cfg = config_lib.block(cfg, "data"), config_lib.block(cfg, "search")
+        settings = {
+            "scales": tuple(data["scales"]),
+            "ms_power": float(data["ms_power"]),
+            "directory": directory,
+            "root": root,
+            "rerank": cfg.get("rerank"),
+            "backend": str(search_cfg["backend"]),
+            "ann": search_cfg["ann"],
+            "block_size": int(search_cfg["block_size"]),
+            "flush_every": int(config_lib.block(cfg, "extract")["flush_every"]),
+        }
+        if model_path:
+            return cls.from_model(model_path, image_size=int(data["image_size"]), **settings)
+        model_cfg = config_lib.block(cfg, "model")
+        weights, _ = backbones.resolve_weights(
+            model_cfg["backbone"], model_cfg["alpha"], model_cfg["weights"],
+            model_cfg["weights_fallback"],
+        )  # fmt: skip
+        weights = str(weights)
         weights_file = weights.lower() not in ("imagenet", "none", "")
         if weights_file and os.path.exists(weights):
-            model_cfg["weights"] = weights = os.path.abspath(weights)
-        model = models.model_from_config(model_cfg, whitening=whitening)
-        data = config_lib.block(cfg, "data")
+            weights = os.path.abspath(weights)
+        model_cfg.update(weights=weights, weights_fallback="")
+        model = models.build_descriptor_model(**model_cfg, whitening=whitening)
         # Random weights or a learned whitening cannot be rebuilt from the config alone, and a
         # weights file may move or be missing where the index is copied to: all three are saved
         # as the index's model.keras, so that the folder alone describes new queries.
         reproducible = whitening is None and weights.lower() != "none" and not weights_file
         ref = {"kind": "config", "config": model_cfg, "reproducible": reproducible}
-        meta = {k: model_cfg.get(k) for k in ("backbone", "alpha", "weights", "pooling")}
+        meta = {k: model_cfg[k] for k in ("backbone", "alpha", "weights", "pooling")}
         meta.update(
-            {
-                "gem_p": model_cfg.get("gem_p"),
-                "rmac_levels": model_cfg.get("rmac_levels"),
-                "whitening": _whitening_meta(whitening),
-            }
+            gem_p=model_cfg["gem_p"],
+            rmac_levels=model_cfg["rmac_levels"],
+            whitening=_whitening_meta(whitening),
         )
-        search_cfg = config_lib.block(cfg, "search")
         return cls(
             model,
             model_ref=ref,
             image_size=int(data["image_size"]),
-            scales=tuple(data["scales"]),
-            ms_power=float(data["ms_power"]),
-            directory=directory,
-            root=root,
-            rerank=cfg.get("rerank"),
-            backend=str(search_cfg["backend"]),
-            ann=search_cfg["ann"],
-            block_size=int(search_cfg["block_size"]),
-            flush_every=int(config_lib.block(cfg, "extract")["flush_every"]),
             descriptor_meta=meta,
             prefer_saved_model=not reproducible,
+            **settings,
         )
 
     @classmethod
@@ -222,8 +241,8 @@ class Retriever(IndexUpdates):
         path: str | os.PathLike,
         *,
         image_size: int | None = None,
-        scales: Sequence[float] = (1.0,),
-        ms_power: float = 1.0,
+        scales: Sequence[float] = default("data.scales"),
+        ms_power: float = default("data.ms_power"),
         directory: str | os.PathLike | None = None,
         root: str | os.PathLike | None = None,
         **kwargs: Any,
@@ -236,16 +255,16 @@ class Retriever(IndexUpdates):
         Args:
           path: the `.keras` file (loaded with safe_mode=True).
           image_size: longest image side fed to the model; None: the size the model was
-            trained and validated at (`models.saved_model_info`), else 1024. A size other than
-            the trained one is used as given, with a warning.
+            trained and validated at, else the default config's (see
+            `cbir_tf.describe.models.image_size_for_model`).
           scales, ms_power, directory, root: see the class docstring.
           **kwargs: other constructor arguments (rerank, backend, block_size, flush_every).
         """
-        from cbir_tf import models
+        from cbir_tf.describe import models
 
         path = os.path.abspath(os.fspath(path))
         model = models.load_descriptor_model(path)
-        image_size = _image_size_for_model(path, image_size)
+        image_size = models.image_size_for_model(path, image_size)
         ref = {"kind": "keras", "path": path, "reproducible": False}
         meta = {"backbone": None, "weights": path, "pooling": None, "whitening": None}
         return cls(
@@ -283,7 +302,7 @@ class Retriever(IndexUpdates):
 
         Raises:
           FileNotFoundError: not an index folder (no manifest.json).
-          cbir_tf.store.StoreIncompleteError: the store was never finished.
+          cbir_tf.store.files.StoreIncompleteError: the store was never finished.
         """
         directory = os.path.abspath(os.fspath(directory))
         index_folder.recover(directory)
@@ -292,7 +311,7 @@ class Retriever(IndexUpdates):
         if model is None:
             model = index_folder.load_model(directory, ref)
         elif isinstance(model, (str, os.PathLike)):
-            from cbir_tf import models
+            from cbir_tf.describe import models
 
             path = os.path.abspath(os.fspath(model))
             model = models.load_descriptor_model(path)
@@ -342,7 +361,7 @@ class Retriever(IndexUpdates):
         return self.collection.path_of(image_id)
 
     def id_of(self, path: str | os.PathLike) -> str:
-        """The id an image file gets (or has) in this index (see `cbir_tf.collection`)."""
+        """The id an image file gets (or has) in this index (see `cbir_tf.store.collection`)."""
         return self.collection.id_of(path, self._row)
 
     def _set_ids(self, ids: list[str]) -> None:
@@ -357,7 +376,7 @@ class Retriever(IndexUpdates):
         manifest = index_folder.read_manifest(directory)
         desc, ids, meta = store_lib.load_store(directory, mmap=True)
         # An index made with other settings must not be extended with these descriptors.
-        store_lib.check_compatible(
+        check_compatible(
             meta, {**self._store_meta(), "dim": meta.get("dim")}, directory, "this retriever"
         )
         self._descriptors = desc
@@ -372,11 +391,11 @@ class Retriever(IndexUpdates):
         """float32 [Q, D] descriptors of query images, computed as the indexed images' were.
 
         Queries are paths, PIL images or arrays, optionally cropped to `bboxes` (see
-        `cbir_tf.descriptors.describe_queries`).
+        `cbir_tf.describe.queries.describe_queries`).
         """
-        from cbir_tf import descriptors
+        from cbir_tf.describe.queries import describe_queries
 
-        return descriptors.describe_queries(
+        return describe_queries(
             self.model,
             queries,
             bboxes,
@@ -498,26 +517,329 @@ class Retriever(IndexUpdates):
         if not self._ids:
             raise ValueError("the index is empty: index some images first")
 
+    # -- updates ---------------------------------------------------------------------------
+
+    def index(
+        self,
+        paths_or_folder: str | os.PathLike | Iterable[str | os.PathLike],
+        *,
+        ids: Sequence[str] | None = None,
+        recursive: bool = True,
+        prune: bool = False,
+        progress: bool = True,
+    ) -> dict[str, int]:
+        """Adds images to the index; files already indexed and unchanged are skipped.
+
+        A changed file (other size or modification time) is described again and its row
+        replaced. Unreadable images are recorded in `failed` and retried once they change.
+
+        Args:
+          paths_or_folder: a folder (scanned with `cbir_tf.data.folder.list_images`; the first
+            folder indexed becomes the collection root when none is set) or image paths.
+          ids: explicit ids for a list of paths (default: derived from the paths).
+          recursive: scan sub-folders of a folder.
+          prune: for a folder, also drop indexed images under it whose file no longer exists.
+          progress: show a progress bar while extracting.
+
+        Returns:
+          Counts {'added', 'updated', 'unchanged', 'failed', 'removed', 'total'}.
+
+        Raises:
+          FileNotFoundError: a single path that does not exist.
+          ValueError: a folder holding no image file (unless `prune`).
+        """
+        if self.directory:
+            with folder_lock(self.directory, what="this index"):
+                self._refresh()
+                self._resume_pending(progress)
+                return self._index(paths_or_folder, ids, recursive, prune, progress)
+        return self._index(paths_or_folder, ids, recursive, prune, progress)
+
+    def remove(self, ids_or_paths: Iterable[str | os.PathLike]) -> list[str]:
+        """Drops images from the index (by id, or by file path).
+
+        Args:
+          ids_or_paths: ids or paths of indexed images.
+
+        Returns:
+          The ids removed.
+
+        Raises:
+          KeyError: naming the entries that are not in the index (nothing is removed then).
+        """
+        wanted, unknown = [], []
+        for x in ids_or_paths:
+            x = os.fspath(x)
+            if x in self._row or x in self.collection.failed:
+                wanted.append(x)
+            elif self.id_of(x) in self._row or self.id_of(x) in self.collection.failed:
+                wanted.append(self.id_of(x))
+            else:
+                unknown.append(x)
+        if unknown:
+            raise KeyError(f"not in the index: {', '.join(map(repr, unknown[:5]))}")
+        if not wanted:
+            return []
+        if self.directory:
+            with folder_lock(self.directory, what="this index"):
+                self._refresh()
+                self._extract_and_commit([], {}, {}, set(wanted), progress=False)
+        else:
+            self._extract_and_commit([], {}, {}, set(wanted), progress=False)
+        return sorted(set(wanted))
+
+    def rebuild_ann(self, kind: str | None = None):
+        """Builds (or rebuilds) the approximate index of the images indexed, saved in the folder.
+
+        Args:
+          kind: 'flat' or 'ivfpq' (None: `search.ann.kind`, by default chosen by size).
+
+        Returns:
+          The `cbir_tf.search.ann.AnnIndex` (searches use it with backend 'auto' or 'ann').
+        """
+        if not len(self._ids):
+            raise ValueError("the index is empty: index some images first")
+        if not self.directory:
+            return self._build_ann(kind)
+        with folder_lock(self.directory, what="this index"):
+            self._refresh()
+            return self._build_ann(kind)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Writes the index to a folder (a descriptor store plus manifest.json).
+
+        The retriever stays where it was (in memory, or attached to its own folder).
+
+        Args:
+          directory: the folder; an index already there is replaced.
+
+        Returns:
+          The folder's absolute path.
+        """
+        directory = os.path.abspath(os.fspath(directory))
+        if self.directory == directory:
+            return directory
+        index_folder.refuse_plain_store(directory)
+        dim = int(self._descriptors.shape[1]) if self._descriptors.ndim == 2 else 0
+        os.makedirs(directory, exist_ok=True)
+        with folder_lock(directory, what="this index"):
+            index_folder.recover(directory)
+            index_folder.clear_pending(directory)
+            rows = np.arange(len(self._ids), dtype=np.int64)
+            self._write_index(directory, self._descriptors, rows, None, self._ids, dim)
+            # The approximate index describes the same rows: its files are copied (one opened
+            # memory-mapped cannot be serialised again), or an in-memory one is saved.
+            if self.directory and ann_lib.exists(self.directory):
+                ann_lib.copy_files(self.directory, directory)
+            elif self._ann is not None:
+                ann_lib.save(self._ann, directory, store_lib.DescriptorStore(directory).meta())
+        return directory
+
+    # -- updating the folder -----------------------------------------------------------------
+
+    def _store_meta(self) -> dict[str, Any]:
+        meta = dict(self.descriptor_meta)
+        meta.update(
+            {"image_size": self.image_size, "scales": list(self.scales), "ms_power": self.ms_power}
+        )
+        return meta
+
+    def _refresh(self) -> None:
+        """Re-reads the folder (under its lock): another process may have updated it."""
+        index_folder.recover(self.directory)
+        if index_folder.is_index(self.directory):
+            self._open(self.directory)
+
+    def _index(self, paths_or_folder, ids, recursive, prune, progress) -> dict[str, int]:
+        files, file_ids, folder = self.collection.resolve(
+            paths_or_folder, ids, recursive, prune, self._row
+        )
+        todo_ids, new_paths, stats, seen = self.collection.changes(files, file_ids, self._row)
+        remove = set()
+        if prune and folder is not None:
+            remove = self.collection.vanished(folder, file_ids, self._ids)
+        before = set(self._row)
+        if todo_ids or remove:
+            self._extract_and_commit(todo_ids, new_paths, stats, remove, progress)
+        counts = {"added": 0, "updated": 0, **seen, "removed": len(remove)}
+        for i in todo_ids:
+            if i in self._row:
+                counts["updated" if i in before else "added"] += 1
+            else:
+                counts["failed"] += 1
+        counts["total"] = len(self._ids)
+        log.info(
+            "index%s: %d added, %d updated, %d unchanged, %d unreadable, %d removed; %d images",
+            f" {self.directory}" if self.directory else "", counts["added"], counts["updated"],
+            counts["unchanged"], counts["failed"], counts["removed"], counts["total"],
+        )  # fmt: skip
+        return counts
+
+    # -- extraction and commit ---------------------------------------------------------------
+
+    def _extract_and_commit(self, new_ids, new_paths, stats, remove, progress) -> int:
+        """Describes `new_ids`, drops `remove`, and commits (to disk when attached).
+
+        Returns:
+          The number of new images that could not be read.
+        """
+        if not self.directory:
+            result = self._extract(new_ids, [new_paths[i] for i in new_ids], None, progress)
+            return self._apply(result, new_paths, stats, remove)
+        # A model no reference can rebuild is saved before any descriptor it makes, so that a
+        # resumed run continues with the same model.
+        self._model_ref_for(self.directory)
+        pending = {
+            "ids": list(new_ids),
+            "paths": [new_paths[i] for i in new_ids],
+            "stats": [stats[i] for i in new_ids],
+            "remove": sorted(remove),
+        }
+        index_folder.save_pending(self.directory, pending)
+        return self._run_pending(pending, progress)
+
+    def _resume_pending(self, progress: bool) -> None:
+        pending = index_folder.read_pending(self.directory)
+        if pending is None:
+            return
+        log.info("resuming the interrupted indexing of %d images", len(pending["ids"]))
+        self._run_pending(pending, progress)
+
+    def _run_pending(self, pending: Mapping[str, Any], progress: bool) -> int:
+        new_ids = list(pending["ids"])
+        new_paths = dict(zip(new_ids, pending["paths"], strict=True))
+        stats = dict(zip(new_ids, pending["stats"], strict=True))
+        staging = os.path.join(self.directory, index_folder.PENDING_DIR)
+        result = None
+        if new_ids:
+            result = self._extract(new_ids, pending["paths"], staging, progress)
+        failed = self._apply(result, new_paths, stats, set(pending["remove"]))
+        index_folder.clear_pending(self.directory)
+        return failed
+
+    def _extract(self, ids, paths, store_dir, progress):
+        """(descriptors float32 [n, D], ids, skipped [(id, reason)]) of new images."""
+        from cbir_tf.describe.extract import extract
+
+        if not ids:
+            return None
+        res = (self.extract_fn or extract)(
+            self.model,
+            list(paths),
+            ids=list(ids),
+            image_size=self.image_size,
+            scales=self.scales,
+            ms_power=self.ms_power,
+            sink=None if store_dir is None else StoreSink(store_dir, self.flush_every),
+            meta=self._store_meta(),
+            progress=progress,
+        )
+        return res.descriptors, list(res.ids), list(res.skipped)
+
+    def _apply(self, result, new_paths, stats, remove) -> int:
+        """Merges extracted rows into the index: in memory, or on disk when attached.
+
+        Returns:
+          The number of new images that could not be read.
+        """
+        new_desc, got_ids, skipped = result if result is not None else (None, [], [])
+        # Rows of re-described files (changed, or now unreadable) and removed ones are dropped.
+        drop = set(remove) | (set(new_paths) & set(self._row))
+        keep_rows = np.asarray(
+            [r for r, i in enumerate(self._ids) if i not in drop], dtype=np.int64
+        )
+        ids = [self._ids[r] for r in keep_rows] + list(got_ids)
+        self.collection.record(got_ids, skipped, new_paths, stats, drop, remove)
+        dim = self._dim(new_desc)
+        if self.directory:
+            old_rows = len(self._ids)
+            appended = np.array_equal(keep_rows, np.arange(old_rows))
+            self._write_index(self.directory, self._descriptors, keep_rows, new_desc, ids, dim)
+            self._descriptors, stored_ids, _ = store_lib.load_store(self.directory, mmap=True)
+            self._set_ids(stored_ids)
+            self._follow_ann(old_rows if appended else None)
+        else:
+            parts = []
+            if len(keep_rows):
+                parts.append(np.asarray(self._descriptors[keep_rows], dtype=np.float32))
+            if new_desc is not None and len(got_ids):
+                parts.append(np.asarray(new_desc, dtype=np.float32))
+            self._descriptors = (
+                np.concatenate(parts, axis=0) if parts else np.zeros((0, dim), np.float32)
+            )
+            self._set_ids(ids)
+        return len(skipped)
+
+    def _dim(self, new_desc) -> int:
+        if new_desc is not None and np.ndim(new_desc) == 2 and np.shape(new_desc)[0]:
+            d = int(np.shape(new_desc)[1])
+            if self._descriptors.shape[0] and self._descriptors.shape[1] != d:
+                raise ValueError(
+                    f"new descriptors have {d} dimensions, the index {self._descriptors.shape[1]}"
+                )
+            return d
+        return int(self._descriptors.shape[1]) if self._descriptors.ndim == 2 else 0
+
+    def _manifest(self, ids: Sequence[str], model_ref: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "format": index_folder.FORMAT,
+            "version": index_folder.FORMAT_VERSION,
+            "root": self.root,
+            "model": dict(model_ref),
+            "image_size": self.image_size,
+            "scales": list(self.scales),
+            "ms_power": self.ms_power,
+            "descriptor_meta": self.descriptor_meta,
+            "rerank": self.rerank_settings,
+            **self.collection.manifest_entries(ids),
+        }
+
+    def _write_index(self, directory, old, keep_rows, new_desc, ids, dim) -> None:
+        """Writes rows `old[keep_rows]` then `new_desc` as the index in `directory` (journalled)."""
+        index_folder.write_index(
+            directory,
+            ids,
+            [(old, keep_rows)] + ([new_desc] if new_desc is not None else []),
+            dim=dim,
+            skipped=list(self.failed.items()),
+            meta=self._store_meta(),
+            manifest=self._manifest(ids, self._model_ref_for(directory)),
+            block_rows=self.block_size,
+        )
+
+    def _model_ref_for(self, directory: str) -> dict[str, Any]:
+        """The manifest's model entry; saves model.keras when no reference can rebuild it."""
+        ref = dict(self.model_ref)
+        ref.pop("file", None)
+        if ref.get("reproducible") and ref.get("kind") != "inline":
+            return ref
+        path = os.path.join(directory, index_folder.MODEL_FILE)
+        if not (self.directory == directory and os.path.isfile(path)):
+            from cbir_tf.describe import models
+
+            models.save_descriptor_model(self.model, path, {"image_size": self.image_size})
+        ref["file"] = index_folder.MODEL_FILE
+        return ref
+
+    def _follow_ann(self, previous_rows: int | None) -> None:
+        """Keeps the folder's approximate index in step with the rows just written."""
+        meta = store_lib.DescriptorStore(self.directory).meta()
+        self._ann = ann_lib.follow_rows(
+            self.directory, self._descriptors, meta, self.ann_settings,
+            previous_rows=previous_rows, backend=self.backend, block_size=self.block_size,
+        )  # fmt: skip
+
+    def _build_ann(self, kind: str | None) -> ann_lib.AnnIndex:
+        meta = store_lib.DescriptorStore(self.directory).meta() if self.directory else None
+        self._ann = ann_lib.build_and_save(
+            self.directory, self._descriptors, meta, self.ann_settings,
+            kind=kind, block_size=self.block_size,
+        )  # fmt: skip
+        self._database = None
+        return self._ann
+
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _image_size_for_model(path: str, image_size: int | None) -> int:
-    """The image size to describe images with a saved model (see `Retriever.from_model`)."""
-    from cbir_tf import models
-
-    trained = models.saved_model_info(path).get("image_size")
-    if image_size is None:
-        if trained:
-            log.info("describing images at %d px, the size %s was trained at", int(trained), path)
-        return int(trained) if trained else DEFAULT_IMAGE_SIZE
-    if trained and int(trained) != int(image_size):
-        log.warning(
-            "describing images at %d px as asked, not at the %d px %s was trained and "
-            "validated at",
-            int(image_size), int(trained), path,
-        )  # fmt: skip
-    return int(image_size)
 
 
 def check_k(k: Any) -> int:
@@ -544,5 +866,5 @@ def _whitening_meta(whitening: Any) -> Any:
 
 def _descriptor_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
     skip = {"num_images", "num_skipped", "dim", "versions", "created", "index"}
-    skip |= set(store_lib.SHARD_FIELDS) | {"merged_from", "image_size", "scales", "ms_power"}
+    skip |= set(SHARD_FIELDS) | {"merged_from", "image_size", "scales", "ms_power"}
     return {k: v for k, v in meta.items() if k not in skip}

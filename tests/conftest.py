@@ -1,6 +1,6 @@
 """Shared test fixtures: the project's golden data, ../shared, and the skip policy of CI.
 
-- `golden_dir` is the project's own copy of the reference values (tests/data/golden): golden
+- `golden_dir` is the project's own copy of the reference values (tests/fixtures/golden): golden
   tests run in every clone, and a missing file there fails the test (a broken checkout), never
   skips it.
 - `shared_dir` / `shared_path` reach the workspace's ../shared folder (real weights, real photos;
@@ -22,7 +22,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-GOLDEN = ROOT / "tests" / "data" / "golden"
+GOLDEN = ROOT / "tests" / "fixtures" / "golden"
 GOLDEN_FILES = (
     "diffusion_public.npz",
     "gnd_rparis6k.pkl",
@@ -60,7 +60,7 @@ def shared_dir() -> pathlib.Path:
 
 
 def golden_path() -> pathlib.Path:
-    """tests/data/golden; fails the calling test (never skips it) when a file is missing."""
+    """tests/fixtures/golden; fails the calling test (never skips it) when a file is missing."""
     missing = [name for name in GOLDEN_FILES if not (GOLDEN / name).is_file()]
     if missing:
         pytest.fail(f"golden data missing from {GOLDEN}: {', '.join(missing)} (see its README)")
@@ -69,7 +69,7 @@ def golden_path() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
-    """tests/data/golden: reference values of the field's reference implementations."""
+    """tests/fixtures/golden: reference values of the field's reference implementations."""
     return golden_path()
 
 

@@ -2,7 +2,7 @@
 
 `compute_ap` / `compute_map` as the benchmark's authors wrote them, changed only to read rankings
 as `[Q, N]` rows and to use `np.isin` (numpy 2 removed `np.in1d`). tests/test_metrics.py checks
-`cbir_tf.metrics` against it, and benchmarks/metrics_speed.py times both.
+`cbir_tf.evaluate.metrics` against it, and benchmarks/metrics_speed.py times both.
 """
 
 from __future__ import annotations

@@ -1,32 +1,40 @@
-"""cbir_tf.config: the one reader of configs; defaults come from cbir_tf/configs/default.py only."""
+"""cbir_tf.config: the shipped configs by name, and defaults from configs/default.py only."""
+
+import pathlib
 
 import ml_collections
+import pytest
 
 from cbir_tf import config
-from cbir_tf.configs import default, demo
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_model_kwargs_of_a_config_and_of_a_partial_block():
-    cfg = demo.get_config()
-    assert config.model_kwargs(cfg.model) == {
-        "backbone": "mobilenet", "weights": "imagenet", "alpha": 0.25, "pooling": "rmac",
-        "gem_p": 3.0, "rmac_levels": 3,
-    }  # fmt: skip
-    # An old manifest's block without some fields: the default config fills them.
-    d = default.get_config().model
-    partial = config.model_kwargs({"backbone": "vgg16", "pooling": "gem"})
-    expected = {"backbone": "vgg16", "weights": d.weights, "alpha": d.alpha, "pooling": "gem",
-                "gem_p": d.gem_p, "rmac_levels": d.rmac_levels}  # fmt: skip
-    assert partial == expected
+def test_shipped_configs_load_by_name_or_path_and_start_from_the_default():
+    assert pathlib.Path(config.config_dir()) == ROOT / "configs"
+    demo = config.load_config("demo")
+    assert demo == config.load_config(str(ROOT / "configs" / "demo.py"))
+    assert (demo.model.backbone, demo.model.alpha, demo.data.dataset) == ("mobilenet", 0.25, "demo")
+    assert demo.rerank.qe == config.default_config().rerank.qe  # the rest is default.py's
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        config.load_config("nothing")
+
+
+def test_default_reads_one_field_and_the_model_block_builds_the_model_arguments():
+    assert config.default("search.block_size") == config.default_config().search.block_size
+    assert config.default("rerank.qe") == {"n": 2, "alpha": 3.0}
+    # An old manifest's block without some fields: the defaults fill them.
+    block = config.block({"model": {"backbone": "vgg16", "pooling": "gem"}}, "model")
+    assert block == {**config.defaults("model"), "backbone": "vgg16", "pooling": "gem"}
 
 
 def test_block_merges_over_the_defaults_and_as_dict_is_plain():
     cfg = ml_collections.ConfigDict({"rerank": {"qe": {"n": 5}}})
     rerank = config.block(cfg, "rerank")
-    assert rerank["qe"] == {"n": 5, "alpha": default.get_config().rerank.qe.alpha}
-    assert rerank["diffusion"] == default.get_config().rerank.diffusion.to_dict()
+    assert rerank["qe"] == {"n": 5, "alpha": config.default_config().rerank.qe.alpha}
+    assert rerank["diffusion"] == config.default_config().rerank.diffusion.to_dict()
     assert config.block(None, "rerank") == config.defaults("rerank")
-    plain = config.as_dict(default.get_config())
+    plain = config.as_dict(config.default_config())
     assert type(plain) is dict and type(plain["model"]) is dict
     config.defaults("model")["backbone"] = "changed"  # a copy: the defaults stay
-    assert config.defaults("model")["backbone"] == default.get_config().model.backbone
+    assert config.defaults("model")["backbone"] == config.default_config().model.backbone

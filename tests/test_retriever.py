@@ -12,8 +12,10 @@ from photos import synthetic_photo
 from PIL import Image, ImageEnhance
 
 from cbir_tf import retriever as retriever_lib
-from cbir_tf import runs, store
 from cbir_tf.retriever import Retriever
+from cbir_tf.runs import extract as runs
+from cbir_tf.store import files as store
+from cbir_tf.store.writer import StoreWriter
 
 NUM_PHOTOS = 10
 
@@ -39,7 +41,7 @@ def model():
     """A small deterministic descriptor model (conv -> GeM -> L2), built from cbir_tf layers."""
     import keras
 
-    from cbir_tf.layers import GeM, L2Normalization
+    from cbir_tf.describe.layers import GeM, L2Normalization
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((None, None, 3))
@@ -250,7 +252,7 @@ def test_interrupted_indexing_resumes(model, photos, tmp_path, monkeypatch):
     index_dir = tmp_path / "index"
     r = Retriever(model, image_size=96, directory=index_dir, flush_every=2)
     calls = {"n": 0}
-    real_add = store.StoreWriter.add
+    real_add = StoreWriter.add
 
     def add_then_die(self, image_id, descriptor):
         calls["n"] += 1
@@ -258,7 +260,7 @@ def test_interrupted_indexing_resumes(model, photos, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_add(self, image_id, descriptor)
 
-    monkeypatch.setattr(store.StoreWriter, "add", add_then_die)
+    monkeypatch.setattr(StoreWriter, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
         r.index(photos, progress=False)
     assert os.path.isfile(index_dir / "pending.json")
@@ -354,9 +356,9 @@ def test_build_index_shards_merge_to_the_full_index(model, photos, tmp_path):
 
 
 def test_from_config_round_trip_keeps_the_random_model(tmp_path, photos):
-    from configs import demo
+    from cbir_tf import config as config_lib
 
-    cfg = demo.get_config()
+    cfg = config_lib.load_config("demo")
     cfg.model.weights = "none"
     cfg.data.image_size = 64
     cfg.model.pooling = "gem"
@@ -377,9 +379,9 @@ def test_from_config_round_trip_keeps_the_random_model(tmp_path, photos):
 
 def test_pretrained_mobilenet_finds_near_duplicates(photos, tmp_path):
     weights = shared_path("weights", "mobilenet_2_5_224_tf_no_top.h5")
-    from configs import demo
+    from cbir_tf import config as config_lib
 
-    cfg = demo.get_config()
+    cfg = config_lib.load_config("demo")
     cfg.model.weights = str(weights)
     cfg.data.image_size = 96
     r = Retriever.from_config(cfg)

@@ -172,7 +172,7 @@ def model_file(tmp_path_factory):
     import keras
     from lively import lively
 
-    from cbir_tf import models
+    from cbir_tf.describe import models
 
     keras.utils.set_random_seed(0)
     model = lively(
@@ -206,13 +206,14 @@ def clean_index(corpus, model_file, tmp_path_factory):
 
 
 def _read_index(out: pathlib.Path):
-    from cbir_tf import store
+    from cbir_tf.store import files as store
 
     desc, ids, meta = store.load_store(out, mmap=False)
     skipped = json.loads((out / "skipped.json").read_text())
     return np.asarray(desc), ids, meta, skipped
 
 
+@pytest.mark.slow
 def test_bad_image_corpus_through_the_extract_command(corpus, clean_index, model_file):
     out, proc = clean_index
     everything = sorted(p.name for p in corpus.iterdir())
@@ -243,7 +244,7 @@ def test_bad_image_corpus_through_the_extract_command(corpus, clean_index, model
     np.testing.assert_allclose(desc[row["exif6.jpg"]], desc[row["upright.jpg"]], atol=1e-5)
     # ... and as the stored pixels turned upright by hand; a loader ignoring the EXIF tag would
     # describe the stored (turned) pixels, far from it (the test can fail).
-    from cbir_tf import models
+    from cbir_tf.describe import models
 
     model = models.load_descriptor_model(model_file)
     stored = np.asarray(Image.open(corpus / "exif6.jpg").convert("RGB"), np.float32)
@@ -254,8 +255,9 @@ def test_bad_image_corpus_through_the_extract_command(corpus, clean_index, model
 
 
 def test_library_extract_agrees_with_the_command_line(corpus, clean_index, model_file, tmp_path):
-    from cbir_tf import models
-    from cbir_tf.descriptors import extract
+    from cbir_tf.describe import models
+    from cbir_tf.describe.extract import extract
+    from cbir_tf.store.writer import StoreSink
 
     out, _ = clean_index
     cli_desc, cli_ids, _, cli_skipped = _read_index(out)
@@ -267,8 +269,7 @@ def test_library_extract_agrees_with_the_command_line(corpus, clean_index, model
         [str(corpus / n) for n in names],
         ids=names,
         image_size=IMAGE_SIZE,
-        store_dir=tmp_path / "store",
-        flush_every=7,
+        sink=StoreSink(tmp_path / "store", 7),
         progress=False,
     )
     # 900 M pixels are never decoded: the bomb costs nothing (decoding it takes minutes).
@@ -298,11 +299,12 @@ def _chunks(folder: pathlib.Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkilled_extract_command_resumes_to_the_uninterrupted_index(
     corpus, clean_index, model_file, tmp_path
 ):
-    from cbir_tf import store
     from cbir_tf.fileio import folder_lock
+    from cbir_tf.store import files as store
 
     out = tmp_path / "index"
     args = _extract_args(corpus, out, model_file)
@@ -377,6 +379,7 @@ def _results(path: pathlib.Path) -> dict:
     return json.loads((path / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_diffusion_non_convergence_is_reported_in_the_results(demo_run):
     work, proc = demo_run
     results = _results(work / "eval" / "demo")
@@ -420,6 +423,7 @@ def _evaluate_oxford_offline(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_hostile_ground_truth_is_refused_by_evaluate(tmp_path):
     marker = tmp_path / "pwned"
     folder = tmp_path / "data" / "datasets" / "roxford5k"
@@ -432,6 +436,7 @@ def test_hostile_ground_truth_is_refused_by_evaluate(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_tampered_demo_benchmark_is_regenerated_never_trusted(demo_run, tmp_path):
     """The demo is generated data: a demo folder whose files no longer match its COMPLETE
     marker (a replaced ground truth, deleted images) is generated again, so the hostile pickle
@@ -458,7 +463,10 @@ def test_tampered_demo_benchmark_is_regenerated_never_trusted(demo_run, tmp_path
 
 def test_object_arrays_in_npy_and_npz_files_are_refused(tmp_path):
     from cbir_tf import fileio as cio
-    from cbir_tf import store, whitening
+    from cbir_tf.describe import whitening
+    from cbir_tf.store import files as store
+    from cbir_tf.store.files import DescriptorStore
+    from cbir_tf.store.writer import StoreWriter
 
     marker = tmp_path / "pwned"
     hostile = np.empty(2, dtype=object)
@@ -479,7 +487,7 @@ def test_object_arrays_in_npy_and_npz_files_are_refused(tmp_path):
     # A finished store whose descriptors.npy was swapped for an object array (its marker
     # updated to the new size, so only the loader stands in the way).
     s = tmp_path / "store"
-    with store.DescriptorStore(s).writer(["a", "b"], {"backbone": "x"}) as w:
+    with StoreWriter(DescriptorStore(s), ["a", "b"], {"backbone": "x"}) as w:
         w.add("a", np.ones(4))
         w.add("b", np.ones(4))
         w.finalize()
@@ -494,10 +502,11 @@ def test_object_arrays_in_npy_and_npz_files_are_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_lambda_model_is_refused_by_loader_and_evaluate(demo_run, tmp_path):
     import keras
 
-    from cbir_tf import models
+    from cbir_tf.describe import models
 
     work, _ = demo_run
     marker = tmp_path / "pwned"
@@ -540,18 +549,21 @@ def _demo_store_root(work: pathlib.Path) -> pathlib.Path:
 
 
 def _rewrite_store(src: pathlib.Path, dst: pathlib.Path, transform=None, **meta_changes) -> None:
-    from cbir_tf import store
+    from cbir_tf.store import files as store
+    from cbir_tf.store.files import DescriptorStore
+    from cbir_tf.store.writer import StoreWriter
 
     desc, ids, meta = store.load_store(src)
     desc = np.asarray(desc) if transform is None else transform(np.asarray(desc))
     keep = {k: v for k, v in meta.items() if k not in ("num_images", "num_skipped", "dim")}
     keep.update(meta_changes)
-    with store.DescriptorStore(dst).writer(ids, keep) as w:
+    with StoreWriter(DescriptorStore(dst), ids, keep) as w:
         for i, v in zip(ids, desc, strict=True):
             w.add(i, v)
         w.finalize()
 
 
+@pytest.mark.slow
 def test_descriptors_of_other_settings_are_refused_by_evaluate(demo_run, tmp_path):
     work, _ = demo_run
     root = _demo_store_root(work)
@@ -570,16 +582,17 @@ def test_descriptors_of_other_settings_are_refused_by_evaluate(demo_run, tmp_pat
     assert f"image_size (first: {IMAGE_SIZE}, second: {2 * IMAGE_SIZE})" in line
 
     # Other dimensions (e.g. queries reduced by another whitening): named too.
-    from cbir_tf import evaluation
     from cbir_tf.data import prepare
+    from cbir_tf.evaluate.precomputed import load_precomputed
 
     shutil.rmtree(mixed / "queries")
     _rewrite_store(root / "queries", mixed / "queries", transform=lambda d: d[:, :32])
     ds = prepare.prepare_dataset("demo", work / "data", download=False)
     with pytest.raises(ValueError, match=r"dim \(first: \d+, second: 32\)"):
-        evaluation.load_precomputed(str(mixed), ds)
+        load_precomputed(str(mixed), ds)
 
 
+@pytest.mark.slow
 def test_ground_truth_and_image_folder_mismatch_names_the_missing_files(tmp_path):
     folder = tmp_path / "data" / "datasets" / "roxford5k"
     (folder / "jpg").mkdir(parents=True)
@@ -599,17 +612,23 @@ def test_ground_truth_and_image_folder_mismatch_names_the_missing_files(tmp_path
 
 
 def test_whitening_learned_for_another_backbone_is_refused(demo_run):
-    from cbir_tf import benchmark, models, whitening
-    from configs import demo
+    from cbir_tf import config as config_lib
+    from cbir_tf.describe import models, whitening
+    from cbir_tf.evaluate import benchmark
 
     work, _ = demo_run
-    cfg = demo.get_config()
+    cfg = config_lib.load_config("demo")
     cfg.model.weights = "none"
     cfg.whitening.kind = "pca"  # off in the demo config
     cfg.whitening.dataset = "demo"
     cfg.data.image_size = IMAGE_SIZE
     cfg.data.data_root = str(work / "data")
-    benchmark.learn_benchmark_whitening(cfg, "demo", workdir=str(work), progress=False)
+    from cbir_tf.runs.extract import descriptor_spec, whitening_spec
+
+    benchmark.learn_benchmark_whitening(
+        descriptor_spec(cfg), whitening_spec(cfg), "demo", data_root=str(work / "data"),
+        workdir=str(work), progress=False,
+    )  # fmt: skip
     files = sorted((work / "whitening").glob("*.npz"))
     assert len(files) == 1, files
     w = whitening.Whitening.load(files[0])  # learned as a run would: MobileNet 0.25, R-MAC

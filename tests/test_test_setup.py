@@ -19,7 +19,7 @@ TESTS = ROOT / "tests"
 
 
 def _pinned_hashes() -> dict[str, str]:
-    """{file: sha256} from the table of tests/data/golden/README.md."""
+    """{file: sha256} from the table of tests/fixtures/golden/README.md."""
     text = (GOLDEN / "README.md").read_text()
     return dict(re.findall(r"^\| `([^`]+)` \| \d+ \| `([0-9a-f]{64})` \|$", text, re.M))
 

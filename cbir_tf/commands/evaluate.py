@@ -19,9 +19,11 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from cbir_tf import cli
+from cbir_tf import quiet
+from cbir_tf.commands import cli
+from cbir_tf.config import config_path
 
-config_flags.DEFINE_config_file("config", cli.config_path("default"), cli.CONFIG_HELP)
+config_flags.DEFINE_config_file("config", config_path("default"), cli.CONFIG_HELP)
 flags.DEFINE_string("out", None, "Folder for the results (default <workdir>/eval/<dataset>).")
 flags.DEFINE_string(
     "descriptors", None, "Precomputed descriptors: a store folder (db/, queries/) or a .mat file."
@@ -35,18 +37,17 @@ def main(argv):
     cli.setup_logging(FLAGS.verbose)
     cfg = FLAGS.config
     cli.apply_overrides(cfg, cli.benchmark_overrides(FLAGS))
-    size_given = cli.image_size_given(FLAGS)
-    cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
-    from cbir_tf import evaluation
+    quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
+    cli.set_model_image_size(cfg, FLAGS)
+    from cbir_tf.runs.evaluate import run_benchmark
 
     cli.run_main(
-        lambda: evaluation.run_benchmark(
+        lambda: run_benchmark(
             cfg,
             model_path=FLAGS.model,
             descriptors=FLAGS.descriptors,
             out_dir=FLAGS.out,
             download=FLAGS.download,
-            image_size_explicit=size_given,
         )
     )
 

@@ -19,9 +19,11 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from cbir_tf import cli
+from cbir_tf import quiet
+from cbir_tf.commands import cli
+from cbir_tf.config import config_path
 
-config_flags.DEFINE_config_file("config", cli.config_path("default"), cli.CONFIG_HELP)
+config_flags.DEFINE_config_file("config", config_path("default"), cli.CONFIG_HELP)
 flags.DEFINE_string("model", None, "A .keras descriptor model, or an index folder.")
 flags.DEFINE_string("backbone", None, "Backbone name (overrides config.model.backbone).")
 flags.DEFINE_string("weights", None, "'imagenet', 'none', or a weights file (.h5).")
@@ -43,21 +45,25 @@ def main(argv):
     cli.setup_logging(FLAGS.verbose)
     cfg = FLAGS.config
     cli.apply_overrides(cfg, {"model.backbone": FLAGS.backbone, "model.weights": FLAGS.weights})
-    cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
-    from cbir_tf import export
+    quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
+    from cbir_tf import config
+    from cbir_tf.export import formats as export
 
     def run():
         if not FLAGS.out:
             raise ValueError("--out is needed: the SavedModel folder or .tflite file to write")
         export.check_target(FLAGS.out)  # before the minutes a model build and export can take
+        data = config.block(cfg, "data")
+        settings = {k: data[k] for k in ("image_size", "scales", "ms_power")}
         if FLAGS.model:
             if FLAGS.whitening:
                 raise ValueError(
                     "--whitening applies to a model built from the config, not --model"
                 )
-            source = export.source_from_path(FLAGS.model, cfg)
+            source = export.source_from_path(FLAGS.model, **settings)
         else:
-            source = export.source_from_config(cfg, FLAGS.whitening)
+            model = config.block(cfg, "model")
+            source = export.source_from_model(model, whitening_path=FLAGS.whitening, **settings)
         path = export.export(source, FLAGS.out, FLAGS.format, FLAGS.quantization)
         print(f"exported {FLAGS.format} ({FLAGS.quantization}) to {path}")
 

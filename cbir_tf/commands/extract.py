@@ -21,9 +21,11 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from cbir_tf import cli
+from cbir_tf import quiet
+from cbir_tf.commands import cli
+from cbir_tf.config import config_path
 
-config_flags.DEFINE_config_file("config", cli.config_path("default"), cli.CONFIG_HELP)
+config_flags.DEFINE_config_file("config", config_path("default"), cli.CONFIG_HELP)
 flags.DEFINE_string(
     "images",
     None,
@@ -55,9 +57,9 @@ def main(argv):
             "extract.beam_options": FLAGS.beam_options,
         },
     )
-    size_given = cli.image_size_given(FLAGS)
-    cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
-    from cbir_tf import runs
+    quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
+    cli.set_model_image_size(cfg, FLAGS)
+    from cbir_tf.runs import extract as runs
 
     if FLAGS.merge:
         cli.run_main(lambda: runs.merge(FLAGS.merge, FLAGS.out))
@@ -68,15 +70,11 @@ def main(argv):
                 FLAGS.images,
                 FLAGS.out,
                 model_path=FLAGS.model,
-                download=FLAGS.download,
-                image_size_explicit=size_given,
             )
         )
     else:
         cli.run_main(
-            lambda: runs.extract_dataset(
-                cfg, model_path=FLAGS.model, download=FLAGS.download, image_size_explicit=size_given
-            )
+            lambda: runs.extract_dataset(cfg, model_path=FLAGS.model, download=FLAGS.download)
         )
 
 

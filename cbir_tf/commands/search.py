@@ -14,7 +14,8 @@ import sys
 
 from absl import flags
 
-from cbir_tf import cli
+from cbir_tf import quiet
+from cbir_tf.commands import cli
 from cbir_tf.rerank import pipeline
 
 flags.DEFINE_string("query", None, "Query image, or a folder of query images.")
@@ -32,11 +33,11 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     cli.setup_logging(FLAGS.verbose)
-    cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
-    from cbir_tf import runs
+    quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
+    from cbir_tf.runs.search import run_search
 
     cli.run_main(
-        lambda: runs.run_search(
+        lambda: run_search(
             FLAGS.index,
             FLAGS.query,
             k=FLAGS.k,

@@ -13,7 +13,8 @@ import sys
 
 from absl import flags
 
-from cbir_tf import cli
+from cbir_tf import quiet
+from cbir_tf.commands import cli
 
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (wider than loopback is logged).")
 flags.DEFINE_integer("port", 8080, "Port to listen on.")
@@ -26,7 +27,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     cli.setup_logging(FLAGS.verbose)
-    cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
+    quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
     from cbir_tf.serve import app as serve_app
 
     cli.run_main(

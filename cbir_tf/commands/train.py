@@ -21,9 +21,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from cbir_tf import cli
+from cbir_tf import quiet
+from cbir_tf.commands import cli
+from cbir_tf.config import config_path
 
-config_flags.DEFINE_config_file("config", cli.config_path("default"), cli.CONFIG_HELP)
+config_flags.DEFINE_config_file("config", config_path("default"), cli.CONFIG_HELP)
 flags.DEFINE_string("train_dir", None, "Labelled training folder (one sub-folder per class).")
 flags.DEFINE_string(
     "train_data", None, "Training data: a labelled folder or tfds:<name>[:<split>]."
@@ -59,7 +61,7 @@ def main(argv):
         raise app.UsageError("give either --train_dir or --train_data, not both")
     tfds_dir = FLAGS.tfds_data_dir or cfg.train.tfds_data_dir or None
 
-    cli.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
+    quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
 
     from cbir_tf import fileio
     from cbir_tf import train as fine_tuning

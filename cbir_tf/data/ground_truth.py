@@ -8,11 +8,15 @@ unpickler of `cbir_tf.data.safe_pickle`, and checked before anything uses it, so
 truncated or hostile file is reported by name instead of failing later. `remap_original`
 re-expresses an original-protocol file in the terms of the revisited lists.
 
+A users' own benchmark may give its ground truth as a hand-written `gnd.json` instead
+(`load_gnd_json`; the format is described in `cbir_tf.data.own`).
+
 numpy + standard library only.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -100,12 +104,98 @@ def load_ground_truth(
     """
     path = os.fspath(path)
     if path.endswith(".json"):  # a hand-written gnd.json of an own benchmark (data/own.py)
-        from cbir_tf.data.own import load_gnd_json
-
         return load_gnd_json(path)
     cfg = _unpickle(path, allow_numpy)
     if validate:
         validate_ground_truth(cfg, source=path, kind=kind)
+    return cfg
+
+
+# The keys of one query's entry in a gnd.json.
+_ENTRY_KEYS = {"easy", "hard", "junk", "ok", "bbx"}
+
+
+def _names(value: Any, key: str, path: str) -> list[str]:
+    if not isinstance(value, list):
+        raise GroundTruthError(f"{path}: '{key}' must be a list of image names")
+    seen: set[str] = set()
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not name:
+            raise GroundTruthError(f"{path}: {key}[{i}] is {name!r}, not an image name")
+        if name.lower().endswith((".jpg", ".jpeg")):
+            raise GroundTruthError(
+                f"{path}: {key}[{i}] = {name!r}: names are written without extension "
+                f"(the image is jpg/<name>.jpg)"
+            )
+        if name in seen:
+            raise GroundTruthError(f"{path}: '{key}' lists {name!r} twice (duplicate names)")
+        seen.add(name)
+    return value
+
+
+def _entry(g: Any, i: int, qname: str, path: str) -> dict[str, Any]:
+    where = f"{path}: gnd[{i}] (query {qname!r})"
+    if not isinstance(g, dict):
+        raise GroundTruthError(f"{where} must be an object with easy/hard/junk/bbx or ok/junk/bbx")
+    unknown = sorted(set(g) - _ENTRY_KEYS)
+    if unknown:
+        raise GroundTruthError(
+            f"{where} has unknown key(s) {unknown}; valid: {', '.join(sorted(_ENTRY_KEYS))}"
+        )
+    if "ok" in g and ("easy" in g or "hard" in g):
+        raise GroundTruthError(f"{where}: give either 'ok' or 'easy' and 'hard', not both")
+    if "ok" not in g and not ("easy" in g and "hard" in g):
+        raise GroundTruthError(f"{where} needs 'easy' and 'hard' lists (or one 'ok' list)")
+    out = {
+        "easy": g["ok"] if "ok" in g else g["easy"],
+        "hard": [] if "ok" in g else g["hard"],
+        "junk": g.get("junk", []),
+    }
+    for key in ("easy", "hard", "junk"):
+        if not isinstance(out[key], list):
+            raise GroundTruthError(f"{where}: '{key}' must be a list of indices into imlist")
+    out["bbx"] = g.get("bbx")
+    return out
+
+
+def load_gnd_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads and checks a hand-written `gnd.json`; returns it in the revisitop structure.
+
+    Returns:
+      {'imlist', 'qimlist', 'gnd': [{'easy', 'hard', 'junk', 'bbx'}]} ('ok' lists become
+      'easy' with an empty 'hard'), and 'ok_lists': how many queries gave 'ok'.
+
+    Raises:
+      GroundTruthError: one line naming the file and what is wrong (syntax with its line,
+        a missing or unknown key, a duplicate name, an index outside imlist, a bad box).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise GroundTruthError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except UnicodeDecodeError:
+        raise GroundTruthError(f"{path}: not a UTF-8 text file") from None
+    if not isinstance(data, dict):
+        raise GroundTruthError(f"{path}: expected an object with imlist, qimlist and gnd")
+    missing = [k for k in ("imlist", "qimlist", "gnd") if k not in data]
+    if missing:
+        raise GroundTruthError(f"{path}: missing key(s) {', '.join(missing)}")
+    unknown = sorted(set(data) - {"imlist", "qimlist", "gnd"})
+    if unknown:
+        raise GroundTruthError(f"{path}: unknown key(s) {unknown}; valid: imlist, qimlist, gnd")
+    imlist = _names(data["imlist"], "imlist", path)
+    qimlist = _names(data["qimlist"], "qimlist", path)
+    if not isinstance(data["gnd"], list) or len(data["gnd"]) != len(qimlist):
+        n = len(data["gnd"]) if isinstance(data["gnd"], list) else "no"
+        raise GroundTruthError(
+            f"{path}: 'gnd' must hold one entry per query: {n} entries, {len(qimlist)} queries"
+        )
+    gnd = [_entry(g, i, qimlist[i], path) for i, g in enumerate(data["gnd"])]
+    cfg = {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
+    validate_ground_truth(cfg, source=path, kind="revisited")  # indices in range, boxes
+    cfg["ok_lists"] = sum("ok" in g for g in data["gnd"])
     return cfg
 
 

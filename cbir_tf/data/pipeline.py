@@ -4,8 +4,7 @@
 decode files with `cbir_tf.data.decode.load_resized` (its module docstring gives the rules:
 formats, decompression bombs, EXIF orientation, colour, crop and resize) and turn each failure
 into the reason as a string, so that a run over a large collection skips and counts broken
-files instead of stopping. The names of `cbir_tf.data.decode` are re-exported here, where
-callers have always found them.
+files instead of stopping.
 """
 
 from __future__ import annotations
@@ -20,29 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf.data.decode import (
-    ALLOWED_FORMATS,
-    DEFAULT_MAX_PIXELS,
-    BoxLike,
-    ImageError,
-    load_image,
-    load_resized,
-    resize_longest,
-    upright_rgb,
-)
+from cbir_tf.data import decode
+from cbir_tf.data.decode import DEFAULT_MAX_PIXELS, BoxLike, ImageError
 
-__all__ = [
-    "ALLOWED_FORMATS",
-    "DEFAULT_MAX_PIXELS",
-    "ImageError",
-    "image_dataset",
-    "iter_images",
-    "load_image",
-    "load_resized",
-    "make_load_fn",
-    "resize_longest",
-    "upright_rgb",
-]
+__all__ = ["image_dataset", "iter_images", "make_load_fn"]
 
 
 def _normalize_bboxes(bboxes: Any, n: int) -> list[Any] | None:
@@ -59,7 +39,7 @@ def _load_or_reason(
 ) -> tuple[np.ndarray | None, str]:
     """`load_resized`, with any failure turned into (None, reason) instead of raised."""
     try:
-        return load_resized(path, image_size, bbox, max_pixels), ""
+        return decode.load_resized(path, image_size, bbox, max_pixels), ""
     except ImageError as e:
         return None, e.reason
     except Exception as e:  # one bad file must never stop a run over a whole collection

@@ -204,14 +204,14 @@ class BenchmarkDataset:
       imlist: N database image names (no extension).
       qimlist: Q query image names.
       gnd: the raw per-query ground truth as stored (list of Q dicts with 'bbx', 'easy',
-        'hard', 'junk'), for `cbir_tf.metrics.revisited_gnd` / `evaluate_revisited`.
+        'hard', 'junk'), for `cbir_tf.evaluate.metrics.revisited_gnd` / `evaluate_revisited`.
       original_gnd: None, or the original-protocol ground truth (cnnimageretrieval's
         `gnd_oxford5k.pkl` / `gnd_paris6k.pkl`, when present in `root`) re-expressed in this
         dataset's terms: one dict per covered query, in the order of `original_queries`, with
         'ok' and 'junk' as int64 arrays of indices into `imlist` (images of the original
         database that are not in `imlist`, e.g. the revisited queries, are left out; the
         original 'good' list, when stored apart, is merged into 'ok') and 'bbx' the original
-        box. Evaluate with `ranks[original_queries]` and `cbir_tf.metrics.original_gnd`.
+        box. Evaluate with `ranks[original_queries]` and `cbir_tf.evaluate.metrics.original_gnd`.
       original_queries: None, or int64 [Q0] indices into `qimlist` of the queries the
         original ground truth covers (matched by image name).
       original_info: None, or a dict: source file, queries in that file, queries not found

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from cbir_tf import search
+from cbir_tf.config import default
 from cbir_tf.rerank.cg import CGInfo, conjugate_gradient
 from cbir_tf.rerank.graph import (
     REFINE,
@@ -41,6 +41,8 @@ from cbir_tf.rerank.graph import (
     similarity_weights,
 )
 from cbir_tf.rerank.product import BlockedSparseProduct
+from cbir_tf.search import exact as search
+from cbir_tf.search.index import SearchIndex
 
 __all__ = [
     "CGInfo",
@@ -101,9 +103,9 @@ def query_vectors(
     kq: int = 10,
     gamma: float = 3.0,
     *,
-    block_size: int = 65536,
+    block_size: int = default("search.block_size"),
     backend: str = "exact",
-    index: search.SearchIndex | None = None,
+    index: SearchIndex | None = None,
     refine: int = REFINE,
 ) -> np.ndarray:
     """Diffusion right-hand sides y: the kq most similar database items get max(s, 0)^gamma.
@@ -114,7 +116,7 @@ def query_vectors(
       kq: items per query (clipped to N).
       gamma: similarity exponent.
       block_size, backend: search settings (ignored when `index` is given).
-      index: a prepared `search.SearchIndex` over `database`.
+      index: a prepared `SearchIndex` over `database`.
       refine: extra candidates re-scored in float64.
 
     Returns:
@@ -153,9 +155,9 @@ def diffusion_scores(
     truncate: int | None = None,
     return_info: bool = False,
     affinity: sp.spmatrix | None = None,
-    block_size: int = 65536,
+    block_size: int = default("search.block_size"),
     backend: str = "exact",
-    index: search.SearchIndex | None = None,
+    index: SearchIndex | None = None,
     validate: bool = True,
 ):
     """Diffusion scores of every database item for every query (higher is better).
@@ -185,7 +187,7 @@ def diffusion_scores(
         trunclap.m does.
       block_size: database rows per search block.
       backend: 'exact' or 'faiss' for the searches.
-      index: a prepared `search.SearchIndex` over the database (reused across calls).
+      index: a prepared `SearchIndex` over the database (reused across calls).
       validate: check the inputs first.
 
     Returns:
@@ -199,7 +201,7 @@ def diffusion_scores(
     if validate:
         queries, database = _prepare(queries, database, block_size)
     if index is None:
-        index = search.SearchIndex(database, backend=backend, block_size=block_size, validate=False)
+        index = SearchIndex(database, backend=backend, block_size=block_size, validate=False)
     if truncate is not None:
         top_scores, top_ids, info = truncated_diffusion(
             queries, database, truncate, k=k, kq=kq, gamma=gamma, alpha=alpha,
@@ -285,9 +287,9 @@ def truncated_diffusion(
     max_iter: int = 20,
     tol: float = 1e-6,
     affinity: sp.spmatrix | None = None,
-    block_size: int = 65536,
+    block_size: int = default("search.block_size"),
     backend: str = "exact",
-    index: search.SearchIndex | None = None,
+    index: SearchIndex | None = None,
     validate: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, CGInfo]:
     """Diffusion restricted to each query's top-n database items: cost independent of N.
@@ -307,7 +309,7 @@ def truncated_diffusion(
       affinity: optional global graph A `[N, N]` restricted per query instead of building one.
       block_size: database rows per search block.
       backend: 'exact' or 'faiss' for the top-n search.
-      index: a prepared `search.SearchIndex` over the database (reused across calls).
+      index: a prepared `SearchIndex` over the database (reused across calls).
       validate: check the inputs first.
 
     Returns:
@@ -320,7 +322,7 @@ def truncated_diffusion(
     if n < 1:
         raise ValueError(f"truncate/n must be >= 1, got {n}")
     if index is None:
-        index = search.SearchIndex(database, backend=backend, block_size=block_size, validate=False)
+        index = SearchIndex(database, backend=backend, block_size=block_size, validate=False)
     n = min(int(n), index.ntotal)
     k, kq = min(k, n), min(kq, n)
     n_q = queries.shape[0]
@@ -336,7 +338,7 @@ def truncated_diffusion(
         xs = np.empty((n, database.shape[1]), np.float32)
         xs[order] = database[sub[order]]  # sorted gather: fast on memory maps
         if affinity is None:
-            sub_index = search.SearchIndex(xs, block_size=block_size, validate=False)
+            sub_index = SearchIndex(xs, block_size=block_size, validate=False)
             sims, ids = neighbors64(xs, xs, k, index=sub_index)
             a = mutual_knn_affinity(sims, ids, gamma, num_nodes=n)
         else:

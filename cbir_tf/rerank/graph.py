@@ -20,7 +20,9 @@ import mmap
 import numpy as np
 import scipy.sparse as sp
 
-from cbir_tf import search
+from cbir_tf.search import exact as search
+from cbir_tf.search.ann import require_faiss
+from cbir_tf.search.index import SearchIndex
 
 __all__ = ["approximate_knn", "knn_affinity", "mutual_knn_affinity", "neighbors64",
            "normalize_affinity", "similarity_weights"]  # fmt: skip
@@ -82,7 +84,7 @@ def neighbors64(
     database: np.ndarray,
     k: int,
     *,
-    index: search.SearchIndex | None = None,
+    index: SearchIndex | None = None,
     block_size: int = 65536,
     backend: str = "exact",
     refine: int = REFINE,
@@ -93,7 +95,7 @@ def neighbors64(
     float64 product of all pairs is cheaper than gathering candidates to re-score.
     """
     if index is None:
-        index = search.SearchIndex(database, backend=backend, block_size=block_size, validate=False)
+        index = SearchIndex(database, backend=backend, block_size=block_size, validate=False)
     k = min(k, index.ntotal)
     if index.backend == "exact" and queries.shape[0] * index.ntotal <= _DIRECT_FLOAT64:
         sims = search.inner_products(queries, index.database, dtype=np.float64)
@@ -137,7 +139,7 @@ def knn_affinity(
         raise ValueError("database is empty: no graph to build")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    index = search.SearchIndex(
+    index = SearchIndex(
         database,
         backend=backend,
         block_size=block_size,
@@ -227,7 +229,7 @@ def approximate_knn(
       sims float64 `[N, k]` (float32 products) descending and ids int64 `[N, k]` (missing:
       -1, -inf).
     """
-    faiss = search.require_faiss()
+    faiss = require_faiss()
     n, d = database.shape
     k = min(int(k), n)
     nlist = max(1, min(n // 39, int(round(n / rows_per_list))))

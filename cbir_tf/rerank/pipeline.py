@@ -25,10 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf import config, search
+from cbir_tf import config
 from cbir_tf.rerank import diffusion, query_expansion
 from cbir_tf.rerank.cg import CGInfo
 from cbir_tf.rerank.graph import approximate_knn, knn_affinity, mutual_knn_affinity
+from cbir_tf.search import exact as search
+from cbir_tf.search.index import SearchIndex
 
 __all__ = ["METHODS", "NONE", "Database", "Ranking", "RerankSettings", "check_method", "rerank"]
 
@@ -152,12 +154,12 @@ class Database:
 
     Args:
       vectors: float `[N, D]` L2-normalised, N >= 1 (memory maps are read in blocks).
-      backend: 'exact', 'auto', 'ann' or 'faiss' search (see `search.SearchIndex`); with any
+      backend: 'exact', 'auto', 'ann' or 'faiss' search (see `SearchIndex`); with any
         but 'exact', graphs of `ann_settings.graph_min_rows` rows or more are approximate
         (`graph.approximate_knn`).
       block_size: database rows per search block.
       validate: check the vectors first.
-      ann: a saved approximate index over `vectors` (`cbir_tf.ann.AnnIndex`), or None.
+      ann: a saved approximate index over `vectors` (`cbir_tf.search.ann.AnnIndex`), or None.
       ann_settings: the config's `search.ann` block (None: the defaults).
     """
 
@@ -171,11 +173,11 @@ class Database:
         ann: Any = None,
         ann_settings: Any = None,
     ):
-        from cbir_tf.ann import AnnSettings
+        from cbir_tf.search.ann import AnnSettings
 
         self.ann_settings = AnnSettings.from_config(ann_settings)
         self.approximate_graphs = backend != "exact"
-        self.index = search.SearchIndex(
+        self.index = SearchIndex(
             vectors, backend=backend, block_size=block_size, validate=validate, ann=ann,
             ann_settings=self.ann_settings,
         )  # fmt: skip

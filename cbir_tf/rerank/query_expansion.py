@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cbir_tf import search
+from cbir_tf.search import exact as search
+from cbir_tf.search.index import SearchIndex
 
 __all__ = ["alpha_query_expansion", "database_side_augmentation"]
 
@@ -71,7 +72,7 @@ def alpha_query_expansion(
     *,
     block_size: int = 65536,
     backend: str = "exact",
-    index: search.SearchIndex | None = None,
+    index: SearchIndex | None = None,
 ) -> np.ndarray:
     """alphaQE: q' = normalise(q + sum_{j in top n} max(s_j, 0)^alpha x_j).
 
@@ -82,7 +83,7 @@ def alpha_query_expansion(
       alpha: similarity exponent (0: average QE).
       block_size: database rows per search block.
       backend: 'exact' or 'faiss' search.
-      index: a prepared `search.SearchIndex` over `database` (reused across calls; then
+      index: a prepared `SearchIndex` over `database` (reused across calls; then
         block_size and backend are its own).
 
     Returns:
@@ -94,7 +95,7 @@ def alpha_query_expansion(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if index is None:
-        index = search.SearchIndex(database, backend=backend, block_size=block_size)
+        index = SearchIndex(database, backend=backend, block_size=block_size)
     queries = search.validate_descriptors(queries, "queries", dim=index.dim)
     if n == 0 or queries.shape[0] == 0:
         return _l2(np.asarray(queries, np.float64))
@@ -109,7 +110,7 @@ def database_side_augmentation(
     *,
     block_size: int = 65536,
     backend: str = "exact",
-    index: search.SearchIndex | None = None,
+    index: SearchIndex | None = None,
 ) -> np.ndarray:
     """DBA: x_i' = normalise(x_i + sum_{j in top n, j != i} max(s_ij, 0)^alpha x_j).
 
@@ -123,7 +124,7 @@ def database_side_augmentation(
       alpha: similarity exponent (0: plain average).
       block_size: database rows per search block (the kNN search is O(N^2 D), blocked).
       backend: 'exact' or 'faiss' (approximate factories help for large N).
-      index: a prepared `search.SearchIndex` over `database` (then block_size and backend are
+      index: a prepared `SearchIndex` over `database` (then block_size and backend are
         its own).
 
     Returns:
@@ -132,7 +133,7 @@ def database_side_augmentation(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if index is None:
-        index = search.SearchIndex(database, backend=backend, block_size=block_size)
+        index = SearchIndex(database, backend=backend, block_size=block_size)
     database = index.database
     n = min(n, index.ntotal - 1)
     if n == 0:

@@ -5,7 +5,7 @@ threads at once: the index is read-only while serving, the compiled descriptor f
 reentrant, and the only lazily built state (the search structure, the diffusion graph) is
 built once under a lock. `cbir_tf.serve.app` calls it from a thread pool, off the event loop.
 
-Uploads go through the toolkit's own loader (`cbir_tf.data.pipeline.load_resized`): the same
+Uploads go through the toolkit's own loader (`cbir_tf.data.decode.load_resized`): the same
 formats, EXIF orientation, colour rules, truncation and decompression-bomb checks as indexed
 images. Thumbnails are read from the index's own files, addressed by row number only.
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir_tf.data import pipeline
+from cbir_tf.data import decode
 from cbir_tf.rerank import pipeline as rerank_pipeline
 from cbir_tf.retriever import Retriever
 
@@ -106,7 +106,7 @@ class SearchService:
         retriever: Retriever,
         index_dir: str | os.PathLike,
         *,
-        max_pixels: int = pipeline.DEFAULT_MAX_PIXELS,
+        max_pixels: int = decode.DEFAULT_MAX_PIXELS,
         thumbnail_cache_mb: float = 64,
     ):
         if not len(retriever):
@@ -167,8 +167,8 @@ class SearchService:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            return pipeline.load_resized(path, self.retriever.image_size, None, self.max_pixels)
-        except pipeline.ImageError as e:
+            return decode.load_resized(path, self.retriever.image_size, None, self.max_pixels)
+        except decode.ImageError as e:
             raise RequestError(400, f"the uploaded file cannot be used: {e.reason}") from None
         finally:
             os.unlink(path)
@@ -193,7 +193,7 @@ class SearchService:
     def _describe(self, image: np.ndarray) -> np.ndarray:
         import tensorflow as tf
 
-        from cbir_tf.store import NonFiniteDescriptorError
+        from cbir_tf.describe.extract import NonFiniteDescriptorError
 
         try:
             return self.retriever.describe([image])
@@ -264,8 +264,8 @@ class SearchService:
         if path is None:
             raise RequestError(404, f"the file of image {self._ids[row]!r} is unknown")
         try:
-            pixels = pipeline.load_resized(path, THUMBNAIL_SIZES[size], None, self.max_pixels)
-        except pipeline.ImageError as e:
+            pixels = decode.load_resized(path, THUMBNAIL_SIZES[size], None, self.max_pixels)
+        except decode.ImageError as e:
             raise RequestError(
                 404, f"image {self._ids[row]!r} cannot be read: {e.reason}"
             ) from None

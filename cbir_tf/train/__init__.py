@@ -2,7 +2,8 @@
 
 Two recipes, both ending in a `.keras` descriptor model (backbone ▸ pooling ▸ [projection |
 whitening] ▸ L2) that `extract.py --model` / `evaluate.py --model` use directly and that loads
-with `safe_mode=True` (it is built from `cbir_tf.models` and `cbir_tf.layers` only):
+with `safe_mode=True` (it is built from `cbir_tf.describe.models` and `cbir_tf.describe.layers`
+only):
 
 * ``head`` (the seed's recipe): the backbone is frozen; pooling ▸ dense projection ▸ ReLU ▸
   dropout ▸ softmax is trained to classify the images. An optional second stage unfreezes the top
@@ -11,7 +12,7 @@ with `safe_mode=True` (it is built from `cbir_tf.models` and `cbir_tf.layers` on
   or its linear projection (before the ReLU), never the class scores; 'auto' keeps whichever
   gives the better validation mAP.
 * ``metric`` (Radenović, Tolias & Chum, TPAMI 2018): tuples (query, positive, hard negatives)
-  are re-mined from the current descriptors every epoch (`cbir_tf.data.tuples`) and the network
+  are re-mined from the current descriptors every epoch (`cbir_tf.train.tuples`) and the network
   is trained with the contrastive or triplet loss (`losses`); GeM's p is a trained weight; a
   PCA-whitening is learned after training on the training images' descriptors and placed in
   the model.
@@ -38,7 +39,6 @@ from cbir_tf.train.checkpoints import (
     finished_run_differences,
 )
 from cbir_tf.train.data import TrainingData, load_training_data
-from cbir_tf.train.export import MODEL_FILE, TrainResult
 from cbir_tf.train.loop import train
 from cbir_tf.train.network import (
     TrainingModels,
@@ -48,6 +48,7 @@ from cbir_tf.train.network import (
     prepare_stage,
     set_trainable_blocks,
 )
+from cbir_tf.train.outputs import MODEL_FILE, TrainResult
 from cbir_tf.train.settings import (
     DESCRIPTOR_KINDS,
     RECIPES,

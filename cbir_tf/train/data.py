@@ -6,7 +6,9 @@ import dataclasses
 
 import numpy as np
 
-from cbir_tf.data import folder, training, tuples
+from cbir_tf.data import folder
+from cbir_tf.train import images as training
+from cbir_tf.train import tuples
 from cbir_tf.train.settings import Settings
 
 

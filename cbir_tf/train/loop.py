@@ -23,20 +23,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cbir_tf import backbones, fileio
-from cbir_tf.data import training, tuples
+from cbir_tf import fileio
+from cbir_tf.describe import backbones
 from cbir_tf.train import checkpoints as checkpoints_lib
-from cbir_tf.train import export
+from cbir_tf.train import images as training
+from cbir_tf.train import outputs as export
+from cbir_tf.train import tuples
 from cbir_tf.train.checkpoints import Checkpoints
 from cbir_tf.train.data import TrainingData, load_training_data
 from cbir_tf.train.epoch_logs import EpochLogs
-from cbir_tf.train.export import TrainResult
 from cbir_tf.train.network import (
     TrainingModels,
     build_training_models,
     precision_and_strategy,
     prepare_stage,
 )
+from cbir_tf.train.outputs import TrainResult
 from cbir_tf.train.settings import Settings
 from cbir_tf.train.validation import describe, validate, validation_kinds
 

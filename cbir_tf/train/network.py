@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cbir_tf import backbones, models
+from cbir_tf.describe import backbones, models
 from cbir_tf.train import losses
 from cbir_tf.train.settings import Settings
 
@@ -50,7 +50,7 @@ def backbone_blocks(backbone: keras.Model) -> list[list[keras.layers.Layer]]:
     MobileNetV2's `Conv_1`) form a block of their own.
 
     Args:
-      backbone: a `cbir_tf.backbones.build_backbone` model.
+      backbone: a `cbir_tf.describe.backbones.build_backbone` model.
 
     Returns:
       Blocks as lists of layers; the last is the one nearest the output.
@@ -162,7 +162,7 @@ def descriptor_model(
     Args:
       settings: backbone, weights, alpha, pooling, GeM's p and R-MAC's levels.
       gem_p: GeM's p when not `settings.gem_p` (the trained one, for the saved model).
-      whitening: a `cbir_tf.whitening.Whitening` to place after the pooling, or None.
+      whitening: a `cbir_tf.describe.whitening.Whitening` to place after the pooling, or None.
     """
     return models.build_descriptor_model(
         backbone=settings.backbone,

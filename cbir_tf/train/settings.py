@@ -1,6 +1,6 @@
 """The settings of a training run, read from a config and checked against configs/default.py.
 
-The config files (`cbir_tf/configs/default.py`, `train_head.py`, `train_metric.py`) are the only
+The config files (`configs/default.py`, `train_head.py`, `train_metric.py`) are the only
 source of defaults: `Settings` declares no default of its own. `Settings.from_config` checks the
 config's `train` block field by field against `default.py`'s (an unknown or ill-typed field is one
 error naming it and the valid fields) and reads `model` and `whitening` fields beside it.
@@ -12,8 +12,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from cbir_tf import backbones, models
-from cbir_tf.data import augment as augment_lib
+from cbir_tf.describe import backbones, models
+from cbir_tf.train import augment as augment_lib
 from cbir_tf.train import losses
 
 RECIPES = ("head", "metric")
@@ -243,8 +243,7 @@ def _section(config: Any, name: str) -> Mapping[str, Any]:
 
 
 def _default_config() -> Any:
-    # Imported here: the config files import nothing of the library, and the library reads them
-    # only for the fields and types of a valid config.
-    from cbir_tf.configs import default
+    # The default config gives the fields and types of a valid config.
+    from cbir_tf import config
 
-    return default.get_config()
+    return config.default_config()

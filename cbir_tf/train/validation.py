@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from cbir_tf.data import training
+from cbir_tf.train import images as training
 from cbir_tf.train.data import TrainingData
 from cbir_tf.train.network import TrainingModels, embed_function
 from cbir_tf.train.settings import Settings
@@ -28,7 +28,8 @@ def leave_one_out_map(
     Returns:
       (mAP over queries with at least one positive, aps float64 [N] with NaN for the others).
     """
-    from cbir_tf import metrics, search
+    from cbir_tf.evaluate import metrics
+    from cbir_tf.search import exact as search
 
     labels = np.asarray(labels)
     n = labels.size

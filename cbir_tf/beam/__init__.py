@@ -1,0 +1,1 @@
+"""Descriptor extraction as an Apache Beam pipeline (`extract.py --runner=beam`): extract.py."""

@@ -1,0 +1,281 @@
+"""Small helpers shared by the entry points: flags, configs, logging, quiet start, errors.
+
+The commands (`cbir_tf/commands/`, run as `python extract.py`, `python -m
+cbir_tf.commands.extract` or the installed `cbir-extract`; likewise evaluate, search, train)
+stay thin: `run` parses the flags (`parse_flags`: one `error: ...` line for a bad flag or config
+field), they call `apply_overrides`, then one library function, and report failures through
+`run_main` so that users see one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import types
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import ml_collections
+
+from cbir_tf.config import config_path
+
+# Errors whose message already tells the user what to do: printed alone, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError, OSError)
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
+    """Sets dotted config fields from short flags, ignoring flags left at None / ''.
+
+    Args:
+      cfg: the config to update in place.
+      overrides: {'model.backbone': 'vgg16', 'data.dataset': None, ...}.
+    """
+    for dotted, value in overrides.items():
+        if value is None or value == "":
+            continue
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(f"config has no field {dotted!r}")
+        with cfg.unlocked():
+            node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Plain, timestamped logging on stderr; quiets TensorFlow's C++ chatter unless `verbose`."""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def run_main(fn: Callable[[], Any]) -> Any:
+    """Runs `fn`, turning the library's explanatory errors into one line and exit status 1.
+
+    Set CBIR_DEBUG=1 to see the full traceback.
+    """
+    if os.environ.get("CBIR_DEBUG"):
+        return fn()
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished work is saved; run the same command again to resume",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except Exception as e:
+        # The library's own exceptions (download, weights, pickle, lock, ...) and the usual
+        # input errors explain themselves; anything else is a bug and keeps its traceback.
+        if not (isinstance(e, USER_ERRORS) or type(e).__module__.startswith("cbir_tf")):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(1)
+
+
+def define_model_flags(weights_help: str) -> None:
+    """Defines --backbone and --weights, the short forms of config.model's two fields."""
+    from absl import flags
+
+    flags.DEFINE_string("backbone", None, "Backbone name (overrides config.model.backbone).")
+    flags.DEFINE_string("weights", None, weights_help)
+
+
+def define_benchmark_flags() -> None:
+    """Defines the short flags `extract.py` and `evaluate.py` share (see `benchmark_overrides`)."""
+    from absl import flags
+
+    flags.DEFINE_string(
+        "dataset", None, "paris6k | oxford5k | rparis6k | roxford5k | demo | a benchmark folder."
+    )
+    flags.DEFINE_string(
+        "distractors", None, "r1m (the revisitop 1M distractors) or a folder of images ('': none)."
+    )
+    flags.DEFINE_string("data_root", None, "Folder holding datasets/<name>/ (default: config).")
+    flags.DEFINE_string("workdir", None, "Folder for cached whitening, descriptors and results.")
+    define_model_flags("'imagenet', 'none', or a weights file (.h5).")
+    flags.DEFINE_string("model", None, "A saved .keras descriptor model (from train.py).")
+    flags.DEFINE_bool("download", True, "Download missing benchmark files.")
+    flags.DEFINE_bool("verbose", False, "Debug logging.")
+
+
+def image_size_given(values: Any) -> bool:
+    """Whether `--config.data.image_size` was set on the command line (flag values of a command
+    with a `--config` flag)."""
+    from ml_collections import config_flags
+
+    return "data.image_size" in config_flags.get_override_values(values["config"])
+
+
+def set_model_image_size(cfg: ml_collections.ConfigDict, values: Any) -> None:
+    """Sets `data.image_size` to the size the saved model of `--model` describes images at: the
+    size it was trained at, unless `--config.data.image_size` was given (which then wins)."""
+    if not values.model:
+        return
+    from cbir_tf.describe.models import image_size_for_model
+
+    asked = int(cfg.data.image_size) if image_size_given(values) else None
+    cfg.data.image_size = image_size_for_model(values.model, asked)
+
+
+def define_index_flags() -> None:
+    """Defines the flags of the commands that open an index folder (search.py, serve.py)."""
+    from absl import flags
+
+    flags.DEFINE_string("index", None, "Index folder (from extract.py --images or Retriever.save).")
+    flags.DEFINE_string("model", None, "A .keras model replacing the one the index names.")
+    flags.DEFINE_string("root", None, "Collection root, when the images moved since indexing.")
+    flags.DEFINE_bool("verbose", False, "Debug logging.")
+    flags.mark_flag_as_required("index")
+
+
+def benchmark_overrides(values: Any) -> dict[str, Any]:
+    """Config fields set by the flags of `define_benchmark_flags` (for `apply_overrides`)."""
+    return {
+        "data.dataset": values.dataset,
+        "data.distractors": values.distractors,
+        "data.data_root": values.data_root,
+        "workdir": values.workdir,
+        "model.backbone": values.backbone,
+        "model.weights": values.weights,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files: found by name from any directory
+# ---------------------------------------------------------------------------------------------
+
+CONFIG_HELP = (
+    "Config file (ml-collections): a path, or the name of a shipped config (default, demo, "
+    "train_head, train_metric; also as configs/<name>.py) from any directory."
+)
+
+
+def resolve_config(value: str) -> str:
+    """The config file a `--config` value means.
+
+    An existing file is itself; otherwise `demo`, `demo.py` or `configs/demo.py` (README's form,
+    from any directory) name the shipped `configs/demo.py`. A `:arg` suffix (passed to
+    `get_config`) is kept. Anything else is returned unchanged, for the loader to report.
+    """
+    path, sep, arg = value.partition(":")
+    if os.path.isfile(os.path.expanduser(path)):
+        return value
+    match = re.fullmatch(r"(?:configs/)?(\w+)(?:\.py)?", path)
+    if match and os.path.isfile(config_path(match.group(1))):
+        return config_path(match.group(1)) + sep + arg
+    return value
+
+
+def _resolve_config_args(argv: list[str]) -> list[str]:
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if i and re.fullmatch(r"--?config=.*", arg):
+            flag, _, value = arg.partition("=")
+            out[i] = f"{flag}={resolve_config(value)}"
+        elif i and arg in ("--config", "-config") and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags: one-line errors, key flags, the run wrapper
+# ---------------------------------------------------------------------------------------------
+
+
+def fail(message: str) -> NoReturn:
+    """Prints `error: message` (one line) on stderr and exits with status 1."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _flag_error_line(error: Exception) -> str:
+    """One line for absl's flag errors (unknown flag, bad value, config file not loadable)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return f"{type(error).__name__} while parsing the flags (see --help)"
+    # ml-collections lists every path it tried, each followed by its OS error.
+    tried = [
+        (lines[k - 1], line) for k, line in enumerate(lines) if k and line.startswith("[Errno")
+    ]
+    if tried:
+        path, reason = tried[-1]
+        reason = "not found" if "No such file" in reason else reason
+        return f"config file {path} {reason} (see --help for the shipped configs)"
+    return f"{lines[0].rstrip('.')} (see --help)"
+
+
+def _unknown_field_line(error: Exception, argv: list[str]) -> str:
+    """One line for `--config.a.b=...` naming a field the config lacks, with its suggestion."""
+    # ml-collections: AttributeError(KeyError("'poolin'\nDid you mean \"pooling\" instead ..."))
+    text = str(error)
+    field = re.search(r"'(\w+)\\?'", text)
+    suggestion = re.search(r'Did you mean "(\w+)"', text)
+    name = field.group(1) if field else ""
+    dotted = next(
+        (
+            m.group(1)
+            for arg in argv
+            if (m := re.match(r"--?config\.([\w.]+)", arg)) and name in m.group(1).split(".")
+        ),
+        name or "?",
+    )
+    if suggestion:
+        return f'config has no field {dotted}: did you mean "{suggestion.group(1)}"?'
+    return f"config has no field {dotted} (see the config file for the fields it has)"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with `--config` names resolved and every error as one line."""
+    from absl import flags
+
+    argv = _resolve_config_args(argv)
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(_flag_error_line(e))
+    except (KeyError, AttributeError) as e:
+        # ml-collections raises these for --config.<path> naming no field of the config.
+        fail(_unknown_field_line(e, argv))
+    if "config" in flags.FLAGS:
+        try:
+            # ml-collections defers a config file's load error to the first use of the config.
+            flags.FLAGS.config.get("workdir")
+        except OSError as e:
+            fail(_flag_error_line(e))
+    return rest
+
+
+def run(main: Callable[[list[str]], Any], module: types.ModuleType) -> None:
+    """Runs a command's `main` under absl: one-line flag and usage errors, a useful --help.
+
+    absl's --help lists the key flags of the program's main module only; the flags of a
+    command live in `module` (and this module's shared ones), so they are declared key flags
+    of whatever file started the program (`extract.py`, `cbir-extract`, `python -m ...`). The
+    usage text is the command module's docstring.
+    """
+    from absl import app, flags
+
+    main_module = sys.modules["__main__"]
+    if module is not main_module and module.__doc__:
+        main_module.__doc__ = module.__doc__
+    for name in (module.__name__, __name__):
+        for flag in flags.FLAGS.get_flags_for_module(name):
+            flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+    def guarded(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            fail(f"{e} (see --help)")
+
+    app.run(guarded, flags_parser=parse_flags)
