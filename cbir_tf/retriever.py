@@ -148,6 +148,7 @@ class Retriever:
         self._row: dict[str, int] = {}
         self._database: pipeline.Database | None = None  # search structures, built on first use
         self._ann: ann_lib.AnnIndex | None = None
+        self._ann_refused = False  # the folder's approximate index was refused (damaged, ...)
         if self.directory:
             index_folder.refuse_plain_store(self.directory)
             saved_model = os.path.join(self.directory, index_folder.MODEL_FILE)
@@ -370,6 +371,7 @@ class Retriever:
         # Rows changed: search structures built on the old matrix are stale.
         self._database = None
         self._ann = None
+        self._ann_refused = False
 
     def _open(self, directory: str) -> None:
         index_folder.recover(directory)
@@ -490,18 +492,19 @@ class Retriever:
         """
         if self.backend not in ("auto", "ann"):
             return None
-        if self._ann is not None or not self.directory:
+        if self._ann is not None or not self.directory or self._ann_refused:
             return self._ann
         if not ann_lib.exists(self.directory) or not len(self._ids):
             return None
-        if self._ann is None:
-            try:
-                meta = store_lib.DescriptorStore(self.directory).meta()
-                self._ann = ann_lib.load(self.directory, self._descriptors, meta)
-            except ann_lib.AnnIndexError as err:
-                log.warning("not using the approximate index: %s", err)
-                return None
-            log.info("%s", self._ann.describe())
+        try:
+            meta = store_lib.DescriptorStore(self.directory).meta()
+            self._ann = ann_lib.load(self.directory, self._descriptors, meta)
+        except ann_lib.AnnIndexError as err:
+            # Once per state of the index: exact search until an update rebuilds it.
+            self._ann_refused = True
+            log.warning("not using the approximate index, searching exactly: %s", err)
+            return None
+        log.info("%s", self._ann.describe())
         return self._ann
 
     def _results(self, scores: np.ndarray, rows: np.ndarray) -> list[SearchResult]:
@@ -630,7 +633,10 @@ class Retriever:
             # The approximate index describes the same rows: its files are copied (one opened
             # memory-mapped cannot be serialised again), or an in-memory one is saved.
             if self.directory and ann_lib.exists(self.directory):
-                ann_lib.copy_files(self.directory, directory)
+                try:
+                    ann_lib.copy_files(self.directory, directory)
+                except ann_lib.AnnIndexError as err:  # the copy gets none; updates build one
+                    log.warning("the approximate index is not copied: %s", err)
             elif self._ann is not None:
                 ann_lib.save(self._ann, directory, store_lib.DescriptorStore(directory).meta())
         return directory
@@ -686,6 +692,7 @@ class Retriever:
         if not self.directory:
             result = self._extract(new_ids, [new_paths[i] for i in new_ids], None, progress)
             return self._apply(result, new_paths, stats, remove)
+        self._check_ann_plan(len(set(self._ids) - set(remove) - set(new_ids)) + len(new_ids))
         # A model no reference can rebuild is saved before any descriptor it makes, so that a
         # resumed run continues with the same model.
         self._model_ref_for(self.directory)
@@ -820,6 +827,15 @@ class Retriever:
             models.save_descriptor_model(self.model, path, {"image_size": self.image_size})
         ref["file"] = index_folder.MODEL_FILE
         return ref
+
+    def _check_ann_plan(self, rows: int) -> None:
+        """Refuses, before anything is written, an approximate index the update could not build
+        (`search.ann.kind='ivfpq'` beyond its budget): one line saying what would fit."""
+        dim = int(self._descriptors.shape[1]) if self._descriptors.ndim == 2 else 0
+        if not dim:  # the first images: the model's output says
+            dim = int((getattr(self.model, "output_shape", None) or (0,))[-1] or 0)
+        have = ann_lib.exists(self.directory)
+        ann_lib.check_plan(rows, dim, self.ann_settings, backend=self.backend, have=have)
 
     def _follow_ann(self, previous_rows: int | None) -> None:
         """Keeps the folder's approximate index in step with the rows just written."""

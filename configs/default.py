@@ -134,13 +134,17 @@ def search_config() -> ml_collections.ConfigDict:
     s.block_size = 65536
     s.ann = ml_collections.ConfigDict()  # the approximate index (cbir_tf.search.ann)
     s.ann.min_rows = 200_000  # extract.py --images / Retriever build one from this size
-    s.ann.kind = "auto"  # auto (flat below min_rows, else ivfpq) | flat | ivfpq
-    s.ann.bytes_per_vector = 80  # memory budget: PQ code bytes + 8 (the id) fit in it
+    s.ann.kind = "auto"  # auto (flat below min_rows, else ivfpq if one fits) | flat | ivfpq
+    # Memory per row, everything an approximate query touches: coarse codes, ids, the share of
+    # the centroids, and the re-scoring codes (SQ8: one byte per dimension); the float store
+    # is not read by approximate queries (cbir_tf/search/ann_plan.py)
+    s.ann.bytes_per_vector = 600
     s.ann.target_recall = 0.95  # nprobe is tuned at build time to reach it ...
+    s.ann.recall_margin = 0.005  # ... or, out of reach, the cheapest within this of the best ...
     s.ann.recall_k = 10  # ... as recall@recall_k ...
-    s.ann.tune_queries = 500  # ... on this many held-out rows of the collection
+    s.ann.tune_queries = 1000  # ... on this many held-out rows of the collection
     s.ann.train_size = 65536  # rows sampled to train (at least 32 per inverted list)
-    s.ann.refine = 8  # candidates per result re-scored exactly (k * refine)
+    s.ann.refine = 32  # candidates per result re-scored from the re-scoring codes (k * refine)
     s.ann.stale_share = 0.2  # propose a rebuild past this share of rows added since
     s.ann.graph_min_rows = 200_000  # approximate diffusion kNN graph from this size
     s.ann.graph_probes = 8  # lists each row's neighbours are searched in (graph)

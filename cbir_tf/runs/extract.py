@@ -21,6 +21,7 @@ from typing import Any
 from cbir_tf import config as config_lib
 from cbir_tf.data.image_list import shard_meta
 from cbir_tf.retriever import Retriever
+from cbir_tf.search import ann as ann_lib
 from cbir_tf.store import shards as shards_lib
 from cbir_tf.store.collection import no_images_message
 from cbir_tf.store.index_folder import merge_indexes
@@ -200,9 +201,19 @@ def build_index(
     if int(num_shards) <= 1:
         r.index(images if listed is None else paths, progress=progress)
         # Past the size threshold, an index without a usable approximate index gets one (e.g.
-        # one built before they existed); `index` keeps it up to date afterwards.
-        if len(r) >= r.ann_settings.min_rows and r.backend != "exact":
-            if r.approximate_index() is None:
+        # one built before they existed, a damaged one, or one of an earlier format);
+        # `index` keeps it up to date afterwards.
+        wanted = len(r) >= r.ann_settings.min_rows or ann_lib.exists(r.directory)
+        if wanted and r.backend != "exact":
+            current = r.approximate_index()
+            if current is None or current.outdated:
+                if current is not None:
+                    log.warning(
+                        "%s was saved by an earlier version (format 1: candidates re-scored from "
+                        "the float store); rebuilding it within search.ann.bytes_per_vector=%g",
+                        os.path.join(r.directory, ann_lib.INDEX_FILE),
+                        r.ann_settings.bytes_per_vector,
+                    )
                 r.rebuild_ann()
         return r
     shard = shard_meta(len(paths), int(shard_index), int(num_shards))

@@ -1,21 +1,25 @@
-"""An approximate index for large collections, saved with them; an approximate diffusion graph.
+"""An approximate index for large collections, saved with them, within a memory budget.
 
-Exact search (`cbir_tf.search.exact`) scans every row: 45-128 ms per query at 1M x 512 on two cores.
-Past `search.ann.min_rows` rows an index folder also holds a faiss index:
+Exact search (`cbir_tf.search.exact`) scans every row: 45-128 ms per query at 1M x 512 on two
+cores. Past `search.ann.min_rows` rows an index folder also holds a faiss index:
 
 - kind 'flat' (small collections, or asked for): no faiss structure, search is the exact scan;
 - kind 'ivfpq': an inverted file whose coarse quantiser is an HNSW graph over the list
-  centroids, and PQ codes of `m` bytes, m + 8 (the id) <= `bytes_per_vector` (faiss's
-  guidelines and autofaiss's choice for 1M-10M vectors under a memory budget). Lists:
-  a power of two near 4 sqrt(N); trained on a seeded sample; filled by streaming the
-  memory-mapped descriptors in blocks.
+  centroids, fast-scan PQ codes scanned in the lists probed, and the candidates (`refine * k`)
+  re-scored from 8-bit scalar-quantised codes held beside them (`cbir_tf.search.ann_plan`
+  picks the codes that fit `search.ann.bytes_per_vector`, everything a query touches counted).
+  Approximate queries never read the float32 store: their scores are the re-scoring codes'
+  (within ~2e-3 of the exact inner products with SQ8); exact search (`search.py --exact`,
+  backend 'exact') reads the store.
 
-Every approximate search re-scores its `refine * k` candidates exactly against the stored
-descriptors, so the scores returned are exact float32 inner products and only the candidate set
-is approximate. `nprobe` is tuned at build time: the smallest value whose recall@k, measured on
-held-out rows of the collection used as queries (their own row excluded), reaches
-`target_recall`. The recall reached is kept in the metadata (`ann.json`) beside the index
-(`ann.faiss`, written atomically, opened memory-mapped, checked against a SHA-256).
+`nprobe` is tuned at build time (`cbir_tf.search.ann_tune`) on held-out rows of the collection
+used as queries (their own row excluded): the fewest lists per query whose recall@k reaches
+`target_recall`, with queries far from every list centroid probing more lists when that is
+cheaper; when no setting reaches the target, the cheapest within `recall_margin` of the best,
+and the index says that the target is missed. The recall reached is kept in the metadata
+(`ann.json`) beside the index (`ann.faiss`, written atomically, opened memory-mapped, checked
+against a SHA-256). Indexes saved by the first version (format 1: PQ codes re-scored from the
+float store) still load and search as they did; the next update rebuilds them.
 
 The diffusion graph of large collections is approximate too: `cbir_tf.rerank.graph.
 approximate_knn`.
@@ -30,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -39,6 +44,7 @@ import numpy as np
 from cbir_tf import config as config_lib
 from cbir_tf.config import default
 from cbir_tf.fileio import atomic_open, atomic_write_json
+from cbir_tf.search import ann_plan, ann_tune
 from cbir_tf.search.exact import exact_knn, sort_by_score
 from cbir_tf.store.meta import COMPATIBILITY_FIELDS, normalize
 
@@ -47,14 +53,13 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "ann.faiss"
 META_FILE = "ann.json"
 FORMAT = "cbir_tf.ann"  # the on-disk format name (ann.json), not a module
-FORMAT_VERSION = 1
-KINDS = ("auto", "flat", "ivfpq")
-_PQ_BYTES = (8, 16, 32, 48, 64, 96, 128)
-_ID_BYTES = 8  # faiss inverted lists store one int64 id per vector
+FORMAT_VERSION = 2  # 2: re-scoring codes inside ann.faiss; 1: re-scored from the float store
+STORE_RESCORING = "store"  # format 1's re-scoring: exact, from the float32 store
+REBUILD = "rebuild it (`python extract.py --images=... --out=...`, Retriever.rebuild_ann())"
 
 
 class AnnIndexError(ValueError):
-    """A saved approximate index cannot be used (corrupt, stale, or another collection's)."""
+    """A saved approximate index cannot be used (damaged, stale, or another collection's)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +68,9 @@ class AnnSettings:
 
     min_rows: int
     kind: str
-    bytes_per_vector: int
+    bytes_per_vector: float
     target_recall: float
+    recall_margin: float
     recall_k: int
     tune_queries: int
     train_size: int
@@ -85,50 +91,26 @@ class AnnSettings:
         if unknown:
             raise ValueError(f"unknown search.ann field(s) {unknown}; valid: {', '.join(values)}")
         values.update(given)
-        if values["kind"] not in KINDS:
-            raise ValueError(f"search.ann.kind {values['kind']!r} unknown; valid: {KINDS}")
+        if values["kind"] not in ann_plan.KINDS:
+            raise ValueError(f"search.ann.kind {values['kind']!r} unknown; valid: {ann_plan.KINDS}")
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
         cast = {"int": int, "float": float, "str": str}
         return cls(**{name: cast[t](values[name]) for name, t in fields.items()})
 
-
-def plan(n: int, d: int, settings: AnnSettings) -> dict[str, Any]:
-    """The index kind for N rows of dimension D: {'kind', 'factory', 'nlist', 'm'}."""
-    kind = settings.kind
-    if kind == "auto":
-        kind = "flat" if n < settings.min_rows else "ivfpq"
-    if kind == "flat":
-        return {"kind": "flat", "factory": "", "nlist": 0, "m": 0}
-    # ~4 sqrt(N) lists (faiss wiki), a power of two, each with >= 39 training points.
-    nlist = 1 << max(4, int(round(np.log2(4 * np.sqrt(n)))))
-    while nlist > 16 and nlist * 39 > n:
-        nlist //= 2
-    # Per row: the PQ code, its id, and a share of the centroids and their HNSW links; the
-    # largest code (D divisible by it) that fits the budget, with nlist or nlist / 2 lists.
-    options = [
-        (m, lists)
-        for m in sorted(_PQ_BYTES, reverse=True)
-        for lists in (nlist, max(16, nlist // 2))
-        if m <= d
-        and d % m == 0
-        and m + _ID_BYTES + lists * (4 * d + 320) / n <= settings.bytes_per_vector
-    ]
-    if not options:
-        raise ValueError(
-            f"search.ann.bytes_per_vector={settings.bytes_per_vector} leaves no room for PQ "
-            f"codes at {n} x {d} (at least {_PQ_BYTES[0] + _ID_BYTES} bytes per vector and the "
-            "coarse centroids' share are needed)"
+    def plan(self, n: int, d: int, kind: str | None = None) -> dict[str, Any]:
+        """`ann_plan.plan` for N x D rows with these settings (`kind` overrides `self.kind`)."""
+        return ann_plan.plan(
+            n, d, kind=kind or self.kind, min_rows=self.min_rows, budget=self.bytes_per_vector
         )
-    m, nlist = options[0]
-    # No OPQ rotation: its training (64 sub-quantisers re-clustered for every iteration) took
-    # minutes even at 20k rows on two cores, and the exact refine step recovers what it would
-    # add to the codes' precision.
-    factory = f"IVF{nlist}_HNSW32,PQ{m}"
-    return {"kind": "ivfpq", "factory": factory, "nlist": nlist, "m": m}
 
 
 def require_faiss():
     """Imports faiss, or raises an ImportError saying how to install it."""
+    # faiss's OpenMP threads sleep when idle instead of spinning (unless the user chose): on a
+    # busy or shared machine, spinning threads made training's many small parallel loops 40
+    # times slower (PQ codebooks of 8000 rows: 23 s instead of 0.6 s at load 10 on 2 cores).
+    # Read once, when faiss's OpenMP runtime loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import faiss  # noqa: PLC0415 (imported only when asked for: it loads a large library)
     except ImportError as err:
@@ -145,20 +127,19 @@ def _faiss():
 
 
 class AnnIndex:
-    """An approximate index over a descriptor matrix, with exact re-scoring of its candidates.
+    """An approximate index: faiss candidates, re-scored from compact codes (or exact for 'flat').
 
     Attributes:
-      database: the descriptors `[N, D]` (memory-mapped store rows; never copied).
       index: the faiss index (None for kind 'flat').
-      meta: what `ann.json` holds (kind, factory, nprobe, recall, counts, ...).
+      meta: what `ann.json` holds (kind, factory, nprobe, recall, target_met, memory, ...).
+      database: the descriptors `[N, D]` for kind 'flat' and format-1 indexes, which read them;
+        None otherwise (approximate queries do not read the store).
     """
 
-    def __init__(self, database: np.ndarray, index: Any, meta: Mapping[str, Any]):
-        self.database = database
+    def __init__(self, index: Any, meta: Mapping[str, Any], database: np.ndarray | None = None):
         self.index = index
         self.meta = dict(meta)
-        if index is not None:
-            self.set_nprobe(int(self.meta.get("nprobe", 1)))
+        self.database = database
 
     @property
     def kind(self) -> str:
@@ -166,59 +147,129 @@ class AnnIndex:
 
     @property
     def ntotal(self) -> int:
-        return int(self.database.shape[0])
+        return int(self.index.ntotal if self.index is not None else self.database.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d if self.index is not None else self.database.shape[1])
 
     @property
     def recall(self) -> float | None:
-        """recall@`recall_k` measured at build time (1.0 for 'flat')."""
+        """recall@`recall_k` measured at build time on held-out rows (1.0 for 'flat')."""
         r = self.meta.get("recall")
         return None if r is None else float(r)
 
-    def describe(self) -> str:
-        """One line for logs and search.py: kind, size and measured recall."""
+    @property
+    def target_met(self) -> bool:
+        """Whether the measured recall reaches `target_recall` (False: the index says so)."""
         if self.kind == "flat":
-            return f"approximate index: flat (exact scan) over {self.ntotal} rows"
+            return True
+        return bool(self.meta.get("target_met", (self.recall or 0.0) >= self.meta["target_recall"]))
+
+    @property
+    def outdated(self) -> bool:
+        """Saved by an earlier format that the next update rebuilds (reads the float store)."""
+        return self.meta.get("rescoring") == STORE_RESCORING
+
+    def describe(self) -> str:
+        """One line for logs and search.py: kind, memory, nprobe and the measured recall."""
+        m = self.meta
+        if self.kind == "flat":
+            why = f" ({m['fallback']})" if m.get("fallback") else ""
+            return f"approximate index: flat (exact scan) over {self.ntotal} rows{why}"
+        k, target = m["recall_k"], m["target_recall"]
+        far = ""
+        if m.get("far_below") is not None:
+            far = f" ({m['nprobe_far']} for queries far from every list centroid)"
+        if self.outdated:
+            memory = (
+                "candidates re-scored from the float store (an index of format 1, which the "
+                "next extract.py update rebuilds within search.ann.bytes_per_vector)"
+            )
+        else:
+            mem = m["memory"]
+            memory = (
+                f"{mem['total']:.0f} bytes a vector (index {mem['index']:.0f} + re-scoring "
+                f"codes {mem['rescoring']:.0f}; budget {mem['budget']:g})"
+            )
+        line = (
+            f"approximate index: {m['factory']}, {memory}, nprobe {m['nprobe']}{far}, "
+            f"{self.ntotal} rows; recall@{k} {m['recall']:.3f} measured on "
+            f"{m['tune_queries']} held-out rows"
+        )
+        if m.get("recall_far") is not None:
+            line += f" ({m['recall_far']:.3f} on the tenth farthest from every list centroid)"
+        if self.target_met:
+            return f"{line}; target {target:.2f} met"
         return (
-            f"approximate index: {self.meta['factory']}, nprobe {self.meta['nprobe']}, "
-            f"{self.ntotal} rows; recall@{self.meta['recall_k']} {self.meta['recall']:.3f} "
-            f"measured on {self.meta['tune_queries']} held-out rows "
-            f"(target {self.meta['target_recall']:.2f})"
+            f"{line}; TARGET {target:.2f} MISSED (the best reachable is "
+            f"{m.get('best_recall', m['recall']):.3f}): raise search.ann.bytes_per_vector, or "
+            "search exactly (search.py --exact)"
         )
 
-    def set_nprobe(self, nprobe: int) -> None:
-        """Inverted lists visited per query (the HNSW quantiser searches at least as wide)."""
-        faiss = _faiss()
-        ivf = faiss.extract_index_ivf(self.index)
-        ivf.nprobe = int(nprobe)
-        quantizer = faiss.downcast_index(ivf.quantizer)
-        if hasattr(quantizer, "hnsw"):
-            quantizer.hnsw.efSearch = max(16, 2 * int(nprobe))
-        self.meta["nprobe"] = int(nprobe)
-
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows by exact inner product among the approximate candidates.
+        """Top-k rows among the approximate candidates, re-scored from the re-scoring codes.
 
         Args:
           queries: float `[Q, D]` (validated by the caller).
           k: results per query, 1 <= k <= N.
 
         Returns:
-          scores float32 `[Q, k]` (exact inner products, descending; ties by lower id) and ids
-          int64 `[Q, k]`; missing results (fewer candidates than k) are id -1, score -inf.
+          scores float32 `[Q, k]` (descending; ties by lower id; exact inner products for
+          'flat' and format 1, else the re-scoring codes') and ids int64 `[Q, k]`; missing
+          results (fewer candidates than k) are id -1, score -inf.
         """
         if self.index is None:
             return exact_knn(queries, self.database, k, default("search.block_size"))
-        n_cand = min(self.ntotal, max(k * int(self.meta.get("refine", 4)), k))
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        _, cand = self.index.search(q, n_cand)
-        scores, ids = rescore(q, self.database, cand)
-        return scores[:, :k], ids[:, :k]
+        near, far = int(self.meta["nprobe"]), int(self.meta.get("nprobe_far", 0) or 0)
+        below = self.meta.get("far_below")
+        if below is None or far <= near or not len(q):
+            return self.search_with(q, k, near)
+        is_far = self.nearest_centroid(q) < float(below)
+        scores = np.empty((len(q), k), np.float32)
+        ids = np.empty((len(q), k), np.int64)
+        for rows, nprobe in ((~is_far, near), (is_far, far)):
+            if rows.any():
+                scores[rows], ids[rows] = self.search_with(q[rows], k, nprobe)
+        return scores, ids
+
+    def search_with(self, queries: np.ndarray, k: int, nprobe: int):
+        """`search` with every query probing `nprobe` lists (float32 contiguous queries)."""
+        faiss = _faiss()
+        refine = max(1, int(self.meta.get("refine", 1)))
+        hnsw = faiss.SearchParametersHNSW(efSearch=max(16, 2 * int(nprobe)))
+        ivf = faiss.SearchParametersIVF(nprobe=int(nprobe), quantizer_params=hnsw)
+        if self.outdated:  # format 1: PQ candidates re-scored exactly from the float store
+            _, cand = self.index.search(queries, min(self.ntotal, k * refine), params=ivf)
+            scores, ids = rescore(queries, self.database, cand)
+            return scores[:, :k], ids[:, :k]
+        params = ivf
+        if self.meta.get("rescoring"):
+            # At most every row as candidates (an evaluation asks for full rankings).
+            factor = max(1.0, min(float(refine), self.ntotal / k))
+            params = faiss.IndexRefineSearchParameters(k_factor=factor, base_index_params=ivf)
+        scores, ids = self.index.search(queries, k, params=params)
+        del hnsw, ivf  # the parameter objects lived until the search returned
+        big = np.iinfo(np.int64).max
+        ids = ids.astype(np.int64)
+        scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
+        scores, ids = sort_by_score(scores, np.where(ids < 0, big, ids), k)
+        return scores, np.where(ids == big, -1, ids)
+
+    def nearest_centroid(self, queries: np.ndarray) -> np.ndarray:
+        """float32 `[Q]`: each query's inner product with its nearest list centroid."""
+        faiss = _faiss()
+        quantizer = faiss.extract_index_ivf(self.index).quantizer
+        hnsw = faiss.SearchParametersHNSW(efSearch=16)
+        sims, _ = quantizer.search(np.ascontiguousarray(queries, np.float32), 1, params=hnsw)
+        return sims[:, 0]
 
 
 def rescore(
     queries: np.ndarray, database: np.ndarray, ids: np.ndarray, chunk_rows: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact float32 inner products of candidate rows, sorted (the refine step).
+    """Exact float32 inner products of candidate rows, sorted (format 1's refine step).
 
     Args:
       queries: float32 `[Q, D]`.
@@ -265,43 +316,39 @@ def build(
 
     Returns:
       The tuned `AnnIndex` (not saved: see `save`).
+
+    Raises:
+      ValueError: kind 'ivfpq' and no index fits `bytes_per_vector` (one line: what would fit).
     """
     t0 = time.perf_counter()
     n, d = database.shape
-    if kind is not None:
-        settings = dataclasses.replace(settings, kind=kind)
-    p = plan(n, d, settings)
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, **p, "dim": d, "rows": n,
-            "trained_rows": n, "added_rows": 0, "refine": settings.refine,
-            "recall_k": settings.recall_k, "target_recall": settings.target_recall}  # fmt: skip
+    p = settings.plan(n, d, kind)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "kind": p["kind"],
+            "factory": p["factory"], "nlist": p["nlist"], "m": p["m"],
+            "rescoring": p["rescoring"], "dim": d, "rows": n, "trained_rows": n,
+            "added_rows": 0, "refine": settings.refine, "recall_k": settings.recall_k,
+            "target_recall": settings.target_recall}  # fmt: skip
     if p["kind"] == "flat":
-        meta.update({"recall": 1.0, "nprobe": 0, "tune_queries": 0})
-        return AnnIndex(database, None, meta)
-    faiss = _faiss()
+        if "fallback" in p:
+            log.warning("search.ann: %s", p["fallback"])
+            meta["fallback"] = p["fallback"]
+        meta.update({"recall": 1.0, "nprobe": 0, "tune_queries": 0, "target_met": True})
+        return AnnIndex(None, meta, database)
     rng = np.random.default_rng(settings.seed)
     train_rows = min(n, max(settings.train_size, 32 * p["nlist"]))
     sample = np.sort(rng.choice(n, size=train_rows, replace=False))
-    index = faiss.index_factory(d, p["factory"], faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index)
-    # 10 k-means iterations (coarse lists and PQ codebooks): recall is on its plateau (the exact
-    # refine step follows), and faiss's PQ training costs ~13 ms per sub-quantiser iteration.
-    ivf.cp.niter = 10
-    ivfpq = faiss.downcast_index(ivf)
-    ivfpq.pq.cp.niter = 10
-    # The factory's default polysemous training (code reordering for Hamming filtering, unused
-    # here) multiplies the training time by six.
-    ivfpq.do_polysemous_training = False
-    index.train(np.ascontiguousarray(database[sample], dtype=np.float32))
+    index = _trained(database, sample, p["factory"])
     t_train = time.perf_counter() - t0
     for start in range(0, n, block_size):
         index.add(np.ascontiguousarray(database[start : start + block_size], dtype=np.float32))
-    ann = AnnIndex(database, index, meta)
+    ann = AnnIndex(index, meta)
+    ann.meta["memory"] = memory(index, settings.bytes_per_vector)
     held_out = np.setdiff1d(np.arange(n), sample)
     if held_out.size < settings.tune_queries:
         held_out = np.arange(n)
     queries = np.sort(rng.choice(held_out, size=min(settings.tune_queries, held_out.size),
                                  replace=False))  # fmt: skip
-    tune(ann, queries, settings)
+    tune(ann, queries, database, settings)
     ann.meta.update(
         {
             "train_rows": int(train_rows),
@@ -310,70 +357,86 @@ def build(
         }
     )
     log.info("%s (built in %.0f s)", ann.describe(), time.perf_counter() - t0)
+    if not ann.target_met:
+        log.warning("%s", ann.describe())
     return ann
 
 
-def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, self_ids: np.ndarray, k: int):
-    """Mean share of each query's exact top-k found in its approximate top-k (self excluded).
+def _trained(database: np.ndarray, sample: np.ndarray, factory: str):
+    """A faiss index of `factory` (inner product) trained on the rows `sample`."""
+    faiss = _faiss()
+    index = faiss.index_factory(database.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    # 10 k-means iterations (coarse lists and PQ codebooks): recall is on its plateau (the
+    # re-scoring step follows); 32 training rows per list are enough for 10 iterations.
+    ivf.cp.niter = 10
+    ivf.cp.min_points_per_centroid = 32
+    ivf_pq = faiss.downcast_index(ivf)
+    ivf_pq.pq.cp.niter = 10
+    index.train(np.ascontiguousarray(database[sample], dtype=np.float32))
+    return index
+
+
+def memory(index: Any, budget: float) -> dict[str, float]:
+    """Bytes per row an index keeps, by part: the inverted file ('index': codes, ids, centroids,
+    codebooks) and the re-scoring codes ('rescoring'), measured on the faiss structures."""
+    faiss = _faiss()
+    n = max(1, int(index.ntotal))
+    refine = faiss.downcast_index(getattr(index, "refine_index", None)) if hasattr(
+        index, "refine_index") else None  # fmt: skip
+    base = index.base_index if refine is not None else index
+    index_bytes = faiss.serialize_index(base).size
+    rescoring = 0 if refine is None else n * int(refine.code_size) + 8 * int(index.d)
+    return {
+        "index": round(index_bytes / n, 1),
+        "rescoring": round(rescoring / n, 1),
+        "total": round((index_bytes + rescoring) / n, 1),
+        "budget": float(budget),
+    }
+
+
+def tune(
+    ann: AnnIndex, query_rows: np.ndarray, database: np.ndarray, settings: AnnSettings
+) -> float:
+    """Sets the cheapest nprobe (and far-query split) that reaches the target recall.
+
+    Every nprobe from 1 to nlist (doubling) is measured on the held-out rows; `ann_tune.choose`
+    picks the setting (see it). Records the recall reached, the recall of the queries farthest
+    from every centroid, and whether the target is met.
 
     Args:
-      approx_ids, exact_ids: int `[Q, >= k+1]` best first.
-      self_ids: int `[Q]` the query's own row, dropped from both lists.
-      k: list length compared.
-    """
-    hits = 0
-    for a, e, s in zip(approx_ids, exact_ids, self_ids, strict=True):
-        hits += len(set(a[a != s][:k].tolist()) & set(e[e != s][:k].tolist()))
-    return hits / (k * max(1, len(self_ids)))
-
-
-def tune(ann: AnnIndex, query_rows: np.ndarray, settings: AnnSettings) -> float:
-    """Sets the smallest nprobe whose recall@k reaches the target; records the recall reached.
-
-    Args:
-      ann: an 'ivfpq' index over its database.
-      query_rows: int `[Q]` rows of the database used as queries (held out of training).
-      settings: target_recall and recall_k.
+      ann: an 'ivfpq' index.
+      query_rows: int `[Q]` rows of `database` used as queries (held out of training).
+      database: the indexed descriptors `[N, D]` (exact neighbours).
+      settings: target_recall, recall_margin, recall_k.
 
     Returns:
-      The recall measured at the chosen nprobe.
+      The recall measured at the chosen setting.
     """
     k = min(settings.recall_k, ann.ntotal - 1)
-    queries = np.asarray(ann.database[query_rows], dtype=np.float32)
-    _, exact = exact_knn(queries, ann.database, k + 1, default("search.block_size"))
+    queries = np.asarray(database[query_rows], dtype=np.float32)
+    _, exact = exact_knn(queries, database, k + 1, default("search.block_size"))
     nlist = int(ann.meta["nlist"])
-    best = (0.0, 1)
-    nprobe = 1
-    while True:
-        ann.set_nprobe(nprobe)
-        _, ids = ann.search(queries, k + 1)
-        r = recall_at_k(ids, exact, query_rows, k)
-        log.debug("nprobe %d: recall@%d %.4f", nprobe, k, r)
-        best = max(best, (r, -nprobe))
-        if r >= settings.target_recall or nprobe >= nlist:
-            break
-        nprobe = min(nlist, nprobe * 2)
-    if r < settings.target_recall:
-        r, nprobe = best[0], -best[1]
-        log.warning(
-            "the approximate index reaches recall@%d %.3f at most (target %.2f): raise "
-            "search.ann.bytes_per_vector or search.ann.refine", k, r, settings.target_recall,
-        )  # fmt: skip
-    ann.set_nprobe(nprobe)
-    ann.meta.update({"recall": round(float(r), 4), "tune_queries": len(query_rows)})
-    return float(r)
+    nprobes = [1 << i for i in range(nlist.bit_length()) if (1 << i) <= nlist]
+    recall = np.empty((len(query_rows), len(nprobes)))
+    for j, nprobe in enumerate(nprobes):
+        _, ids = ann.search_with(queries, k + 1, nprobe)
+        recall[:, j] = ann_tune.per_query_recall(ids, exact, query_rows, k)
+        log.debug("nprobe %d: recall@%d %.4f", nprobe, k, recall[:, j].mean())
+    choice = ann_tune.choose(
+        recall, np.asarray(nprobes), ann.nearest_centroid(queries),
+        target=settings.target_recall, margin=settings.recall_margin,
+    )  # fmt: skip
+    ann.meta.update({**choice, "tune_queries": len(query_rows)})
+    return float(choice["recall"])
 
 
 # -- the index folder ---------------------------------------------------------------------------
 
 
 def exists(directory: str) -> bool:
-    """Whether an index folder holds an approximate index (its metadata)."""
+    """Whether an index folder holds an approximate index (its metadata, maybe damaged)."""
     return os.path.isfile(os.path.join(directory, META_FILE))
-
-
-def _sha256(data) -> str:
-    return hashlib.sha256(memoryview(data)).hexdigest()
 
 
 def save(ann: AnnIndex, directory: str, store_meta: Mapping[str, Any]) -> None:
@@ -389,13 +452,22 @@ def save(ann: AnnIndex, directory: str, store_meta: Mapping[str, Any]) -> None:
     """
     meta = dict(ann.meta)
     meta["rows"] = ann.ntotal
-    meta["descriptors"] = _model_fields(store_meta, ann.database.shape[1])
+    meta["descriptors"] = _model_fields(store_meta, ann.dim)
     path = os.path.join(directory, INDEX_FILE)
     if ann.index is not None:
-        data = _faiss().serialize_index(ann.index)
+        faiss = _faiss()
+        digest, size = hashlib.sha256(), 0
         with atomic_open(path, "wb") as f:
-            f.write(memoryview(data))
-        meta.update({"sha256": _sha256(data), "bytes": int(data.size)})
+
+            def write(chunk: bytes) -> None:
+                nonlocal size
+                digest.update(chunk)
+                size += len(chunk)
+                f.write(chunk)
+
+            # Streamed: the index (codes of every row) is never copied whole in memory.
+            faiss.write_index(ann.index, faiss.PyCallbackIOWriter(write))
+        meta.update({"sha256": digest.hexdigest(), "bytes": size})
     elif os.path.exists(path):
         os.unlink(path)
     atomic_write_json(os.path.join(directory, META_FILE), meta)
@@ -408,12 +480,41 @@ def _model_fields(store_meta: Mapping[str, Any], dim: int) -> dict[str, Any]:
     return normalize(fields)
 
 
+# Fields every ann.json has, and those of a faiss-backed kind, with their types.
+_FIELDS = {"kind": str, "rows": int, "descriptors": dict}
+_IVF_FIELDS = {"factory": str, "nprobe": int, "sha256": str, "bytes": int, "recall": float,
+               "recall_k": int, "target_recall": float, "trained_rows": int}  # fmt: skip
+
+
 def read_meta(directory: str) -> dict[str, Any]:
-    """`ann.json` of an index folder."""
-    with open(os.path.join(directory, META_FILE), encoding="utf-8") as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT or int(meta.get("version", 0)) > FORMAT_VERSION:
-        raise AnnIndexError(f"{directory}/{META_FILE}: not a {FORMAT} version <= {FORMAT_VERSION}")
+    """`ann.json` of an index folder, checked.
+
+    Raises:
+      AnnIndexError: missing, unreadable, truncated or not the metadata of an approximate index
+        (one line naming the file and saying how to rebuild it).
+    """
+    path = os.path.join(directory, META_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: invalid JSON, bad UTF-8
+        raise AnnIndexError(f"{path} cannot be read ({err}); {REBUILD}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AnnIndexError(f"{path} is not the metadata of an approximate index; {REBUILD}")
+    if not isinstance(meta.get("version"), int) or meta["version"] > FORMAT_VERSION:
+        raise AnnIndexError(
+            f"{path}: version {meta.get('version')!r} is not one this cbir_tf reads "
+            f"(<= {FORMAT_VERSION}); {REBUILD}"
+        )
+    fields = dict(_FIELDS, **(_IVF_FIELDS if meta.get("kind") == "ivfpq" else {}))
+    for name, kind in fields.items():
+        value = meta.get(name)
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise AnnIndexError(f"{path} is damaged ({name!r} is {value!r}); {REBUILD}")
+    if meta["kind"] not in ("flat", "ivfpq"):
+        raise AnnIndexError(f"{path} is damaged (kind {meta['kind']!r}); {REBUILD}")
+    if meta["version"] == 1 and meta["kind"] == "ivfpq":
+        meta["rescoring"] = STORE_RESCORING
     return meta
 
 
@@ -424,44 +525,63 @@ def load(
 
     Args:
       directory: the index folder.
-      database: its descriptors `[N, D]` (the refine step reads them).
+      database: its descriptors `[N, D]` (compared with the index; read only by kind 'flat'
+        and by format-1 indexes).
       store_meta: the store's meta.json.
-      mmap: map the inverted lists instead of reading them (read-only; `mmap=False` to add).
+      mmap: map the index file instead of reading it (read-only; `mmap=False` to add rows).
 
     Raises:
-      AnnIndexError: checksum mismatch (truncated or corrupted file), another model or
-        dimension, or rows that differ from the store's (stale); the message says how to
+      AnnIndexError: a missing, truncated or corrupted file (checksum mismatch), another model
+        or dimension, or rows that differ from the store's (stale); one line saying how to
         rebuild.
     """
     meta = read_meta(directory)
     where = os.path.join(directory, INDEX_FILE)
-    rebuild = "rebuild it (`python extract.py --images=... --out=...`, Retriever.rebuild_ann())"
     mine = _model_fields(store_meta, database.shape[1])
     if meta.get("descriptors") != mine:
         raise AnnIndexError(
             f"{where} was built for other descriptors ({meta.get('descriptors')}) than this "
-            f"index folder holds ({mine}): another model or dimension; {rebuild}"
+            f"index folder holds ({mine}): another model or dimension; {REBUILD}"
         )
     if int(meta["rows"]) != database.shape[0]:
         raise AnnIndexError(
             f"{where} covers {meta['rows']} rows but the store holds {database.shape[0]} (it was "
-            f"changed without the approximate index); {rebuild}"
+            f"changed without the approximate index); {REBUILD}"
         )
     if meta["kind"] == "flat":
-        return AnnIndex(database, None, meta)
+        return AnnIndex(None, meta, database)
     faiss = _faiss()
-    with open(where, "rb") as f:
-        data = f.read()
-    if len(data) != int(meta["bytes"]) or _sha256(data) != meta["sha256"]:
+    data = _checked_bytes(where, meta, keep=not mmap)
+    try:
+        if mmap:
+            index = faiss.read_index(where, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+        else:
+            index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+    except RuntimeError as err:  # a file whose checksum matched but faiss cannot read
+        raise AnnIndexError(f"{where} cannot be read by faiss ({err}); {REBUILD}") from None
+    if int(index.ntotal) != int(meta["rows"]):
+        raise AnnIndexError(f"{where} holds {index.ntotal} rows, {META_FILE} says {meta['rows']}")
+    outdated = meta.get("rescoring") == STORE_RESCORING
+    return AnnIndex(index, meta, database if outdated else None)
+
+
+def _checked_bytes(path: str, meta: Mapping[str, Any], *, keep: bool) -> bytes | None:
+    """Checks a file's size and SHA-256 against `meta` (read in chunks); its bytes if `keep`."""
+    digest, size, parts = hashlib.sha256(), 0, []
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+                size += len(chunk)
+                if keep:
+                    parts.append(chunk)
+    except OSError as err:
+        raise AnnIndexError(f"{path} cannot be read ({err.strerror}); {REBUILD}") from None
+    if size != int(meta["bytes"]) or digest.hexdigest() != meta["sha256"]:
         raise AnnIndexError(
-            f"{where} is truncated or corrupted (checksum mismatch with {META_FILE}); {rebuild}"
+            f"{path} is truncated or corrupted (checksum mismatch with {META_FILE}); {REBUILD}"
         )
-    if mmap:
-        index = faiss.read_index(where, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    else:
-        index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
-    del data
-    return AnnIndex(database, index, meta)
+    return b"".join(parts) if keep else None
 
 
 def add_rows(
@@ -489,16 +609,28 @@ def add_rows(
       The updated (saved) index.
 
     Raises:
-      AnnIndexError: the saved index is unusable or did not cover the previous rows.
+      AnnIndexError: the saved index is unusable, did not cover the previous rows, is of
+        format 1, or is of another kind than the settings now plan (the caller rebuilds it).
     """
-    old = int(previous_rows)
+    old, (n, d) = int(previous_rows), database.shape
     ann = load(directory, database[:old], store_meta, mmap=False)
-    ann.database = database
-    if ann.index is not None:
-        for start in range(old, database.shape[0], block_size):
-            block = database[start : min(start + block_size, database.shape[0])]
+    if ann.outdated:
+        raise AnnIndexError(
+            f"{os.path.join(directory, INDEX_FILE)} was saved by an earlier version (format 1: "
+            "candidates re-scored from the float store, which it reads); it is rebuilt within "
+            f"search.ann.bytes_per_vector={settings.bytes_per_vector:g}"
+        )
+    planned = settings.plan(n, d)["kind"]
+    if planned != ann.kind:
+        raise AnnIndexError(f"{n} rows call for kind {planned!r}, the saved index is {ann.kind!r}")
+    if ann.index is None:
+        ann.database = database
+    else:
+        for start in range(old, n, block_size):
+            block = database[start : min(start + block_size, n)]
             ann.index.add(np.ascontiguousarray(block, dtype=np.float32))
-    added = int(ann.meta.get("added_rows", 0)) + database.shape[0] - old
+        ann.meta["memory"] = memory(ann.index, settings.bytes_per_vector)
+    added = int(ann.meta.get("added_rows", 0)) + n - old
     ann.meta["added_rows"] = added
     save(ann, directory, store_meta)
     share = added / max(1, int(ann.meta["trained_rows"]))
@@ -564,6 +696,13 @@ def follow_rows(
     if n == 0:
         remove(directory)
         return None
+    try:
+        settings.plan(*database.shape)
+    except ValueError as err:
+        # The rows are committed: an approximate index that cannot be built must not fail the
+        # update (nor every later one); `check_plan` refuses such settings before any write.
+        log.warning("search.ann: %s; exact search ('flat') is used instead", err)
+        settings = dataclasses.replace(settings, kind="flat")
     if have and previous_rows is not None:
         try:
             return add_rows(
@@ -577,13 +716,35 @@ def follow_rows(
     return build_and_save(directory, database, store_meta, settings, block_size=block_size)
 
 
+def check_plan(n: int, d: int, settings: AnnSettings, *, backend: str, have: bool) -> None:
+    """Refuses, before anything is written, settings under which no approximate index of the
+    N x D rows an update will leave can be built (kind 'ivfpq' that does not fit).
+
+    Args:
+      n, d: the rows and dimension the update will leave.
+      settings: `search.ann` settings.
+      backend: the searches' backend ('exact' builds no new index).
+      have: whether the folder holds an approximate index already (kept in step).
+
+    Raises:
+      ValueError: one line saying what would fit.
+    """
+    if n and d and (have or (n >= settings.min_rows and backend != "exact")):
+        settings.plan(n, d)
+
+
 def copy_files(source: str, dest: str) -> None:
-    """Copies an index folder's approximate index to another folder holding the same rows."""
+    """Copies an index folder's approximate index to another folder holding the same rows.
+
+    Raises:
+      AnnIndexError: the source's metadata is damaged (nothing is copied).
+    """
+    meta = read_meta(source)
     path = os.path.join(source, INDEX_FILE)
     if os.path.exists(path):
         with open(path, "rb") as src, atomic_open(os.path.join(dest, INDEX_FILE), "wb") as out:
-            out.write(src.read())
-    atomic_write_json(os.path.join(dest, META_FILE), read_meta(source))
+            shutil.copyfileobj(src, out, 1 << 24)
+    atomic_write_json(os.path.join(dest, META_FILE), meta)
 
 
 def remove(directory: str) -> None:

@@ -103,7 +103,8 @@ class SearchIndex:
           faiss_factory, nprobe, ef_search: see `build_faiss_index`.
           validate: check the database with `validate_descriptors` (one pass over it).
           ann: a `cbir_tf.search.ann.AnnIndex` over `database` (a saved approximate index) for the
-            'ann' and 'auto' backends.
+            'ann' and 'auto' backends; one holding its own re-scoring codes never reads
+            `database` (which is then not validated either).
           ann_settings: the `search.ann` settings of an index built for backend='ann' when
             `ann` is None.
 
@@ -115,9 +116,12 @@ class SearchIndex:
             raise ValueError(f"unknown search backend {backend!r}; valid: {', '.join(BACKENDS)}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if validate:
+        # A saved approximate index with its own re-scoring codes never reads the store (it
+        # was checked when written): checking it here would read 4 D bytes a row.
+        reads_store = not (backend in ("auto", "ann") and ann is not None and ann.database is None)
+        if validate and reads_store:
             database = validate_descriptors(database, "database", block_size=block_size)
-        elif not isinstance(database, np.ndarray):
+        elif reads_store and not isinstance(database, np.ndarray):
             database = np.asarray(database)
         if database.ndim != 2 or database.shape[0] == 0:
             raise ValueError(
