@@ -180,7 +180,10 @@ class AnnIndex:
         k, target = m["recall_k"], m["target_recall"]
         far = ""
         if m.get("far_below") is not None:
-            far = f" ({m['nprobe_far']} for queries far from every list centroid)"
+            far = (
+                f" (queries far from every list centroid: nprobe {m['nprobe_far']}, "
+                f"{m['refine_far']} candidates per result)"
+            )
         if self.outdated:
             memory = (
                 "candidates re-scored from the float store (an index of format 1, which the "
@@ -193,7 +196,8 @@ class AnnIndex:
                 f"codes {mem['rescoring']:.0f}; budget {mem['budget']:g})"
             )
         line = (
-            f"approximate index: {m['factory']}, {memory}, nprobe {m['nprobe']}{far}, "
+            f"approximate index: {m['factory']}, {memory}, nprobe {m['nprobe']}, "
+            f"{m.get('refine', 1)} candidates per result{far}, "
             f"{self.ntotal} rows; recall@{k} {m['recall']:.3f} measured on "
             f"{m['tune_queries']} held-out rows"
         )
@@ -222,22 +226,24 @@ class AnnIndex:
         if self.index is None:
             return exact_knn(queries, self.database, k, default("search.block_size"))
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        near, far = int(self.meta["nprobe"]), int(self.meta.get("nprobe_far", 0) or 0)
-        below = self.meta.get("far_below")
-        if below is None or far <= near or not len(q):
-            return self.search_with(q, k, near)
-        is_far = self.nearest_centroid(q) < float(below)
+        m = self.meta
+        near = (int(m["nprobe"]), int(m.get("refine", 1)))
+        if m.get("far_below") is None or not len(q):
+            return self.search_with(q, k, *near)
+        far = (int(m["nprobe_far"]), int(m["refine_far"]))
+        is_far = self.nearest_centroid(q) < float(m["far_below"])
         scores = np.empty((len(q), k), np.float32)
         ids = np.empty((len(q), k), np.int64)
-        for rows, nprobe in ((~is_far, near), (is_far, far)):
+        for rows, setting in ((~is_far, near), (is_far, far)):
             if rows.any():
-                scores[rows], ids[rows] = self.search_with(q[rows], k, nprobe)
+                scores[rows], ids[rows] = self.search_with(q[rows], k, *setting)
         return scores, ids
 
-    def search_with(self, queries: np.ndarray, k: int, nprobe: int):
-        """`search` with every query probing `nprobe` lists (float32 contiguous queries)."""
+    def search_with(self, queries: np.ndarray, k: int, nprobe: int, refine: int):
+        """`search` with every query probing `nprobe` lists and re-scoring `refine * k`
+        candidates (float32 contiguous queries)."""
         faiss = _faiss()
-        refine = max(1, int(self.meta.get("refine", 1)))
+        refine = max(1, int(refine))
         hnsw = faiss.SearchParametersHNSW(efSearch=max(16, 2 * int(nprobe)))
         ivf = faiss.SearchParametersIVF(nprobe=int(nprobe), quantizer_params=hnsw)
         if self.outdated:  # format 1: PQ candidates re-scored exactly from the float store
@@ -395,40 +401,72 @@ def memory(index: Any, budget: float) -> dict[str, float]:
     }
 
 
+FAR_REFINE_FACTORS = (4, 16)  # queries put apart may re-score this many times more candidates
+
+
 def tune(
     ann: AnnIndex, query_rows: np.ndarray, database: np.ndarray, settings: AnnSettings
 ) -> float:
-    """Sets the cheapest nprobe (and far-query split) that reaches the target recall.
+    """Sets the cheapest search settings that reach the target recall, and records them.
 
-    Every nprobe from 1 to nlist (doubling) is measured on the held-out rows; `ann_tune.choose`
-    picks the setting (see it). Records the recall reached, the recall of the queries farthest
-    from every centroid, and whether the target is met.
+    Every nprobe from 1 to nlist / 4 (doubling; more lists cost about an exact scan) is measured
+    on the held-out rows with `refine` candidates per result, and on the rows farthest from every
+    centroid also with `FAR_REFINE_FACTORS` times more; `ann_tune.choose` picks (see it).
+    Records the settings, the recall reached, the recall of the rows farthest from every
+    centroid, and whether the target is met.
 
     Args:
       ann: an 'ivfpq' index.
       query_rows: int `[Q]` rows of `database` used as queries (held out of training).
       database: the indexed descriptors `[N, D]` (exact neighbours).
-      settings: target_recall, recall_margin, recall_k.
+      settings: target_recall, recall_margin, recall_k, refine.
 
     Returns:
-      The recall measured at the chosen setting.
+      The recall measured at the chosen settings.
     """
     k = min(settings.recall_k, ann.ntotal - 1)
     queries = np.asarray(database[query_rows], dtype=np.float32)
     _, exact = exact_knn(queries, database, k + 1, default("search.block_size"))
-    nlist = int(ann.meta["nlist"])
-    nprobes = [1 << i for i in range(nlist.bit_length()) if (1 << i) <= nlist]
-    recall = np.empty((len(query_rows), len(nprobes)))
-    for j, nprobe in enumerate(nprobes):
-        _, ids = ann.search_with(queries, k + 1, nprobe)
-        recall[:, j] = ann_tune.per_query_recall(ids, exact, query_rows, k)
-        log.debug("nprobe %d: recall@%d %.4f", nprobe, k, recall[:, j].mean())
+    top = max(1, int(ann.meta["nlist"]) // 4)
+    nprobes = [1 << i for i in range(top.bit_length())]
+    near = [(p, settings.refine) for p in nprobes]
+    factors = FAR_REFINE_FACTORS if ann.meta.get("rescoring") else ()
+    extra = [(p, settings.refine * f) for f in factors for p in nprobes]
+    near_recall, near_cost = _measure(ann, queries, exact, query_rows, k, near)
+    nearest = ann.nearest_centroid(queries)
+    far = np.argsort(nearest, kind="stable")[
+        : int(np.ceil(max(ann_tune.FAR_SHARES) * len(queries)))
+    ]
+    extra_recall, extra_cost = _measure(ann, queries[far], exact[far], query_rows[far], k, extra)
     choice = ann_tune.choose(
-        recall, np.asarray(nprobes), ann.nearest_centroid(queries),
-        target=settings.target_recall, margin=settings.recall_margin,
+        near_recall, near_cost, np.hstack([near_recall[far], extra_recall]),
+        np.r_[near_cost, extra_cost], nearest, target=settings.target_recall,
+        margin=settings.recall_margin,
     )  # fmt: skip
-    ann.meta.update({**choice, "tune_queries": len(query_rows)})
+    (nprobe, refine), far_setting = near[choice["near"]], (near + extra)[choice["far"] or 0]
+    if choice["far"] is None:
+        far_setting = (nprobe, refine)
+    ann.meta.update({
+        "nprobe": nprobe, "refine": refine, "nprobe_far": far_setting[0],
+        "refine_far": far_setting[1],
+        **{key: choice[key] for key in ("far_below", "far_share", "recall", "recall_far",
+                                        "best_recall", "target_met")},
+        "cpu_ms_per_query": round(1000 * choice["cost"], 3), "tune_queries": len(query_rows),
+    })  # fmt: skip
     return float(choice["recall"])
+
+
+def _measure(ann, queries, exact, rows, k, search_settings):
+    """Recall `[Q, S]` and CPU seconds per query `[S]` of each (nprobe, refine) setting."""
+    recall = np.empty((len(queries), len(search_settings)))
+    cost = np.empty(len(search_settings))
+    for j, (nprobe, refine) in enumerate(search_settings):
+        t0 = time.process_time()  # all threads; others' load inflates it far less than wall time
+        _, ids = ann.search_with(queries, k + 1, nprobe, refine)
+        cost[j] = (time.process_time() - t0) / max(1, len(queries))
+        recall[:, j] = ann_tune.per_query_recall(ids, exact, rows, k)
+        log.debug("nprobe %d, refine %d: recall@%d %.4f", nprobe, refine, k, recall[:, j].mean())
+    return recall, cost
 
 
 # -- the index folder ---------------------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""Tuning an approximate index for cost: the fewest lists probed that reach a recall target.
+"""Tuning an approximate index for cost: the cheapest search settings that reach a recall target.
 
-The recall of each held-out query is measured at every `nprobe` tried (`per_query_recall`).
-Queries far from every list centroid (odd rows: their neighbours are near-ties spread over many
-lists) need many more lists than the others, so `choose` may split them off: queries whose
-similarity to their nearest centroid is below a threshold probe `nprobe_far` lists, the others
-`nprobe`. It picks the split and the two values with the fewest lists probed per query on
-average whose recall reaches the target; when no setting does, the cheapest within `margin` of
-the best recall any setting reaches, and it says that the target is missed.
+A setting is the lists probed (`nprobe`) and the candidates re-scored per result (`refine`). The
+recall of each held-out query is measured under every setting tried, with its cost (CPU time per
+query, which other processes' load inflates far less than wall time). Queries far from every
+list centroid (odd rows: their neighbours are near-ties spread over many lists, which the coarse
+codes cannot order) need many more lists and candidates than the others, so `choose` may split
+them off: queries whose similarity to their nearest centroid is below a threshold get a setting
+of their own. It picks the split and the two settings with the lowest mean cost whose recall
+reaches the target; when none does, the cheapest within `margin` of the best recall any reaches,
+and it says that the target is missed.
 
 numpy only.
 """
@@ -42,61 +44,72 @@ def per_query_recall(
 
 
 def choose(
-    recall: np.ndarray,
-    nprobes: np.ndarray,
+    near_recall: np.ndarray,
+    near_cost: np.ndarray,
+    far_recall: np.ndarray,
+    far_cost: np.ndarray,
     nearest: np.ndarray,
     *,
     target: float,
     margin: float,
     shares: tuple[float, ...] = FAR_SHARES,
 ) -> dict[str, Any]:
-    """The cheapest setting (fewest lists probed per query) that reaches `target`.
+    """The cheapest settings (mean cost per query) whose mean recall reaches `target`.
 
     Args:
-      recall: float `[Q, P]` recall of each tune query at each `nprobes` value.
-      nprobes: int `[P]` ascending.
+      near_recall: float `[Q, A]` recall of each tune query under each of the settings A that
+        every query may use.
+      near_cost: float `[A]` cost per query of each.
+      far_recall: float `[F, B]` recall of the F queries farthest from every centroid (farthest
+        first) under each of the settings B that queries put apart may use.
+      far_cost: float `[B]` cost per query of each.
       nearest: float `[Q]` each query's similarity to its nearest list centroid.
       target: recall wanted (mean over the queries).
       margin: when no setting reaches the target, the cheapest within `margin` of the best.
-      shares: shares of the farthest queries a split may put apart (0: no split).
+      shares: shares of the farthest queries a split may put apart (0: no split), at most F / Q.
 
     Returns:
-      {'nprobe', 'nprobe_far', 'far_below' (similarity threshold; None: no split),
-      'far_share', 'recall', 'recall_far' (the `REPORT_FAR_SHARE` farthest queries),
-      'best_recall', 'lists_per_query', 'target_met'}.
+      {'near': index into A, 'far': index into B (None: no split), 'far_below' (similarity
+      threshold; None: no split), 'far_share', 'recall', 'recall_far' (the `REPORT_FAR_SHARE`
+      farthest queries), 'best_recall', 'cost', 'target_met'}.
     """
-    recall = np.asarray(recall, np.float64)
-    nprobes = np.asarray(nprobes, np.int64)
-    n_q = recall.shape[0]
+    near_recall = np.asarray(near_recall, np.float64)
+    far_recall = np.asarray(far_recall, np.float64)
+    n_q, n_far = near_recall.shape[0], far_recall.shape[0]
     order = np.argsort(nearest, kind="stable")  # farthest first
-    prefix = np.vstack([np.zeros(recall.shape[1]), np.cumsum(recall[order], axis=0)])
-    near_i, far_j = np.triu_indices(len(nprobes))  # far queries probe at least as many lists
+    near_prefix = np.vstack([np.zeros(near_recall.shape[1]), np.cumsum(near_recall[order], 0)])
+    far_prefix = np.vstack([np.zeros(far_recall.shape[1]), np.cumsum(far_recall, 0)])
+    grid = np.meshgrid(np.arange(near_recall.shape[1]), np.arange(far_recall.shape[1]))
+    a, b = grid[0].ravel(), grid[1].ravel()  # every pair of settings
     rows = []
-    for f in sorted({int(round(s * n_q)) for s in shares}):
-        total = (prefix[n_q, near_i] - prefix[f, near_i] + prefix[f, far_j]) / n_q
-        cost = ((n_q - f) * nprobes[near_i] + f * nprobes[far_j]) / n_q
-        rows.append(np.stack([total, cost, near_i, far_j, np.full(len(near_i), f)], axis=1))
+    for f in sorted({min(n_far, int(round(s * n_q))) for s in shares}):
+        # Rounded: sums in another order must not tell equal recalls apart.
+        total = np.round((near_prefix[n_q, a] - near_prefix[f, a] + far_prefix[f, b]) / n_q, 9)
+        cost = ((n_q - f) * np.asarray(near_cost)[a] + f * np.asarray(far_cost)[b]) / n_q
+        # Queries put apart get a setting that serves them at least as well, never one that
+        # trades their recall for the others' (that would only game the mean).
+        fair = far_prefix[f, b] >= near_prefix[f, a] - 1e-12
+        rows.append(np.stack([total, cost, a, b, np.full(len(a), f)], axis=1)[fair])
     table = np.concatenate(rows)
     best = float(table[:, 0].max())
     met = best >= target
-    ok = table[table[:, 0] >= (target if met else best - margin)]
-    # Fewest lists; then the higher recall; then the smaller split.
+    ok = table[table[:, 0] >= (target if met else best - margin) - 1e-12]
+    # The cheapest; then the higher recall; then the smaller split.
     total, cost, i, j, f = ok[np.lexsort((ok[:, 4], -ok[:, 0], ok[:, 1]))[0]]
     i, j, f = int(i), int(j), int(f)
-    if j == i:
-        f = 0
     sims = np.asarray(nearest, np.float64)[order]
-    far_below = None if f == 0 else float((sims[f - 1] + sims[f]) / 2) if f < n_q else np.inf
-    chosen = np.where(np.arange(n_q) < f, recall[order, j], recall[order, i])
-    n_far = max(1, int(round(REPORT_FAR_SHARE * n_q)))
+    far_below = None if f == 0 else float((sims[f - 1] + sims[f]) / 2) if f < n_q else 1.0
+    chosen = near_recall[order, i]
+    chosen[:f] = far_recall[:f, j]
+    n_report = max(1, int(round(REPORT_FAR_SHARE * n_q)))
     return {
-        "nprobe": int(nprobes[i]),
-        "nprobe_far": int(nprobes[j]),
+        "near": i,
+        "far": None if f == 0 else j,
         "far_below": far_below,
         "far_share": round(f / n_q, 4),
         "recall": round(float(total), 4),
-        "recall_far": round(float(chosen[:n_far].mean()), 4),
+        "recall_far": round(float(chosen[:n_report].mean()), 4),
         "best_recall": round(best, 4),
-        "lists_per_query": round(float(cost), 2),
+        "cost": float(cost),
         "target_met": bool(met),
     }

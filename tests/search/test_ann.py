@@ -6,6 +6,8 @@ IVF-PQ is forced by low thresholds (the defaults build it from 200k rows); no Te
 
 import json
 import logging
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +215,67 @@ def test_evaluation_ranks_ground_truth_the_index_missed_last(built, data):
         assert np.array_equal(o[:c], r[:c]) and np.array_equal(np.sort(o), np.arange(N))
         np.testing.assert_array_equal(o[-2:], r[c : c + 2])  # the missed ones, now last
         assert not np.isin(o[c:-2], t).any()
+
+
+class Unreadable:
+    """A store's rows that fail when read: only their shape may be asked for."""
+
+    def __init__(self, shape):
+        self.shape, self.ndim, self.dtype = tuple(shape), len(shape), np.dtype(np.float32)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        raise AssertionError("the float store was read")
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the float store was read")
+
+
+def test_approximate_queries_never_read_the_float_store(built, data, tmp_path):
+    ann.save(built, str(tmp_path), STORE_META)
+    queries = clustered(50, seed=8)
+    opened = ann.load(str(tmp_path), Unreadable(data.shape), STORE_META)
+    np.testing.assert_array_equal(opened.search(queries, 10)[1], built.search(queries, 10)[1])
+    # Through the retriever, as search.py and serve.py search, with the store's memory map
+    # replaced: approximate searches work; exact ones (--exact) read the store.
+    folder = tmp_path / "index"
+    _add(_retriever(str(folder)), data[:4000], 0)
+    r = _retriever(str(folder))
+    r._descriptors = Unreadable(r.descriptors.shape)
+    scores, rows = r.search_descriptors(queries[:5], k=5)
+    assert rows.shape == (5, 5) and r.approximate_index().database is None
+    exact = _retriever(str(folder), backend="exact")
+    exact._descriptors = Unreadable(exact.descriptors.shape)
+    with pytest.raises(AssertionError, match="the float store was read"):
+        exact.search_descriptors(queries[:5], k=5)
+
+
+LEGACY = Path(__file__).resolve().parent.parent / "fixtures" / "legacy_ann"
+LEGACY_META = {"backbone": "toy", "pooling": "gem", "dim": 16}
+
+
+def test_an_index_of_format_1_still_loads_and_the_next_update_rebuilds_it(tmp_path, caplog):
+    x = np.load(LEGACY / "descriptors.npy")
+    for name in (ann.INDEX_FILE, ann.META_FILE):
+        shutil.copy(LEGACY / name, tmp_path / name)
+    old = ann.load(str(tmp_path), x, LEGACY_META)
+    assert old.outdated and old.meta["version"] == 1 and "format 1" in old.describe()
+    # It searches as it did: PQ candidates re-scored exactly from the float store.
+    scores, ids = old.search(x[:20], 5)
+    assert ids[:, 0].tolist() == list(range(20))
+    np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", x[ids], x[:20]), atol=1e-6)
+    # The next update rebuilds it, saying so in one line.
+    more = np.vstack([x, x[:40] + 0.01])
+    more /= np.linalg.norm(more, axis=1, keepdims=True)
+    settings = ann.AnnSettings.from_config({"min_rows": 100, "tune_queries": 100})
+    with caplog.at_level(logging.WARNING, logger="cbir_tf.search.ann"):
+        new = ann.follow_rows(str(tmp_path), more, LEGACY_META, settings,
+                              previous_rows=len(x), backend="auto")  # fmt: skip
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "saved by an earlier version (format 1" in warned[0]
+    assert "\n" not in warned[0]
+    assert not new.outdated and ann.read_meta(str(tmp_path))["version"] == ann.FORMAT_VERSION
+    rebuilt = ann.load(str(tmp_path), more, LEGACY_META)
+    assert rebuilt.search(more[[100, 200, 300]], 1)[1][:, 0].tolist() == [100, 200, 300]

@@ -27,7 +27,7 @@ def test_the_default_budget_holds_sq8_rescoring_codes_at_1m_x_512():
 @pytest.mark.parametrize(
     ("budget", "rescoring", "codes"),
     [(600, "SQ8", "PQ128x4fs"), (560, "SQ8", "PQ64x4fs"), (450, "SQ6", "PQ64x4fs"),
-     (300, "SQ4", "PQ32x4fs"), (200, "", "PQ256x4fs"), (80, "", "PQ128x4fs"), (30, "", "PQ32x4fs")],
+     (300, "SQ4", "PQ64x4fs"), (200, "", "PQ256x4fs"), (80, "", "PQ128x4fs"), (30, "", "PQ32x4fs")],
 )  # fmt: skip
 def test_the_budget_picks_the_best_codes_that_fit(budget, rescoring, codes):
     p = _plan(1_000_000, 512, budget)
