@@ -183,20 +183,99 @@ def index_mode(args, database: np.ndarray, budget: float | None = None) -> dict:
         "isotropic_queries": int(loners.sum()), "kind": index.kind, "factory": m.get("factory"),
         "budget_bytes_per_vector": settings.bytes_per_vector, "refine": settings.refine,
         "bytes_per_vector": {**m.get("memory", {}), "index_file": round(file_bytes / args.n, 1)},
-        "build_seconds": round(build_s, 1), "train_seconds": m.get("train_seconds"),
+        "build_seconds": round(build_s, 1),
+        "build_parts_seconds": {key: m.get(f"{key}_seconds")
+                                for key in ("train", "add", "exact", "tune")},
         "recall_at_10": recall_of(ids, exact_ids),
         "recall_at_10_clustered_queries": recall_of(ids, exact_ids, ~loners),
         "recall_at_10_isotropic_queries": (
             recall_of(ids, exact_ids, loners) if loners.any() else None),
         "tuned": {key: m.get(key) for key in (
-            "nprobe", "nprobe_far", "far_below", "far_share", "recall", "recall_far",
-            "best_recall", "lists_per_query", "target_met", "tune_queries")},
+            "nprobe", "refine", "nprobe_far", "refine_far", "far_below", "far_share", "recall",
+            "recall_far", "best_recall", "cpu_ms_per_query", "target_met", "tune_queries")},
         "qps_batched": max(r["qps"] for r in runs), "qps_runs": runs,
         "latency_ms": round(1000 * float(np.median(single)), 2),
         "load_before": load_before, "load_after_build": load_build,
         "load_after": uptime_load(), "cpus": os.cpu_count(),
     }  # fmt: skip
     return out
+
+
+# Runs in autofaiss's own environment (numpy < 2): builds its index of the collection under
+# the same memory budget, then searches the same queries with the parameters it chose.
+AUTOFAISS_RUNNER = r"""
+import json, os, sys, time
+import numpy as np
+import faiss
+from autofaiss import build_index
+
+a = json.loads(sys.argv[1])
+index_path = os.path.join(a["work"], "knn.index")
+infos_path = os.path.join(a["work"], "index_infos.json")
+t0 = time.perf_counter()
+build_index(embeddings=a["embeddings"], index_path=index_path, index_infos_path=infos_path,
+            max_index_memory_usage=f"{a['bytes']}B", current_memory_available="12G",
+            metric_type="ip", nb_cores=a["cores"], verbose=30)
+build_s = time.perf_counter() - t0
+with open(infos_path) as f:
+    infos = json.load(f)
+index = faiss.read_index(index_path)
+faiss.ParameterSpace().set_index_parameters(index, infos["index_param"])
+q = np.load(a["queries"])
+index.search(q[:50], 10)
+runs = []
+for _ in range(3):
+    t1 = time.perf_counter()
+    _, ids = index.search(q, 10)
+    runs.append({"qps": round(len(q) / (time.perf_counter() - t1), 1),
+                 "load": round(os.getloadavg()[0], 2)})
+np.save(a["ids"], ids)
+print(json.dumps({"build_seconds": round(build_s, 1), "index_key": infos["index_key"],
+                  "index_param": infos["index_param"], "qps_runs": runs,
+                  "index_file_bytes": os.path.getsize(index_path)}))
+"""
+
+
+def autofaiss_mode(args, database: np.ndarray) -> dict:
+    """autofaiss on the same collection and queries, under the same total bytes per vector."""
+    import subprocess
+
+    queries, loners = queries_like(args.queries, args.n, args.dim, args.isotropic)
+    exact_ids = ground_truth(args, database, queries)
+    budget = float(args.budgets or ann.AnnSettings.from_config({}).bytes_per_vector)
+    with tempfile.TemporaryDirectory(dir=args.data) as work:
+        embeddings = os.path.join(work, "embeddings")
+        os.makedirs(embeddings)
+        os.symlink(os.path.abspath(database.filename), os.path.join(embeddings, "x.npy"))
+        np.save(os.path.join(work, "queries.npy"), queries)
+        given = {"work": work, "embeddings": embeddings, "bytes": int(budget * args.n),
+                 "queries": os.path.join(work, "queries.npy"), "cores": os.cpu_count(),
+                 "ids": os.path.join(work, "ids.npy")}  # fmt: skip
+        load_before = uptime_load()
+        # Its OpenMP threads sleep when idle, as cbir_tf's do (`ann.require_faiss`).
+        proc = subprocess.run(
+            [args.autofaiss_python, "-c", AUTOFAISS_RUNNER, json.dumps(given)],
+            capture_output=True, text=True, check=False,
+            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+        )  # fmt: skip
+        if proc.returncode:
+            raise SystemExit(f"autofaiss failed:\n{proc.stderr[-3000:]}")
+        ran = json.loads(proc.stdout.strip().splitlines()[-1])
+        ids = np.load(given["ids"])
+    return {
+        "mode": "autofaiss", "collection": collection_name(args), "n": args.n,
+        "dim": args.dim, "queries": args.queries, "isotropic_queries": int(loners.sum()),
+        "budget_bytes_per_vector": budget, "index_key": ran["index_key"],
+        "index_param": ran["index_param"],
+        "bytes_per_vector": {"index_file": round(ran["index_file_bytes"] / args.n, 1),
+                             "rescoring": 0.0},
+        "build_seconds": ran["build_seconds"], "recall_at_10": recall_of(ids, exact_ids),
+        "recall_at_10_clustered_queries": recall_of(ids, exact_ids, ~loners),
+        "recall_at_10_isotropic_queries": (
+            recall_of(ids, exact_ids, loners) if loners.any() else None),
+        "qps_batched": max(r["qps"] for r in ran["qps_runs"]), "qps_runs": ran["qps_runs"],
+        "load_before": load_before, "load_after": uptime_load(), "cpus": os.cpu_count(),
+    }  # fmt: skip
 
 
 def graph_mode(args, database: np.ndarray) -> dict:
@@ -243,7 +322,13 @@ def graph_mode(args, database: np.ndarray) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mode", choices=("index", "graph"), default="index")
+    p.add_argument("--mode", choices=("index", "graph", "autofaiss"), default="index")
+    p.add_argument(
+        "--autofaiss_python",
+        default="/work/venv-autofaiss/bin/python",
+        help="autofaiss mode: the Python of a virtual environment holding autofaiss "
+        "(it needs numpy < 2): python -m venv V && V/bin/pip install autofaiss",
+    )
     p.add_argument("--n", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--queries", type=int, default=None)
@@ -273,6 +358,8 @@ def main() -> None:
     database = collection(args.n, args.dim, args.data, args.isotropic)
     if args.mode == "graph":
         result = graph_mode(args, database)
+    elif args.mode == "autofaiss":
+        result = autofaiss_mode(args, database)
     elif args.budgets:
         result = [index_mode(args, database, float(b)) for b in args.budgets.split(",")]
     else:

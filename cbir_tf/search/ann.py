@@ -347,6 +347,7 @@ def build(
     t_train = time.perf_counter() - t0
     for start in range(0, n, block_size):
         index.add(np.ascontiguousarray(database[start : start + block_size], dtype=np.float32))
+    t_add = time.perf_counter() - t0 - t_train
     ann = AnnIndex(index, meta)
     ann.meta["memory"] = memory(index, settings.bytes_per_vector)
     held_out = np.setdiff1d(np.arange(n), sample)
@@ -354,11 +355,14 @@ def build(
         held_out = np.arange(n)
     queries = np.sort(rng.choice(held_out, size=min(settings.tune_queries, held_out.size),
                                  replace=False))  # fmt: skip
+    t_tune = time.perf_counter()
     tune(ann, queries, database, settings)
     ann.meta.update(
         {
             "train_rows": int(train_rows),
             "train_seconds": round(t_train, 1),
+            "add_seconds": round(t_add, 1),
+            "tune_seconds": round(time.perf_counter() - t_tune, 1),
             "build_seconds": round(time.perf_counter() - t0, 1),
         }
     )
@@ -409,9 +413,10 @@ def tune(
 ) -> float:
     """Sets the cheapest search settings that reach the target recall, and records them.
 
-    Every nprobe from 1 to nlist / 4 (doubling; more lists cost about an exact scan) is measured
-    on the held-out rows with `refine` candidates per result, and on the rows farthest from every
-    centroid also with `FAR_REFINE_FACTORS` times more; `ann_tune.choose` picks (see it).
+    nprobe from 1, doubling, up to nlist / 4 (more lists cost about an exact scan) or until a
+    doubling gains less than a fifth of `recall_margin`, is measured on the held-out rows with
+    `refine` candidates per result, and on the rows farthest from every centroid also with
+    `FAR_REFINE_FACTORS` times more; `ann_tune.choose` picks (see it).
     Records the settings, the recall reached, the recall of the rows farthest from every
     centroid, and whether the target is met.
 
@@ -426,22 +431,26 @@ def tune(
     """
     k = min(settings.recall_k, ann.ntotal - 1)
     queries = np.asarray(database[query_rows], dtype=np.float32)
+    t0 = time.perf_counter()
     _, exact = exact_knn(queries, database, k + 1, default("search.block_size"))
+    ann.meta["exact_seconds"] = round(time.perf_counter() - t0, 1)  # the tuning's ground truth
     top = max(1, int(ann.meta["nlist"]) // 4)
     nprobes = [1 << i for i in range(top.bit_length())]
-    near = [(p, settings.refine) for p in nprobes]
-    factors = FAR_REFINE_FACTORS if ann.meta.get("rescoring") else ()
-    extra = [(p, settings.refine * f) for f in factors for p in nprobes]
-    near_recall, near_cost = _measure(ann, queries, exact, query_rows, k, near)
+    sweep = {"k": k, "nprobes": nprobes, "stop_gain": settings.recall_margin / 5}
+    near, near_recall, near_cost = _sweep(ann, queries, exact, query_rows, settings.refine, **sweep)
     nearest = ann.nearest_centroid(queries)
-    far = np.argsort(nearest, kind="stable")[
-        : int(np.ceil(max(ann_tune.FAR_SHARES) * len(queries)))
-    ]
-    extra_recall, extra_cost = _measure(ann, queries[far], exact[far], query_rows[far], k, extra)
+    n_far = int(np.ceil(max(ann_tune.FAR_SHARES) * len(queries)))
+    far = np.argsort(nearest, kind="stable")[:n_far]  # the farthest from every centroid
+    extra, extra_recall, extra_cost = [], [near_recall[far]], [near_cost]
+    for factor in FAR_REFINE_FACTORS if ann.meta.get("rescoring") else ():
+        got = _sweep(ann, queries[far], exact[far], query_rows[far], settings.refine * factor,
+                     **sweep)  # fmt: skip
+        extra += got[0]
+        extra_recall.append(got[1])
+        extra_cost.append(got[2])
     choice = ann_tune.choose(
-        near_recall, near_cost, np.hstack([near_recall[far], extra_recall]),
-        np.r_[near_cost, extra_cost], nearest, target=settings.target_recall,
-        margin=settings.recall_margin,
+        near_recall, near_cost, np.hstack(extra_recall), np.concatenate(extra_cost), nearest,
+        target=settings.target_recall, margin=settings.recall_margin,
     )  # fmt: skip
     (nprobe, refine), far_setting = near[choice["near"]], (near + extra)[choice["far"] or 0]
     if choice["far"] is None:
@@ -456,17 +465,24 @@ def tune(
     return float(choice["recall"])
 
 
-def _measure(ann, queries, exact, rows, k, search_settings):
-    """Recall `[Q, S]` and CPU seconds per query `[S]` of each (nprobe, refine) setting."""
-    recall = np.empty((len(queries), len(search_settings)))
-    cost = np.empty(len(search_settings))
-    for j, (nprobe, refine) in enumerate(search_settings):
+def _sweep(ann, queries, exact, rows, refine, *, k, nprobes, stop_gain):
+    """Recall `[Q, S]` and CPU seconds per query `[S]` of the settings (nprobe, refine) for
+    nprobe in `nprobes`, stopping once a doubling gains less than `stop_gain` mean recall.
+
+    Returns:
+      (the settings measured, recall, cost).
+    """
+    done, recall, cost = [], [], []
+    for nprobe in nprobes:
         t0 = time.process_time()  # all threads; others' load inflates it far less than wall time
         _, ids = ann.search_with(queries, k + 1, nprobe, refine)
-        cost[j] = (time.process_time() - t0) / max(1, len(queries))
-        recall[:, j] = ann_tune.per_query_recall(ids, exact, rows, k)
-        log.debug("nprobe %d, refine %d: recall@%d %.4f", nprobe, refine, k, recall[:, j].mean())
-    return recall, cost
+        cost.append((time.process_time() - t0) / max(1, len(queries)))
+        recall.append(ann_tune.per_query_recall(ids, exact, rows, k))
+        done.append((nprobe, refine))
+        log.debug("nprobe %d, refine %d: recall@%d %.4f", nprobe, refine, k, recall[-1].mean())
+        if len(recall) >= 3 and recall[-1].mean() - recall[-2].mean() < stop_gain:
+            break
+    return done, np.stack(recall, axis=1), np.asarray(cost)
 
 
 # -- the index folder ---------------------------------------------------------------------------
