@@ -204,9 +204,9 @@ class AnnIndex:
         if m.get("recall_far") is not None:
             line += f" ({m['recall_far']:.3f} on the tenth farthest from every list centroid)"
         if self.target_met:
-            return f"{line}; target {target:.2f} met"
+            return f"{line}; target {target:g} met"
         return (
-            f"{line}; TARGET {target:.2f} MISSED (the best reachable is "
+            f"{line}; TARGET {target:g} MISSED (the best reachable is "
             f"{m.get('best_recall', m['recall']):.3f}): raise search.ann.bytes_per_vector, or "
             "search exactly (search.py --exact)"
         )

@@ -3,6 +3,7 @@
 rebuilds it; an index that cannot fit is refused before anything is written, or exact search is
 used, saying so."""
 
+import io
 import json
 import logging
 import os
@@ -181,3 +182,19 @@ def test_forcing_the_approximate_index_on_179_images(made, tmp_path, caplog):
         build_index(_config(min_rows=100, kind="ivfpq"), photos, fresh,
                     model_path=made["model"], progress=False)  # fmt: skip
     assert not _store_files(fresh)
+
+
+@pytest.mark.slow
+def test_search_py_says_when_the_recall_target_is_missed(made, tmp_path):
+    folder = tmp_path / "index"
+    shutil.copytree(made["index"], folder)
+    r = Retriever.load(folder, ann={"min_rows": 100, "tune_queries": 200, "target_recall": 0.9999,
+                                    "bytes_per_vector": 60})  # fmt: skip
+    rebuilt = r.rebuild_ann()
+    assert rebuilt.meta["rescoring"] == "" and not rebuilt.target_met  # 60 bytes: codes only
+    assert ann.read_meta(str(folder))["target_met"] is False  # what /api/index can report
+    out = io.StringIO()
+    run_search(folder, made["photos"] / "p3.jpg", k=3, stream=out)
+    summary = out.getvalue().splitlines()[0]
+    assert summary.startswith("approximate index: ") and "TARGET 0.9999 MISSED" in summary
+    assert f"recall@10 {rebuilt.recall:.3f}" in summary
