@@ -355,7 +355,7 @@ def scan(
 def ann_scan(index: Any, queries: np.ndarray, targets: Sequence[np.ndarray], top: int):
     """The ranking an approximate index gives, kept to its top and the targets.
 
-    First the index's `top` best candidates (exact scores, best first), then the rows it did not
+    First the index's `top` best candidates (its scores, best first), then the rows it did not
     return: the non-target ones by id, and the targets it missed last of all, as never
     retrieved (placing them by id would favour the database images, numbered before the
     distractors).

@@ -283,7 +283,7 @@ def rerank(
         )
     if "diffusion" not in steps:
         if db.index.backend == "ann" and k == n:
-            # A full ranking from an approximate index: the candidates it finds (exact scores),
+            # A full ranking from an approximate index: the candidates it finds (its scores),
             # then every row it missed, as not retrieved (score -inf, in row order).
             return Ranking(*_fill_missing(*db.index.search(queries, k, validate=False)))
         if k < n or db.index.backend != "exact":

@@ -2,9 +2,10 @@
 
 `SearchIndex` validates a database once and answers many searches with the backend asked for:
 'exact' (`cbir_tf.search.exact`, the reference), 'ann' (a saved or in-memory approximate index,
-`cbir_tf.search.ann`: candidates re-scored exactly), 'auto' (the approximate index when one is
-given, else exact) or 'faiss' (an in-memory faiss index built by `build_faiss_index`; 'Flat' is
-exact up to float rounding, 'HNSW32', 'IVF1024,Flat', ... are approximate).
+`cbir_tf.search.ann`: candidates re-scored from compact codes), 'auto' (the approximate index
+when one is given, else exact) or 'faiss' (an in-memory faiss index built by
+`build_faiss_index`; 'Flat' is exact up to float rounding, 'HNSW32', 'IVF1024,Flat', ... are
+approximate).
 
 Results follow `cbir_tf.search.exact`'s rules: scores descending, ties by lower id.
 """
@@ -98,7 +99,8 @@ class SearchIndex:
         Args:
           database: float `[N, D]` descriptors, N >= 1 (a `np.memmap` works: it is read in blocks).
           backend: 'exact' (blocked numpy, the reference), 'ann' (`cbir_tf.search.ann`: candidates
-            re-scored exactly), 'auto' ('ann' when `ann` is given, else 'exact') or 'faiss'.
+            re-scored from compact codes), 'auto' ('ann' when `ann` is given, else 'exact') or
+            'faiss'.
           block_size: database rows per block (exact backend) or per `add` (faiss).
           faiss_factory, nprobe, ef_search: see `build_faiss_index`.
           validate: check the database with `validate_descriptors` (one pass over it).
