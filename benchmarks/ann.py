@@ -352,7 +352,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON file for the figures")
     args = p.parse_args()
     if args.queries is None:
-        args.queries = 1000 if args.mode == "index" else 50
+        args.queries = 50 if args.mode == "graph" else 1000
     os.makedirs(args.data, exist_ok=True)
     args.isotropic = 0.1 if args.hard else 0.0
     database = collection(args.n, args.dim, args.data, args.isotropic)
