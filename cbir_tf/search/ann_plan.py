@@ -73,8 +73,8 @@ def bytes_per_vector(n: int, d: int, *, m: int, nlist: int, rescoring_bits: int)
 
 def coarse_code_options(d: int) -> list[int]:
     """Fast-scan PQ sub-quantiser counts for dimension D, longest codes first (2 to 32 dims
-    each)."""
-    return [d // s for s in (2, 4, 8, 16, 32) if d % s == 0 and d // s >= 1]
+    each; one dimension each for an odd D)."""
+    return [d // s for s in (2, 4, 8, 16, 32) if d % s == 0] or [d]
 
 
 def plan(n: int, d: int, *, kind: str, min_rows: int, budget: float) -> dict[str, Any]:
@@ -132,8 +132,6 @@ def smallest_budget(n: int, d: int) -> float:
 def why_no_ivf(n: int, d: int, budget: float) -> str | None:
     """One line saying why no IVF index fits N x D rows in `budget` (None when one does)."""
     options = coarse_code_options(d)
-    if not options:
-        return f"dimension {d} is too small for PQ codes: no approximate index"
     if n < MIN_LISTS * MIN_TRAIN_PER_LIST:
         return (
             f"{n} rows are too few for an approximate index (an inverted file needs at least "
