@@ -1,5 +1,9 @@
 """Registry of convolutional backbones from `keras.applications`, cut at the feature map to pool.
 
+VGG16, ResNet50/101, MobileNet(V2), EfficientNet B0-B7, EfficientNetV2 (B0-B3, S/M/L) and
+ConvNeXt (Tiny-XLarge). The vision transformers (DINOv2, DINOv3, CLIP, SigLIP through KerasHub)
+have their own registry, `cbir_tf.describe.transformers`.
+
 Each entry knows its Keras constructor, its own `preprocess_input`, the layer whose output is
 pooled and its channel count. `build_backbone` returns a `keras.Model` that maps an already
 *preprocessed* batch `[B, None, None, 3]` to the feature map `[B, h, w, C]`; the raw-RGB
@@ -140,6 +144,43 @@ def _registry() -> dict[str, BackboneSpec]:
             channels,
         )
         for i, channels in enumerate((1280, 1280, 1408, 1536, 1792, 2048, 2304, 2560))
+    ]
+    # EfficientNetV2 (Tan & Le, ICML 2021) normalises inside the network, like EfficientNet.
+    specs += [
+        BackboneSpec(
+            f"efficientnetv2{size}",
+            getattr(apps, f"EfficientNetV2{size.upper()}"),
+            apps.efficientnet_v2.preprocess_input,
+            None,  # top_activation
+            channels,
+        )
+        for size, channels in (
+            ("b0", 1280),
+            ("b1", 1280),
+            ("b2", 1408),
+            ("b3", 1536),
+            ("s", 1280),
+            ("m", 1280),
+            ("l", 1280),
+        )  # fmt: skip
+    ]
+    # ConvNeXt (Liu et al., CVPR 2022): normalisation inside the network; without its top the
+    # network ends in a per-position LayerNorm of the last stage, which is what is pooled.
+    specs += [
+        BackboneSpec(
+            f"convnext_{size}",
+            getattr(apps, f"ConvNeXt{size.capitalize().replace('Xl', 'XL')}"),
+            apps.convnext.preprocess_input,
+            None,  # the unnamed final LayerNormalization
+            channels,
+        )
+        for size, channels in (
+            ("tiny", 768),
+            ("small", 768),
+            ("base", 1024),
+            ("large", 1536),
+            ("xlarge", 2048),
+        )  # fmt: skip
     ]
     specs += [
         # The field's reference (cnnimageretrieval-pytorch) pools VGG16's last convolution
@@ -518,6 +559,14 @@ def _build_from_file(spec: BackboneSpec, alpha: float, path: str) -> keras.Model
         ) from None
 
 
+def _leaf_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
 def _seeded_initialize(model: keras.Model, seed: int) -> None:
     """Re-draws every random kernel from its own Keras initializer, seeded by `seed` + layer.
 
@@ -525,9 +574,11 @@ def _seeded_initialize(model: keras.Model, seed: int) -> None:
     network: an interrupted extraction would resume with a different network, and a whitening
     learned in one run would not fit the next. Each kernel is drawn again from the layer's own
     initializer (same distribution as Keras', so random networks keep Keras' semantics) with a
-    seed derived from `seed` and the layer's name, independent of the order of layers.
+    seed derived from `seed` and the layer's name, independent of the order of layers. Layers
+    inside nested models (ConvNeXt's stem and downsampling blocks are `Sequential`s) are drawn
+    too.
     """
-    for layer in model.layers:
+    for layer in _leaf_layers(model):
         for weight in layer.weights:
             name = weight.path.rsplit("/", 1)[-1]
             if not name.endswith("kernel"):
