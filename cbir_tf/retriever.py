@@ -187,7 +187,7 @@ class Retriever:
         Returns:
           A Retriever with an empty index (or the index already in `directory`).
         """
-        from cbir_tf.describe import backbones, models
+        from cbir_tf.describe import catalog, models
 
         cfg = config_lib.as_dict(config)
         data, search_cfg = config_lib.block(cfg, "data"), config_lib.block(cfg, "search")
@@ -204,8 +204,8 @@ class Retriever:
         }
         if model_path:
             return cls.from_model(model_path, image_size=int(data["image_size"]), **settings)
-        model_cfg = config_lib.block(cfg, "model")
-        weights, _ = backbones.resolve_weights(
+        model_cfg = catalog.with_pooling(config_lib.block(cfg, "model"))
+        weights, _ = catalog.resolve_weights(
             model_cfg["backbone"], model_cfg["alpha"], model_cfg["weights"],
             model_cfg["weights_fallback"],
         )  # fmt: skip

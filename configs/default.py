@@ -27,11 +27,17 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
-    c.model.backbone = "efficientnetb1"  # see cbir_tf.describe.backbones.BACKBONES
+    # A keras.applications CNN (cbir_tf.describe.backbones.BACKBONES) or a KerasHub vision
+    # transformer (cbir_tf.describe.transformers.TRANSFORMERS: dinov2_small, clip_..., ...).
+    c.model.backbone = "efficientnetb1"
     c.model.alpha = 1.0  # width multiplier (mobilenet / mobilenetv2 only)
-    c.model.weights = "imagenet"  # 'imagenet', 'none', a .h5/.weights.h5 file or a .keras model
-    c.model.weights_fallback = ""  # used when ImageNet weights cannot be downloaded ('' = fail)
-    c.model.pooling = "rmac"  # mac | spoc | gem | rmac
+    # 'imagenet' (transformers: their pretrained KerasHub preset), 'none', a .h5/.weights.h5
+    # file or a .keras model; transformers: a preset / Hugging Face checkpoint folder too
+    c.model.weights = "imagenet"
+    c.model.weights_fallback = ""  # used when pretrained weights cannot be downloaded ('' = fail)
+    # auto (the backbone's recipe: rmac for CNNs, cls for DINOv2/v3, head for CLIP/SigLIP) |
+    # mac | spoc | gem | rmac; transformers also cls | cls+gem | head
+    c.model.pooling = "auto"
     c.model.gem_p = 3.0
     c.model.rmac_levels = 3
 

@@ -47,6 +47,7 @@ def main(argv):
     cli.apply_overrides(cfg, {"model.backbone": FLAGS.backbone, "model.weights": FLAGS.weights})
     quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
     from cbir_tf import config
+    from cbir_tf.describe import catalog
     from cbir_tf.export import formats as export
 
     def run():
@@ -62,7 +63,7 @@ def main(argv):
                 )
             source = export.source_from_path(FLAGS.model, **settings)
         else:
-            model = config.block(cfg, "model")
+            model = catalog.with_pooling(config.block(cfg, "model"))
             source = export.source_from_model(model, whitening_path=FLAGS.whitening, **settings)
         path = export.export(source, FLAGS.out, FLAGS.format, FLAGS.quantization)
         print(f"exported {FLAGS.format} ({FLAGS.quantization}) to {path}")

@@ -119,12 +119,12 @@ class DescriptorSpec:
     def with_available_weights(self) -> tuple[DescriptorSpec, str | None]:
         """This spec with `model.weights_fallback` in place of ImageNet weights when those
         cannot be had (offline), and why (None when nothing changed)."""
-        from cbir_tf.describe import backbones
+        from cbir_tf.describe import catalog
 
         if self.model_path:
             return self, None
         m = self.model
-        weights, why = backbones.resolve_weights(
+        weights, why = catalog.resolve_weights(
             m["backbone"], m["alpha"], m["weights"], m.get("weights_fallback", "")
         )
         if why is None:

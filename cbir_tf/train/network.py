@@ -21,12 +21,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cbir_tf.describe import backbones, models
+from cbir_tf.describe import catalog, models
 from cbir_tf.train import losses
 from cbir_tf.train.settings import Settings
 
 _BLOCK_PATTERNS = (
     re.compile(r"^(conv\d+_block\d+)_"),  # ResNet, DenseNet
+    re.compile(r"^(convnext_\w+?_stage_\d+_block_\d+)_"),  # ConvNeXt
+    # KerasHub transformer blocks, one layer each: DINOv2/v3 layers_11, CLIP/SigLIP
+    # [vision_encoder_]encoder_block_11
+    re.compile(r"^((?:\w+_)?(?:layers|encoder_block)_\d+)$"),
     # EfficientNet block7a_, VGG block5_, MobileNetV2 block_16_
     re.compile(r"^(block_?\d+[a-z]?)_"),
     re.compile(r"^conv_(?:dw|pw|pad)_(\d+)"),  # MobileNet v1
@@ -50,7 +54,8 @@ def backbone_blocks(backbone: keras.Model) -> list[list[keras.layers.Layer]]:
     MobileNetV2's `Conv_1`) form a block of their own.
 
     Args:
-      backbone: a `cbir_tf.describe.backbones.build_backbone` model.
+      backbone: the backbone model inside a descriptor model (a `keras.applications` CNN or a
+        transformer's token model).
 
     Returns:
       Blocks as lists of layers; the last is the one nearest the output.
@@ -149,11 +154,6 @@ class TrainingModels:
         return self.embeds[id(model)]
 
 
-def pooling_layer_name(pooling: str) -> str:
-    """The name of the pooling layer in a descriptor model of `pooling`."""
-    return pooling  # build_descriptor_model names its pooling layer after the pooling
-
-
 def descriptor_model(
     settings: Settings, gem_p: float | None = None, whitening: Any = None
 ) -> keras.Model:
@@ -185,10 +185,10 @@ def build_training_models(settings: Settings, num_classes: int) -> TrainingModel
     Returns:
       TrainingModels, not compiled (see `prepare_stage`).
     """
-    spec = backbones.get_backbone_spec(settings.backbone)
+    spec = catalog.get_spec(settings.backbone)
     desc = descriptor_model(settings)
     backbone = desc.get_layer(spec.name)
-    pool_layer = desc.get_layer(pooling_layer_name(settings.pooling))
+    pool_layer = desc.get_layer(models.pooling_layer_name(settings.pooling))
     if settings.recipe == "head":
         pooled = pool_layer.output
         proj = keras.layers.Dense(settings.dense_units, name="projection")(pooled)

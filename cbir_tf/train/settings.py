@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from cbir_tf.describe import backbones, models
+from cbir_tf.describe import catalog
 from cbir_tf.train import augment as augment_lib
 from cbir_tf.train import losses
 
@@ -93,11 +93,10 @@ class Settings:
         _check_choice("descriptor", self.descriptor, DESCRIPTOR_KINDS, "valid")
         _check_choice("whitening", self.whitening, WHITENING_MODES, "valid")
         _check_choice("loss", self.loss, losses.TupleLoss.KINDS, "valid")
-        if self.pooling not in models.POOLINGS:
-            raise KeyError(
-                f"unknown pooling {self.pooling!r}; valid poolings: {', '.join(models.POOLINGS)}"
-            )
-        backbones.get_backbone_spec(self.backbone)  # KeyError listing the valid names
+        # KeyError listing the valid backbones, or the poolings this backbone takes; 'auto'
+        # is resolved in from_config (the settings hold what is built).
+        if catalog.resolve_pooling(self.backbone, self.pooling) != self.pooling:
+            raise ValueError(f"pooling {self.pooling!r} is not resolved: see from_config")
         for name in ("image_size", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -131,7 +130,8 @@ class Settings:
             if key not in section:
                 raise TrainConfigError(f"config.{block} has no field {key!r}")
             values[field.name] = _convert(field.name, section[key], _section(schema, block)[key])
-        values["backbone"] = backbones.get_backbone_spec(values["backbone"]).name
+        values["backbone"] = catalog.get_spec(values["backbone"]).name
+        values["pooling"] = catalog.resolve_pooling(values["backbone"], values["pooling"])
         augment = augment_lib.Augment(
             crop_scale=tuple(train["crop_scale"]),
             crop_ratio=tuple(train["crop_ratio"]),
