@@ -25,9 +25,13 @@ def _normal(rng: np.random.Generator, *shape: int, scale: float = 0.2) -> np.nda
 
 
 def dinov2_weights(
-    seed: int = 0, hidden: int = 32, layers: int = 2, patch: int = 14, grid: int = 4,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    patch: int = 14,
+    grid: int = 4,
     registers: int = 0,
-) -> dict[str, np.ndarray]:  # fmt: skip
+) -> dict[str, np.ndarray]:
     """Random DINOv2 weights under Hugging Face's names (layer scales and norms away from
     their constant initialisations, so that every term of the forward pass matters)."""
     rng = np.random.default_rng(seed)
@@ -36,11 +40,13 @@ def dinov2_weights(
         "embeddings.cls_token": _normal(rng, 1, 1, d),
         "embeddings.mask_token": np.zeros((1, d), np.float32),
         "embeddings.position_embeddings": _normal(rng, 1, grid * grid + 1, d),
-        "embeddings.patch_embeddings.projection.weight": _normal(rng, d, 3, patch, patch, scale=0.05),
+        "embeddings.patch_embeddings.projection.weight": _normal(
+            rng, d, 3, patch, patch, scale=0.05
+        ),
         "embeddings.patch_embeddings.projection.bias": _normal(rng, d),
         "layernorm.weight": 1 + _normal(rng, d),
         "layernorm.bias": _normal(rng, d),
-    }  # fmt: skip
+    }
     if registers:
         w["embeddings.register_tokens"] = _normal(rng, 1, registers, d)
     for i in range(layers):
@@ -135,13 +141,27 @@ def write_dinov3(folder: pathlib.Path, seed: int = 0) -> pathlib.Path:
         w[f"{p}.mlp.down_proj.weight"] = _normal(rng, d, 4 * d)
         w[f"{p}.mlp.down_proj.bias"] = _normal(rng, d)
     config = {
-        "model_type": "dinov3_vit", "hidden_size": d, "intermediate_size": 4 * d,
-        "num_hidden_layers": layers, "num_attention_heads": 2, "patch_size": 16,
-        "image_size": 64, "num_register_tokens": 4, "layerscale_value": 1.0,
-        "hidden_act": "gelu", "use_gated_mlp": False, "query_bias": True, "key_bias": False,
-        "value_bias": True, "proj_bias": True, "mlp_bias": True, "attention_dropout": 0.0,
-        "drop_path_rate": 0.0, "layer_norm_eps": 1e-5, "rope_theta": 100.0,
-    }  # fmt: skip
+        "model_type": "dinov3_vit",
+        "hidden_size": d,
+        "intermediate_size": 4 * d,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "patch_size": 16,
+        "image_size": 64,
+        "num_register_tokens": 4,
+        "layerscale_value": 1.0,
+        "hidden_act": "gelu",
+        "use_gated_mlp": False,
+        "query_bias": True,
+        "key_bias": False,
+        "value_bias": True,
+        "proj_bias": True,
+        "mlp_bias": True,
+        "attention_dropout": 0.0,
+        "drop_path_rate": 0.0,
+        "layer_norm_eps": 1e-5,
+        "rope_theta": 100.0,
+    }
     return _write(folder, config, w)
 
 
@@ -152,23 +172,37 @@ def write_keras_hub_preset(folder: pathlib.Path, family: str, seed: int = 0) -> 
 
     from cbir_tf.describe.transformers import seeded_initialize
 
-    vision = dict(patch_size=16, hidden_dim=32, num_layers=2, num_heads=2, intermediate_dim=64,
-                  image_shape=(64, 64, 3))  # fmt: skip
-    text = dict(vocabulary_size=64, embedding_dim=32, hidden_dim=32, num_layers=1, num_heads=2,
-                intermediate_dim=64)  # fmt: skip
+    vision = dict(
+        patch_size=16,
+        hidden_dim=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_dim=64,
+        image_shape=(64, 64, 3),
+    )
+    text = dict(
+        vocabulary_size=64,
+        embedding_dim=32,
+        hidden_dim=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_dim=64,
+    )
     models = keras_hub.models
     if family == "clip":
         backbone = models.CLIPBackbone(
-            models.CLIPVisionEncoder(**vision), models.CLIPTextEncoder(**text, max_sequence_length=8),
+            models.CLIPVisionEncoder(**vision),
+            models.CLIPTextEncoder(**text, max_sequence_length=8),
             projection_dim=24,
-        )  # fmt: skip
+        )
         # KerasHub leaves a new CLIP's position ids at 0; a released preset holds 0..N-1.
         ids = backbone.vision_encoder.embedding.position_ids
         ids.assign(np.arange(ids.shape[1])[None])
     else:
         backbone = models.SigLIPBackbone(
-            models.SigLIPVisionEncoder(**vision), models.SigLIPTextEncoder(**text, max_sequence_length=8)
-        )  # fmt: skip
+            models.SigLIPVisionEncoder(**vision),
+            models.SigLIPTextEncoder(**text, max_sequence_length=8),
+        )
     seeded_initialize(backbone, seed)
     backbone.save_to_preset(str(folder))
     return folder

@@ -58,8 +58,9 @@ def interpolate_positions(pos: np.ndarray, h: int, w: int, antialias: bool) -> n
     if h == w == g:
         return pos
     grid = pos[0, 1:].reshape(g, g, -1)
-    out = np.einsum("ah,hwd,bw->abd", bicubic_matrix(g, h, antialias), grid,
-                    bicubic_matrix(g, w, antialias))  # fmt: skip
+    out = np.einsum(
+        "ah,hwd,bw->abd", bicubic_matrix(g, h, antialias), grid, bicubic_matrix(g, w, antialias)
+    )
     return np.concatenate([pos[:, :1], out.reshape(1, h * w, -1)], axis=1)
 
 
@@ -112,9 +113,11 @@ def dinov2_tokens(w: dict, config: dict, image: np.ndarray) -> np.ndarray:
         pre = f"encoder.layer.{i}"
         y = layer_norm(x, w[f"{pre}.norm1.weight"], w[f"{pre}.norm1.bias"], eps)
         q, k, v = (
-            _linear(y, w, f"{pre}.attention.attention.{n}").reshape(-1, heads, hd).transpose(1, 0, 2)
+            _linear(y, w, f"{pre}.attention.attention.{n}")
+            .reshape(-1, heads, hd)
+            .transpose(1, 0, 2)
             for n in ("query", "key", "value")
-        )  # fmt: skip
+        )
         attention = softmax(q @ k.transpose(0, 2, 1) / math.sqrt(hd)) @ v
         y = _linear(attention.transpose(1, 0, 2).reshape(-1, d), w, f"{pre}.attention.output.dense")
         x = x + y * w[f"{pre}.layer_scale1.lambda1"]

@@ -83,8 +83,9 @@ def test_interpolated_positions_are_separable_bicubic():
     grid = RNG.standard_normal((4, 4, 6)).astype(np.float32)
     for h, w, aa in ((5, 3, False), (2, 7, True), (4, 4, False)):
         ours = token_ops.interpolate_positions(grid, h, w, aa).numpy()
-        ref = np.einsum("ah,hwd,bw->abd", reference_bicubic(4, h, aa), grid,
-                        reference_bicubic(4, w, aa))  # fmt: skip
+        ref = np.einsum(
+            "ah,hwd,bw->abd", reference_bicubic(4, h, aa), grid, reference_bicubic(4, w, aa)
+        )
         np.testing.assert_allclose(ours, ref.reshape(h * w, 6), atol=1e-5)
 
 
@@ -113,8 +114,9 @@ def test_dinov2_with_registers_agrees_with_the_numpy_reference(dinov2_registers,
     rgb = _rgb(*size, seed=3)
     spec = catalog.get_spec("dinov2")
     ours = parts.tokens(np.asarray(spec.preprocess_input(rgb))[None]).numpy()[0]
-    np.testing.assert_allclose(ours, dinov2_tokens(weights, config, imagenet_normalize(rgb)),
-                               atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        ours, dinov2_tokens(weights, config, imagenet_normalize(rgb)), atol=1e-4
+    )
 
 
 def test_the_class_token_descriptor_is_the_reference_class_token(dinov2):
@@ -125,8 +127,9 @@ def test_the_class_token_descriptor_is_the_reference_class_token(dinov2):
     for size in ((70, 42), (42, 98)):
         rgb = _rgb(*size, seed=11)
         cls = dinov2_tokens(weights, config, imagenet_normalize(rgb))[0]
-        np.testing.assert_allclose(model(rgb[None]).numpy()[0], cls / np.linalg.norm(cls),
-                                   atol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(
+            model(rgb[None]).numpy()[0], cls / np.linalg.norm(cls), atol=1e-4
+        )
 
 
 # -- the poolings on the backbone's own tokens ---------------------------------------------------
@@ -202,8 +205,9 @@ def test_dinov3_tokens_equal_keras_hubs_at_any_size(tmp_path):
         # KerasHub builds DINOv3 for one size; its rotary angles follow that size.
         hub = keras_hub.models.DINOV3Backbone.from_preset(str(folder), image_shape=(*size, 3))
         x = RNG.standard_normal((2, *size, 3)).astype(np.float32)
-        np.testing.assert_allclose(parts.tokens(x).numpy(), hub({"pixel_values": x}).numpy(),
-                                   atol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(
+            parts.tokens(x).numpy(), hub({"pixel_values": x}).numpy(), atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
