@@ -34,8 +34,8 @@ class SnapToPatches(keras.layers.Layer):
     """Resizes images so that each side is the nearest multiple of the patch size.
 
     A vision transformer cuts the image into p x p patches and drops what is left over; rounding
-    each side to the nearest multiple of p (bilinear, antialiased when shrinking) keeps the
-    whole picture with its aspect. Exactly the identity for sides that already are multiples.
+    each side to the nearest multiple of p (bilinear) keeps the whole picture with its aspect.
+    Exactly the identity for sides that already are multiples.
 
     Args:
       patch_size: the patch side p in pixels.
@@ -56,9 +56,10 @@ class SnapToPatches(keras.layers.Layer):
         x = tf.cast(inputs, self.compute_dtype)
         size = tf.shape(x)[1:3]
         target = token_ops.snapped_size(size, self.patch_size)
-        # At equal sizes this resize is exactly the identity: images already on the grid are
-        # not blurred.
-        return tf.cast(tf.image.resize(x, target, method="bilinear", antialias=True), x.dtype)
+        # Plain bilinear (TFLite has it built in; antialiasing does not): the side changes by
+        # less than half a patch, too little to alias. At equal sizes it is exactly the identity,
+        # so images already on the grid are not blurred.
+        return tf.cast(tf.image.resize(x, target, method="bilinear"), x.dtype)
 
     def compute_output_shape(self, input_shape):
         shape = list(input_shape)
