@@ -238,6 +238,12 @@ def build_descriptor_model(
     image = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
     x = EdgePad(name="edge_pad")(image)
     if catalog.is_transformer(spec.name):
+        if float(alpha) != 1.0:  # refused as for the CNNs without a width multiplier
+            with_alpha = [s.name for s in backbones.BACKBONES.values() if s.has_alpha]
+            raise ValueError(
+                f"alpha={float(alpha):g} applies only to {' and '.join(with_alpha)}, not "
+                f"{spec.name}"
+            )
         grid, pooled = _transformer_features(
             spec.name, weights, x, pooling, gem_p, **backbone_kwargs
         )

@@ -46,12 +46,19 @@ def _block_key(name: str) -> str | None:
     return None
 
 
+def _final_norm(layer: keras.layers.Layer) -> bool:
+    return isinstance(layer, keras.layers.LayerNormalization)
+
+
 def backbone_blocks(backbone: keras.Model) -> list[list[keras.layers.Layer]]:
     """Groups a backbone's layers into blocks, in network order.
 
     Layers are grouped by the block prefix of their Keras names (`block7a_`, `conv5_block3_`,
-    `conv_pw_13`, `block_16_`); consecutive layers without one (stems, EfficientNet's `top_*`,
-    MobileNetV2's `Conv_1`) form a block of their own.
+    `conv_pw_13`, `block_16_`, ConvNeXt's `convnext_tiny_stage_3_block_2_`; a KerasHub
+    transformer block, `layers_11` or `encoder_block_11`, is one layer); consecutive layers
+    without one (stems, EfficientNet's `top_*`, MobileNetV2's `Conv_1`, a transformer's patch
+    embedding) form a block of their own, except a LayerNormalization right after a block (a
+    transformer's final norm), which joins it.
 
     Args:
       backbone: the backbone model inside a descriptor model (a `keras.applications` CNN or a
@@ -66,6 +73,11 @@ def backbone_blocks(backbone: keras.Model) -> list[list[keras.layers.Layer]]:
         if isinstance(layer, keras.layers.InputLayer):
             continue
         key = _block_key(layer.name)
+        if key is None and blocks and previous is not None and _final_norm(layer):
+            # A transformer's (or ConvNeXt's) last LayerNorm belongs to the last block: the
+            # top block trains with the norm that reads it.
+            blocks[-1].append(layer)
+            continue
         if not blocks or key != previous or key is None and previous is not None:
             blocks.append([])
         blocks[-1].append(layer)

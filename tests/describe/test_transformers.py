@@ -333,3 +333,8 @@ def test_architectures_have_the_presets_parameter_counts(name):
     built = hub_class(**spec.architecture).count_params()
     card = hub_class.presets[spec.preset]["metadata"]["params"]
     assert math.isclose(built, card, rel_tol=2e-3), (built, card)
+
+
+def test_alpha_is_refused_as_for_cnns_without_a_width_multiplier(dinov2):
+    with pytest.raises(ValueError, match="alpha=0.25 applies only to mobilenet and mobilenetv2"):
+        models.build_descriptor_model("dinov2", dinov2[0], alpha=0.25)

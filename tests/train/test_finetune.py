@@ -197,6 +197,38 @@ def test_block_grouping_of_other_naming_schemes():
     ]
 
 
+def test_transformer_blocks_and_trainable_top_blocks(tmp_path):
+    """A DINOv2's blocks: the patch embedding, then each transformer layer, the final
+    LayerNorm joining the last one (it reads its output); CLIP's pre-norm stays with the stem."""
+    from hf_checkpoints import write_dinov2, write_keras_hub_preset
+
+    folder = write_dinov2(tmp_path / "dinov2", registers=4)[0]
+    net = models.build_descriptor_model("dinov2", folder, pooling="gem")
+    backbone = net.get_layer("dinov2")
+    blocks = [[layer.name for layer in b] for b in finetune.backbone_blocks(backbone)]
+    assert blocks == [["patch_embedding"], ["layers_0"], ["layers_1", "layernorm"]]
+    finetune.set_trainable_blocks(backbone, 1)
+    trained = [layer.name for layer in backbone.layers if layer.trainable_weights]
+    assert trained == ["layers_1", "layernorm"], trained
+    clip = models.build_descriptor_model(
+        "clip", write_keras_hub_preset(tmp_path / "clip", "clip"), pooling="cls"
+    ).get_layer("clip")
+    blocks = [[layer.name for layer in b] for b in finetune.backbone_blocks(clip)]
+    assert blocks[0] == ["patch_embedding", "clip_vision_encoder_pre_layer_norm"], blocks
+    assert [b[0] for b in blocks[1:]] == [f"clip_vision_encoder_encoder_block_{i}" for i in (0, 1)]
+    assert blocks[-1][-1] == "clip_vision_encoder_layer_norm", blocks
+
+
+@pytest.mark.slow
+def test_convnext_blocks():
+    backbone = models.build_descriptor_model("convnext_tiny", "none").get_layer("convnext_tiny")
+    blocks = finetune.backbone_blocks(backbone)
+    names = [layer.name for layer in blocks[-1]]
+    assert names[0] == "convnext_tiny_stage_3_block_2_depthwise_conv", names
+    assert isinstance(blocks[-1][-1], keras.layers.LayerNormalization)  # the final norm
+    assert len(blocks) == 1 + 18 + 3  # prestem and stem, 3 + 3 + 9 + 3 blocks, 3 downsamplings
+
+
 # --------------------------------------------------------------------------- end to end
 
 BROKEN = "class1/broken.jpg"
