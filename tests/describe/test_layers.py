@@ -313,7 +313,8 @@ def _two_input_round_trip(layer, inputs, tmp_path):
     model.save(tmp_path / "layer.keras")
     loaded = keras.saving.load_model(tmp_path / "layer.keras", safe_mode=True)
     feed = list(inputs) if len(inputs) > 1 else inputs[0]
-    for a, b in zip(keras.tree.flatten(loaded(feed)), keras.tree.flatten(model(feed))):
+    outputs = keras.tree.flatten(loaded(feed)), keras.tree.flatten(model(feed))
+    for a, b in zip(*outputs, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
