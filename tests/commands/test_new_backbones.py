@@ -227,3 +227,25 @@ def test_export_command_from_the_config(checkpoints, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     info = json.loads((tmp_path / "saved" / "cbir_export.json").read_text())
     assert info["dim"] == 32 and info["model"]["pooling"] == "head", info
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", NEW)
+def test_run_benchmark_python_api(backbone, checkpoints, tmp_path):
+    from cbir_tf.runs.evaluate import run_benchmark
+
+    cfg = config.load_config("demo")
+    cfg.model.backbone = backbone
+    cfg.model.weights = _weights(backbone, checkpoints)
+    cfg.model.alpha = 1.0
+    cfg.data.image_size = 64
+    cfg.data.data_root = str(tmp_path / "data")
+    cfg.rerank.diffusion.k = 8
+    cfg.workdir = str(tmp_path)
+    out = run_benchmark(cfg, progress=False)
+    assert set(out["results"]) == {"plain", "aqe", "diffusion", "aqe+diffusion"}, out["results"]
+    assert backbone in out["table"].splitlines()[0], out["table"]
+    stores = sorted((tmp_path / "descriptors" / "demo").glob("*/*/descriptors.npy"))
+    assert len(stores) == 2
+    for store in stores:
+        np.testing.assert_allclose(np.linalg.norm(np.load(store), axis=1), 1.0, atol=1e-5)

@@ -338,3 +338,18 @@ def test_architectures_have_the_presets_parameter_counts(name):
 def test_alpha_is_refused_as_for_cnns_without_a_width_multiplier(dinov2):
     with pytest.raises(ValueError, match="alpha=0.25 applies only to mobilenet and mobilenetv2"):
         models.build_descriptor_model("dinov2", dinov2[0], alpha=0.25)
+
+
+def test_query_crops_are_described_as_for_cnns(dinov2):
+    """describe_queries crops the box, then resizes the longest side, then the model snaps the
+    sides to the patch grid: the same descriptor as the cropped image described directly."""
+    from cbir_tf.data.decode import resize_longest
+    from cbir_tf.describe.queries import describe_queries
+
+    model = models.build_descriptor_model("dinov2", dinov2[0], pooling="gem")
+    image = _rgb(120, 160, seed=4).astype(np.uint8)
+    box = (30, 10, 130, 90)  # x1, y1, x2, y2
+    got = describe_queries(model, [image], [box], image_size=64)
+    # The crop is scaled by the factor that brings the whole image to 64 px (the reference).
+    crop = resize_longest(image[10:90, 30:130], 64, reference_longest=160)
+    np.testing.assert_allclose(got[0], model(crop[None].astype(np.float32)).numpy()[0], atol=1e-5)
