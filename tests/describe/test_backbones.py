@@ -286,3 +286,25 @@ def test_fetch_imagenet_weights_finds_the_cache_or_fails_clearly(monkeypatch, tm
     # Already in the Keras cache: found without network and without building the network.
     (tmp_path / "models" / MOBILENET_FILE).write_bytes(b"cached")
     assert fetch_imagenet_weights("mobilenet", 0.25, cache_dir=str(tmp_path)) is None
+
+
+@pytest.mark.slow
+def test_convnext_depthwise_convolutions_are_keras_grouped_ones():
+    """ConvNeXt's 7 x 7 depthwise convolutions (grouped Conv2Ds in keras.applications, which
+    TensorFlow runs through XLA on CPU, slowly) are DepthwiseConv2Ds here: the same network."""
+    ours = build_backbone("convnext_tiny", "none")
+    grouped = [layer for layer in ours.layers if getattr(layer, "groups", 1) > 1]
+    assert not grouped
+    depthwise = [layer for layer in ours.layers if isinstance(layer, keras.layers.DepthwiseConv2D)]
+    assert len(depthwise) == 18  # one per block
+    reference = keras.applications.ConvNeXtTiny(
+        include_top=False, weights=None, input_shape=(None, None, 3)
+    )
+    # Same layers in the same order (the unnamed final LayerNorm's name differs by build).
+    for mine, layer in zip(ours.layers[1:], reference.layers[1:], strict=True):
+        weights = mine.get_weights()
+        if getattr(layer, "groups", 1) > 1:
+            weights[0] = weights[0].reshape(7, 7, 1, -1)
+        layer.set_weights(weights)
+    x = _image(70, 100) * 127 + 128
+    np.testing.assert_allclose(ours(x).numpy(), reference(x).numpy(), atol=1e-5)
