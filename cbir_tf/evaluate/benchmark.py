@@ -182,9 +182,12 @@ def _saved_model_info(model_path: str) -> dict[str, Any]:
 
 
 def _weights_name(weights: str) -> str:
-    # A weights file is named by its absolute path so that a resumed run given a relative path
-    # (or the other way round) is recognised as the same extraction.
-    return weights if weights.lower() in ("imagenet", "none") else os.path.abspath(weights)
+    # A weights file (or checkpoint folder) is named by its absolute path so that a resumed run
+    # given a relative path (or the other way round) is recognised as the same extraction;
+    # keywords and KerasHub handles (hf://...) are names, not paths.
+    if weights.lower() in ("imagenet", "none", "pretrained") or "://" in weights:
+        return weights
+    return os.path.abspath(weights)
 
 
 def whitening_dataset(dataset: str, spec: WhiteningSpec, folder: bool = False) -> str | None:

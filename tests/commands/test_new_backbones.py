@@ -105,7 +105,8 @@ def test_serve_opens_a_transformer_index(checkpoints, photos, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "backbone, pooling", [("dinov2", "auto"), ("dinov3", "rmac"), ("convnext_tiny", "auto")]
+    "backbone, pooling",
+    [("dinov2", "auto"), ("dinov3", "rmac"), ("siglip", "gem"), ("convnext_tiny", "auto")],
 )
 def test_extract_and_search_commands(backbone, pooling, checkpoints, photos, tmp_path):
     index = tmp_path / "index"

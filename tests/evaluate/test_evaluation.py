@@ -135,6 +135,20 @@ def test_offline_fallback_to_random_weights_is_named_in_the_title(monkeypatch):
         assert spec.with_available_weights() == (spec, None)
 
 
+def test_transformer_weights_are_named_as_given(tmp_path):
+    """Keywords and KerasHub handles are names; a checkpoint folder is an absolute path."""
+    from cbir_tf import config
+
+    model = {**config.defaults("model"), "backbone": "dinov2_small", "pooling": "cls"}
+    for weights, recorded in (
+        ("pretrained", "pretrained"),
+        ("hf://facebook/dinov2-small", "hf://facebook/dinov2-small"),
+        (str(tmp_path / "dinov2-small"), str(tmp_path / "dinov2-small")),
+    ):
+        spec = benchmark.DescriptorSpec(model={**model, "weights": weights})
+        assert spec.meta()["weights"] == recorded
+
+
 def test_available_imagenet_weights_are_kept(monkeypatch):
     from cbir_tf.describe import backbones
 
