@@ -186,6 +186,12 @@ def _describe(meta: Mapping[str, Any]) -> str:
     weights = {"none": "random weights", "imagenet": "ImageNet weights"}.get(
         str(meta["weights"]).lower(), meta["weights"]
     )
+    if str(meta["weights"]).lower() in ("imagenet", "pretrained"):
+        from cbir_tf.describe import catalog
+
+        # A transformer's pretrained weights are its KerasHub preset, not ImageNet's.
+        if catalog.is_transformer(meta["backbone"]):
+            weights = f"KerasHub preset {catalog.get_spec(meta['backbone']).preset}"
     if meta.get("weights_fallback"):
         weights += f": {meta['weights_fallback']}"
     if meta.get("whitening_note"):

@@ -123,9 +123,16 @@ def test_offline_fallback_to_random_weights_is_named_in_the_title(monkeypatch):
     monkeypatch.setattr(backbones, "fetch_imagenet_weights", offline)
     spec, reason = _spec().with_available_weights()
     assert spec.model["weights"] == "none" and "could not be downloaded" in reason
-    meta = {"backbone": "mobilenet", "weights": "none", "pooling": "gem", "image_size": 224,
-            "scales": [1.0], "whitening": None, "weights_fallback": reason,
-            "feature_scale": 3e-15}  # fmt: skip
+    meta = {
+        "backbone": "mobilenet",
+        "weights": "none",
+        "pooling": "gem",
+        "image_size": 224,
+        "scales": [1.0],
+        "whitening": None,
+        "weights_fallback": reason,
+        "feature_scale": 3e-15,
+    }
     title = run_evaluate._describe(meta)
     assert "mobilenet (random weights: ImageNet weights could not be downloaded)" in title
     assert "vanishing activations (max 3e-15)" in title
@@ -133,6 +140,19 @@ def test_offline_fallback_to_random_weights_is_named_in_the_title(monkeypatch):
     # Without a fallback, or with weights given, nothing is tried: a failure stays an error.
     for spec in (_spec(fallback=""), _spec(weights="none")):
         assert spec.with_available_weights() == (spec, None)
+
+
+def test_title_names_a_transformers_preset():
+    meta = {
+        "backbone": "dinov3_small",
+        "weights": "imagenet",
+        "pooling": "cls",
+        "image_size": 224,
+        "scales": [1.0],
+        "whitening": None,
+    }
+    title = run_evaluate._describe(meta)
+    assert title.startswith("dinov3_small (KerasHub preset dinov3_vit_small_lvd1689m) + cls")
 
 
 def test_transformer_weights_are_named_as_given(tmp_path):
