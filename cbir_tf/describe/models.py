@@ -25,7 +25,7 @@ import keras
 import tensorflow as tf
 
 from cbir_tf.config import default
-from cbir_tf.describe import backbones, catalog, transformers
+from cbir_tf.describe import backbones, catalog, token_models
 from cbir_tf.describe.layers import (
     MAC,
     RMAC,
@@ -301,7 +301,7 @@ def _transformer_features(
     model's own embedding head, 'cls+gem' the L2-normalised class token and GeM of the patches
     side by side.
     """
-    parts = transformers.build_transformer(name, weights, seed=seed)
+    parts = token_models.build_transformer(name, weights, seed=seed)
     x = SnapToPatches(parts.patch_size, name="snap_to_patches")(image)
     x = Preprocess(name, name="preprocess")(x)
     tokens = parts.tokens(x)

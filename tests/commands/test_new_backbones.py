@@ -175,7 +175,7 @@ def _labelled(root: pathlib.Path) -> pathlib.Path:
 def test_train_metric_recipe_trains_the_last_transformer_blocks(checkpoints, tmp_path):
     """train.py's metric recipe on a DINOv2 with --config.train.metric_blocks=1: the last
     transformer block learns, the embedding and the first block keep their weights."""
-    from cbir_tf.describe import models, transformers
+    from cbir_tf.describe import models, token_models
 
     work = tmp_path / "run"
     proc = _run(
@@ -200,7 +200,7 @@ def test_train_metric_recipe_trains_the_last_transformer_blocks(checkpoints, tmp
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     trained = models.load_descriptor_model(work / "model.keras", safe_mode=True)
-    start = transformers.build_transformer("dinov2", checkpoints["dinov2"]).tokens
+    start = token_models.build_transformer("dinov2", checkpoints["dinov2"]).tokens
     after = trained.get_layer("dinov2")
     for name, should_change in (
         ("patch_embedding", False),

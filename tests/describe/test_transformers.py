@@ -24,7 +24,7 @@ from PIL import Image
 from reference_vit import bicubic_matrix as reference_bicubic
 from reference_vit import dinov2_tokens, imagenet_normalize
 
-from cbir_tf.describe import catalog, models, transformers
+from cbir_tf.describe import catalog, models, token_models, transformers
 from cbir_tf.describe.backbones import WeightsFileError, WeightsUnavailableError
 from cbir_tf.describe.ops import pooling as pooling_ops
 from cbir_tf.describe.ops import tokens as token_ops
@@ -96,7 +96,7 @@ def test_interpolated_positions_are_separable_bicubic():
 def test_dinov2_checkpoint_folder_agrees_with_the_numpy_reference(dinov2, size):
     """Native grid (4 x 4), grids grown and shrunk on each axis, non-square, one patch."""
     folder, config, weights = dinov2
-    parts = transformers.build_transformer("dinov2", folder)
+    parts = token_models.build_transformer("dinov2", folder)
     rgb = _rgb(*size, seed=size[0])
     spec = catalog.get_spec("dinov2")
     ours = parts.tokens(np.asarray(spec.preprocess_input(rgb))[None]).numpy()[0]
@@ -109,7 +109,7 @@ def test_dinov2_checkpoint_folder_agrees_with_the_numpy_reference(dinov2, size):
 def test_dinov2_with_registers_agrees_with_the_numpy_reference(dinov2_registers, size):
     """Four registers after the class token; positions resampled with the antialiased kernel."""
     folder, config, weights = dinov2_registers
-    parts = transformers.build_transformer("dinov2", folder)
+    parts = token_models.build_transformer("dinov2", folder)
     assert parts.num_prefix == 5
     rgb = _rgb(*size, seed=3)
     spec = catalog.get_spec("dinov2")
@@ -199,7 +199,7 @@ def test_dinov3_tokens_equal_keras_hubs_at_any_size(tmp_path):
     import keras_hub
 
     folder = write_dinov3(tmp_path / "dinov3-tiny")
-    parts = transformers.build_transformer("dinov3", folder)
+    parts = token_models.build_transformer("dinov3", folder)
     assert (parts.patch_size, parts.num_prefix, parts.channels) == (16, 5, 32)
     for size in ((64, 64), (48, 80)):
         # KerasHub builds DINOv3 for one size; its rotary angles follow that size.
@@ -215,7 +215,7 @@ def test_clip_and_siglip_towers_equal_keras_hubs(family, tmp_path):
     import keras_hub
 
     folder = write_keras_hub_preset(tmp_path / family, family)
-    parts = transformers.build_transformer(family, folder)
+    parts = token_models.build_transformer(family, folder)
     hub = keras_hub.models.Backbone.from_preset(str(folder))
     x = RNG.standard_normal((2, 64, 64, 3)).astype(np.float32)
     tokens = parts.tokens(x)
@@ -269,7 +269,7 @@ def offline(monkeypatch, tmp_path):
 
 def test_offline_preset_is_one_line_naming_the_folder_to_give(offline):
     with pytest.raises(WeightsUnavailableError) as info:
-        transformers.build_transformer("dinov2_small", "imagenet")
+        transformers.load_tower("dinov2_small", "imagenet")
     message = str(info.value)
     assert "\n" not in message
     assert "dinov2_small" in message and "--weights=DIR" in message, message
@@ -294,7 +294,7 @@ def test_folders_that_do_not_fit_are_one_line(dinov2, tmp_path):
     ]
     for name, weights, expected in cases:
         with pytest.raises(WeightsFileError) as info:
-            transformers.build_transformer(name, "none" if weights is None else weights)
+            transformers.load_tower(name, "none" if weights is None else weights)
         assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
@@ -313,8 +313,8 @@ def test_saved_descriptor_models_load_in_safe_mode(dinov2_registers, tmp_path):
 
 @pytest.mark.slow
 def test_random_weights_are_the_same_network_in_every_build():
-    first = transformers.build_transformer("dinov2_small", "none").tokens
-    second = transformers.build_transformer("dinov2_small", "none").tokens
+    first = token_models.build_transformer("dinov2_small", "none").tokens
+    second = token_models.build_transformer("dinov2_small", "none").tokens
     for a, b in zip(first.weights, second.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     x = _rgb(70, 56)[None] / 255.0
