@@ -40,7 +40,8 @@ class DescriptorSpec:
     """How a benchmark's images are described: everything that changes their descriptors.
 
     Attributes:
-      model: `build_descriptor_model`'s keyword arguments (a config's `model` block).
+      model: `build_descriptor_model`'s keyword arguments (a config's `model` block); pooling
+        'auto' is replaced by the backbone's recipe.
       image_size: longest image side, pixels (for a saved model: the size resolved by
         `cbir_tf.describe.models.image_size_for_model`).
       scales: multi-scale factors.
@@ -53,6 +54,14 @@ class DescriptorSpec:
     scales: tuple[float, ...] = tuple(default("data.scales"))
     ms_power: float = default("data.ms_power")
     model_path: str | None = None
+
+    def __post_init__(self):
+        # 'auto' (the default pooling) stands for the backbone's recipe: the cache key, the
+        # metadata and the model all name the pooling that is computed, as before 'auto' existed.
+        if str(self.model.get("pooling", "")).lower() == "auto" and "backbone" in self.model:
+            from cbir_tf.describe import catalog
+
+            object.__setattr__(self, "model", catalog.with_pooling(self.model))
 
     def extraction(self) -> dict[str, Any]:
         """`cbir_tf.describe.extract.extract`'s settings: image_size, scales, ms_power."""

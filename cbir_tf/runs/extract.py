@@ -45,12 +45,11 @@ def _summary(label: str, result: Any, store_dir: str | None) -> str:
 
 def descriptor_spec(cfg: Any, model_path: str | None = None) -> Any:
     """How the config describes images (`cbir_tf.evaluate.benchmark.DescriptorSpec`)."""
-    from cbir_tf.describe import catalog
     from cbir_tf.evaluate.benchmark import DescriptorSpec
 
     data = config_lib.block(cfg, "data")
     return DescriptorSpec(
-        model=catalog.with_pooling(config_lib.block(cfg, "model")),
+        model=config_lib.block(cfg, "model"),
         image_size=int(data["image_size"]),
         scales=tuple(float(s) for s in data["scales"]),
         ms_power=float(data["ms_power"]),
