@@ -1,4 +1,4 @@
-"""Synthetic photos for the tests that index and search a folder."""
+"""Synthetic photos and image folders for the tests that list, index and search images."""
 
 import os
 
@@ -26,3 +26,16 @@ def synthetic_photo(path, seed, size=(96, 72)):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     img.save(path, quality=95)
     return str(path)
+
+
+def plain_image(path, size=(40, 30), color=(200, 10, 10), fmt="JPEG"):
+    """Writes a one-colour image at `path` (folders made as needed)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path, fmt)
+
+
+def labelled_collection(root, counts, size=(40, 30)):
+    """A labelled folder: `counts[c]` images `NN.jpg` in sub-folder `c` of `root` per class."""
+    for c, n in counts.items():
+        for i in range(n):
+            plain_image(os.path.join(root, c, f"{i:02d}.jpg"), size, (20 * i, 80, 40))
