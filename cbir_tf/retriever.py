@@ -87,7 +87,7 @@ class Retriever:
         a file outside the index (a weights file, a `.keras` model) are saved as `model.keras`
         in the index folder, so that the folder can be moved or copied as one.
       image_size: longest image side fed to the model, pixels.
-      scales: multi-scale factors (descriptors are combined as `descriptors.extract` does).
+      scales: multi-scale factors (descriptors combined as `cbir_tf.describe.extract` does).
       ms_power: power of the generalised mean combining scales.
       directory: the index folder (opened if it holds an index, else created on first write).
       root: collection root: image ids are paths relative to it.

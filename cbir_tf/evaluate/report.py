@@ -1,6 +1,6 @@
 """Result tables in the field's usual form, and their JSON / CSV files.
 
-`results` everywhere in this module is the dictionary `evaluation.evaluate_methods` returns::
+`results` everywhere in this module is the dictionary `methods.evaluate_methods` returns::
 
     {method: {"revisited": {"easy"|"medium"|"hard": {"map", "aps", "mpr", "prs"}},
               "original": {"map", "aps", "mpr", "prs"} or None}}

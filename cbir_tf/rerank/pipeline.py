@@ -1,6 +1,6 @@
 """The one re-ranking pipeline: method names, settings, and `rerank`, used by every caller.
 
-Evaluation (`evaluation.rank_method`: full rankings `[Q, N]`), the `Retriever` (top k with
+Evaluation (`evaluate.rankings.rank_method`: full rankings `[Q, N]`), the `Retriever` (top k with
 scores; hence `search.py` and the search service) all rank through `rerank`. A method is a
 '+'-joined list of steps, applied in this order:
 

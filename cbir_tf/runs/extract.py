@@ -159,8 +159,8 @@ def build_index(
 
     Resumable: run it again after an interruption, or after adding images, and only new or
     changed files are described. With `num_shards` > 1 this call indexes the contiguous slice
-    `shard_index` of the sorted file list (`cbir_tf.store.shards.shard_range`) into its own `out`;
-    `merge_indexes` joins the shard folders.
+    `shard_index` of the sorted file list (`cbir_tf.data.image_list.shard_range`) into its own
+    `out`; `merge_indexes` joins the shard folders.
 
     Args:
       config: full config (model, data, extract, search, rerank blocks).
