@@ -7,7 +7,10 @@ built once under a lock. `cbir_tf.serve.app` calls it from a thread pool, off th
 
 Uploads go through the toolkit's own loader (`cbir_tf.data.decode.load_resized`): the same
 formats, EXIF orientation, colour rules, truncation and decompression-bomb checks as indexed
-images. Thumbnails are read from the index's own files, addressed by row number only.
+images, and the same pixels; only large ones (`cbir_tf.serve.lanes`) decode a JPEG at a
+reduced DCT scale. Thumbnails are read from the index's own files, addressed by row number only.
+What searches run on (exact, or an approximate index and its measured recall) is reported as
+the retriever's search index says (`search_report`), never assumed.
 """
 
 from __future__ import annotations
