@@ -57,12 +57,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(index: pathlib.Path, port: int, threads: int | None, log_path: pathlib.Path):
+def start_server(
+    index: pathlib.Path,
+    port: int,
+    threads: int | None,
+    log_path: pathlib.Path,
+    tree: pathlib.Path = ROOT,
+):
+    """serve.py of the source tree `tree` (this one by default) on 127.0.0.1:`port`."""
     cmd = [sys.executable, "serve.py", f"--index={index}", f"--host={HOST}", f"--port={port}"]
     if threads:
         cmd.append(f"--threads={threads}")
     log = open(log_path, "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=tree, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -36,6 +36,7 @@ from cbir_tf.fileio import folder_lock
 from cbir_tf.rerank import pipeline
 from cbir_tf.search import ann as ann_lib
 from cbir_tf.search.ann import AnnSettings
+from cbir_tf.search.index import SearchIndex
 from cbir_tf.store import files as store_lib
 from cbir_tf.store import index_folder
 from cbir_tf.store.collection import Collection
@@ -470,16 +471,31 @@ class Retriever:
                 f"queries have {queries.shape[1]} dimensions, the index {database.shape[1]}"
             )
         k = min(check_k(k), database.shape[0])
+        settings = pipeline.RerankSettings.from_config(self.rerank_settings)
+        ranking = pipeline.rerank(method, queries, self._search_database(), settings, k=k)
+        return np.asarray(ranking.scores, np.float32), np.asarray(ranking.ids, np.int64)
+
+    def search_index(self, rerank: str = "none") -> SearchIndex:
+        """The index that finds the candidates of `rerank`'s searches, as searches use it.
+
+        Exact search, the folder's approximate index, or one built in memory (the DBA-augmented
+        database's, for 'dba' methods); built now if no search has built it yet. Its
+        `summary()` says which, with nprobe and measured recall (what the service reports).
+        """
+        method = pipeline.check_method(rerank, "rerank")
+        self._require_nonempty()
+        settings = pipeline.RerankSettings.from_config(self.rerank_settings)
+        return self._search_database().index_for(method, settings)
+
+    def _search_database(self) -> pipeline.Database:
         if self._database is None:
             # Validated (and, for faiss, built) once per state of the index, not per query;
             # it also keeps the DBA vectors and diffusion graphs for later queries.
             self._database = pipeline.Database(
-                database, backend=self.backend, block_size=self.block_size,
+                self._descriptors, backend=self.backend, block_size=self.block_size,
                 ann=self.approximate_index(), ann_settings=self.ann_settings,
             )  # fmt: skip
-        settings = pipeline.RerankSettings.from_config(self.rerank_settings)
-        ranking = pipeline.rerank(method, queries, self._database, settings, k=k)
-        return np.asarray(ranking.scores, np.float32), np.asarray(ranking.ids, np.int64)
+        return self._database
 
     def approximate_index(self) -> ann_lib.AnnIndex | None:
         """The folder's saved approximate index (memory-mapped), when searches use it.

@@ -80,6 +80,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.rerank.diffusion.tol = 1e-6
     c.rerank.diffusion.truncate = 0  # 0 = full graph; n > 0 = sub-graph of each query's top n
 
+    c.serve = ml_collections.ConfigDict()  # serve.py (cbir_tf.serve.lanes)
+    # Uploads whose header declares more pixels than this are large: decoded apart from the
+    # other requests, serve.large_decodes at a time, JPEGs at a reduced DCT scale.
+    c.serve.large_image_pixels = 4096 * 4096
+    c.serve.large_decodes = 1
+
     c.eval = ml_collections.ConfigDict()
     c.eval.kappas = (1, 5, 10)
     c.eval.num_visualize = 5  # result grids for the first queries

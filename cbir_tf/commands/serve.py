@@ -15,11 +15,20 @@ from absl import flags
 
 from cbir_tf import quiet
 from cbir_tf.commands import cli
+from cbir_tf.config import default
 
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (wider than loopback is logged).")
 flags.DEFINE_integer("port", 8080, "Port to listen on.")
 flags.DEFINE_float("max_upload_mb", 20.0, "Largest accepted upload, MiB (refused while streaming).")
 flags.DEFINE_integer("threads", None, "Worker threads for decoding and search (default: cores).")
+flags.DEFINE_integer(
+    "large_image_pixels", default("serve.large_image_pixels"),
+    "Uploads whose header declares more pixels are large: decoded apart, JPEGs at reduced scale.",
+)  # fmt: skip
+flags.DEFINE_integer(
+    "large_decodes", default("serve.large_decodes"),
+    "Uploads of large images decoded at once, in threads apart from the other requests.",
+)  # fmt: skip
 cli.define_index_flags()
 FLAGS = flags.FLAGS
 
@@ -39,6 +48,8 @@ def main(argv):
             threads=FLAGS.threads,
             model=FLAGS.model,
             root=FLAGS.root,
+            large_decodes=FLAGS.large_decodes,
+            large_image_pixels=FLAGS.large_image_pixels,
         )
     )
 

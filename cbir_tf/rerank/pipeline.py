@@ -188,6 +188,11 @@ class Database:
     def vectors(self) -> np.ndarray:
         return self.index.database
 
+    def index_for(self, method: str, settings: RerankSettings) -> SearchIndex:
+        """The index that finds `method`'s candidates: the augmented database's for 'dba'."""
+        steps = check_method(method).split("+")
+        return self.augmented(settings.dba).index if "dba" in steps else self.index
+
     def augmented(self, dba: Expansion) -> Database:
         """The database after database-side augmentation with `dba`."""
         if dba not in self._augmented:

@@ -10,8 +10,10 @@ Routes:
 
 Errors are JSON `{"error": "<one line>"}` with a 4xx status. Uploads are counted while they
 stream in and refused (413) as soon as they pass `max_upload_mb`, before the rest is read.
-Decoding, description and search run in worker threads (at most `threads` at once), never on
-the event loop. Images are addressed by row number only: no route takes a file path, and none
+Decoding, description and search run in worker threads, never on the event loop: at most
+`threads` at once, and uploads of large images in a smaller lane of their own
+(`cbir_tf.serve.lanes`), so that they never hold the threads of searches by row and small
+uploads. Images are addressed by row number only: no route takes a file path, and none
 fetches a URL.
 """
 
@@ -26,7 +28,6 @@ import os
 import time
 from collections.abc import AsyncIterator
 
-import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -34,7 +35,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from cbir_tf.serve.service import RequestError, SearchService, parse_k, parse_rerank
+from cbir_tf.config import default
+from cbir_tf.serve.lanes import Lanes
+from cbir_tf.serve.params import parse_k, parse_rerank, parse_row, quote
+from cbir_tf.serve.service import RequestError, SearchService
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +84,12 @@ async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
 async def _read_upload(request: Request, limit: int) -> bytes:
     """The bytes of the multipart field `image`, or RequestError with the reason."""
     length = request.headers.get("content-length")
-    if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
-        raise RequestError(413, f"upload of {int(length)} bytes exceeds the limit of {limit}")
+    # Digits past the limit's own length are too many (and never reach int(): see params.py).
+    if length is not None and length.isascii() and length.isdigit():
+        digits = length.lstrip("0") or "0"
+        if len(digits) > len(str(limit)) or int(digits) > limit:
+            size = length if len(length) <= 20 else quote(length, 20)
+            raise RequestError(413, f"upload of {size} bytes exceeds the limit of {limit}")
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise RequestError(400, f"send the photo as multipart/form-data field {FIELD!r}")
@@ -98,7 +106,7 @@ async def _read_upload(request: Request, limit: int) -> bytes:
     try:
         upload = form.get(FIELD)
         if upload is None or isinstance(upload, str):
-            names = ", ".join(repr(n) for n in form.keys()) or "none"
+            names = ", ".join(quote(n) for n in form.keys()) or "none"
             raise RequestError(400, f"no file in the multipart field {FIELD!r} (fields: {names})")
         return await upload.read()
     finally:
@@ -110,6 +118,8 @@ def create_app(
     *,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     threads: int | None = None,
+    large_decodes: int = default("serve.large_decodes"),
+    large_image_pixels: int = default("serve.large_image_pixels"),
 ) -> Starlette:
     """The ASGI app over a service.
 
@@ -117,14 +127,15 @@ def create_app(
       service: the opened index (`cbir_tf.serve.service.open_service`).
       max_upload_mb: the largest accepted request body, MiB.
       threads: worker threads for decoding and search (default: the usable cores, at least 2).
+      large_decodes: uploads of large images decoded at once, in threads of their own.
+      large_image_pixels: uploads whose header declares more pixels are large.
     """
     limit = int(max_upload_mb * 2**20)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = threads or max(2, cores or 1)
-    limiter = anyio.CapacityLimiter(threads)
-
-    async def off_loop(fn, *args):
-        return await anyio.to_thread.run_sync(fn, *args, limiter=limiter)
+    lanes = Lanes(
+        threads=threads, large_decodes=large_decodes, large_image_pixels=large_image_pixels
+    )
 
     async def page(request: Request) -> Response:
         return HTMLResponse(_page(), headers=_HEADERS)
@@ -142,29 +153,26 @@ def create_app(
             rerank = parse_rerank(request.query_params.get("rerank"))
             row = request.query_params.get("row")
             if row is not None:
-                if not (row.isascii() and row.isdigit()):
-                    raise RequestError(400, f"row must be a row number, got {row[:40]!r}")
-                out = await off_loop(service.search_row, int(row), k, rerank)
+                out = await lanes.run(service.search_row, parse_row(row), k, rerank)
             else:
                 data = await _read_upload(request, limit)
                 received = time.perf_counter()
-                out = await off_loop(service.search_image, data, k, rerank)
+                out = await lanes.run_upload(data, service.search_image, k, rerank)
                 out["timing_ms"]["upload"] = round((received - start) * 1000, 2)
         except RequestError as e:
             return _error(e.status, e.reason)
         except ClientDisconnect:
             return _error(400, "the client disconnected during the upload")
         out["timing_ms"]["total"] = round((time.perf_counter() - start) * 1000, 2)
-        out["index"] = {"images": len(service), "approximate": False}
         return JSONResponse(out, headers=_HEADERS)
 
     async def thumbnail(request: Request) -> Response:
+        row = request.path_params["row"]
+        if not (row.isascii() and row.isdigit()):  # a name, '-1', '..': no such thumbnail
+            return _error(404, f"not found: {request.method} {request.url.path[:200]}")
         try:
-            data = await off_loop(
-                service.thumbnail,
-                request.path_params["row"],
-                request.query_params.get("size", "small"),
-            )
+            size = request.query_params.get("size", "small")
+            data = await lanes.run(service.thumbnail, parse_row(row, "a thumbnail's row"), size)
         except RequestError as e:
             return _error(e.status, e.reason)
         headers = {**_HEADERS, "Cache-Control": "public, max-age=3600"}
@@ -183,8 +191,10 @@ def create_app(
         Route("/api/health", health, methods=["GET"]),
         Route("/api/index", index_info, methods=["GET"]),
         Route("/api/search", search, methods=["POST"]),
-        # `int` only matches digits: '..', encoded slashes or absolute paths never reach it.
-        Route("/thumbnails/{row:int}", thumbnail, methods=["GET"]),
+        # One path segment, then digits only: '..', encoded slashes or absolute paths never
+        # reach a file (parsed by `thumbnail`, not `{row:int}`, whose int() of 5000 digits
+        # raised a 500).
+        Route("/thumbnails/{row}", thumbnail, methods=["GET"]),
     ]
     handlers = {HTTPException: http_error, Exception: server_error}
     return Starlette(routes=routes, exception_handlers=handlers)
@@ -209,6 +219,8 @@ def serve(
     threads: int | None = None,
     model: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
+    large_decodes: int = default("serve.large_decodes"),
+    large_image_pixels: int = default("serve.large_image_pixels"),
 ) -> None:
     """What `serve.py` runs: opens the index, loads the model once, serves until interrupted.
 
@@ -236,6 +248,9 @@ def serve(
     threadpool_limits(limits=1, user_api="blas")
     service = open_service(index_dir, model=model, root=root)
     log.info("index %s: %d images; serving on http://%s:%d/", index_dir, len(service), host, port)
-    app = create_app(service, max_upload_mb=max_upload_mb, threads=threads)
+    app = create_app(
+        service, max_upload_mb=max_upload_mb, threads=threads, large_decodes=large_decodes,
+        large_image_pixels=large_image_pixels,
+    )  # fmt: skip
     with contextlib.closing(service):
         uvicorn.run(app, host=host, port=int(port), log_level="info", access_log=False)

@@ -7,7 +7,10 @@ built once under a lock. `cbir_tf.serve.app` calls it from a thread pool, off th
 
 Uploads go through the toolkit's own loader (`cbir_tf.data.decode.load_resized`): the same
 formats, EXIF orientation, colour rules, truncation and decompression-bomb checks as indexed
-images. Thumbnails are read from the index's own files, addressed by row number only.
+images, and the same pixels; only large ones (`cbir_tf.serve.lanes`) decode a JPEG at a
+reduced DCT scale. Thumbnails are read from the index's own files, addressed by row number only.
+What searches run on (exact, or an approximate index and its measured recall) is reported as
+the retriever's search index says (`search_report`), never assumed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 from cbir_tf.data import decode
 from cbir_tf.rerank import pipeline as rerank_pipeline
 from cbir_tf.retriever import Retriever
+from cbir_tf.serve.lanes import release_memory
 
 THUMBNAIL_SIZES = {"small": 256, "large": 1024}  # longest side, pixels
 MAX_K = 1000
@@ -38,30 +42,6 @@ class RequestError(ValueError):
         super().__init__(reason)
         self.status = int(status)
         self.reason = reason
-
-
-def parse_k(value: str | None, default: int = 10, max_k: int = MAX_K) -> int:
-    """The `k` query parameter: an integer in 1..max_k (RequestError 400 otherwise)."""
-    if value is None or value == "":
-        return default
-    try:
-        k = int(value)
-    except ValueError:
-        raise RequestError(400, f"k must be an integer from 1 to {max_k}, got {value!r}") from None
-    if not 1 <= k <= max_k:
-        raise RequestError(400, f"k must be from 1 to {max_k}, got {k}")
-    return k
-
-
-def parse_rerank(value: str | None) -> str:
-    """The `rerank` query parameter: a re-ranking method (RequestError 400 otherwise)."""
-    if value is None or value == "":
-        return rerank_pipeline.NONE
-    try:
-        rerank_pipeline.check_method(value[:40], "rerank")
-    except ValueError as err:
-        raise RequestError(400, str(err)) from None
-    return value
 
 
 class _LRU:
@@ -146,17 +126,35 @@ class SearchService:
             "image_size": r.image_size,
             "scales": list(r.scales),
             "backend": r.backend,
-            # No approximate (ANN) index exists for these folders yet: search is exact.
-            "approximate": False,
-            "recall": None,
+            **self.search_report(),
             "rerank_methods": list(rerank_pipeline.METHODS),
             "max_k": MAX_K,
         }
 
+    def search_report(self, rerank: str = rerank_pipeline.NONE) -> dict[str, Any]:
+        """What searches with `rerank` really run on: `approximate`, `recall`, `search`.
+
+        Read from the index the searches use (`Retriever.search_index`): exact search, or an
+        approximate index with its kind, nprobe, the recall measured when it was built and
+        whether that met its target (`SearchIndex.summary`).
+        """
+        summary = self.retriever.search_index(rerank).summary()
+        approximate = bool(summary["approximate"])
+        return {
+            "approximate": approximate,
+            "recall": summary.get("recall") if approximate else None,
+            "search": summary,
+        }
+
     # -- queries ------------------------------------------------------------------------------
 
-    def decode_upload(self, data: bytes) -> np.ndarray:
+    def decode_upload(self, data: bytes, large: bool = False) -> np.ndarray:
         """An uploaded file's pixels as indexed images are loaded: uint8 [h, w, 3], shrunk.
+
+        Args:
+          data: the file's bytes.
+          large: an image of more than the large lane's pixels (`cbir_tf.serve.lanes`): a JPEG
+            is decoded at a reduced DCT scale, and the heap's free pages are released after.
 
         Raises:
           RequestError: 400 with the loader's reason (not an image, truncated, bomb, ...).
@@ -167,16 +165,23 @@ class SearchService:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            return decode.load_resized(path, self.retriever.image_size, None, self.max_pixels)
+            return decode.load_resized(
+                path, self.retriever.image_size, None, self.max_pixels, draft=large
+            )
         except decode.ImageError as e:
             raise RequestError(400, f"the uploaded file cannot be used: {e.reason}") from None
         finally:
             os.unlink(path)
+            if large:
+                release_memory()
 
-    def search_image(self, data: bytes, k: int, rerank: str) -> dict[str, Any]:
-        """Searches with an uploaded image file; the JSON answer of POST /api/search."""
+    def search_image(self, data: bytes, k: int, rerank: str, large: bool = False) -> dict[str, Any]:
+        """Searches with an uploaded image file; the JSON answer of POST /api/search.
+
+        `large`: see `decode_upload`.
+        """
         t0 = time.perf_counter()
-        image = self.decode_upload(data)
+        image = self.decode_upload(data, large)
         t1 = time.perf_counter()
         query = self._describe(image)
         t2 = time.perf_counter()
@@ -231,7 +236,9 @@ class SearchService:
                     "thumbnail": f"/thumbnails/{int(r)}",
                 }
             )
-        return {"results": results, "k": k, "rerank": rerank}
+        # What found these results (an approximate index's recall, or exact search).
+        index = {"images": len(self._ids), **self.search_report(rerank)["search"]}
+        return {"results": results, "k": k, "rerank": rerank, "index": index}
 
     def _search(self, query: np.ndarray, k: int, rerank: str):
         if rerank in self._warm:
@@ -264,7 +271,10 @@ class SearchService:
         if path is None:
             raise RequestError(404, f"the file of image {self._ids[row]!r} is unknown")
         try:
-            pixels = decode.load_resized(path, THUMBNAIL_SIZES[size], None, self.max_pixels)
+            # A JPEG at a reduced DCT scale: a picture to look at, not to describe.
+            pixels = decode.load_resized(
+                path, THUMBNAIL_SIZES[size], None, self.max_pixels, draft=True
+            )
         except decode.ImageError as e:
             raise RequestError(
                 404, f"image {self._ids[row]!r} cannot be read: {e.reason}"
