@@ -186,9 +186,13 @@ class Retriever:
 
         Returns:
           A Retriever with an empty index (or the index already in `directory`).
+
+        Raises:
+          cbir_tf.config.ConfigError: a field configs/default.py lacks, or of another type.
         """
         from cbir_tf.describe import backbones, models
 
+        config_lib.check_config(config)
         cfg = config_lib.as_dict(config)
         data, search_cfg = config_lib.block(cfg, "data"), config_lib.block(cfg, "search")
         settings = {

@@ -17,13 +17,11 @@ image size and scales come from `config.data` (an index folder records its own).
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from cbir_tf import quiet
-from cbir_tf.commands import cli
-from cbir_tf.config import config_path
+from cbir_tf.commands import checks, cli
 
-config_flags.DEFINE_config_file("config", config_path("default"), cli.CONFIG_HELP)
+cli.define_config_flag()
 flags.DEFINE_string("model", None, "A .keras descriptor model, or an index folder.")
 flags.DEFINE_string("backbone", None, "Backbone name (overrides config.model.backbone).")
 flags.DEFINE_string("weights", None, "'imagenet', 'none', or a weights file (.h5).")
@@ -45,6 +43,7 @@ def main(argv):
     cli.setup_logging(FLAGS.verbose)
     cfg = FLAGS.config
     cli.apply_overrides(cfg, {"model.backbone": FLAGS.backbone, "model.weights": FLAGS.weights})
+    cli.run_main(lambda: check_arguments(cfg))  # in a second, before TensorFlow loads
     quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
     from cbir_tf import config
     from cbir_tf.export import formats as export
@@ -68,6 +67,16 @@ def main(argv):
         print(f"exported {FLAGS.format} ({FLAGS.quantization}) to {path}")
 
     cli.run_main(run)
+
+
+def check_arguments(cfg) -> None:
+    """The flags, files and names of this run, checked before TensorFlow loads."""
+    from cbir_tf.export.formats import check_target
+
+    checks.required("out", FLAGS.out, "(the SavedModel folder or .tflite file to write)")
+    checks.model(cfg, FLAGS.model)
+    checks.path_exists("whitening", FLAGS.whitening)
+    check_target(FLAGS.out)
 
 
 def run() -> None:

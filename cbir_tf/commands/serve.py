@@ -14,7 +14,7 @@ import sys
 from absl import flags
 
 from cbir_tf import quiet
-from cbir_tf.commands import cli
+from cbir_tf.commands import checks, cli
 
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (wider than loopback is logged).")
 flags.DEFINE_integer("port", 8080, "Port to listen on.")
@@ -27,6 +27,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     cli.setup_logging(FLAGS.verbose)
+    cli.run_main(check_arguments)  # in a second, before TensorFlow loads
     quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
     from cbir_tf.serve import app as serve_app
 
@@ -41,6 +42,13 @@ def main(argv):
             root=FLAGS.root,
         )
     )
+
+
+def check_arguments() -> None:
+    """The flags and files of this run, checked before TensorFlow loads."""
+    checks.index("index", FLAGS.index)
+    checks.path_exists("model", FLAGS.model)
+    checks.path_exists("root", FLAGS.root, "folder")
 
 
 def run() -> None:

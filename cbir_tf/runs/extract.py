@@ -71,7 +71,11 @@ def extract_dataset(
 
     Returns:
       (database ExtractionResult, query ExtractionResult).
+
+    Raises:
+      cbir_tf.config.ConfigError: a field configs/default.py lacks, or of another type.
     """
+    config_lib.check_config(cfg)
     from cbir_tf.data import distractors, prepare
     from cbir_tf.evaluate import benchmark
 
