@@ -1,11 +1,14 @@
 r"""Exports a descriptor model for deployment: a SavedModel (TF Serving) or a TFLite file.
 
-  python export.py --model=runs/ft/model.keras --out=exported/descriptor      # SavedModel
-  python export.py --model=index/ --out=exported/descriptor                   # an index's model
+  python export.py --model=runs/ft/model.keras --out=exported/descriptor/1    # SavedModel
+  python export.py --model=index/ --out=exported/descriptor/1                 # an index's model
   python export.py --backbone=mobilenetv2 --weights=mobilenet_v2.weights.h5 \
-      --config.model.pooling=gem --whitening=whitening.npz --out=exported/gem  # from a config
+      --config.model.pooling=gem --whitening=whitening.npz --out=exported/gem/1  # from a config
   python export.py --model=runs/ft/model.keras --out=descriptor.tflite --format=tflite \
       --quantization=float16                                                 # float32|float16|int8
+
+TF Serving loads a model from numbered version folders: give the SavedModel's --out as
+MODEL_DIR/1 (then MODEL_DIR/2, ...) and serve MODEL_DIR.
 
 The SavedModel's `serving_default` takes encoded images (input `image_bytes`, string [B]) and
 returns L2-normalised descriptors [B, D] (output `descriptors`), doing the decoding, EXIF
