@@ -47,7 +47,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Plain, timestamped logging on stderr; quiets TensorFlow's C++ chatter unless `verbose`."""
+    """Plain, timestamped logging on stderr: the toolkit's own INFO lines, and only warnings
+    and errors of the libraries beneath it (TensorFlow's SavedModel writer logs kilobytes at
+    INFO through absl, whose level it sets itself), unless `verbose` (everything, DEBUG too)."""
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(
@@ -56,6 +58,14 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(own_info_only)
+
+
+def own_info_only(record: logging.LogRecord) -> bool:
+    """A logging filter: the toolkit's records, and other libraries' warnings and errors."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] == "cbir_tf"
 
 
 def run_main(fn: Callable[[], Any]) -> Any:
