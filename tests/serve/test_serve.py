@@ -474,7 +474,7 @@ def drive_page(driver, base_url, query_path, expected_id, screenshot=None, timeo
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .result"))
     cards = driver.find_elements(By.CSS_SELECTOR, "#results .result")
     assert cards[0].get_attribute("data-id") == expected_id
-    assert "#1" in cards[0].text and expected_id in cards[0].text
+    assert "#1" in cards[0].text and expected_id in cards[0].text.replace("\n", "")
     # Every thumbnail of the grid loaded from the server.
     wait.until(lambda d: d.execute_script(
         "return Array.from(document.querySelectorAll('#results img'))"
@@ -509,21 +509,23 @@ def _check_paths_shown(driver):
 
     cards = driver.find_elements(By.CSS_SELECTOR, "#results .result")
     for card in cards:
+        image_id = card.get_attribute("data-id")
         path = card.find_element(By.CSS_SELECTOR, ".path")
-        assert path.text == card.get_attribute("data-id") == path.get_attribute("title")
-    # A long path: cut on one line, in full under the pointer.
-    card = cards[0]
+        assert path.text.replace("\n", "") == image_id == path.get_attribute("title")
+    assert any("/" in c.get_attribute("data-id") for c in cards)  # sub/...: a folder shown
+    # A long path: its folders cut on one line, in full under the pointer.
+    card = next(c for c in cards if "/" in c.get_attribute("data-id"))
     driver.execute_script(
-        "arguments[0].querySelector('.path bdi').textContent = arguments[1]",
-        card, "a/long/folder/path/that/names/what/the/image/shows/" + card.get_attribute("data-id"),
+        "arguments[0].querySelector('.path .dir bdi').textContent = arguments[1]",
+        card, "a/long/folder/path/that/names/what/the/image/shows/sub/",
     )  # fmt: skip
-    path = card.find_element(By.CSS_SELECTOR, ".path")
+    folders = card.find_element(By.CSS_SELECTOR, ".path .dir")
     fits = "return arguments[0].scrollWidth <= arguments[0].clientWidth"
     ActionChains(driver).move_to_element(driver.find_element(By.ID, "info")).perform()
-    assert not driver.execute_script(fits, path)  # cut
+    assert not driver.execute_script(fits, folders)  # cut
     ActionChains(driver).move_to_element(card).perform()
-    assert driver.execute_script(fits, path)  # in full, wrapped
-    assert path.text.endswith(card.get_attribute("data-id"))
+    assert driver.execute_script(fits, folders)  # in full, wrapped
+    assert folders.text.replace("\n", "").endswith("/image/shows/sub/")
 
 
 def test_page_in_headless_chromium(served, tmp_path):
