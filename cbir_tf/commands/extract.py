@@ -5,8 +5,9 @@ r"""Extracts global descriptors: a benchmark (database + cropped queries) or you
   python extract.py --dataset=paris6k --distractors=r1m   # + the 1M distractors (own store)
   python extract.py --distractors=r1m --out=part0 --shard_index=0 --num_shards=4   # 1 of 4
   python extract.py --images=~/photos --out=index/    # own collection (recursive), an index
-  python extract.py --images=DIR --out=STORE --weights=mobilenet_2_5_224_tf_no_top.h5 \
-      --config.model.backbone=mobilenet --config.model.alpha=0.25 --config.data.image_size=448
+  python extract.py --images=DIR --out=index/ --backbone=mobilenetv2 \
+      --weights=mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 \
+      --config.data.image_size=224       # offline: a local weights file, at the size it suits
   python extract.py --images=DIR --out=part0 --shard_index=0 --num_shards=4   # one of 4 shards
   python extract.py --merge=part0,part1,part2,part3 --out=STORE             # join the shards
   python extract.py --images=DIR --out=index/ --runner=beam                 # Apache Beam, local
