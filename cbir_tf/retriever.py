@@ -679,6 +679,7 @@ class Retriever:
             for key in ("added", "updated", "failed"):
                 counts[key] += len(resumed[key])
                 counts["unchanged"] -= len(resumed[key] & set(file_ids))
+            counts["removed"] += resumed["removed"]
             counts["resumed"] = resumed["resumed"]
         counts["total"] = len(self._ids)
         log.info("index%s: %s", f" {self.directory}" if self.directory else "", summary(counts))
@@ -711,8 +712,8 @@ class Retriever:
         """Finishes the batch an interrupted run left, keeping what it had described.
 
         Returns:
-          None without one; else {'added', 'updated', 'failed': sets of ids, 'resumed': the
-          number of images described before the interruption}.
+          None without one; else {'added', 'updated', 'failed': sets of ids, 'removed': how
+          many ids it dropped, 'resumed': how many images it had described before it stopped}.
         """
         pending = index_folder.read_pending(self.directory)
         if pending is None:
@@ -725,6 +726,7 @@ class Retriever:
             "added": {i for i in ids if i in self._row and i not in before},
             "updated": {i for i in ids if i in self._row and i in before},
             "failed": {i for i in ids if i not in self._row},
+            "removed": len(pending["remove"]),
             "resumed": resumed,
         }
 

@@ -5,8 +5,9 @@ r"""Serves an image index over HTTP: a search page and a JSON API.
   curl -F image=@photo.jpg 'http://127.0.0.1:8080/api/search?k=5&rerank=aqe'
 
 The page takes a photo (drop or file picker), shows the k most similar indexed images with rank,
-score and path in the collection, and searches again with any result clicked. The model is loaded once; the
-index is read-only while serving. Only this machine can connect unless --host says otherwise.
+score and path in the collection, and searches again with any result clicked. The model is
+loaded once; the index is read-only while serving. Only this machine can connect unless --host
+says otherwise.
 """
 
 import sys
