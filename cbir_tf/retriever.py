@@ -720,13 +720,22 @@ class Retriever:
             return None
         log.info("resuming the interrupted indexing of %d images", len(pending["ids"]))
         before = set(self._row)
+        # A batch whose commit completed when the folder was opened (only its journal was left)
+        # changes nothing now: its images are indexed with these very files' stats already.
+        done = {
+            i for i, stat in zip(pending["ids"], pending["stats"], strict=True)
+            if self.collection.stats.get(i) == list(stat)
+            or (self.collection.failed.get(i) or {}).get("stat") == list(stat)
+        }  # fmt: skip
         _, resumed = self._run_pending(pending, progress)
-        ids = set(pending["ids"])
+        ids = set(pending["ids"]) - done
+        if not ids and not pending["remove"]:
+            return None
         return {
             "added": {i for i in ids if i in self._row and i not in before},
             "updated": {i for i in ids if i in self._row and i in before},
             "failed": {i for i in ids if i not in self._row},
-            "removed": len(pending["remove"]),
+            "removed": len(set(pending["remove"]) & before),
             "resumed": resumed,
         }
 

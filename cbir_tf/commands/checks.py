@@ -23,8 +23,13 @@ def is_remote(path: str) -> bool:
     return "://" in str(path)
 
 
-def path_exists(flag: str, value: str | None, what: str = "file or folder") -> None:
+def path_exists(flag: str, value: str | None, what: str = "file or folder", hint: str = "") -> None:
     """`--flag=value` names an existing local file or folder (URLs and unset flags pass).
+
+    Args:
+      flag, value: the flag and its value.
+      what: 'folder' when it must be one.
+      hint: what the flag should name, added to the message.
 
     Raises:
       FileNotFoundError: naming the flag and the path.
@@ -33,7 +38,8 @@ def path_exists(flag: str, value: str | None, what: str = "file or folder") -> N
         return
     path = os.path.expanduser(str(value))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--{flag}={value}: {os.path.abspath(path)} does not exist")
+        message = f"--{flag}={value}: {os.path.abspath(path)} does not exist"
+        raise FileNotFoundError(message + (f" ({hint})" if hint else ""))
     if what == "folder" and not os.path.isdir(path):
         raise NotADirectoryError(f"--{flag}={value}: {os.path.abspath(path)} is not a folder")
 
@@ -77,9 +83,9 @@ def index(flag: str, path: str) -> None:
     """`--flag=path` is an index folder (extract.py --images, Retriever.save)."""
     from cbir_tf.store import index_folder
 
-    path_exists(flag, path, "folder")
-    if not index_folder.is_index(os.path.expanduser(path)):
-        index_folder.read_manifest(os.path.expanduser(path))  # raises, saying how to build one
+    folder = os.path.expanduser(path)
+    if not index_folder.is_index(folder):
+        index_folder.read_manifest(folder)  # FileNotFoundError saying how to build one
 
 
 def rerank_methods(cfg: Any) -> None:

@@ -55,7 +55,9 @@ def check_arguments(cfg) -> None:
     """The flags, files and names of this run, checked before TensorFlow loads."""
     checks.benchmark(cfg)
     checks.rerank_methods(cfg)
-    checks.path_exists("descriptors", FLAGS.descriptors)
+    checks.path_exists(
+        "descriptors", FLAGS.descriptors, hint="a store folder holding db/ and queries/, or a .mat"
+    )
     if not FLAGS.descriptors:
         checks.model(cfg, FLAGS.model)
 

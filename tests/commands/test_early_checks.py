@@ -156,10 +156,14 @@ MISTAKES = [
     ("extract", ["--images=missing", "--out=index"], "error: --images=missing: {root}/missing"),
     ("extract", ["--images=photos"], "error: --out is needed with --images"),
     ("search", ["--index=index", "--query=photos/a.jpg", "--k=0"], "error: k (results per query)"),
-    ("search", ["--index=missing", "--query=photos/a.jpg"], "error: --index=missing: "),
+    ("search", ["--index=missing", "--query=photos/a.jpg"], "error: missing is not an image index"),
     ("serve", ["--index=photos"], "error: photos is not an image index (no manifest.json)"),
     ("evaluate", ["--dataset=bench"], "error: {root}/bench/gnd.json: gnd[0] (query 'q1') has "),
-    ("evaluate", ["--dataset=paris6k", "--descriptors=missing"], "error: --descriptors=missing"),
+    (
+        "evaluate",
+        ["--dataset=paris6k", "--descriptors=missing"],
+        "error: --descriptors=missing: {root}/missing does not exist (a store folder holding db/",
+    ),
     (
         "extract",
         ["--images=photos", "--out=index", "--config.model.pooling=gam"],
