@@ -157,7 +157,13 @@ def folder_lock(folder: str | os.PathLike, what: str = "this folder") -> Iterato
     """Holds an exclusive, non-blocking lock on `folder` for the duration of the block.
 
     Two processes writing the same store would corrupt it; the second one is refused at once
-    with a message naming the folder. The lock is released by the OS if the holder dies.
+    with a message naming the folder. The lock is released by the OS if the holder dies, and
+    the `.lock` file it leaves is taken over by the next writer; a holder that leaves the block
+    (normally or with an error) deletes the file, so that a finished folder holds none.
+
+    Deleting a lock file is safe only because every taker checks, once it holds the lock, that
+    the file it locked is still the one at `.lock`: a process that opened the file before the
+    holder deleted it would otherwise lock a file nobody else can see, beside a new one.
 
     Raises:
       LockError: another process holds the lock.
@@ -165,21 +171,46 @@ def folder_lock(folder: str | os.PathLike, what: str = "this folder") -> Iterato
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     lock_path = os.path.join(folder, ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _take_lock(lock_path, folder, what)
     try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        # Deleted while still held: no other process can lock this file after this point.
+        with contextlib.suppress(OSError):
+            if _same_file(fd, lock_path):
+                os.unlink(lock_path)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _take_lock(lock_path: str, folder: str, what: str) -> int:
+    """An open descriptor of `lock_path`, exclusively locked; LockError if another holds it."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise LockError(
                     f"{folder} is being written by another process (lock file {lock_path}); "
                     f"wait for it to finish, or write {what} to another folder."
                 ) from None
             raise
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        if _same_file(fd, lock_path):
+            return fd
+        # The holder deleted the file between our open and our lock: lock the new one.
         os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)

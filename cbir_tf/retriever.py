@@ -187,9 +187,13 @@ class Retriever:
 
         Returns:
           A Retriever with an empty index (or the index already in `directory`).
+
+        Raises:
+          cbir_tf.config.ConfigError: a field configs/default.py lacks, or of another type.
         """
         from cbir_tf.describe import backbones, models
 
+        config_lib.check_config(config)
         cfg = config_lib.as_dict(config)
         data, search_cfg = config_lib.block(cfg, "data"), config_lib.block(cfg, "search")
         settings = {
@@ -558,7 +562,9 @@ class Retriever:
           progress: show a progress bar while extracting.
 
         Returns:
-          Counts {'added', 'updated', 'unchanged', 'failed', 'removed', 'total'}.
+          Counts {'added', 'updated', 'unchanged', 'failed', 'removed', 'resumed', 'total'}.
+          An interrupted run's images, finished first, count as what they were to it (added,
+          updated, failed); 'resumed' counts those it had described before it stopped.
 
         Raises:
           FileNotFoundError: a single path that does not exist.
@@ -567,8 +573,8 @@ class Retriever:
         if self.directory:
             with folder_lock(self.directory, what="this index"):
                 self._refresh()
-                self._resume_pending(progress)
-                return self._index(paths_or_folder, ids, recursive, prune, progress)
+                resumed = self._resume_pending(progress)
+                return self._index(paths_or_folder, ids, recursive, prune, progress, resumed)
         return self._index(paths_or_folder, ids, recursive, prune, progress)
 
     def remove(self, ids_or_paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -666,7 +672,7 @@ class Retriever:
         if index_folder.is_index(self.directory):
             self._open(self.directory)
 
-    def _index(self, paths_or_folder, ids, recursive, prune, progress) -> dict[str, int]:
+    def _index(self, paths_or_folder, ids, recursive, prune, progress, resumed=None):
         files, file_ids, folder = self.collection.resolve(
             paths_or_folder, ids, recursive, prune, self._row
         )
@@ -677,18 +683,22 @@ class Retriever:
         before = set(self._row)
         if todo_ids or remove:
             self._extract_and_commit(todo_ids, new_paths, stats, remove, progress)
-        counts = {"added": 0, "updated": 0, **seen, "removed": len(remove)}
+        counts = {"added": 0, "updated": 0, **seen, "removed": len(remove), "resumed": 0}
         for i in todo_ids:
             if i in self._row:
                 counts["updated" if i in before else "added"] += 1
             else:
                 counts["failed"] += 1
+        if resumed:
+            # The interrupted run's batch, finished before this call looked at the files: its
+            # images are new to the user, not 'unchanged' (they were unchanged only since).
+            for key in ("added", "updated", "failed"):
+                counts[key] += len(resumed[key])
+                counts["unchanged"] -= len(resumed[key] & set(file_ids))
+            counts["removed"] += resumed["removed"]
+            counts["resumed"] = resumed["resumed"]
         counts["total"] = len(self._ids)
-        log.info(
-            "index%s: %d added, %d updated, %d unchanged, %d unreadable, %d removed; %d images",
-            f" {self.directory}" if self.directory else "", counts["added"], counts["updated"],
-            counts["unchanged"], counts["failed"], counts["removed"], counts["total"],
-        )  # fmt: skip
+        log.info("index%s: %s", f" {self.directory}" if self.directory else "", summary(counts))
         return counts
 
     # -- extraction and commit ---------------------------------------------------------------
@@ -712,16 +722,41 @@ class Retriever:
             "remove": sorted(remove),
         }
         index_folder.save_pending(self.directory, pending)
-        return self._run_pending(pending, progress)
+        return self._run_pending(pending, progress)[0]
 
-    def _resume_pending(self, progress: bool) -> None:
+    def _resume_pending(self, progress: bool) -> dict[str, Any] | None:
+        """Finishes the batch an interrupted run left, keeping what it had described.
+
+        Returns:
+          None without one; else {'added', 'updated', 'failed': sets of ids, 'removed': how
+          many ids it dropped, 'resumed': how many images it had described before it stopped}.
+        """
         pending = index_folder.read_pending(self.directory)
         if pending is None:
-            return
+            return None
         log.info("resuming the interrupted indexing of %d images", len(pending["ids"]))
-        self._run_pending(pending, progress)
+        before = set(self._row)
+        # A batch whose commit completed when the folder was opened (only its journal was left)
+        # changes nothing now: its images are indexed with these very files' stats already.
+        done = {
+            i for i, stat in zip(pending["ids"], pending["stats"], strict=True)
+            if self.collection.stats.get(i) == list(stat)
+            or (self.collection.failed.get(i) or {}).get("stat") == list(stat)
+        }  # fmt: skip
+        _, resumed = self._run_pending(pending, progress)
+        ids = set(pending["ids"]) - done
+        if not ids and not pending["remove"]:
+            return None
+        return {
+            "added": {i for i in ids if i in self._row and i not in before},
+            "updated": {i for i in ids if i in self._row and i in before},
+            "failed": {i for i in ids if i not in self._row},
+            "removed": len(set(pending["remove"]) & before),
+            "resumed": resumed,
+        }
 
-    def _run_pending(self, pending: Mapping[str, Any], progress: bool) -> int:
+    def _run_pending(self, pending: Mapping[str, Any], progress: bool) -> tuple[int, int]:
+        """Describes and commits a saved batch; (images unreadable, images found done)."""
         new_ids = list(pending["ids"])
         new_paths = dict(zip(new_ids, pending["paths"], strict=True))
         stats = dict(zip(new_ids, pending["stats"], strict=True))
@@ -731,10 +766,11 @@ class Retriever:
             result = self._extract(new_ids, pending["paths"], staging, progress)
         failed = self._apply(result, new_paths, stats, set(pending["remove"]))
         index_folder.clear_pending(self.directory)
-        return failed
+        return failed, result[3] if result is not None else 0
 
     def _extract(self, ids, paths, store_dir, progress):
-        """(descriptors float32 [n, D], ids, skipped [(id, reason)]) of new images."""
+        """(descriptors float32 [n, D], ids, skipped [(id, reason)], images found done in
+        `store_dir`) of new images."""
         from cbir_tf.describe.extract import extract
 
         if not ids:
@@ -750,7 +786,7 @@ class Retriever:
             meta=self._store_meta(),
             progress=progress,
         )
-        return res.descriptors, list(res.ids), list(res.skipped)
+        return res.descriptors, list(res.ids), list(res.skipped), res.num_resumed
 
     def _apply(self, result, new_paths, stats, remove) -> int:
         """Merges extracted rows into the index: in memory, or on disk when attached.
@@ -758,7 +794,7 @@ class Retriever:
         Returns:
           The number of new images that could not be read.
         """
-        new_desc, got_ids, skipped = result if result is not None else (None, [], [])
+        new_desc, got_ids, skipped = result[:3] if result is not None else (None, [], [])
         # Rows of re-described files (changed, or now unreadable) and removed ones are dropped.
         drop = set(remove) | (set(new_paths) & set(self._row))
         keep_rows = np.asarray(
@@ -884,3 +920,15 @@ def _descriptor_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
     skip = {"num_images", "num_skipped", "dim", "versions", "created", "index"}
     skip |= set(SHARD_FIELDS) | {"merged_from", "image_size", "scales", "ms_power"}
     return {k: v for k, v in meta.items() if k not in skip}
+
+
+def summary(counts: Mapping[str, int]) -> str:
+    """`Retriever.index`'s counts as a line: '372 added (128 resumed from the interrupted run),
+    0 updated, 0 unchanged, 0 unreadable, 0 removed; 372 images'."""
+    added = f"{counts['added']} added"
+    if counts.get("resumed"):
+        added += f" ({counts['resumed']} resumed from the interrupted run)"
+    return (
+        f"{added}, {counts['updated']} updated, {counts['unchanged']} unchanged, "
+        f"{counts['failed']} unreadable, {counts['removed']} removed; {counts['total']} images"
+    )

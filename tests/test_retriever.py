@@ -12,7 +12,7 @@ from photos import synthetic_photo
 from PIL import Image, ImageEnhance
 
 from cbir_tf import retriever as retriever_lib
-from cbir_tf.retriever import Retriever
+from cbir_tf.retriever import Retriever, summary
 from cbir_tf.runs import extract as runs
 from cbir_tf.store import files as store
 from cbir_tf.store.writer import StoreWriter
@@ -63,6 +63,7 @@ def built(photos, model):
         "unchanged": 0,
         "failed": 0,
         "removed": 0,
+        "resumed": 0,
         "total": NUM_PHOTOS,
     }
     return r
@@ -271,6 +272,13 @@ def test_interrupted_indexing_resumes(model, photos, tmp_path, monkeypatch):
     counts = fresh.index(photos, progress=False)
     assert calls["n"] == -1000 + NUM_PHOTOS - 4  # the 4 saved images were not recomputed
     assert counts["total"] == NUM_PHOTOS
+    # Issue 26 item 3: what happened, not "0 added, N unchanged".
+    assert (counts["added"], counts["unchanged"], counts["resumed"]) == (NUM_PHOTOS, 0, 4)
+    assert summary(counts).startswith(
+        f"{NUM_PHOTOS} added (4 resumed from the interrupted run), 0 updated, 0 unchanged"
+    )
+    again = fresh.index(photos, progress=False)
+    assert (again["added"], again["unchanged"], again["resumed"]) == (0, NUM_PHOTOS, 0)
     reference = Retriever(model, image_size=96)
     reference.index(photos, progress=False)
     assert sorted(fresh.ids) == sorted(reference.ids)

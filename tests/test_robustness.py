@@ -344,6 +344,11 @@ def test_sigkilled_extract_command_resumes_to_the_uninterrupted_index(
     assert "resuming" in again.stderr
     resumed = re.search(r"resuming .*: (\d+) of (\d+) images already done", again.stderr)
     assert resumed and int(resumed.group(1)) >= 10, again.stderr[-3000:]
+    # What happened, in the summary (issue 26 item 3): not "0 added, ... N unchanged".
+    summary = re.search(r"index \S+: (\d+) added \((\d+) resumed from the interrupted run\), "
+                        r"0 updated, 0 unchanged", again.stderr)  # fmt: skip
+    assert summary, again.stderr[-3000:]
+    assert int(summary.group(2)) == int(resumed.group(1))
 
     desc, ids, meta, skipped = _read_index(out)
     clean_desc, clean_ids, clean_meta, clean_skipped = _read_index(clean_index[0])

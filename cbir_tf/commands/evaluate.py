@@ -17,13 +17,11 @@ results.csv, result grids and an HTML report under --out (default <workdir>/eval
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from cbir_tf import quiet
-from cbir_tf.commands import cli
-from cbir_tf.config import config_path
+from cbir_tf.commands import checks, cli
 
-config_flags.DEFINE_config_file("config", config_path("default"), cli.CONFIG_HELP)
+cli.define_config_flag()
 flags.DEFINE_string("out", None, "Folder for the results (default <workdir>/eval/<dataset>).")
 flags.DEFINE_string(
     "descriptors", None, "Precomputed descriptors: a store folder (db/, queries/) or a .mat file."
@@ -37,6 +35,7 @@ def main(argv):
     cli.setup_logging(FLAGS.verbose)
     cfg = FLAGS.config
     cli.apply_overrides(cfg, cli.benchmark_overrides(FLAGS))
+    cli.run_main(lambda: check_arguments(cfg))  # in a second, before TensorFlow loads
     quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
     cli.set_model_image_size(cfg, FLAGS)
     from cbir_tf.runs.evaluate import run_benchmark
@@ -50,6 +49,17 @@ def main(argv):
             download=FLAGS.download,
         )
     )
+
+
+def check_arguments(cfg) -> None:
+    """The flags, files and names of this run, checked before TensorFlow loads."""
+    checks.benchmark(cfg)
+    checks.rerank_methods(cfg)
+    checks.path_exists(
+        "descriptors", FLAGS.descriptors, hint="a store folder holding db/ and queries/, or a .mat"
+    )
+    if not FLAGS.descriptors:
+        checks.model(cfg, FLAGS.model)
 
 
 def run() -> None:

@@ -15,7 +15,7 @@ import sys
 from absl import flags
 
 from cbir_tf import quiet
-from cbir_tf.commands import cli
+from cbir_tf.commands import checks, cli
 from cbir_tf.rerank import pipeline
 
 flags.DEFINE_string("query", None, "Query image, or a folder of query images.")
@@ -33,6 +33,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     cli.setup_logging(FLAGS.verbose)
+    cli.run_main(check_arguments)  # in a second, before TensorFlow loads
     quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
     from cbir_tf.runs.search import run_search
 
@@ -50,6 +51,17 @@ def main(argv):
             exact=FLAGS.exact,
         )
     )
+
+
+def check_arguments() -> None:
+    """The flags and files of this run, checked before TensorFlow loads."""
+    from cbir_tf.retriever import check_k
+
+    check_k(FLAGS.k)
+    checks.index("index", FLAGS.index)
+    checks.path_exists("query", FLAGS.query)
+    checks.path_exists("model", FLAGS.model)
+    checks.path_exists("root", FLAGS.root, "folder")
 
 
 def run() -> None:

@@ -5,8 +5,9 @@ r"""Serves an image index over HTTP: a search page and a JSON API.
   curl -F image=@photo.jpg 'http://127.0.0.1:8080/api/search?k=5&rerank=aqe'
 
 The page takes a photo (drop or file picker), shows the k most similar indexed images with rank,
-score and file name, and searches again with any result clicked. The model is loaded once; the
-index is read-only while serving. Only this machine can connect unless --host says otherwise.
+score and path in the collection, and searches again with any result clicked. The model is
+loaded once; the index is read-only while serving. Only this machine can connect unless --host
+says otherwise.
 """
 
 import sys
@@ -14,7 +15,7 @@ import sys
 from absl import flags
 
 from cbir_tf import quiet
-from cbir_tf.commands import cli
+from cbir_tf.commands import checks, cli
 from cbir_tf.config import default
 
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (wider than loopback is logged).")
@@ -36,6 +37,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     cli.setup_logging(FLAGS.verbose)
+    cli.run_main(check_arguments)  # in a second, before TensorFlow loads
     quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
     from cbir_tf.serve import app as serve_app
 
@@ -52,6 +54,13 @@ def main(argv):
             large_image_pixels=FLAGS.large_image_pixels,
         )
     )
+
+
+def check_arguments() -> None:
+    """The flags and files of this run, checked before TensorFlow loads."""
+    checks.index("index", FLAGS.index)
+    checks.path_exists("model", FLAGS.model)
+    checks.path_exists("root", FLAGS.root, "folder")
 
 
 def run() -> None:

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from cbir_tf.config import default
 from cbir_tf.describe import backbones
+from cbir_tf.describe.choices import check_pooling
 from cbir_tf.describe.layers import (
     MAC,
     RMAC,
@@ -39,7 +40,6 @@ from cbir_tf.describe.layers import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "POOLINGS",
     "EdgePad",
     "Preprocess",
     "UnsafeModelError",
@@ -50,7 +50,6 @@ __all__ = [
     "unit_normalization",
 ]
 
-POOLINGS = ("mac", "spoc", "gem", "rmac")
 OUTPUTS = ("descriptor", "regions")
 MIN_IMAGE_SIZE = 32  # the backbones' total stride: every one gives >= 1 feature cell
 # Lower bound of the norm a descriptor is divided by: far below the norms of any network's
@@ -222,9 +221,7 @@ def build_descriptor_model(
             )
         return _saved_with_whitening(weights, whitening, safe_mode)
     weights, _ = backbones.resolve_weights(backbone, alpha, weights, weights_fallback)
-    pooling = str(pooling).strip().lower()
-    if pooling not in POOLINGS:
-        raise KeyError(f"unknown pooling {pooling!r}; valid poolings: {', '.join(POOLINGS)}")
+    pooling = check_pooling(pooling)
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}; valid outputs: {', '.join(OUTPUTS)}")
     if output == "regions" and pooling != "rmac":

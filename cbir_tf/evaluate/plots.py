@@ -314,6 +314,21 @@ def pr_curve_plot(
     Returns:
       `out_path` as a string.
     """
+    fig = pr_curve_figure(curves, title=title, dpi=dpi)
+    out_path = os.fspath(out_path)
+    from cbir_tf.fileio import atomic_open
+
+    with atomic_open(out_path, "wb") as f:
+        fig.savefig(f, format="png", facecolor="white")
+    return out_path
+
+
+def pr_curve_figure(curves: Mapping[str, Any], *, title: str = "", dpi: int = 100) -> Any:
+    """The matplotlib Figure `pr_curve_plot` saves (same arguments).
+
+    A panel whose curves are all NaN (no query has a positive under that protocol, e.g. Hard
+    for a ground truth without hard images) says so in words instead of drawing empty axes.
+    """
     panels: dict[str, Mapping[str, Any]]
     if curves and all(isinstance(v, Mapping) for v in curves.values()):
         panels = dict(curves)
@@ -324,6 +339,15 @@ def pr_curve_plot(
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
     for ax, (panel, lines) in zip(axes, panels.items(), strict=False):
+        name = str(panel).capitalize() if panel in PROTOCOLS else str(panel)
+        if panel:
+            ax.set_title(name)
+        if not any(np.isfinite(np.asarray(prec, dtype=float)).any() for _, prec in lines.values()):
+            under = f" {name}" if panel else ""
+            ax.text(0.5, 0.5, f"no query has{under} positives:\nnothing to plot", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=11, color="#555555")  # fmt: skip
+            ax.set_axis_off()
+            continue
         for method, (rec, prec) in lines.items():
             ax.plot(np.asarray(rec), np.asarray(prec), label=str(method), linewidth=1.6)
         ax.set_xlim(0, 1)
@@ -331,19 +355,12 @@ def pr_curve_plot(
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
         ax.grid(True, alpha=0.3)
-        if panel:
-            ax.set_title(str(panel).capitalize() if panel in PROTOCOLS else str(panel))
         if lines:
             ax.legend(fontsize=8, loc="lower left")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out_path = os.fspath(out_path)
-    from cbir_tf.fileio import atomic_open
-
-    with atomic_open(out_path, "wb") as f:
-        fig.savefig(f, format="png", facecolor="white")
-    return out_path
+    return fig
 
 
 def result_labels(retrieved: Sequence[int] | np.ndarray, gnd_query: Mapping[str, Any]) -> list[str]:

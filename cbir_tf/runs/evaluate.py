@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from cbir_tf import config as config_lib
 from cbir_tf.evaluate import benchmark, methods, report
 from cbir_tf.evaluate.precomputed import align_rows, load_precomputed
 from cbir_tf.runs.extract import descriptor_spec, whitening_spec
@@ -131,7 +132,11 @@ def run_benchmark(
 
     Returns:
       {'results': per-method metrics, 'table': the printed table, 'files': written paths}.
+
+    Raises:
+      cbir_tf.config.ConfigError: a field configs/default.py lacks, or of another type.
     """
+    config_lib.check_config(cfg)
     t0 = time.perf_counter()
     ds, dset = _inputs(cfg, descriptors, download, progress)
     name = ds.name + (f"+{dset.title}" if dset is not None else "")

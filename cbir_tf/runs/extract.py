@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cbir_tf import config as config_lib
+from cbir_tf import quiet
 from cbir_tf.data.image_list import shard_meta
 from cbir_tf.retriever import Retriever
 from cbir_tf.store import shards as shards_lib
@@ -71,7 +72,11 @@ def extract_dataset(
 
     Returns:
       (database ExtractionResult, query ExtractionResult).
+
+    Raises:
+      cbir_tf.config.ConfigError: a field configs/default.py lacks, or of another type.
     """
+    config_lib.check_config(cfg)
     from cbir_tf.data import distractors, prepare
     from cbir_tf.evaluate import benchmark
 
@@ -249,8 +254,10 @@ def extract_function(extract_cfg: Mapping[str, Any]) -> Any:
     if runner == "local":
         return None
     if runner == "beam":
-        try:  # imports apache_beam: only when asked for
-            from cbir_tf.beam.extract import BeamExtractor
+        verbose = log.isEnabledFor(logging.DEBUG)
+        try:  # imports apache_beam, which logs about absent Google Cloud clients: only when asked
+            with quiet.filtered_stderr(quiet.BEAM_NOISE, enabled=not verbose):
+                from cbir_tf.beam.extract import BeamExtractor
         except ImportError as e:
             raise ValueError(
                 f"extract.runner='beam' needs Apache Beam ({e}): pip install 'cbir-tf[beam]'"

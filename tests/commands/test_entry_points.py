@@ -69,6 +69,11 @@ def test_evaluate_demo_end_to_end(demo_run):
 
 def test_demo_descriptors_are_unit_vectors_and_its_rows_differ(demo_run):
     work, proc = demo_run
+    # Issue 26 item 8: progress into a pipe is plain lines, not bar redraws joined by `\r` (which
+    # text mode turns into line breaks: look for the bar itself, `  0%|   | 0/48`).
+    assert "descriptors -> " in proc.stderr, proc.stderr[-3000:]
+    assert not re.search(r"\d%\|", proc.stderr), proc.stderr[-3000:]
+    assert re.search(r"descriptors -> \S+: 48/48 img \(100%\), ", proc.stderr), proc.stderr[-3000:]
     title = proc.stdout.splitlines()[0]
     assert "mobilenet (random weights)" in title and "vanishing activations" in title, title
     stores = sorted((work / "descriptors" / "demo").glob("*/*/descriptors.npy"))
