@@ -30,7 +30,14 @@ import numpy as np
 from cbir_tf.config import default
 from cbir_tf.data.image_list import validate_ids
 from cbir_tf.describe.extract import NonFiniteDescriptorError, library_versions
-from cbir_tf.fileio import atomic_open, atomic_write_json, folder_lock, load_npz
+from cbir_tf.fileio import (
+    atomic_open,
+    atomic_write_json,
+    folder_lock,
+    free_bytes,
+    load_npz,
+    require_space,
+)
 from cbir_tf.store.files import (
     CHUNK_RE,
     PARTS_DIR,
@@ -39,6 +46,7 @@ from cbir_tf.store.files import (
     StoreCorruptError,
     StoreMismatchError,
     StoreWriteError,
+    store_bytes,
     write_store,
 )
 from cbir_tf.store.meta import VOLATILE_FIELDS, ids_fingerprint, meta_differences, normalize
@@ -371,15 +379,22 @@ class StoreWriter:
             self.done.difference_update(ids)
             self.done.difference_update(s for s, _ in skipped)
             self._clear_pending()
-            raise self._write_error(e, f"chunk {path}") from e
+            needed = desc.nbytes + 16 * sum(len(i) + 1 for i in ids) + 4096
+            raise self._write_error(e, f"chunk {path}", needed) from e
         self._next_chunk += 1
         self._clear_pending()
 
     def _clear_pending(self) -> None:
         self._pending_desc, self._pending_ids, self._pending_skipped = [], [], []
 
-    def _write_error(self, e: OSError, what: str) -> StoreWriteError:
-        kind = "the disk is full" if e.errno == errno.ENOSPC else f"the write failed ({e})"
+    def _write_error(self, e: OSError, what: str, needed: int | None = None) -> StoreWriteError:
+        if e.errno == errno.ENOSPC:
+            free = free_bytes(self.store.path)
+            parts = [f"about {needed / 2**20:.1f} MB needed"] if needed else []
+            parts += [f"{free / 2**20:.1f} MB free"] if free is not None else []
+            kind = "the disk is full" + (f" ({', '.join(parts)})" if parts else "")
+        else:
+            kind = f"the write failed ({e})"
         saved = len(self.done)
         return StoreWriteError(
             e.errno,
@@ -433,7 +448,9 @@ class StoreWriter:
         row_of = {i: row for row, i in enumerate(kept)}
         meta = dict(self.meta)
         meta.update(normalize(extra_meta or {}))
+        needed = store_bytes(len(kept), self.dim or 0, kept)
         try:
+            require_space(self.store.path, needed, "the finished store")
             write_store(
                 self.store.path,
                 kept,
@@ -443,7 +460,7 @@ class StoreWriter:
                 meta=meta,
             )
         except OSError as e:
-            raise self._write_error(e, "the final store files") from e
+            raise self._write_error(e, f"the final store files in {self.store.path}", needed) from e
         shutil.rmtree(parts, ignore_errors=True)
         self.already_complete = True
         return self.store
