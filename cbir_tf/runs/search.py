@@ -59,6 +59,10 @@ def run_search(
         index_dir, model=model, root=root, **({"backend": "exact"} if exact else {})
     )
     all_results = retriever.search_batch(queries, k=k, rerank=rerank)
+    # Which committed state answered: an index updated meanwhile answers from one state only.
+    stream.write(
+        f"index {retriever.directory}: {len(retriever)} images (commit {retriever.commit})\n\n"
+    )
     approximate = retriever.approximate_index()
     if approximate is not None:
         # How far the approximate index may differ from exact search, measured when built.
