@@ -75,7 +75,10 @@ def test_readers_see_one_committed_state_while_a_writer_commits_in_a_loop(tmp_pa
     readers = [
         subprocess.Popen(
             [sys.executable, script, "reader", str(index), query, str(log), str(stop)],
-            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         for log in rlogs
     ]
@@ -86,9 +89,17 @@ def test_readers_see_one_committed_state_while_a_writer_commits_in_a_loop(tmp_pa
         if len(_read_log(wlog)) > 2 + 6 * len(searches):
             searches.append(
                 subprocess.run(
-                    [sys.executable, os.path.join(ROOT, "search.py"), f"--index={index}",
-                     f"--query={query}", "--k=3"],
-                    env=_env(), capture_output=True, text=True, timeout=300,
+                    [
+                        sys.executable,
+                        os.path.join(ROOT, "search.py"),
+                        f"--index={index}",
+                        f"--query={query}",
+                        "--k=3",
+                    ],
+                    env=_env(),
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
                 )  # fmt: skip
             )
         time.sleep(0.2)
