@@ -88,7 +88,7 @@ def _write_chunk(path: str, desc: np.ndarray, ids, skipped_ids, skipped_reasons)
         np.savez(f, **arrays)
 
 
-def _read_chunk(path: str) -> dict[str, Any]:
+def read_chunk(path: str) -> dict[str, Any]:
     """Reads and verifies one chunk. Raises StoreCorruptError when it does not check out."""
     try:
         arrays = load_npz(path)
@@ -242,7 +242,7 @@ class StoreWriter:
             chunk_path = os.path.join(parts, name)
             self._next_chunk = max(self._next_chunk, int(CHUNK_RE.match(name).group(1)) + 1)
             try:
-                chunk = _read_chunk(chunk_path)
+                chunk = read_chunk(chunk_path)
             except StoreCorruptError as e:
                 # Atomic writes make this unlikely (a disk error); redo its images, keep evidence.
                 logger.warning("%s; its images will be extracted again", e)
@@ -439,7 +439,7 @@ class StoreWriter:
         described: set[str] = set()
         skipped: dict[str, str] = {}
         for p in chunk_paths:
-            chunk = _read_chunk(p)
+            chunk = read_chunk(p)
             described.update(chunk["ids"])
             skipped.update(dict(chunk["skipped"]))
         kept = [i for i in self.ids if i in described]
@@ -499,7 +499,7 @@ class StoreSink:
 def _chunk_blocks(chunk_paths: Sequence[str], row_of: dict[str, int]):
     """(first row, float32 [b, D]) runs of consecutive rows, one chunk in memory at a time."""
     for p in chunk_paths:
-        chunk = _read_chunk(p)
+        chunk = read_chunk(p)
         desc = chunk["descriptors"]
         rows = np.array([row_of[i] for i in chunk["ids"]], dtype=np.int64)
         # Contiguous runs of rows are written in one call.
