@@ -700,15 +700,23 @@ class Retriever:
             self._open(self.directory)
 
     def _index(self, paths_or_folder, ids, recursive, prune, progress) -> dict[str, int]:
-        files, file_ids, folder = self.collection.resolve(
+        files, file_ids, folder, unusable = self.collection.resolve(
             paths_or_folder, ids, recursive, prune, self._row
         )
         todo_ids, new_paths, stats, seen = self.collection.changes(files, file_ids, self._row)
+        new_unusable = self.collection.record_unusable(unusable)
+        if new_unusable:
+            log.warning(
+                "skipping %d files whose names cannot be image ids (listed in skipped.json): %s",
+                new_unusable, "; ".join(f"{i}: {r}" for i, r in list(unusable.items())[:3]),
+            )  # fmt: skip
+        seen["failed"] += new_unusable
+        seen["unchanged"] += len(unusable) - new_unusable
         remove = set()
         if prune and folder is not None:
-            remove = self.collection.vanished(folder, file_ids, self._ids)
+            remove = self.collection.vanished(folder, [*file_ids, *unusable], self._ids)
         before = set(self._row)
-        if todo_ids or remove:
+        if todo_ids or remove or new_unusable:
             self._extract_and_commit(todo_ids, new_paths, stats, remove, progress)
         counts = {"added": 0, "updated": 0, **seen, "removed": len(remove)}
         for i in todo_ids:
@@ -750,6 +758,17 @@ class Retriever:
     def _resume_pending(self, progress: bool) -> None:
         pending = index_folder.read_pending(self.directory)
         if pending is None:
+            return
+        changed = self.collection.pending_changes(pending)
+        if changed:
+            # Its files were renamed, changed or removed since: resuming would describe what
+            # is no longer there (or fail for ever); the scan that follows finds them anew.
+            log.warning(
+                "the interrupted indexing of %d images no longer matches the folder (%d "
+                "files changed or gone, e.g. %s): starting it afresh",
+                len(pending["ids"]), len(changed), changed[0],
+            )  # fmt: skip
+            index_folder.clear_pending(self.directory)
             return
         log.info("resuming the interrupted indexing of %d images", len(pending["ids"]))
         self._run_pending(pending, progress)

@@ -728,7 +728,7 @@ def finish_commit(directory: str | os.PathLike) -> None:
     try:
         journal = read_json(journal_path, dict, "the journal of an update")
     except FileDamagedError as e:
-        raise StoreCorruptError(str(e)) from None
+        journal = _journal_from_staged(directory, e)
     staged = journal.get("staged")
 
     def source(name: str) -> str:
@@ -762,6 +762,17 @@ def finish_commit(directory: str | os.PathLike) -> None:
     fsync_dir(directory)
     if staged:
         shutil.rmtree(os.path.join(directory, staged), ignore_errors=True)
+
+
+def _journal_from_staged(directory: str, error: Exception) -> dict[str, Any]:
+    """The journal of a commit whose COMMIT file is damaged: what is left in staged/ moves in
+    (files not yet moved are still there; only the list of files to delete is lost)."""
+    staged = os.path.join(directory, STAGED_DIR)
+    if not os.path.isdir(staged):
+        raise StoreCorruptError(f"{error}; no {STAGED_DIR}/ folder is left to complete it")
+    logger.warning("%s; completing the commit from %s", str(error).split(";")[0], staged)
+    names = sorted(n for n in os.listdir(staged) if n != COMPLETE_FILE and not n.startswith("."))
+    return {"staged": STAGED_DIR, "files": [*names, COMPLETE_FILE], "remove": []}
 
 
 def recover(directory: str | os.PathLike, other_files: Sequence[str] = ()) -> bool:

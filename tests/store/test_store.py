@@ -529,3 +529,14 @@ def test_write_store_places_row_blocks_and_its_journal_survives_a_crash(tmp_path
     np.testing.assert_array_equal(desc, vecs[:2])
     assert st.committed_id(tmp_path / "s") == 2
     assert sorted(os.listdir(tmp_path / "s")) == sorted([*st.STORE_FILES, ".lock"])
+    # A journal damaged on disk still completes from what is left in staged/.
+    staged = st.stage_folder(tmp_path / "s")
+    st.write_store(staged, ids[:3], [(0, vecs[:3])], dim=8, skipped=[], meta=META, commit=3)
+    monkeypatch.setattr(st, "finish_commit", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        st.commit_staged(tmp_path / "s")
+    monkeypatch.undo()
+    (tmp_path / "s" / st.COMMIT_FILE).write_text('{"staged": "sta')
+    with folder_lock(tmp_path / "s"):
+        assert st.recover(tmp_path / "s") is True
+    assert load_store(tmp_path / "s")[1] == ids[:3] and st.committed_id(tmp_path / "s") == 3
