@@ -174,15 +174,21 @@ def free_bytes(path: str | os.PathLike) -> int | None:
     return int(st.f_bavail) * int(st.f_frsize)
 
 
-def _mb(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MB"
+def human_bytes(nbytes: int) -> str:
+    """A size for a message: '840 B', '12.5 KB', '3.4 MB', '1.2 GB' (powers of 1024)."""
+    size = float(nbytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1024 or unit == "GB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TB"
 
 
 def disk_full_message(path: str | os.PathLike, needed: int | None, what: str = "") -> str:
     """One line for a write that found its disk full: the path, the space needed and free."""
     free = free_bytes(os.path.dirname(os.path.abspath(os.fspath(path))))
-    need = f"about {_mb(needed)} needed" if needed else "more space needed"
-    have = f", {_mb(free)} free" if free is not None else ""
+    need = f"about {human_bytes(needed)} needed" if needed else "more space needed"
+    have = f", {human_bytes(free)} free" if free is not None else ""
     return (
         f"the disk is full writing {os.fspath(path)}{' (' + what + ')' if what else ''}: "
         f"{need}{have}; free some space and run the same command again"
@@ -199,8 +205,8 @@ def require_space(path: str | os.PathLike, needed: int, what: str) -> None:
     if free is not None and needed > free:
         raise OSError(
             errno.ENOSPC,
-            f"not enough space for {what} in {os.fspath(path)}: about {_mb(needed)} needed, "
-            f"{_mb(free)} free; free some space and run the same command again",
+            f"not enough space for {what} in {os.fspath(path)}: about {human_bytes(needed)} "
+            f"needed, {human_bytes(free)} free; free some space and run the same command again",
         )
 
 

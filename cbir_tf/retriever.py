@@ -574,9 +574,12 @@ class Retriever:
         """
         if self.directory:
             with folder_lock(self.directory, what="this index"):
-                self._refresh()
-                self._resume_pending(progress)
-                return self._index(paths_or_folder, ids, recursive, prune, progress)
+                try:
+                    self._refresh()
+                    self._resume_pending(progress)
+                    return self._index(paths_or_folder, ids, recursive, prune, progress)
+                except OSError as e:
+                    raise _disk_error(e, self.directory, None, "the index's files") from e
         return self._index(paths_or_folder, ids, recursive, prune, progress)
 
     def remove(self, ids_or_paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -606,8 +609,11 @@ class Retriever:
             return []
         if self.directory:
             with folder_lock(self.directory, what="this index"):
-                self._refresh()
-                self._extract_and_commit([], {}, {}, set(wanted), progress=False)
+                try:
+                    self._refresh()
+                    self._extract_and_commit([], {}, {}, set(wanted), progress=False)
+                except OSError as e:
+                    raise _disk_error(e, self.directory, None, "the index's files") from e
         else:
             self._extract_and_commit([], {}, {}, set(wanted), progress=False)
         return sorted(set(wanted))
@@ -639,7 +645,8 @@ class Retriever:
                 index_folder.commit_state(self.directory, commit_id, ANN_FILES, ANN_FILES)
             except OSError as e:
                 index_folder.abandon_commit(self.directory)
-                raise _commit_error(e, staged, _ann_bytes(len(self), self.ann_settings)) from e
+                needed = _ann_bytes(len(self), self.ann_settings)
+                raise _disk_error(e, staged, needed, "the index's next state") from e
             self._open(self.directory)
             return self._ann
 
@@ -904,7 +911,7 @@ class Retriever:
             index_folder.commit_state(directory, commit_id, ANN_FILES, ANN_FILES)
         except OSError as e:
             index_folder.abandon_commit(directory)
-            raise _commit_error(e, staged, needed) from e
+            raise _disk_error(e, staged, needed, "the index's next state") from e
 
     def _model_ref_for(self, directory: str, staged: str | None = None) -> dict[str, Any]:
         """The manifest's model entry; saves model.keras when no reference can rebuild it.
@@ -966,14 +973,20 @@ def _ann_bytes(rows: int, settings: AnnSettings) -> int:
     return int(rows) * int(settings.bytes_per_vector) + (1 << 20)
 
 
-def _commit_error(error: OSError, staged: str, needed: int) -> OSError:
-    """A failed commit as one line (a full disk: the path and the space needed)."""
+def _disk_error(error: OSError, where: str, needed: int | None, what: str) -> OSError:
+    """A full disk as one line naming the file and the space needed (other errors as they are).
+
+    Args:
+      error: the error raised.
+      where: the file or folder written, when the error does not name one.
+      needed: about how many bytes the write needed (None: unknown).
+      what: what was written, for the message.
+    """
     if error.errno != errno.ENOSPC or isinstance(error, store_lib.StoreWriteError):
         return error
     if error.filename is None and str(error.strerror).startswith("not enough space"):
         return store_lib.StoreWriteError(errno.ENOSPC, error.strerror)
-    path = error.filename or staged
-    return store_lib.write_error(error, os.fspath(path), needed, "the index's next state")
+    return store_lib.write_error(error, os.fspath(error.filename or where), needed, what)
 
 
 def check_k(k: Any) -> int:

@@ -33,7 +33,7 @@ import numpy as np
 
 from cbir_tf.config import default, defaults
 from cbir_tf.data.image_list import SHARD_FIELDS
-from cbir_tf.fileio import FileDamagedError, atomic_write_json, read_json
+from cbir_tf.fileio import FileDamagedError, atomic_write_json, read_json, require_space
 from cbir_tf.store import files as store_lib
 from cbir_tf.store.shards import merge_shards
 
@@ -269,7 +269,11 @@ def recover(directory: str) -> None:
 
 def save_pending(directory: str, pending: Mapping[str, Any]) -> None:
     """Saves the batch about to be extracted, so that a killed run resumes exactly this batch."""
-    atomic_write_json(os.path.join(directory, PENDING_FILE), dict(pending))
+    path = os.path.join(directory, PENDING_FILE)
+    try:
+        atomic_write_json(path, dict(pending))
+    except OSError as e:
+        raise store_lib.write_error(e, path, None, "the batch about to be indexed") from e
 
 
 def read_pending(directory: str) -> dict[str, Any] | None:
@@ -353,10 +357,15 @@ def merge_indexes(
     manifest["commit"] = commit_id
     model_file = first["model"].get("file")
     if model_file:
+        source = os.path.join(os.fspath(shard_dirs[0]), model_file)
         os.makedirs(out, exist_ok=True)
-        shutil.copyfile(
-            os.path.join(os.fspath(shard_dirs[0]), model_file), os.path.join(out, model_file)
-        )
+        require_space(
+            out, os.path.getsize(source), "the merged index's model"
+        )  # the store: merge_shards
+        try:
+            shutil.copyfile(source, os.path.join(out, model_file))
+        except OSError as e:
+            raise store_lib.write_error(e, os.path.join(out, model_file), None, "its model") from e
     merge_shards(
         list(shard_dirs), out, overwrite=overwrite, files={MANIFEST_FILE: manifest},
         commit=commit_id,

@@ -35,6 +35,7 @@ from cbir_tf.fileio import (
     atomic_write_json,
     folder_lock,
     free_bytes,
+    human_bytes,
     load_npz,
     require_space,
 )
@@ -390,8 +391,8 @@ class StoreWriter:
     def _write_error(self, e: OSError, what: str, needed: int | None = None) -> StoreWriteError:
         if e.errno == errno.ENOSPC:
             free = free_bytes(self.store.path)
-            parts = [f"about {needed / 2**20:.1f} MB needed"] if needed else []
-            parts += [f"{free / 2**20:.1f} MB free"] if free is not None else []
+            parts = [f"about {human_bytes(needed)} needed"] if needed else []
+            parts += [f"{human_bytes(free)} free"] if free is not None else []
             kind = "the disk is full" + (f" ({', '.join(parts)})" if parts else "")
         else:
             kind = f"the write failed ({e})"
