@@ -33,6 +33,7 @@ def fingerprints(r) -> dict:
     return {
         "commit": getattr(r, "commit", None),
         "images": len(r),
+        "id_list": r.ids,
         "ids": ids_fingerprint(r.ids),
         "descriptors": hashlib.sha256(desc.tobytes()).hexdigest(),
     }

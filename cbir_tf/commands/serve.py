@@ -5,8 +5,10 @@ r"""Serves an image index over HTTP: a search page and a JSON API.
   curl -F image=@photo.jpg 'http://127.0.0.1:8080/api/search?k=5&rerank=aqe'
 
 The page takes a photo (drop or file picker), shows the k most similar indexed images with rank,
-score and file name, and searches again with any result clicked. The model is loaded once; the
-index is read-only while serving. Only this machine can connect unless --host says otherwise.
+score and file name, and searches again with any result clicked. The model is loaded once; new
+commits of the index (extract.py adding photos) are served within --reload_every seconds, each
+request answered from one committed state. Only this machine can connect unless --host says
+otherwise.
 """
 
 import sys
@@ -20,6 +22,18 @@ flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (wider than loopb
 flags.DEFINE_integer("port", 8080, "Port to listen on.")
 flags.DEFINE_float("max_upload_mb", 20.0, "Largest accepted upload, MiB (refused while streaming).")
 flags.DEFINE_integer("threads", None, "Worker threads for decoding and search (default: cores).")
+flags.DEFINE_float(
+    "reload_every",
+    None,
+    "Seconds between checks for a new commit of the index, served from the next request on "
+    "(default: config search.reload_every, 2; 0: only on POST /api/reload from this machine).",
+)
+flags.DEFINE_bool(
+    "verify",
+    False,
+    "Compare every file of the index with the SHA-256 of its commit at start and at each "
+    "reload (reads every byte; sizes and headers are always checked).",
+)
 cli.define_index_flags()
 FLAGS = flags.FLAGS
 
@@ -39,6 +53,8 @@ def main(argv):
             threads=FLAGS.threads,
             model=FLAGS.model,
             root=FLAGS.root,
+            full_check=FLAGS.verify,
+            **({} if FLAGS.reload_every is None else {"reload_every": FLAGS.reload_every}),
         )
     )
 

@@ -6,13 +6,19 @@ Routes:
                             `row=<n>` (no body) to search with an indexed image
   GET  /thumbnails/<row>    JPEG of the indexed image at that row (`?size=large` for the viewer)
   GET  /api/health          liveness and the number of images
-  GET  /api/index           image count, model, dimension, approximate index and its recall
+  GET  /api/index           image count, model, dimension, approximate index and its recall,
+                            and the commit served
+  POST /api/reload          from this machine only: serve the index's newest commit now
 
 Errors are JSON `{"error": "<one line>"}` with a 4xx status. Uploads are counted while they
 stream in and refused (413) as soon as they pass `max_upload_mb`, before the rest is read.
 Decoding, description and search run in worker threads (at most `threads` at once), never on
 the event loop. Images are addressed by row number only: no route takes a file path, and none
 fetches a URL.
+
+The index may grow while it is served: a new commit is noticed within `reload_every` seconds
+and served from the next request on (`cbir_tf.serve.reload`); every answer comes from one
+committed state and says which (`"index": {"images": ..., "commit": ...}`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from cbir_tf.config import default
+from cbir_tf.serve.reload import IndexWatcher
 from cbir_tf.serve.service import RequestError, SearchService, parse_k, parse_rerank
 
 log = logging.getLogger(__name__)
@@ -110,6 +118,7 @@ def create_app(
     *,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     threads: int | None = None,
+    reload_every: float = default("search.reload_every"),
 ) -> Starlette:
     """The ASGI app over a service.
 
@@ -117,6 +126,8 @@ def create_app(
       service: the opened index (`cbir_tf.serve.service.open_service`).
       max_upload_mb: the largest accepted request body, MiB.
       threads: worker threads for decoding and search (default: the usable cores, at least 2).
+      reload_every: seconds between checks for a new commit of the index while serving (0:
+        only on POST /api/reload).
     """
     limit = int(max_upload_mb * 2**20)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -144,7 +155,8 @@ def create_app(
             if row is not None:
                 if not (row.isascii() and row.isdigit()):
                     raise RequestError(400, f"row must be a row number, got {row[:40]!r}")
-                out = await off_loop(service.search_row, int(row), k, rerank)
+                image_id = request.query_params.get("id")
+                out = await off_loop(service.search_row, int(row), k, rerank, image_id)
             else:
                 data = await _read_upload(request, limit)
                 received = time.perf_counter()
@@ -155,7 +167,7 @@ def create_app(
         except ClientDisconnect:
             return _error(400, "the client disconnected during the upload")
         out["timing_ms"]["total"] = round((time.perf_counter() - start) * 1000, 2)
-        out["index"] = {"images": len(service), "approximate": False}
+        out["index"] = {**out.get("index", {}), "approximate": False}
         return JSONResponse(out, headers=_HEADERS)
 
     async def thumbnail(request: Request) -> Response:
@@ -164,6 +176,7 @@ def create_app(
                 service.thumbnail,
                 request.path_params["row"],
                 request.query_params.get("size", "small"),
+                request.query_params.get("id"),
             )
         except RequestError as e:
             return _error(e.status, e.reason)
@@ -178,16 +191,44 @@ def create_app(
         log.exception("%s %s failed", request.method, request.url.path[:200])
         return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
+    watcher = IndexWatcher(service, reload_every)
     routes = [
         Route("/", page, methods=["GET"]),
         Route("/api/health", health, methods=["GET"]),
         Route("/api/index", index_info, methods=["GET"]),
         Route("/api/search", search, methods=["POST"]),
+        Route("/api/reload", reload_route(watcher, off_loop), methods=["POST"]),
         # `int` only matches digits: '..', encoded slashes or absolute paths never reach it.
         Route("/thumbnails/{row:int}", thumbnail, methods=["GET"]),
     ]
     handlers = {HTTPException: http_error, Exception: server_error}
-    return Starlette(routes=routes, exception_handlers=handlers)
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=_watching(watcher))
+
+
+def _watching(watcher: IndexWatcher):
+    """The app's lifespan: the reload thread runs while the app serves."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        watcher.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(watcher.stop)
+
+    return lifespan
+
+
+def reload_route(watcher: IndexWatcher, off_loop):
+    """POST /api/reload: serves the index's newest commit now; only from this machine."""
+
+    async def reload(request: Request) -> Response:
+        host = request.client.host if request.client else ""
+        if not is_loopback(host):
+            return _error(403, "reload is only accepted from this machine")
+        return JSONResponse(await off_loop(watcher.check), headers=_HEADERS)
+
+    return reload
 
 
 def is_loopback(host: str) -> bool:
@@ -209,8 +250,14 @@ def serve(
     threads: int | None = None,
     model: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
+    reload_every: float = default("search.reload_every"),
+    full_check: bool = False,
 ) -> None:
     """What `serve.py` runs: opens the index, loads the model once, serves until interrupted.
+
+    New commits of the index are served within `reload_every` seconds (see
+    `cbir_tf.serve.reload`); `full_check` compares every file with its checksum at the start and
+    at each reload.
 
     Raises:
       FileNotFoundError: not an index folder.
@@ -234,8 +281,13 @@ def serve(
     # Requests already run in parallel threads; a BLAS pool per product only adds wake-ups:
     # multi-threaded OpenBLAS made the [1, D] x [D, N] product of a search 7x slower here.
     threadpool_limits(limits=1, user_api="blas")
-    service = open_service(index_dir, model=model, root=root)
-    log.info("index %s: %d images; serving on http://%s:%d/", index_dir, len(service), host, port)
-    app = create_app(service, max_upload_mb=max_upload_mb, threads=threads)
+    service = open_service(index_dir, model=model, root=root, full_check=full_check)
+    log.info(
+        "index %s: %d images (commit %s); serving on http://%s:%d/",
+        index_dir, len(service), service.state.commit, host, port,
+    )  # fmt: skip
+    app = create_app(
+        service, max_upload_mb=max_upload_mb, threads=threads, reload_every=reload_every
+    )
     with contextlib.closing(service):
         uvicorn.run(app, host=host, port=int(port), log_level="info", access_log=False)
