@@ -28,12 +28,6 @@ flags.DEFINE_float(
     "Seconds between checks for a new commit of the index, served from the next request on "
     "(default: config search.reload_every, 2; 0: only on POST /api/reload from this machine).",
 )
-flags.DEFINE_bool(
-    "verify",
-    False,
-    "Compare every file of the index with the SHA-256 of its commit at start and at each "
-    "reload (reads every byte; sizes and headers are always checked).",
-)
 cli.define_index_flags()
 FLAGS = flags.FLAGS
 

@@ -187,3 +187,23 @@ def test_an_index_without_checksums_loads_with_one_line_and_gets_them_at_its_upd
     assert r.commit == 1
     report = verify_folder(index)
     assert report.damaged == [] and report.notes == [] and report.files >= 6
+
+
+def test_search_command_checks_every_byte_with_verify(built, tmp_path):
+    index = _copy(built, tmp_path)
+    path = index / "descriptors.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+    query = os.path.join(built[1], "p00.jpg")
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "search.py"), f"--index={index}", f"--query={query}",
+         "--verify"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {path} does not match the SHA-256 recorded at its commit: its bytes changed on "
+        "disk; copy the folder again or rebuild it"
+    ], out.stderr
