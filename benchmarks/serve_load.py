@@ -355,7 +355,6 @@ def soak_phase(args, index: pathlib.Path, photos: pathlib.Path, port, proc):
     reloads, rss = [], [rss_mib(proc.pid)]
     t0 = time.perf_counter()
     hammer.start()
-    conn = http.client.HTTPConnection(HOST, port, timeout=120)
     while any(t.is_alive() for t in hammer.threads):
         if not pending.acquire(timeout=0.5):
             continue
@@ -363,14 +362,16 @@ def soak_phase(args, index: pathlib.Path, photos: pathlib.Path, port, proc):
             writer.index([str(toggled)], progress=False)
         else:
             writer.remove([str(toggled)])
+        # A connection per reload: an idle keep-alive one is closed by the server meanwhile.
+        conn = http.client.HTTPConnection(HOST, port, timeout=120)
         status, data, _ = client.request(conn, "POST", "/api/reload")
+        conn.close()
         answer = json.loads(data)
         reloads.append(answer["commit"])
         assert status == 200 and answer["commit"] == writer.commit, answer  # served now
         rss.append(rss_mib(proc.pid))
     t1 = time.perf_counter()
     hammer.stop()
-    conn.close()
     out = hammer.figures(t0, t1)
     out.update({
         "clients": args.live_clients,
@@ -425,6 +426,7 @@ def live_main(args) -> None:
             print(json.dumps({k: v for k, v in live.items() if k != "commits"}, indent=1))
             for c in live["commits"]:
                 print("  ", c)
+            write_json(args.json, results)  # kept should the soak fail
         if "soak" in args.mode:
             print(f"soak: {args.live_clients} clients x {args.soak_requests} requests, a commit "
                   f"and a reload every {args.soak_reload_every} requests", flush=True)  # fmt: skip
@@ -437,14 +439,19 @@ def live_main(args) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     results["load_average_end"] = load_average()
+    write_json(args.json, results)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp, args.json)
         print("figures ->", args.json)
     if any(results.get(p, {}).get("errors") for p in ("live", "soak")):
         sys.exit(1)
+
+
+def write_json(path: pathlib.Path | None, results: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 def main(argv=None) -> None:
