@@ -579,7 +579,8 @@ class Retriever:
                     self._resume_pending(progress)
                     return self._index(paths_or_folder, ids, recursive, prune, progress)
                 except OSError as e:
-                    raise _disk_error(e, self.directory, None, "the index's files") from e
+                    _raise_if_disk_full(e, self.directory, None, "the index's files")
+                    raise
         return self._index(paths_or_folder, ids, recursive, prune, progress)
 
     def remove(self, ids_or_paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -613,7 +614,8 @@ class Retriever:
                     self._refresh()
                     self._extract_and_commit([], {}, {}, set(wanted), progress=False)
                 except OSError as e:
-                    raise _disk_error(e, self.directory, None, "the index's files") from e
+                    _raise_if_disk_full(e, self.directory, None, "the index's files")
+                    raise
         else:
             self._extract_and_commit([], {}, {}, set(wanted), progress=False)
         return sorted(set(wanted))
@@ -646,7 +648,8 @@ class Retriever:
             except OSError as e:
                 index_folder.abandon_commit(self.directory)
                 needed = _ann_bytes(len(self), self.ann_settings)
-                raise _disk_error(e, staged, needed, "the index's next state") from e
+                _raise_if_disk_full(e, staged, needed, "the index's next state")
+                raise
             self._open(self.directory)
             return self._ann
 
@@ -911,7 +914,8 @@ class Retriever:
             index_folder.commit_state(directory, commit_id, ANN_FILES, ANN_FILES)
         except OSError as e:
             index_folder.abandon_commit(directory)
-            raise _disk_error(e, staged, needed, "the index's next state") from e
+            _raise_if_disk_full(e, staged, needed, "the index's next state")
+            raise
 
     def _model_ref_for(self, directory: str, staged: str | None = None) -> dict[str, Any]:
         """The manifest's model entry; saves model.keras when no reference can rebuild it.
@@ -973,8 +977,9 @@ def _ann_bytes(rows: int, settings: AnnSettings) -> int:
     return int(rows) * int(settings.bytes_per_vector) + (1 << 20)
 
 
-def _disk_error(error: OSError, where: str, needed: int | None, what: str) -> OSError:
-    """A full disk as one line naming the file and the space needed (other errors as they are).
+def _raise_if_disk_full(error: OSError, where: str, needed: int | None, what: str) -> None:
+    """Raises a full disk as one line naming the file and the space needed (a StoreWriteError);
+    returns for any other error, which the caller re-raises as it is.
 
     Args:
       error: the error raised.
@@ -983,10 +988,11 @@ def _disk_error(error: OSError, where: str, needed: int | None, what: str) -> OS
       what: what was written, for the message.
     """
     if error.errno != errno.ENOSPC or isinstance(error, store_lib.StoreWriteError):
-        return error
+        return
     if error.filename is None and str(error.strerror).startswith("not enough space"):
-        return store_lib.StoreWriteError(errno.ENOSPC, error.strerror)
-    return store_lib.write_error(error, os.fspath(error.filename or where), needed, what)
+        raise store_lib.StoreWriteError(errno.ENOSPC, error.strerror) from error
+    path = os.fspath(error.filename or where)
+    raise store_lib.write_error(error, path, needed, what) from error
 
 
 def check_k(k: Any) -> int:

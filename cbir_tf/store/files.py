@@ -147,9 +147,9 @@ def committed_id(directory: str | os.PathLike) -> int | None:
     numbered), or None when it has none or its marker cannot be read."""
     try:
         marker = read_marker(directory)
-    except (StoreError, OSError):
+        return None if marker is None else int(marker.get("commit") or 0)
+    except (StoreError, OSError, TypeError, ValueError):
         return None
-    return None if marker is None else int(marker.get("commit") or 0)
 
 
 def next_commit(directory: str | os.PathLike) -> int:
@@ -179,7 +179,7 @@ def check_recorded(
     if not isinstance(files, dict):
         if directory not in _UNCHECKED:
             _UNCHECKED.add(directory)
-            logger.warning(
+            logger.info(
                 "%s was written before checksums were recorded: only sizes and headers are "
                 "checked until its next update", directory,
             )  # fmt: skip

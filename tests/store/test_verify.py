@@ -172,7 +172,7 @@ def test_an_index_without_checksums_loads_with_one_line_and_gets_them_at_its_upd
     index, images = tmp_path / "index", tmp_path / "images"
     shutil.copytree(os.path.join(LEGACY, "index"), index)
     shutil.copytree(os.path.join(LEGACY, "images"), images)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         r = Retriever.load(index, root=images)
     notes = [m for m in caplog.messages if "before checksums" in m]
     assert notes == [
