@@ -65,10 +65,6 @@ def run_search(
         **({"backend": "exact"} if exact else {}),
     )
     all_results = retriever.search_batch(queries, k=k, rerank=rerank)
-    # Which committed state answered: an index updated meanwhile answers from one state only.
-    stream.write(
-        f"index {retriever.directory}: {len(retriever)} images (commit {retriever.commit})\n\n"
-    )
     approximate = retriever.approximate_index()
     if approximate is not None:
         # How far the approximate index may differ from exact search, measured when built.
@@ -76,6 +72,10 @@ def run_search(
     pairs = list(zip(queries, all_results, strict=True))
     for q, results in pairs:
         stream.write(format_results(results, title=f"query: {q}") + "\n")
+    # Which committed state answered: an index updated meanwhile answers from one state only.
+    stream.write(
+        f"index {retriever.directory}: {len(retriever)} images (commit {retriever.commit})\n"
+    )
     if out:
         from cbir_tf.evaluate import pages as html_pages
 
