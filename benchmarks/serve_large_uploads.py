@@ -175,7 +175,7 @@ def main(argv=None) -> None:
     large = [("POST", "/api/search", b) for b in attack.values()]
 
     port = serve_load.free_port()
-    proc = serve_load.start_server(index, port, None, args.workdir / "serve.log", args.tree)
+    proc = serve_load.start_server(index, port, None, args.workdir / "serve.log", tree=args.tree)
     out = {"label": args.label, "tree": str(args.tree),
            "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} usable cores, "
                       "shared with other jobs"}  # fmt: skip

@@ -138,6 +138,10 @@ def search_config() -> ml_collections.ConfigDict:
     # an in-memory faiss index (exact 'Flat').
     s.backend = "auto"  # auto | exact | ann | faiss
     s.block_size = 65536
+    # An index read while a writer commits (cbir_tf.store.files.read_committed): seconds a
+    # reader waits for the commit's renames; the service's check for a new commit, seconds.
+    s.commit_wait = 30.0
+    s.reload_every = 2.0
     s.ann = ml_collections.ConfigDict()  # the approximate index (cbir_tf.search.ann)
     s.ann.min_rows = 200_000  # extract.py --images / Retriever build one from this size
     s.ann.kind = "auto"  # auto (flat below min_rows, else ivfpq) | flat | ivfpq

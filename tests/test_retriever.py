@@ -401,3 +401,69 @@ def test_pretrained_mobilenet_finds_near_duplicates(photos, tmp_path):
     r.save(tmp_path / "index")
     assert os.path.exists(tmp_path / "index" / "model.keras")  # the folder works on its own
     assert Retriever.load(tmp_path / "index").search(q, k=3) == r.search(q, k=3)
+
+
+def test_file_names_that_cannot_be_ids_are_skipped_and_reported(model, photos, tmp_path):
+    root = _copy_photos(photos, tmp_path)
+    img = os.path.join(root, "img1.jpg")
+    shutil.copy(img, os.fsencode(root) + b"/bad\xff\xfe.jpg")  # not UTF-8
+    shutil.copy(img, os.path.join(root, "new\nline.jpg"))
+    shutil.copy(img, os.path.join(root, "sub", "carriage\rreturn.jpg"))
+    r = Retriever(model, image_size=96, directory=tmp_path / "index")
+    counts = r.index(root, progress=False)
+    assert counts["added"] == NUM_PHOTOS and counts["failed"] == 3
+    skipped = dict(store.DescriptorStore(tmp_path / "index").skipped())
+    utf8, line_break = "is not valid UTF-8", "holds a line break"
+    assert skipped == {
+        "bad\\xff\\xfe.jpg": f"its file name {utf8}; rename the file to index it",
+        "new\\nline.jpg": f"its file name {line_break}; rename the file to index it",
+        "sub/carriage\\rreturn.jpg": f"its file name {line_break}; rename the file to index it",
+    }
+    assert not os.path.exists(tmp_path / "index" / "pending.json")
+    again = Retriever.load(tmp_path / "index")
+    counts = again.index(root, progress=False, prune=True)
+    assert counts["unchanged"] == NUM_PHOTOS + 3 and counts["removed"] == 0
+    os.rename(os.path.join(root, "new\nline.jpg"), os.path.join(root, "newline.jpg"))
+    counts = again.index(root, progress=False, prune=True)
+    assert counts["added"] == 1 and counts["removed"] == 1  # renamed: indexed; the old entry gone
+    assert "new\\nline.jpg" not in dict(store.DescriptorStore(tmp_path / "index").skipped())
+
+
+def test_a_pending_batch_that_no_longer_matches_the_folder_starts_afresh(
+    model, photos, tmp_path, monkeypatch, caplog
+):
+    root = _copy_photos(photos, tmp_path)
+    index_dir = tmp_path / "index"
+    r = Retriever(model, image_size=96, directory=index_dir, flush_every=2)
+    real_add = StoreWriter.add
+    calls = {"n": 0}
+
+    def add_then_die(self, image_id, descriptor):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_add(self, image_id, descriptor)
+
+    monkeypatch.setattr(StoreWriter, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        r.index(root, progress=False)
+    monkeypatch.undo()
+    pending = json.loads((index_dir / "pending.json").read_text())
+    moved = pending["paths"][-1]
+    os.rename(moved, moved.replace(".jpg", "-renamed.jpg"))
+    with caplog.at_level("WARNING"):
+        counts = Retriever(model, image_size=96, directory=index_dir).index(root, progress=False)
+    lines = [m for m in caplog.messages if "no longer matches" in m]
+    assert len(lines) == 1 and lines[0].endswith("starting it afresh")
+    assert counts["total"] == NUM_PHOTOS and not os.path.exists(index_dir / "pending.json")
+
+    # A batch an earlier version saved with an id it could not store, or a damaged file: the
+    # same (nothing to delete by hand).
+    (index_dir / "pending.json").write_text(
+        json.dumps({"ids": ["bad\udcff.jpg"], "paths": [moved], "stats": [[1, 2]], "remove": []})
+    )
+    again = Retriever(model, image_size=96, directory=index_dir)
+    assert again.index(root, progress=False)["unchanged"] == NUM_PHOTOS
+    (index_dir / "pending.json").write_text('{"ids": ["a.jpg"], "paths": [')
+    assert again.index(root, progress=False)["unchanged"] == NUM_PHOTOS
+    assert not os.path.exists(index_dir / "pending.json")

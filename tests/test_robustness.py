@@ -499,10 +499,12 @@ def test_object_arrays_in_npy_and_npz_files_are_refused(tmp_path):
     shutil.copyfile(tmp_path / "hostile.npy", s / "descriptors.npy")
     complete = json.loads((s / "COMPLETE").read_text())
     complete["descriptors_bytes"] = os.path.getsize(s / "descriptors.npy")
+    complete["files"]["descriptors.npy"] = store.file_record(str(s / "descriptors.npy"))
     (s / "COMPLETE").write_text(json.dumps(complete))
-    with pytest.raises(ValueError, match="allow_pickle"):
+    # Refused by the loader, and named as a damaged file of the store.
+    with pytest.raises(store.StoreCorruptError, match="descriptors.npy is damaged .*allow_pickle"):
         store.load_store(s, mmap=False)
-    with pytest.raises(ValueError, match="Python objects"):
+    with pytest.raises(store.StoreCorruptError, match="descriptors.npy is damaged .*Python obj"):
         store.load_store(s, mmap=True)
     assert not marker.exists()
 

@@ -145,6 +145,12 @@ def define_index_flags() -> None:
     flags.DEFINE_string("index", None, "Index folder (from extract.py --images or Retriever.save).")
     flags.DEFINE_string("model", None, "A .keras model replacing the one the index names.")
     flags.DEFINE_string("root", None, "Collection root, when the images moved since indexing.")
+    flags.DEFINE_bool(
+        "verify",
+        False,
+        "Compare every file of the index with the SHA-256 recorded at its commit before using "
+        "it (reads every byte; sizes and headers are always checked).",
+    )
     flags.DEFINE_bool("verbose", False, "Debug logging.")
     flags.mark_flag_as_required("index")
 

@@ -10,6 +10,7 @@ r"""Extracts global descriptors: a benchmark (database + cropped queries) or you
       --config.data.image_size=224       # offline: a local weights file, at the size it suits
   python extract.py --images=DIR --out=part0 --shard_index=0 --num_shards=4   # one of 4 shards
   python extract.py --merge=part0,part1,part2,part3 --out=STORE             # join the shards
+  python extract.py --verify --out=index/         # every file against its commit's checksum
   python extract.py --images=DIR --out=index/ --runner=beam                 # Apache Beam, local
   python extract.py --images=DIR --out=index/ --runner=beam \
       --beam_options="--runner=FlinkRunner --flink_master=HOST:8081 --environment_type=LOOPBACK"
@@ -37,6 +38,12 @@ flags.DEFINE_integer("num_shards", None, "Number of shards the collection is spl
 flags.DEFINE_list("merge", None, "Shard stores to merge into --out (no extraction).")
 flags.DEFINE_enum("runner", None, ["local", "beam"], "local, or an Apache Beam pipeline.")
 flags.DEFINE_string("beam_options", None, "Beam pipeline options, passed through unchanged.")
+flags.DEFINE_bool(
+    "verify",
+    False,
+    "Check every file of the index or store folder --out (and the stores below it) against the "
+    "size and SHA-256 recorded at its commit: one line per damaged file, exit status 1.",
+)
 cli.define_benchmark_flags()
 FLAGS = flags.FLAGS
 
@@ -44,6 +51,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     cli.setup_logging(FLAGS.verbose)
+    if FLAGS.verify:
+        from cbir_tf.runs import extract as runs
+
+        sys.exit(0 if cli.run_main(lambda: runs.verify(FLAGS.out)) else 1)
     cfg = FLAGS.config
     cli.apply_overrides(
         cfg,

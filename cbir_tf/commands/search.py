@@ -49,6 +49,7 @@ def main(argv):
             recursive=FLAGS.recursive,
             embed=FLAGS.embed,
             exact=FLAGS.exact,
+            full_check=FLAGS.verify,
         )
     )
 

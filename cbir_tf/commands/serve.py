@@ -6,8 +6,9 @@ r"""Serves an image index over HTTP: a search page and a JSON API.
 
 The page takes a photo (drop or file picker), shows the k most similar indexed images with rank,
 score and path in the collection, and searches again with any result clicked. The model is
-loaded once; the index is read-only while serving. Only this machine can connect unless --host
-says otherwise.
+loaded once; new commits of the index (extract.py adding photos) are served within
+--reload_every seconds, each request answered from one committed state. Only this machine can
+connect unless --host says otherwise.
 """
 
 import sys
@@ -30,6 +31,12 @@ flags.DEFINE_integer(
     "large_decodes", default("serve.large_decodes"),
     "Uploads of large images decoded at once, in threads apart from the other requests.",
 )  # fmt: skip
+flags.DEFINE_float(
+    "reload_every",
+    None,
+    "Seconds between checks for a new commit of the index, served from the next request on "
+    "(default: config search.reload_every, 2; 0: only on POST /api/reload from this machine).",
+)
 cli.define_index_flags()
 FLAGS = flags.FLAGS
 
@@ -52,6 +59,8 @@ def main(argv):
             root=FLAGS.root,
             large_decodes=FLAGS.large_decodes,
             large_image_pixels=FLAGS.large_image_pixels,
+            full_check=FLAGS.verify,
+            **({} if FLAGS.reload_every is None else {"reload_every": FLAGS.reload_every}),
         )
     )
 

@@ -3,6 +3,7 @@
   * `extract_dataset`: a benchmark's database and query descriptors (`extract.py --dataset`);
   * `extract_folder` / `build_index`: an own image folder as an index (`extract.py --images`),
     shard by shard if asked; `merge`: joins shard stores or index shards (`--merge`);
+  * `verify`: checks an index or store folder against its checksums (`--verify --out=DIR`);
   * `descriptor_spec`, `whitening_spec`, `extract_function`: the config's blocks as the
     arguments of `cbir_tf.evaluate.benchmark` and of the extraction's runner.
 
@@ -147,6 +148,27 @@ def merge(shards: Sequence[str], out: str | None) -> None:
         shards_lib.merge_shards(list(shards), out)
         log.info("merged %d shards into %s", len(shards), out)
     print(f"merged {len(shards)} shards into {out}")
+
+
+def verify(out: str | None) -> bool:
+    """What `extract.py --verify --out=DIR` runs: checks every file of the index or store
+    folder (and the stores below it) against its commit's checksums, printing one line per
+    damaged file and a summary.
+
+    Returns:
+      Whether no file is damaged.
+    """
+    from cbir_tf.store.verify import verify_folder
+
+    if not out:
+        raise ValueError("--out is needed with --verify: the index or store folder to check")
+    report = verify_folder(out)
+    for line in report.notes:
+        print(f"note: {line}")
+    for line in report.damaged:
+        print(f"damaged: {line}")
+    print(report.summary(os.path.abspath(out)))
+    return not report.damaged
 
 
 def build_index(

@@ -6,7 +6,9 @@ Routes:
                             `row=<n>` (no body) to search with an indexed image
   GET  /thumbnails/<row>    JPEG of the indexed image at that row (`?size=large` for the viewer)
   GET  /api/health          liveness and the number of images
-  GET  /api/index           image count, model, dimension, approximate index and its recall
+  GET  /api/index           image count, model, dimension, approximate index and its recall,
+                            and the commit served
+  POST /api/reload          from this machine only: serve the index's newest commit now
 
 Errors are JSON `{"error": "<one line>"}` with a 4xx status. Uploads are counted while they
 stream in and refused (413) as soon as they pass `max_upload_mb`, before the rest is read.
@@ -15,6 +17,10 @@ Decoding, description and search run in worker threads, never on the event loop:
 (`cbir_tf.serve.lanes`), so that they never hold the threads of searches by row and small
 uploads. Images are addressed by row number only: no route takes a file path, and none
 fetches a URL.
+
+The index may grow while it is served: a new commit is noticed within `reload_every` seconds
+and served from the next request on (`cbir_tf.serve.reload`); every answer comes from one
+committed state and says which (`"index": {"images": ..., "commit": ...}`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 
+import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -38,6 +45,7 @@ from starlette.routing import Route
 from cbir_tf.config import default
 from cbir_tf.serve.lanes import Lanes
 from cbir_tf.serve.params import parse_k, parse_rerank, parse_row, quote
+from cbir_tf.serve.reload import IndexWatcher
 from cbir_tf.serve.service import RequestError, SearchService
 
 log = logging.getLogger(__name__)
@@ -120,6 +128,7 @@ def create_app(
     threads: int | None = None,
     large_decodes: int = default("serve.large_decodes"),
     large_image_pixels: int = default("serve.large_image_pixels"),
+    reload_every: float = default("search.reload_every"),
 ) -> Starlette:
     """The ASGI app over a service.
 
@@ -129,6 +138,8 @@ def create_app(
       threads: worker threads for decoding and search (default: the usable cores, at least 2).
       large_decodes: uploads of large images decoded at once, in threads of their own.
       large_image_pixels: uploads whose header declares more pixels are large.
+      reload_every: seconds between checks for a new commit of the index while serving (0:
+        only on POST /api/reload).
     """
     limit = int(max_upload_mb * 2**20)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -153,7 +164,8 @@ def create_app(
             rerank = parse_rerank(request.query_params.get("rerank"))
             row = request.query_params.get("row")
             if row is not None:
-                out = await lanes.run(service.search_row, parse_row(row), k, rerank)
+                image_id = request.query_params.get("id")
+                out = await lanes.run(service.search_row, parse_row(row), k, rerank, image_id)
             else:
                 data = await _read_upload(request, limit)
                 received = time.perf_counter()
@@ -172,7 +184,10 @@ def create_app(
             return _error(404, f"not found: {request.method} {request.url.path[:200]}")
         try:
             size = request.query_params.get("size", "small")
-            data = await lanes.run(service.thumbnail, parse_row(row, "a thumbnail's row"), size)
+            image_id = request.query_params.get("id")
+            data = await lanes.run(
+                service.thumbnail, parse_row(row, "a thumbnail's row"), size, image_id
+            )
         except RequestError as e:
             return _error(e.status, e.reason)
         headers = {**_HEADERS, "Cache-Control": "public, max-age=3600"}
@@ -186,18 +201,46 @@ def create_app(
         log.exception("%s %s failed", request.method, request.url.path[:200])
         return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
+    watcher = IndexWatcher(service, reload_every)
     routes = [
         Route("/", page, methods=["GET"]),
         Route("/api/health", health, methods=["GET"]),
         Route("/api/index", index_info, methods=["GET"]),
         Route("/api/search", search, methods=["POST"]),
+        Route("/api/reload", reload_route(watcher, lanes.run), methods=["POST"]),
         # One path segment, then digits only: '..', encoded slashes or absolute paths never
         # reach a file (parsed by `thumbnail`, not `{row:int}`, whose int() of 5000 digits
         # raised a 500).
         Route("/thumbnails/{row}", thumbnail, methods=["GET"]),
     ]
     handlers = {HTTPException: http_error, Exception: server_error}
-    return Starlette(routes=routes, exception_handlers=handlers)
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=_watching(watcher))
+
+
+def _watching(watcher: IndexWatcher):
+    """The app's lifespan: the reload thread runs while the app serves."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        watcher.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(watcher.stop)
+
+    return lifespan
+
+
+def reload_route(watcher: IndexWatcher, off_loop):
+    """POST /api/reload: serves the index's newest commit now; only from this machine."""
+
+    async def reload(request: Request) -> Response:
+        host = request.client.host if request.client else ""
+        if not is_loopback(host):
+            return _error(403, "reload is only accepted from this machine")
+        return JSONResponse(await off_loop(watcher.check), headers=_HEADERS)
+
+    return reload
 
 
 def is_loopback(host: str) -> bool:
@@ -221,8 +264,14 @@ def serve(
     root: str | os.PathLike | None = None,
     large_decodes: int = default("serve.large_decodes"),
     large_image_pixels: int = default("serve.large_image_pixels"),
+    reload_every: float = default("search.reload_every"),
+    full_check: bool = False,
 ) -> None:
     """What `serve.py` runs: opens the index, loads the model once, serves until interrupted.
+
+    New commits of the index are served within `reload_every` seconds (see
+    `cbir_tf.serve.reload`); `full_check` compares every file with its checksum at the start and
+    at each reload.
 
     Raises:
       FileNotFoundError: not an index folder.
@@ -246,11 +295,14 @@ def serve(
     # Requests already run in parallel threads; a BLAS pool per product only adds wake-ups:
     # multi-threaded OpenBLAS made the [1, D] x [D, N] product of a search 7x slower here.
     threadpool_limits(limits=1, user_api="blas")
-    service = open_service(index_dir, model=model, root=root)
-    log.info("index %s: %d images; serving on http://%s:%d/", index_dir, len(service), host, port)
+    service = open_service(index_dir, model=model, root=root, full_check=full_check)
+    log.info(
+        "index %s: %d images (commit %s); serving on http://%s:%d/",
+        index_dir, len(service), service.state.commit, host, port,
+    )  # fmt: skip
     app = create_app(
         service, max_upload_mb=max_upload_mb, threads=threads, large_decodes=large_decodes,
-        large_image_pixels=large_image_pixels,
+        large_image_pixels=large_image_pixels, reload_every=reload_every,
     )  # fmt: skip
     with contextlib.closing(service):
         uvicorn.run(app, host=host, port=int(port), log_level="info", access_log=False)

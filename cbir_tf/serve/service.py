@@ -1,9 +1,14 @@
 """What the search service does, without HTTP: decode an upload, search, make thumbnails.
 
-`SearchService` wraps one `Retriever` (one model, loaded once) and is safe to call from many
-threads at once: the index is read-only while serving, the compiled descriptor function is
-reentrant, and the only lazily built state (the search structure, the diffusion graph) is
-built once under a lock. `cbir_tf.serve.app` calls it from a thread pool, off the event loop.
+`SearchService` serves one index (one model, loaded once) and is safe to call from many threads
+at once: the compiled descriptor function is reentrant, and the only lazily built state (the
+search structure, the diffusion graph) is built once under a lock. `cbir_tf.serve.app` calls it
+from a thread pool, off the event loop.
+
+It serves one committed state of the index at a time (`ServedState`: a `Retriever` opened on
+one commit, with its ids). Each request takes the state current when it starts and answers from
+it alone (`one_state`), however long it runs; `swap` puts a new state in place between requests
+(`cbir_tf.serve.reload` notices new commits) and the old one is freed once its last request ends.
 
 Uploads go through the toolkit's own loader (`cbir_tf.data.decode.load_resized`): the same
 formats, EXIF orientation, colour rules, truncation and decompression-bomb checks as indexed
@@ -16,13 +21,15 @@ the retriever's search index says (`search_report`), never assumed.
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -71,6 +78,56 @@ class _LRU:
                 self._bytes -= len(old)
 
 
+class ServedState:
+    """One committed state of the index, as the service answers from it.
+
+    Args:
+      retriever: the index opened on that state (`Retriever.load`).
+    """
+
+    def __init__(self, retriever: Retriever):
+        self.retriever = retriever
+        self.ids = retriever.ids
+        self.commit = retriever.commit
+        self.loaded = time.time()
+        self.warm: set[str] = set()  # re-ranking methods whose shared structures are built
+        self.warm_lock = threading.Lock()
+
+    def search(self, query: np.ndarray, k: int, rerank: str):
+        """(scores, rows) of `query` in this state (the first search of a method builds its
+        shared structures: the search index, DBA vectors, the diffusion graph)."""
+        if rerank in self.warm:
+            return self.retriever.search_descriptors(query, k, rerank)
+        with self.warm_lock:
+            result = self.retriever.search_descriptors(query, k, rerank)
+            self.warm.add(rerank)
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        """Which state this is: its commit number and image count."""
+        return {"images": len(self.ids), "commit": self.commit}
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_state(method: F) -> F:
+    """Runs a service method on the state current when it is called, from start to end, even
+    when `swap` replaces it meanwhile (nested calls keep the outer call's state)."""
+
+    @functools.wraps(method)
+    def pinned(self: SearchService, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self._pin, "state", None) is not None:
+            return method(self, *args, **kwargs)
+        self._pin.state = self._served
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._pin.state = None
+
+    return pinned  # type: ignore[return-value]
+
+
 class SearchService:
     """Searches one index from many threads.
 
@@ -79,6 +136,8 @@ class SearchService:
       index_dir: its folder (reported by `info`).
       max_pixels: uploads with more pixels than this are refused from their header.
       thumbnail_cache_mb: memory for cached thumbnails.
+      reopen: keyword arguments that reopened the index (`Retriever.load`'s root, rerank, ...);
+        `cbir_tf.serve.reload` opens new commits with them.
     """
 
     def __init__(
@@ -88,18 +147,47 @@ class SearchService:
         *,
         max_pixels: int = decode.DEFAULT_MAX_PIXELS,
         thumbnail_cache_mb: float = 64,
+        reopen: Mapping[str, Any] | None = None,
     ):
         if not len(retriever):
             raise ValueError(f"the index {os.fspath(index_dir)} is empty: nothing to serve")
-        self.retriever = retriever
         self.index_dir = os.path.abspath(os.fspath(index_dir))
         self.max_pixels = max_pixels
+        self.reopen = dict(reopen or {})
         self._thumbs = _LRU(int(thumbnail_cache_mb * 2**20))
-        self._ids = retriever.ids
-        self._warm: set[str] = set()
-        self._warm_lock = threading.Lock()
+        self._served = ServedState(retriever)
+        self._pin = threading.local()  # the state a request in this thread answers from
         # Private scratch space for uploads: the loader reads files (stat, header, then pixels).
         self._tmp = tempfile.TemporaryDirectory(prefix="cbir_serve_")
+
+    # -- the served state -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> ServedState:
+        """The state this thread's request answers from (else the current one)."""
+        return getattr(self._pin, "state", None) or self._served
+
+    @property
+    def retriever(self) -> Retriever:
+        """The index of `state`."""
+        return self.state.retriever
+
+    @property
+    def _ids(self) -> list[str]:
+        return self.state.ids
+
+    def swap(self, retriever: Retriever) -> ServedState:
+        """Serves `retriever` (a newer committed state of the index) from the next request on.
+
+        Requests already running finish on the state they started with; it is freed after them.
+        """
+        if not len(retriever):
+            raise ValueError(f"the index {self.index_dir} is empty: nothing to serve")
+        state = ServedState(retriever)
+        # Built before it serves: its first requests do not wait for the search structure.
+        state.search(np.asarray(retriever.descriptors[:1], np.float32), 1, "none")
+        self._served = state  # one reference assignment: each request sees old or new
+        return state
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -107,13 +195,18 @@ class SearchService:
     def __len__(self) -> int:
         return len(self._ids)
 
+    @one_state
     def warm_up(self) -> None:
         """Compiles the descriptor function and builds the search structure before serving."""
         image = np.full((32, 32, 3), 128, np.uint8)
         self._search(self.retriever.describe([image]), 1, "none")
 
+    @one_state
     def info(self) -> dict[str, Any]:
         """What GET /api/index answers."""
+        return {**self._info(), **self.state.summary()}
+
+    def _info(self) -> dict[str, Any]:
         r = self.retriever
         meta = dict(r.descriptor_meta)
         weights = meta.get("weights")
@@ -175,6 +268,7 @@ class SearchService:
             if large:
                 release_memory()
 
+    @one_state
     def search_image(self, data: bytes, k: int, rerank: str, large: bool = False) -> dict[str, Any]:
         """Searches with an uploaded image file; the JSON answer of POST /api/search.
 
@@ -210,8 +304,16 @@ class SearchService:
                 400, f"the model cannot describe this {w}x{h} image: {first}"
             ) from None
 
-    def search_row(self, row: int, k: int, rerank: str) -> dict[str, Any]:
-        """Searches with the stored descriptor of an indexed image ("more like this")."""
+    @one_state
+    def search_row(
+        self, row: int, k: int, rerank: str, image_id: str | None = None
+    ) -> dict[str, Any]:
+        """Searches with the stored descriptor of an indexed image ("more like this").
+
+        `image_id`, when given, is the image a client saw at `row` (in an earlier state): the
+        row it has now is searched, whatever commits moved it (404 once it is not indexed).
+        """
+        row = self._current_row(row, image_id)
         if not 0 <= row < len(self._ids):
             raise RequestError(404, f"no indexed image at row {row} (rows 0..{len(self) - 1})")
         t0 = time.perf_counter()
@@ -227,43 +329,52 @@ class SearchService:
         for rank, (s, r) in enumerate(zip(scores[0], rows[0], strict=True), start=1):
             if r < 0:  # an approximate index found fewer than k neighbours
                 break
+            image_id = self._ids[int(r)]
             results.append(
                 {
                     "rank": rank,
                     "row": int(r),
-                    "id": self._ids[int(r)],
+                    "id": image_id,
                     "score": round(float(s), 6),
-                    "thumbnail": f"/thumbnails/{int(r)}",
+                    # The id keeps the link right after a commit that moves rows.
+                    "thumbnail": f"/thumbnails/{int(r)}?id={urllib.parse.quote(image_id)}",
                 }
             )
-        # What found these results (an approximate index's recall, or exact search).
-        index = {"images": len(self._ids), **self.search_report(rerank)["search"]}
+        # The state answered from, and what found these results (an approximate index's
+        # recall, or exact search).
+        index = {**self.state.summary(), **self.search_report(rerank)["search"]}
         return {"results": results, "k": k, "rerank": rerank, "index": index}
 
     def _search(self, query: np.ndarray, k: int, rerank: str):
-        if rerank in self._warm:
-            return self.retriever.search_descriptors(query, k, rerank)
-        # The first search of a method builds shared state (search index, diffusion graph).
-        with self._warm_lock:
-            result = self.retriever.search_descriptors(query, k, rerank)
-            self._warm.add(rerank)
-        return result
+        return self.state.search(query, k, rerank)
+
+    def _current_row(self, row: int, image_id: str | None) -> int:
+        """`row`, or the row `image_id` has in the served state when it is elsewhere now."""
+        if image_id is None or (0 <= row < len(self._ids) and self._ids[row] == image_id):
+            return row
+        now = self.retriever.row_of(image_id)
+        if now is None:
+            raise RequestError(404, f"image {image_id[:200]!r} is no longer indexed")
+        return now
 
     # -- thumbnails ---------------------------------------------------------------------------
 
-    def thumbnail(self, row: int, size: str = "small") -> bytes:
+    @one_state
+    def thumbnail(self, row: int, size: str = "small", image_id: str | None = None) -> bytes:
         """A JPEG of the indexed image at `row`, longest side THUMBNAIL_SIZES[size], cached.
 
-        The file is the one the index records for that row; nothing in a request names a path.
+        The file is the one the index records for that row (or, given the `image_id` a result
+        named, for that image wherever it is now); nothing in a request names a path.
 
         Raises:
           RequestError: 404 for an unknown row, size, or an image that is gone or unreadable.
         """
         if size not in THUMBNAIL_SIZES:
             raise RequestError(404, f"unknown thumbnail size {size[:20]!r}")
+        row = self._current_row(row, image_id)
         if not 0 <= row < len(self._ids):
             raise RequestError(404, f"no indexed image at row {row}")
-        key = (row, size)
+        key = (self.state.commit, row, size)
         cached = self._thumbs.get(key)
         if cached is not None:
             return cached
@@ -298,15 +409,22 @@ def open_service(
     model: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
     rerank: Mapping[str, Any] | None = None,
+    full_check: bool = False,
 ) -> SearchService:
     """Opens an index (and its model, once) and warms the service up.
+
+    Args:
+      index_dir, model, root, rerank: as `Retriever.load`'s.
+      full_check: compare every file of the index (and of each state reloaded later) with the
+        SHA-256 of its commit (reads every byte); sizes and headers are always checked.
 
     Raises:
       FileNotFoundError: not an index folder.
       ValueError: an empty or unreadable index.
     """
-    kwargs = {"rerank": rerank} if rerank else {}
+    kwargs: dict[str, Any] = {"rerank": rerank} if rerank else {}
+    kwargs["full_check"] = bool(full_check)
     retriever = Retriever.load(index_dir, model=model, root=root, **kwargs)
-    service = SearchService(retriever, index_dir)
+    service = SearchService(retriever, index_dir, reopen={"root": root, **kwargs})
     service.warm_up()
     return service

@@ -119,9 +119,11 @@ def test_search_finds_the_query_image_first(served, conn):
     assert results[0]["id"] == image_id and results[0]["score"] > 0.999
     assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:], strict=False))
     row = results[0]["row"]
-    assert results[0]["thumbnail"] == f"/thumbnails/{row}"
+    assert results[0]["thumbnail"] == f"/thumbnails/{row}?id=sub/p3.jpg"
     assert {"decode", "describe", "search", "upload", "total"} <= set(answer["timing_ms"])
-    assert answer["index"] == {"images": NUM_PHOTOS, "approximate": False, "kind": "exact"}
+    commit = served["service"].state.commit
+    expected = {"images": NUM_PHOTOS, "commit": commit, "approximate": False, "kind": "exact"}
+    assert answer["index"] == expected
     # Same ranking over HTTP as the library gives.
     lib = served["service"].retriever.search(path, k=5)
     assert [r["id"] for r in results] == [h.id for h in lib]
