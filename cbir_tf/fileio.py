@@ -305,8 +305,11 @@ def folder_lock(folder: str | os.PathLike, what: str = "this folder") -> Iterato
     lock_path = os.path.join(folder, LOCK_FILE)
     fd = _take_lock(lock_path, folder, what)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        # The holder's pid only informs `lock_holder`: a full disk (the lock file is new, so
+        # writing it needs a block) must not stop the writer, which reports the disk itself.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
         yield
     finally:
         # Deleted while still held: no other process can lock this file after this point.

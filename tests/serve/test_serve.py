@@ -624,7 +624,7 @@ def test_the_approximate_index_served_is_reported_with_its_recall(approximate_se
     status, data, _ = client.request(c, "POST", "/api/search?row=7&k=5")
     answer = json.loads(data)
     assert status == 200 and answer["results"][0]["row"] == 7
-    assert answer["index"] == {"images": ROWS, **search}
+    assert answer["index"] == {"images": ROWS, "commit": answer["index"]["commit"], **search}
     # ... and, with DBA, the augmented database's index, built in memory with the service's
     # search.ann settings (exact below 200k rows).
     status, data, _ = client.request(c, "POST", "/api/search?row=7&k=5&rerank=dba")
