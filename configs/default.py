@@ -65,20 +65,31 @@ def get_config() -> ml_collections.ConfigDict:
     c.rerank = ml_collections.ConfigDict()
     # Rows of the evaluation table; also 'dba', 'aqe+dba' (see cbir_tf.rerank.pipeline.METHODS).
     c.rerank.methods = ("plain", "aqe", "diffusion", "aqe+diffusion")
+    # 'auto' (qe.n, dba.n, diffusion.k, kq, truncate): chosen from the collection's similarity
+    # graph (cbir_tf.rerank.auto; README "Re-ranking"), once per index; on Revisited
+    # Oxford/Paris, the papers' settings of `papers` below. Or a number: "5" on the command line
+    # (--config.rerank.diffusion.k=5), and a string in a config file (c.rerank.diffusion.k =
+    # "5"), since the field's type is that of "auto".
     c.rerank.qe = ml_collections.ConfigDict()
-    c.rerank.qe.n = 2
+    c.rerank.qe.n = "auto"
     c.rerank.qe.alpha = 3.0
     c.rerank.dba = ml_collections.ConfigDict()  # database-side augmentation (alpha-weighted)
-    c.rerank.dba.n = 2
+    c.rerank.dba.n = "auto"
     c.rerank.dba.alpha = 3.0
     c.rerank.diffusion = ml_collections.ConfigDict()
-    c.rerank.diffusion.k = 50
-    c.rerank.diffusion.kq = 10
+    c.rerank.diffusion.k = "auto"
+    c.rerank.diffusion.kq = "auto"
     c.rerank.diffusion.gamma = 3.0
     c.rerank.diffusion.alpha = 0.99
     c.rerank.diffusion.max_iter = 20
     c.rerank.diffusion.tol = 1e-6
-    c.rerank.diffusion.truncate = 0  # 0 = full graph; n > 0 = sub-graph of each query's top n
+    c.rerank.diffusion.truncate = "auto"  # 0 = full graph; n > 0 = sub-graph of each query's top n
+    # What 'auto' means on Revisited Oxford/Paris (and Oxford5k/Paris6k): the papers' settings
+    # (Iscen et al. 2017: k=50, kq=10, the full graph; alpha-QE and DBA with n=2).
+    c.rerank.papers = ml_collections.ConfigDict()
+    c.rerank.papers.qe = ml_collections.ConfigDict({"n": 2})
+    c.rerank.papers.dba = ml_collections.ConfigDict({"n": 2})
+    c.rerank.papers.diffusion = ml_collections.ConfigDict({"k": 50, "kq": 10, "truncate": 0})
 
     c.eval = ml_collections.ConfigDict()
     c.eval.kappas = (1, 5, 10)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from cbir_tf import config as config_lib
 from cbir_tf.evaluate import benchmark, methods, report
 from cbir_tf.evaluate.precomputed import align_rows, load_precomputed
 from cbir_tf.runs.extract import descriptor_spec, whitening_spec
@@ -88,6 +89,26 @@ def _descriptors(cfg, ds, dset, descriptors, model_path, download, progress):
     return x, q, missing, meta, skipped, what, dx
 
 
+def papers_settings(cfg: Any, ds: Any) -> dict[str, Any] | None:
+    """What 'auto' re-ranking settings mean for `ds`: the papers' (`rerank.papers`) on the
+    Revisited Oxford/Paris benchmarks; None elsewhere (chosen from the collection)."""
+    from cbir_tf.data import revisited
+
+    spec = revisited.DATASETS.get(ds.name)
+    if getattr(ds, "folder_benchmark", False) or spec is None or spec.synthetic:
+        return None
+    return config_lib.block(cfg, "rerank")["papers"]
+
+
+def _truncation(results: Mapping[str, Any], cfg: Any) -> int:
+    """Items diffused per query with distractors: the setting used, else the eval default."""
+    for res in results.values():
+        d = res.get("info", {}).get("settings", {}).get("diffusion")
+        if d and int(d["truncate"]):
+            return int(d["truncate"])
+    return int(cfg.eval.get("distractor_truncate", 0))
+
+
 def _title(
     cfg: Any, ds: Any, dset: Any, dx: Any, what: str, truncate: int, results: Mapping[str, Any]
 ) -> str:
@@ -104,6 +125,9 @@ def _title(
     search = next(iter(results.values()), {}).get("info", {}).get("search")
     if search:
         title += f"; {search}"
+    settings = report.settings_text(results)
+    if settings:
+        title += f"; {settings}"
     if getattr(ds, "ok_lists", 0):
         title += f"; {ds.ok_lists} queries with one 'ok' list (Easy = Medium; Hard: none)"
     return title
@@ -147,13 +171,14 @@ def run_benchmark(
             [ds.imlist[i] for i in missing[:3]],
         )
     kappas = tuple(int(k) for k in cfg.eval.kappas)
-    truncate = int(cfg.rerank.diffusion.truncate) or int(cfg.eval.get("distractor_truncate", 0))
     results, rankings = methods.evaluate_methods(
         q, x, ds.gnd, methods=tuple(cfg.rerank.methods), rerank_cfg=cfg.rerank.to_dict(),
         kappas=kappas, original_gnd=ds.original_gnd,
         original_queries=getattr(ds, "original_queries", None), missing=missing,
-        distractors=dx, distractor_truncate=truncate, search_cfg=cfg.get("search"),
+        distractors=dx, distractor_truncate=int(cfg.eval.get("distractor_truncate", 0)),
+        search_cfg=cfg.get("search"), papers=papers_settings(cfg, ds),
     )  # fmt: skip
+    truncate = _truncation(results, cfg)
     title = _title(cfg, ds, dset, dx, what, truncate, results)
     table = report.format_table(results, kappas, title=title)
     print(table, flush=True)
