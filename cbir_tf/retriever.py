@@ -33,7 +33,7 @@ from cbir_tf import config as config_lib
 from cbir_tf.config import default
 from cbir_tf.data.image_list import SHARD_FIELDS
 from cbir_tf.fileio import folder_lock
-from cbir_tf.rerank import pipeline
+from cbir_tf.rerank import auto, pipeline
 from cbir_tf.search import ann as ann_lib
 from cbir_tf.search.ann import AnnSettings
 from cbir_tf.store import files as store_lib
@@ -148,6 +148,7 @@ class Retriever:
         self._row: dict[str, int] = {}
         self._database: pipeline.Database | None = None  # search structures, built on first use
         self._ann: ann_lib.AnnIndex | None = None
+        self._rerank_auto: dict[str, Any] | None = None  # what 'auto' settings resolve to
         if self.directory:
             index_folder.refuse_plain_store(self.directory)
             saved_model = os.path.join(self.directory, index_folder.MODEL_FILE)
@@ -370,6 +371,7 @@ class Retriever:
         # Rows changed: search structures built on the old matrix are stale.
         self._database = None
         self._ann = None
+        self._rerank_auto = None
 
     def _open(self, directory: str) -> None:
         index_folder.recover(directory)
@@ -382,6 +384,8 @@ class Retriever:
         self._descriptors = desc
         self._set_ids(ids)
         self.collection = Collection(self.root or manifest.get("root"), manifest)
+        if auto.entry_matches(manifest.get("rerank_auto"), self._ids):
+            self._rerank_auto = manifest["rerank_auto"]
 
     # -- search ------------------------------------------------------------------------------
 
@@ -470,16 +474,47 @@ class Retriever:
                 f"queries have {queries.shape[1]} dimensions, the index {database.shape[1]}"
             )
         k = min(check_k(k), database.shape[0])
+        ranking = pipeline.rerank(
+            method, queries, self._search_database(), self.resolved_rerank(), k=k
+        )
+        return np.asarray(ranking.scores, np.float32), np.asarray(ranking.ids, np.int64)
+
+    def _search_database(self) -> pipeline.Database:
         if self._database is None:
             # Validated (and, for faiss, built) once per state of the index, not per query;
             # it also keeps the DBA vectors and diffusion graphs for later queries.
             self._database = pipeline.Database(
-                database, backend=self.backend, block_size=self.block_size,
+                self._descriptors, backend=self.backend, block_size=self.block_size,
                 ann=self.approximate_index(), ann_settings=self.ann_settings,
             )  # fmt: skip
+        return self._database
+
+    def resolved_rerank(self) -> pipeline.RerankSettings:
+        """The re-ranking settings searches use: `rerank_settings`, its 'auto' fields resolved
+        for this collection (`rerank_auto`)."""
         settings = pipeline.RerankSettings.from_config(self.rerank_settings)
-        ranking = pipeline.rerank(method, queries, self._database, settings, k=k)
-        return np.asarray(ranking.scores, np.float32), np.asarray(ranking.ids, np.int64)
+        if not settings.auto_fields():
+            return settings
+        return settings.resolved(self.rerank_auto()["values"])
+
+    def rerank_auto(self) -> dict[str, Any]:
+        """What 'auto' re-ranking settings resolve to for the indexed collection
+        (`cbir_tf.rerank.auto.collection_entry`): the one the index folder saved for these
+        rows, else counted once (and saved with the folder's next write)."""
+        self._require_nonempty()
+        if self._rerank_auto is None:
+            self._rerank_auto = auto.collection_entry(
+                self._descriptors, self._ids, index=self._search_database().index,
+                graph_min_rows=self.ann_settings.graph_min_rows,
+            )  # fmt: skip
+        return self._rerank_auto
+
+    def _save_rerank_auto(self, directory: str) -> None:
+        """Keeps the folder's `rerank_auto` in step with its rows (the caller holds the lock):
+        counted now, once per change of the collection, so that searches need not count."""
+        needed = bool(pipeline.RerankSettings.from_config(self.rerank_settings).auto_fields())
+        entry = self.rerank_auto() if needed and len(self._ids) else None
+        index_folder.update_manifest(directory, {"rerank_auto": entry})
 
     def approximate_index(self) -> ann_lib.AnnIndex | None:
         """The folder's saved approximate index (memory-mapped), when searches use it.
@@ -633,6 +668,7 @@ class Retriever:
                 ann_lib.copy_files(self.directory, directory)
             elif self._ann is not None:
                 ann_lib.save(self._ann, directory, store_lib.DescriptorStore(directory).meta())
+            self._save_rerank_auto(directory)
         return directory
 
     # -- updating the folder -----------------------------------------------------------------
@@ -758,6 +794,7 @@ class Retriever:
             self._descriptors, stored_ids, _ = store_lib.load_store(self.directory, mmap=True)
             self._set_ids(stored_ids)
             self._follow_ann(old_rows if appended else None)
+            self._save_rerank_auto(self.directory)
         else:
             parts = []
             if len(keep_rows):

@@ -154,6 +154,21 @@ def benchmark_overrides(values: Any) -> dict[str, Any]:
 # Config files: found by name from any directory
 # ---------------------------------------------------------------------------------------------
 
+INDEX_CONFIG_HELP = (
+    "A config file (e.g. one written by evaluate.py --tune) whose `rerank` block replaces the "
+    "re-ranking settings saved with the index; by default the index's own."
+)
+
+
+def rerank_block(cfg: Any) -> dict[str, Any] | None:
+    """A `--config`'s `rerank` block for `search.py` / `serve.py` (None without --config)."""
+    if cfg is None:
+        return None
+    from cbir_tf import config as config_lib
+
+    return config_lib.block(cfg, "rerank")
+
+
 CONFIG_HELP = (
     "Config file (ml-collections): a path, or the name of a shipped config (default, demo, "
     "train_head, train_metric; also as configs/<name>.py) from any directory."

@@ -12,6 +12,7 @@ index is read-only while serving. Only this machine can connect unless --host sa
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 from cbir_tf import quiet
 from cbir_tf.commands import cli
@@ -21,6 +22,7 @@ flags.DEFINE_integer("port", 8080, "Port to listen on.")
 flags.DEFINE_float("max_upload_mb", 20.0, "Largest accepted upload, MiB (refused while streaming).")
 flags.DEFINE_integer("threads", None, "Worker threads for decoding and search (default: cores).")
 cli.define_index_flags()
+config_flags.DEFINE_config_file("config", None, cli.INDEX_CONFIG_HELP)
 FLAGS = flags.FLAGS
 
 
@@ -39,6 +41,7 @@ def main(argv):
             threads=FLAGS.threads,
             model=FLAGS.model,
             root=FLAGS.root,
+            rerank=cli.rerank_block(FLAGS.config),
         )
     )
 

@@ -33,6 +33,8 @@ benchmark of your own instead.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +42,15 @@ import numpy as np
 from cbir_tf.config import default
 from cbir_tf.search.index import SearchIndex
 
-__all__ = ["AUTO", "GROUPS_SHARE", "auto_values", "collection_stats", "noise_ranks"]
+__all__ = [
+    "AUTO",
+    "GROUPS_SHARE",
+    "auto_values",
+    "collection_entry",
+    "collection_stats",
+    "entry_matches",
+    "noise_ranks",
+]
 
 AUTO = "auto"
 # Share of images with a significant neighbour from which a collection counts as grouped:
@@ -162,3 +172,41 @@ def auto_values(
         "dba": {"n": min(DBA_N, max(0, n - 1))},
         "diffusion": {**diffusion, "truncate": truncate},
     }
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of a collection's ids in row order (what an index's saved entry is valid for)."""
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(str(i).encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def collection_entry(
+    database: np.ndarray,
+    ids: Sequence[str],
+    *,
+    index: SearchIndex | None = None,
+    graph_min_rows: int = default("search.ann.graph_min_rows"),
+) -> dict[str, Any]:
+    """What an index folder's manifest keeps (`rerank_auto`): the collection's stats and the
+    values 'auto' resolved to, for the rows `ids` (so that searches do not change until the
+    collection does).
+
+    Returns:
+      {'images', 'ids_sha256', 'stats': `collection_stats`, 'values': `auto_values`}.
+    """
+    stats = collection_stats(database, index=index)
+    return {
+        "images": len(ids),
+        "ids_sha256": ids_digest(ids),
+        "stats": stats,
+        "values": auto_values(stats, graph_min_rows=graph_min_rows),
+    }
+
+
+def entry_matches(entry: Mapping[str, Any] | None, ids: Sequence[str]) -> bool:
+    """Whether a saved `collection_entry` describes the collection of rows `ids`."""
+    if not entry or int(entry.get("images", -1)) != len(ids):
+        return False
+    return entry.get("ids_sha256") == ids_digest(ids)

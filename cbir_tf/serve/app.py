@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -209,8 +210,12 @@ def serve(
     threads: int | None = None,
     model: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
+    rerank: Any = None,
 ) -> None:
     """What `serve.py` runs: opens the index, loads the model once, serves until interrupted.
+
+    `rerank` (a config's `rerank` block, e.g. of a `evaluate.py --tune` config) replaces the
+    re-ranking settings saved with the index; None keeps them.
 
     Raises:
       FileNotFoundError: not an index folder.
@@ -234,7 +239,7 @@ def serve(
     # Requests already run in parallel threads; a BLAS pool per product only adds wake-ups:
     # multi-threaded OpenBLAS made the [1, D] x [D, N] product of a search 7x slower here.
     threadpool_limits(limits=1, user_api="blas")
-    service = open_service(index_dir, model=model, root=root)
+    service = open_service(index_dir, model=model, root=root, rerank=rerank)
     log.info("index %s: %d images; serving on http://%s:%d/", index_dir, len(service), host, port)
     app = create_app(service, max_upload_mb=max_upload_mb, threads=threads)
     with contextlib.closing(service):

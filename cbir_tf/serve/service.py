@@ -131,6 +131,7 @@ class SearchService:
         """Compiles the descriptor function and builds the search structure before serving."""
         image = np.full((32, 32, 3), 128, np.uint8)
         self._search(self.retriever.describe([image]), 1, "none")
+        self.retriever.resolved_rerank()  # 'auto' settings resolved before the first query
 
     def info(self) -> dict[str, Any]:
         """What GET /api/index answers."""
@@ -150,6 +151,8 @@ class SearchService:
             "approximate": False,
             "recall": None,
             "rerank_methods": list(rerank_pipeline.METHODS),
+            # The settings every ?rerank= uses ('auto' ones resolved for this collection).
+            "rerank_settings": self.retriever.resolved_rerank().to_dict(),
             "max_k": MAX_K,
         }
 

@@ -78,6 +78,18 @@ def read_manifest(directory: str) -> dict[str, Any]:
     return manifest
 
 
+def update_manifest(directory: str, entries: Mapping[str, Any]) -> None:
+    """Sets top-level entries of an index's manifest.json (atomically; the caller holds the
+    folder's lock). An entry set to None is removed."""
+    manifest = read_manifest(directory)
+    for key, value in entries.items():
+        if value is None:
+            manifest.pop(key, None)
+        else:
+            manifest[key] = value
+    atomic_write_json(os.path.join(directory, MANIFEST_FILE), manifest)
+
+
 def load_model(directory: str, ref: Mapping[str, Any]) -> Any:
     """The model a manifest's `model` entry names: the folder's model.keras, a file, a config."""
     from cbir_tf.describe import models
@@ -210,6 +222,7 @@ def merge_indexes(
     for key in SHARD_FIELDS:
         meta.pop(key, None)
     manifest["descriptor_meta"] = meta
+    manifest.pop("rerank_auto", None)  # counted on one shard's rows: not the merged index's
     model_file = first["model"].get("file")
     if model_file:
         shutil.copyfile(
