@@ -91,6 +91,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.rerank.papers.dba = ml_collections.ConfigDict({"n": 2})
     c.rerank.papers.diffusion = ml_collections.ConfigDict({"k": 50, "kq": 10, "truncate": 0})
 
+    # evaluate.py --tune: settings chosen on a benchmark's ground truth, cross-validated over
+    # its queries (cbir_tf.evaluate.tune); the grid is "FIELD:v1,v2,..." items (the --compare
+    # syntax): rerank fields, and whitening.dim / whitening.shrinkage where whitening is
+    # learned (each value one extraction of the benchmark, cached).
+    c.tune = ml_collections.ConfigDict()
+    c.tune.folds = 5
+    c.tune.seed = 0  # of the shuffle that splits the queries into folds
+    c.tune.protocol = "medium"  # the mAP settings are chosen by: easy | medium | hard
+    c.tune.grid = (
+        "rerank.qe.n:0,1,2,3",
+        "rerank.dba.n:0,2,5",
+        "rerank.diffusion.k:1,10,20,50",
+        "rerank.diffusion.kq:3,5,10",
+        "whitening.dim:0,512,256",
+        "whitening.shrinkage:0,0.5",
+    )
+
     c.eval = ml_collections.ConfigDict()
     c.eval.kappas = (1, 5, 10)
     c.eval.num_visualize = 5  # result grids for the first queries

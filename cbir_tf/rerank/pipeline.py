@@ -40,6 +40,7 @@ __all__ = [
     "NONE",
     "Database",
     "Ranking",
+    "STEP_BLOCKS",
     "RerankSettings",
     "check_method",
     "method_settings",
