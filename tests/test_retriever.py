@@ -136,6 +136,7 @@ def test_batch_search_equals_single_searches_and_rerankers(built, tmp_path):
 
     saved = copy.deepcopy(built.rerank_settings)
     built.rerank_settings["diffusion"].update({"k": 4, "kq": 3, "gamma": 2.0})
+    built.rerank_settings["qe"]["n"] = 2
     try:
         q = built.describe(queries)
         db = np.asarray(built.descriptors)

@@ -192,6 +192,7 @@ def run_benchmark(
     out_dir: str | None = None,
     download: bool = True,
     progress: bool = True,
+    echo: bool = True,
 ) -> dict[str, Any]:
     """Runs the whole benchmark and writes its report.
 
@@ -203,6 +204,7 @@ def run_benchmark(
       out_dir: where results go (default `<workdir>/eval/<dataset>[+<distractors>]`).
       download: fetch missing benchmark files.
       progress: show progress bars.
+      echo: print the table (a comparison prints its own).
 
     Returns:
       {'results': per-method metrics, 'table': the printed table, 'files': written paths}.
@@ -220,7 +222,8 @@ def run_benchmark(
     )  # fmt: skip
     title = benchmark_title(cfg, b, results)
     table = report.format_table(results, kappas, title=title)
-    print(table, flush=True)
+    if echo:
+        print(table, flush=True)
     extra = {
         "dataset": b.name,
         "descriptors": b.meta,
