@@ -136,13 +136,12 @@ def combinations(items: Sequence[str]) -> list[Combination]:
     return out
 
 
-def tidy_rows(entries: Sequence[Mapping[str, Any]], kappas: Sequence[int]) -> list[dict[str, Any]]:
+def tidy_rows(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per combination, method and metric.
 
     Args:
-      entries: [{'combination': Combination, 'results': {method: metrics} or None,
-        'error': str or None}].
-      kappas: the k of the mP@k metrics.
+      entries: [{'combination': Combination, 'rows': `report.table_rows` of its results (one
+        dict per method, values in %) or None, 'error': str or None}].
 
     Returns:
       [{<compared field>: label, ..., 'method', 'metric' ('mAP M', 'mP@5 H', ...), 'value' (%,
