@@ -16,7 +16,8 @@ a fixed sample of database images (deterministic: the same collection gives the 
 and `auto_values` turns the counts into settings:
 
 - the collection has groups when at least `GROUPS_SHARE` of its images have a significant
-  neighbour: then diffusion runs on a mutual kNN graph of k = N / 40 neighbours (10 to 50),
+  neighbour, and it has more than 100 images (fewer give too short a tail to fit the noise on,
+  and a graph that links a large part of the collection): then diffusion runs on a mutual kNN graph of k = N / 40 neighbours (10 to 50),
   each query seeded by kq = 1 + the typical number of significant neighbours (the median over
   images that have some, at least 1), and α-QE adds the one nearest image (n = 1);
 - without groups, α-QE is off (n = 0) and diffusion has no graph (k = 1): both return the
@@ -56,6 +57,8 @@ AUTO = "auto"
 # Share of images with a significant neighbour from which a collection counts as grouped:
 # measured 0.29-0.35 on the instance-level benchmarks, 0-0.12 on the class-level ones.
 GROUPS_SHARE = 0.2
+# Collections of at most this many images never count as grouped (see the module docstring).
+MIN_GROUPED_IMAGES = 100
 SAMPLE = 2000  # images whose neighbours are counted (all of a smaller collection)
 SEED = 0
 DBA_N = 5
@@ -159,7 +162,7 @@ def auto_values(
       {'qe': {'n'}, 'dba': {'n'}, 'diffusion': {'k', 'kq', 'truncate'}}.
     """
     n = int(stats["images"])
-    grouped = float(stats["share"]) >= GROUPS_SHARE
+    grouped = n > MIN_GROUPED_IMAGES and float(stats["share"]) >= GROUPS_SHARE
     truncate = int(truncate_rows) if n >= int(graph_min_rows) else 0
     if grouped:
         diffusion = {"k": int(np.clip(n // 40, 10, 50)), "kq": 1 + max(1, int(stats["typical"]))}

@@ -45,6 +45,10 @@ def test_a_collection_of_view_groups_gets_diffusion_and_a_diffuse_one_does_not()
     off = auto.auto_values(diffuse)
     assert off["diffusion"]["k"] == 1 and off["qe"]["n"] == 0 and off["dba"]["n"] == auto.DBA_N
     assert on["diffusion"]["truncate"] == off["diffusion"]["truncate"] == 0
+    # A handful of images: too few to tell groups from noise, whatever the share.
+    few = auto.collection_stats(_collection(groups=12, per_group=5, loners=30))
+    assert few["share"] >= auto.GROUPS_SHARE and few["images"] <= auto.MIN_GROUPED_IMAGES
+    assert auto.auto_values(few)["diffusion"]["k"] == 1 and auto.auto_values(few)["qe"]["n"] == 0
 
 
 def test_stats_are_deterministic_sampled_and_sized():
