@@ -121,6 +121,22 @@ def _with(settings: pipeline.RerankSettings, values: Mapping[str, Any]) -> pipel
     return pipeline.RerankSettings.from_config(d)
 
 
+def _grid_aps(
+    variants, dbs, methods, base, fields, pgnd
+) -> dict[tuple[int, str, tuple], np.ndarray]:
+    """AP per query under one protocol, for each (variant, method, values of the grid fields
+    the method reads): one ranking each."""
+    aps = {}
+    for v, (variant, db) in enumerate(zip(variants, dbs, strict=True)):
+        for method in methods:
+            mf = _method_fields(method, list(fields))
+            for values in itertools.product(*(fields[f] for f in mf)):
+                settings = _with(base, dict(zip(mf, values, strict=True)))
+                ranks = _full_rankings(method, variant.queries, db, settings, variant)
+                aps[(v, method, values)] = metrics.compute_map(ranks, pgnd, kappas=())[1]
+    return aps
+
+
 def _full_rankings(method, queries, db, settings, variant) -> np.ndarray:
     ranks = pipeline.rerank(method, queries, db, settings).ids
     if len(variant.missing):
@@ -214,17 +230,12 @@ def cross_validate(
     t0 = time.perf_counter()
     # Hundreds of 20-iteration solves: their convergence notes would drown the table.
     quiet = logging.getLogger("cbir_tf.rerank.diffusion")
-    level, quiet.level = quiet.level, max(quiet.level, logging.WARNING)
-    # AP per (variant, method, values of the fields the method reads) and query.
-    aps: dict[tuple[int, str, tuple], np.ndarray] = {}
-    for v, (variant, db) in enumerate(zip(variants, dbs, strict=True)):
-        for method in methods:
-            mf = _method_fields(method, list(fields))
-            for values in itertools.product(*(fields[f] for f in mf)):
-                settings = _with(base, dict(zip(mf, values, strict=True)))
-                ranks = _full_rankings(method, variant.queries, db, settings, variant)
-                aps[(v, method, values)] = metrics.compute_map(ranks, pgnd, kappas=())[1]
-    quiet.setLevel(level)
+    level = quiet.level
+    quiet.setLevel(max(level, logging.WARNING))
+    try:
+        aps = _grid_aps(variants, dbs, methods, base, fields, pgnd)
+    finally:
+        quiet.setLevel(level)
     seconds = time.perf_counter() - t0
     names = list(fields)
     settings_list, rows = [], []

@@ -131,22 +131,9 @@ def run_tune(
     for field, value in chosen.items():
         config_lib.set_field(tuned, field, value)
     out_dir = out_dir or os.path.join(cfg.workdir, "eval", b.name, "tune")
-    title = (
-        benchmark_title(cfg, b, {}) + f"; cross-validated, {folds} folds: each fold's rows "
-        f"ranked with the settings chosen on the other {folds - 1} (grid of "
-        f"{len(result.settings)} settings, mAP {str(cfg.tune.protocol).capitalize()})"
-    )
-    table = report.format_table(result.results, kappas, title=title)
-    lines = [table, "", "settings chosen per fold (on the other folds):"]
-    for i, c in enumerate(result.chosen):
-        lines.append(
-            f"  fold {i + 1} ({len(result.folds[i])} queries): {_words(result, c, variants)}"
-        )
     path = os.path.join(out_dir, CONFIG_FILE)
-    lines.append(f"chosen on all {ds.num_queries} queries: {_words(result, result.best, variants)}")
-    lines.append(f"config written: {path} (use it with --config={path})")
-    text = "\n".join(lines)
-    print(text, flush=True)
+    table = report.format_table(result.results, kappas, title=_title(cfg, b, result))
+    print(_summary(table, result, variants, ds.num_queries, path), flush=True)
     os.makedirs(out_dir, exist_ok=True)
     doc = (
         f"Settings chosen by `evaluate.py --tune` on {b.name} ({ds.num_queries} queries, "
@@ -169,6 +156,25 @@ def run_tune(
     }
     files = report.write_results(out_dir, result.results, kappas, extra=extra)
     return {"result": result, "table": table, "settings": chosen, "config": path, "files": files}
+
+
+def _title(cfg: Any, b: Any, result: tune.TuneResult) -> str:
+    folds = len(result.folds)
+    return (
+        benchmark_title(cfg, b, {}) + f"; cross-validated, {folds} folds: each fold's rows "
+        f"ranked with the settings chosen on the other {folds - 1} (grid of "
+        f"{len(result.settings)} settings, mAP {str(cfg.tune.protocol).capitalize()})"
+    )
+
+
+def _summary(table: str, result: tune.TuneResult, variants, num_queries: int, path: str) -> str:
+    lines = [table, "", "settings chosen per fold (on the other folds):"]
+    for i, c in enumerate(result.chosen):
+        size = len(result.folds[i])
+        lines.append(f"  fold {i + 1} ({size} queries): {_words(result, c, variants)}")
+    lines.append(f"chosen on all {num_queries} queries: {_words(result, result.best, variants)}")
+    lines.append(f"config written: {path} (use it with --config={path})")
+    return "\n".join(lines)
 
 
 def _words(result: tune.TuneResult, index: int, variants) -> str:
