@@ -261,7 +261,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (KeyError, AttributeError) as e:
         # ml-collections raises these for --config.<path> naming no field of the config.
         fail(_unknown_field_line(e, argv))
-    if "config" in flags.FLAGS:
+    if "config" in flags.FLAGS and flags.FLAGS.config is not None:  # search/serve: optional
         try:
             # ml-collections defers a config file's load error to the first use of the config.
             flags.FLAGS.config.get("workdir")
