@@ -12,7 +12,8 @@ every ranking the toolkit reports (evaluation, `Retriever`, `search.py`) with th
   itself included), weights max(s, 0)^γ, zero diagonal; S = D^-1/2 A D^-1/2; y = the query's kq
   nearest items with weights max(s, 0)^γ; f solves (I - α S) f = y; items ranked by f. Items
   the query's seeds never reach (f = 0: no path in the graph) cannot be told apart by f: they
-  follow all the others in their plain order (scored s / max|s| - 2, as the toolkit reports).
+  follow all the others in their plain order (scored min(reached f) - 2 + s / max|s|, as the
+  toolkit reports them).
 """
 
 import numpy as np
@@ -85,7 +86,9 @@ def method_scores(method, queries, database, qe, diffusion, dba_settings=None):
         d = diffusion
         f = diffusion_scores(q, database, d["k"], d["kq"], d["gamma"], d["alpha"])
         s = plain_scores(q, database)
-        return np.where(f > 0, f, s / np.abs(s).max(axis=1, keepdims=True) - 2.0)
+        lo = np.where(f > 0, f, np.inf).min(axis=1, keepdims=True)
+        lo = np.where(np.isfinite(lo), lo, 0.0)
+        return np.where(f > 0, f, lo - 2.0 + s / np.abs(s).max(axis=1, keepdims=True))
     return plain_scores(q, database)
 
 

@@ -417,11 +417,8 @@ def _unreached_in_plain_order(
     if need.size == 0:
         return scores
     plain = search.inner_products(queries[need], db.vectors, block_size=db.index.block_size)
-    plain = plain.astype(np.float64)
-    plain /= np.maximum(np.abs(plain).max(axis=1, keepdims=True), 1e-30)
     out = scores.copy()
-    rows = out[need]
-    out[need] = np.where(reached[need], rows, plain - 2.0)
+    out[need] = diffusion.rest_in_plain_order(scores[need], reached[need], plain)
     return out
 
 

@@ -5,7 +5,9 @@ skipped.json, COMPLETE), so every tool that reads stores reads indexes, plus:
 
     manifest.json   the collection root, how to rebuild the model (its config, or a `.keras`
                     file), and what is known about each indexed file (size and modification
-                    time, to notice changes; unreadable files and why)
+                    time, to notice changes; unreadable files and why); the re-ranking settings
+                    and, when some are 'auto', what they stand for for these rows
+                    (`rerank_auto`, updated after the store by `update_manifest`)
     model.keras     the model, when no reference can rebuild it (random weights, a learned
                     whitening, a weights file or `.keras` model outside the folder)
     pending.json    while indexing: the batch being added (ids, paths, stats, removals), saved

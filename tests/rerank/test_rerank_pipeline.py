@@ -85,7 +85,7 @@ def test_diffusion_ranks_what_it_never_reaches_in_plain_order():
     tail = got.ids[0][~reached]
     plain = (x @ q[0])[tail]
     assert (np.diff(plain) <= 0).all()  # plain order, best first
-    assert (got.scores[0][~reached] < -1).all() and (got.scores[0][reached] > 0).all()
+    assert got.scores[0][~reached].max() < got.scores[0][reached].min()
 
 
 def test_diffusion_without_a_graph_is_the_plain_ranking():
