@@ -205,3 +205,26 @@ def test_search_command_takes_a_configs_rerank_block(index, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines()]
     assert [row[2] for row in rows if len(row) >= 3 and row[0].isdigit()] == ids
+
+
+def test_rows_with_auto_settings_are_the_papers_methods_with_the_settings_they_report():
+    # A collection with groups (so that 'auto' turns α-QE and diffusion on): every row equals
+    # the reference run with the settings its info reports.
+    rng = np.random.default_rng(5)
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    centres = rng.normal(size=(24, 32))
+    x = unit(np.concatenate([np.repeat(centres, 5, 0) + 0.35 * rng.normal(size=(120, 32)),
+                             rng.normal(size=(60, 32))])).astype(np.float32)  # fmt: skip
+    q = unit(centres[:8] + 0.35 * rng.normal(size=(8, 32))).astype(np.float32)
+    gnd = [{"easy": list(range(5 * g, 5 * g + 5)), "hard": [], "junk": []} for g in range(8)]
+    block = {"diffusion": {"alpha": 0.8, "max_iter": 1000, "tol": 1e-12}}  # the rest 'auto'
+    results, rankings = evaluation.evaluate_methods(q, x, gnd, methods=METHODS, rerank_cfg=block)
+    used = results["aqe+diffusion"]["info"]["settings"]
+    assert used["qe"]["n"] >= 1 and used["diffusion"]["k"] > 1  # the rule found the groups
+    assert results["plain"]["info"]["auto"]["source"] == "collection"
+    for method in METHODS:
+        s = results[method]["info"]["settings"]
+        qe, dba = s.get("qe", QE), s.get("dba", DBA)
+        diff = s.get("diffusion", DIFFUSION)
+        expected = ranks_from_scores(method_scores(method, q, x, qe, diff, dba))
+        np.testing.assert_array_equal(rankings[method], expected, err_msg=method)
