@@ -31,13 +31,16 @@ __all__ = [
     "as_dict",
     "block",
     "check_config",
+    "config_file_text",
     "config_dir",
     "config_path",
     "default",
     "default_config",
     "defaults",
+    "differences",
     "fill_defaults",
     "load_config",
+    "set_field",
 ]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -261,3 +264,89 @@ _PLURALS = {"a bool": "bools", "an int": "ints", "a number": "numbers", "a strin
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def differences(config: Any) -> dict[str, Any]:
+    """{dotted field: value} of a config's fields whose value differs from configs/default.py
+    (fields default.py lacks included), in the order of the config."""
+    out: dict[str, Any] = {}
+
+    def walk(given: Mapping[str, Any], base: Any, prefix: str) -> None:
+        for key, value in given.items():
+            ref = base.get(key) if isinstance(base, Mapping) else None
+            if isinstance(value, Mapping):
+                walk(value, ref if isinstance(ref, Mapping) else {}, f"{prefix}{key}.")
+            elif not (isinstance(base, Mapping) and key in base and _same(value, ref)):
+                out[f"{prefix}{key}"] = value
+
+    walk(as_dict(config), _default_dict(), "")
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def set_field(config: Any, dotted: str, value: Any) -> None:
+    """Sets `config.<dotted>` (a ConfigDict) to `value` converted to the field's type: a field
+    whose default is a string ('auto') takes str(value), a number field its number type.
+
+    Raises:
+      KeyError: no such field (the valid ones of its block named).
+      ValueError: a value the field's type cannot take.
+    """
+    *parents, leaf = dotted.split(".")
+    node = config
+    for i, name in enumerate(parents):
+        if name not in node:
+            raise KeyError(f"config has no block {'.'.join(parents[: i + 1])}")
+        node = node[name]
+    if leaf not in node:
+        raise KeyError(f"config has no field {dotted}; valid: {', '.join(node.keys())}")
+    node[leaf] = _typed(node[leaf], value, dotted)
+
+
+def _typed(current: Any, value: Any, dotted: str) -> Any:
+    if current is None or isinstance(value, type(current)) and not isinstance(value, bool):
+        return value
+    try:
+        if isinstance(current, bool):
+            text = str(value).strip().lower()
+            if text not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return text in ("true", "1")
+        if isinstance(current, str):
+            return str(value)
+        if isinstance(current, (int, float)):
+            number = float(value)
+            if isinstance(current, int) and not number.is_integer():
+                raise ValueError(value)
+            return type(current)(number)
+        if isinstance(current, tuple):
+            import ast
+
+            parsed = ast.literal_eval(value) if isinstance(value, str) else value
+            return tuple(parsed) if isinstance(parsed, (list, tuple)) else (parsed,)
+    except (ValueError, SyntaxError):
+        pass
+    raise ValueError(f"{dotted}={value!r}: expected a value of type {type(current).__name__}")
+
+
+def config_file_text(values: Mapping[str, Any], doc: str) -> str:
+    """A `get_config()` file: configs/default.py with the dotted `values` set (as the commands'
+    `--config=FILE` read it), `doc` as its docstring."""
+    lines = [
+        f'"""{doc.rstrip()}\n"""',
+        "",
+        "from cbir_tf import config",
+        "",
+        "",
+        "def get_config():",
+    ]
+    lines.append("    c = config.default_config()")
+    for dotted, value in values.items():
+        lines.append(f"    c.{dotted} = {value!r}")
+    lines.append("    return c")
+    return "\n".join(lines) + "\n"

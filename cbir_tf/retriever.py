@@ -34,7 +34,7 @@ from cbir_tf import config as config_lib
 from cbir_tf.config import default
 from cbir_tf.data.image_list import SHARD_FIELDS
 from cbir_tf.fileio import folder_lock, require_space
-from cbir_tf.rerank import pipeline
+from cbir_tf.rerank import auto, pipeline
 from cbir_tf.search import ann as ann_lib
 from cbir_tf.search.ann import AnnSettings
 from cbir_tf.search.index import SearchIndex
@@ -151,6 +151,7 @@ class Retriever:
         self._database: pipeline.Database | None = None  # search structures, built on first use
         self._ann: ann_lib.AnnIndex | None = None
         self._state: index_folder.IndexState | None = None  # the committed state read
+        self._rerank_auto: dict[str, Any] | None = None  # what 'auto' settings resolve to
         if self.directory:
             index_folder.refuse_plain_store(self.directory)
             saved_model = os.path.join(self.directory, index_folder.MODEL_FILE)
@@ -394,6 +395,7 @@ class Retriever:
         # Rows changed: search structures built on the old matrix are stale.
         self._database = None
         self._ann = None
+        self._rerank_auto = None
 
     def row_of(self, image_id: str) -> int | None:
         """The row of an indexed image (None when it is not indexed)."""
@@ -422,6 +424,8 @@ class Retriever:
         elif ann is not None:
             log.info("%s", ann.describe())
         self._ann = ann
+        if auto.entry_matches(state.manifest.get("rerank_auto"), self._ids):
+            self._rerank_auto = state.manifest["rerank_auto"]
 
     # -- search ------------------------------------------------------------------------------
 
@@ -510,8 +514,9 @@ class Retriever:
                 f"queries have {queries.shape[1]} dimensions, the index {database.shape[1]}"
             )
         k = min(check_k(k), database.shape[0])
-        settings = pipeline.RerankSettings.from_config(self.rerank_settings)
-        ranking = pipeline.rerank(method, queries, self._search_database(), settings, k=k)
+        ranking = pipeline.rerank(
+            method, queries, self._search_database(), self.resolved_rerank(), k=k
+        )
         return np.asarray(ranking.scores, np.float32), np.asarray(ranking.ids, np.int64)
 
     def search_index(self, rerank: str = "none") -> SearchIndex:
@@ -523,8 +528,7 @@ class Retriever:
         """
         method = pipeline.check_method(rerank, "rerank")
         self._require_nonempty()
-        settings = pipeline.RerankSettings.from_config(self.rerank_settings)
-        return self._search_database().index_for(method, settings)
+        return self._search_database().index_for(method, self.resolved_rerank())
 
     def _search_database(self) -> pipeline.Database:
         if self._database is None:
@@ -535,6 +539,40 @@ class Retriever:
                 ann=self.approximate_index(), ann_settings=self.ann_settings,
             )  # fmt: skip
         return self._database
+
+    def resolved_rerank(self) -> pipeline.RerankSettings:
+        """The re-ranking settings searches use: `rerank_settings`, its 'auto' fields resolved
+        for this collection (`rerank_auto`)."""
+        settings = pipeline.RerankSettings.from_config(self.rerank_settings)
+        if not settings.auto_fields():
+            return settings
+        return settings.resolved(self.rerank_auto()["values"])
+
+    def rerank_auto(self) -> dict[str, Any]:
+        """What 'auto' re-ranking settings resolve to for the indexed collection
+        (`cbir_tf.rerank.auto.collection_entry`): the one the index folder saved for these
+        rows, else counted once (and saved with the folder's next write)."""
+        self._require_nonempty()
+        if self._rerank_auto is None:
+            self._rerank_auto = auto.collection_entry(
+                self._descriptors, self._ids, index=self._search_database().index,
+                graph_min_rows=self.ann_settings.graph_min_rows,
+            )  # fmt: skip
+        return self._rerank_auto
+
+    def _stage_rerank_auto(self, staged: str, descriptors, ids, ann) -> None:
+        """Counts what 'auto' re-ranking settings mean for the rows of a staged state, into its
+        manifest (`rerank_auto`): once per change of the collection, so that searches need not
+        count, and sealed with the rest of the state."""
+        entry = None
+        if pipeline.RerankSettings.from_config(self.rerank_settings).auto_fields() and len(ids):
+            index = SearchIndex(
+                descriptors, backend="auto", ann=ann, block_size=self.block_size, validate=False
+            )
+            entry = auto.collection_entry(
+                descriptors, ids, index=index, graph_min_rows=self.ann_settings.graph_min_rows
+            )
+        index_folder.update_manifest(staged, {"rerank_auto": entry})
 
     def approximate_index(self) -> ann_lib.AnnIndex | None:
         """The folder's saved approximate index (memory-mapped), when searches use it.
@@ -693,13 +731,14 @@ class Retriever:
         dim = int(self._descriptors.shape[1]) if self._descriptors.ndim == 2 else 0
         os.makedirs(directory, exist_ok=True)
 
-        def copy_ann(staged: str, descriptors: np.ndarray, meta: dict[str, Any]) -> None:
+        def copy_ann(staged: str, descriptors: np.ndarray, meta: dict[str, Any]):
             # The approximate index describes the same rows: the files of the state this
             # retriever read are linked (one opened memory-mapped cannot be serialised again),
             # or an in-memory one is saved.
             if self.directory and self._ann is not None:
                 if store_lib.committed_id(self.directory) == self.commit:
                     store_lib.link_into(self.directory, staged, ANN_FILES)
+                    return self._ann
                 else:
                     log.warning(
                         "%s changed since it was opened: its approximate index is not saved "
@@ -707,6 +746,8 @@ class Retriever:
                     )  # fmt: skip
             elif self._ann is not None:
                 ann_lib.save(self._ann, staged, meta)
+                return self._ann
+            return None
 
         with folder_lock(directory, what="this index"):
             index_folder.recover(directory)
@@ -886,11 +927,11 @@ class Retriever:
             appended = np.array_equal(keep_rows, np.arange(old_rows))
             previous = old_rows if appended else None
 
-            def follow_ann(staged: str, descriptors: np.ndarray, meta: dict[str, Any]) -> None:
+            def follow_ann(staged: str, descriptors: np.ndarray, meta: dict[str, Any]):
                 # The approximate index of the staged rows: the current one's files are staged,
                 # then followed (rows appended: added, else rebuilt) or built once due.
                 store_lib.link_into(self.directory, staged, ANN_FILES)
-                ann_lib.follow_rows(
+                return ann_lib.follow_rows(
                     staged, descriptors, meta, self.ann_settings, previous_rows=previous,
                     backend=self.backend, block_size=self.block_size,
                 )  # fmt: skip
@@ -938,8 +979,9 @@ class Retriever:
         index in `directory` (the caller holds its lock).
 
         The whole state (store, manifest, model, approximate index: `stage_ann(staged,
-        descriptors, meta)` writes it) is written into the folder's staged/ first: a failure
-        there (a full disk) leaves the committed state untouched, serving and loadable.
+        descriptors, meta)` writes it and returns it, or None; what 'auto' re-ranking settings
+        mean for the rows) is written into the folder's staged/ first: a failure there (a full
+        disk) leaves the committed state untouched, serving and loadable.
         """
         commit_id = store_lib.next_commit(directory)
         needed = store_lib.store_bytes(len(ids), dim, ids) + 512 * (len(ids) + 1)
@@ -961,8 +1003,9 @@ class Retriever:
                 commit_id=commit_id,
             )
             descriptors, _, meta = store_lib.load_store(staged, mmap=True)
-            stage_ann(staged, descriptors, meta)
-            del descriptors
+            ann = stage_ann(staged, descriptors, meta)
+            self._stage_rerank_auto(staged, descriptors, ids, ann)
+            del descriptors, ann
             index_folder.commit_state(directory, commit_id, ANN_FILES, ANN_FILES)
         except OSError as e:
             index_folder.abandon_commit(directory)

@@ -1,6 +1,7 @@
 """End to end on generated photo folders: index, search, add/remove, save/load, resume."""
 
 import copy
+import io
 import json
 import os
 import shutil
@@ -137,6 +138,7 @@ def test_batch_search_equals_single_searches_and_rerankers(built, tmp_path):
 
     saved = copy.deepcopy(built.rerank_settings)
     built.rerank_settings["diffusion"].update({"k": 4, "kq": 3, "gamma": 2.0})
+    built.rerank_settings["qe"]["n"] = 2
     try:
         q = built.describe(queries)
         db = np.asarray(built.descriptors)
@@ -467,3 +469,80 @@ def test_a_pending_batch_that_no_longer_matches_the_folder_starts_afresh(
     (index_dir / "pending.json").write_text('{"ids": ["a.jpg"], "paths": [')
     assert again.index(root, progress=False)["unchanged"] == NUM_PHOTOS
     assert not os.path.exists(index_dir / "pending.json")
+
+
+def test_auto_rerank_settings_are_counted_once_per_collection_and_kept_in_the_manifest(
+    model, tmp_path, monkeypatch
+):
+    from photos import view_of
+
+    from cbir_tf.rerank import auto
+    from cbir_tf.runs.search import run_search
+    from cbir_tf.serve.service import open_service
+
+    root = tmp_path / "photos"
+    for i in range(8):  # 8 photos, each with two other views: groups for the rule to find
+        src = synthetic_photo(root / f"p{i}.jpg", 200 + i)
+        for v in range(2):
+            view_of(src, root / f"p{i}v{v}.jpg", 300 + 10 * i + v)
+    folder = tmp_path / "index"
+    r = Retriever(model, image_size=96, directory=folder)
+    r.index(str(root), progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["rerank"]["diffusion"]["k"] == "auto"  # the settings as configured ...
+    entry = manifest["rerank_auto"]  # ... and what 'auto' means for these rows
+    assert entry == json.loads(json.dumps(auto.collection_entry(r.descriptors, r.ids)))
+    assert r.resolved_rerank().to_dict()["diffusion"] == {
+        **r.resolved_rerank().to_dict()["diffusion"],
+        **entry["values"]["diffusion"],
+    }
+    query = str(root / "p3v1.jpg")
+    methods = ("aqe", "diffusion", "aqe+diffusion", "dba")
+    expected = {m: r.search(query, k=6, rerank=m) for m in methods}
+
+    # Reopened by search.py, Retriever.load or serve.py: nothing is counted again, same results.
+    monkeypatch.setattr(auto, "collection_stats", lambda *a, **k: pytest.fail("counted again"))
+    loaded = Retriever.load(folder)
+    assert loaded.rerank_auto() == entry
+    assert {m: loaded.search(query, k=6, rerank=m) for m in methods} == expected
+    for m in methods:
+        ((_, hits),) = run_search(folder, query, k=6, rerank=m, stream=io.StringIO())
+        assert [h.id for h in hits] == [h.id for h in expected[m]]
+    service = open_service(folder)
+    try:
+        assert service.info()["rerank_settings"] == loaded.resolved_rerank().to_dict()
+    finally:
+        service.close()
+    monkeypatch.undo()
+
+    # The collection changes: its entry is counted again, once, and saved.
+    synthetic_photo(root / "new.jpg", 999)
+    loaded.index(str(root), progress=False)
+    after = json.loads((folder / "manifest.json").read_text())["rerank_auto"]
+    assert after["images"] == len(loaded) == 25 and after["ids_sha256"] != entry["ids_sha256"]
+    assert auto.entry_matches(after, loaded.ids)
+
+
+def test_search_and_serve_take_a_configs_rerank_block(built, tmp_path):
+    from cbir_tf import config as config_lib
+    from cbir_tf.runs.search import run_search
+    from cbir_tf.serve.service import open_service
+
+    folder = built.save(tmp_path / "index")
+    cfg = config_lib.default_config()
+    config_lib.set_field(cfg, "rerank.diffusion.k", "3")
+    config_lib.set_field(cfg, "rerank.diffusion.kq", "2")
+    block = config_lib.block(cfg, "rerank")
+    query = _near_duplicate(built.path_of("img4.jpg"), tmp_path / "q.jpg")
+    want = Retriever.load(folder, rerank=block).search(query, k=len(built), rerank="diffusion")
+    default = Retriever.load(folder).search(query, k=len(built), rerank="diffusion")
+    assert [h.id for h in want] != [h.id for h in default]  # the block makes a difference
+    (_, hits), = run_search(folder, query, k=len(built), rerank="diffusion",
+                            rerank_settings=block, stream=io.StringIO())  # fmt: skip
+    assert [h.id for h in hits] == [h.id for h in want]
+    service = open_service(folder, rerank=block)
+    try:
+        settings = service.info()["rerank_settings"]["diffusion"]
+        assert (settings["k"], settings["kq"]) == (3, 2)
+    finally:
+        service.close()

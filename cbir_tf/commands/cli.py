@@ -171,6 +171,21 @@ def benchmark_overrides(values: Any) -> dict[str, Any]:
 # Config files: found by name from any directory
 # ---------------------------------------------------------------------------------------------
 
+INDEX_CONFIG_HELP = (
+    "A config file (e.g. one written by evaluate.py --tune) whose `rerank` block replaces the "
+    "re-ranking settings saved with the index; by default the index's own."
+)
+
+
+def rerank_block(cfg: Any) -> dict[str, Any] | None:
+    """A `--config`'s `rerank` block for `search.py` / `serve.py` (None without --config)."""
+    if cfg is None:
+        return None
+    from cbir_tf import config as config_lib
+
+    return config_lib.block(cfg, "rerank")
+
+
 CONFIG_HELP = (
     "Config file (ml-collections): a path, or the name of a shipped config (default, demo, "
     "train_head, train_metric; also as configs/<name>.py) from any directory."
@@ -288,11 +303,28 @@ def _unknown_field_line(error: Exception, argv: list[str]) -> str:
     return f"config has no field {dotted} (see the config file for the fields it has)"
 
 
+def _default_config_for_overrides(argv: list[str]) -> list[str]:
+    """`argv` with `--config=default` added where a command's `--config` is optional (search,
+    serve) and `--config.<field>=...` overrides are given without one: they then start from
+    configs/default.py, as in every other command, and a misspelt field gets the same line."""
+    from absl import flags
+
+    if "config" not in flags.FLAGS or flags.FLAGS["config"].default is not None:
+        return argv
+    given = any(re.fullmatch(r"--?config(=.*)?", a) for a in argv[1:])
+    overrides = any(re.match(r"--?config\.", a) for a in argv[1:])
+    return (
+        [argv[0], f"--config={config_path('default')}", *argv[1:]]
+        if overrides and not given
+        else argv
+    )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with `--config` names resolved and every error as one line."""
     from absl import flags
 
-    argv = _resolve_config_args(argv)
+    argv = _resolve_config_args(_default_config_for_overrides(argv))
     if "config" not in flags.FLAGS and any(re.match(r"--?config([.=]|$)", a) for a in argv[1:]):
         fail(
             f"{os.path.basename(argv[0])} takes no --config: an index folder keeps the settings "
@@ -305,7 +337,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (KeyError, AttributeError) as e:
         # ml-collections raises these for --config.<path> naming no field of the config.
         fail(_unknown_field_line(e, argv))
-    if "config" in flags.FLAGS:
+    if "config" in flags.FLAGS and flags.FLAGS.config is not None:  # search/serve: optional
         check_config_flag(flags.FLAGS["config"])
     return rest
 
@@ -325,11 +357,24 @@ def check_config_flag(flag: Any) -> None:
     except OSError as e:
         fail(_flag_error_line(e))
     source = config_flags.get_config_filename(flag) or config_path("default")
+    source = source.partition(":")[0]
     try:
-        config_lib.check_config(cfg, source=source.partition(":")[0])
+        config_lib.check_config(cfg, source=source)
     except config_lib.ConfigError as e:
         fail(str(e))
     config_lib.fill_defaults(cfg)
+    _check_rerank_values(cfg, source)
+
+
+def _check_rerank_values(cfg: Any, source: str) -> None:
+    """Refuses a re-ranking value the type check lets through ('auto'-able fields are strings):
+    `rerank.qe.n = "two"` is one line now, not an error after TensorFlow has loaded."""
+    from cbir_tf.rerank import pipeline
+
+    try:
+        pipeline.RerankSettings.from_config(config_lib.block(cfg, "rerank"))
+    except ValueError as e:
+        fail(f"{source}: config.{e}")
 
 
 def run(main: Callable[[list[str]], Any], module: types.ModuleType) -> None:

@@ -3,6 +3,7 @@ r"""Searches an image index with a photo (or a folder of photos) and shows the r
   python extract.py --images=~/photos --out=index/           # build the index first
   python search.py --index=index/ --query=photo.jpg --k=10 --out=results/
   python search.py --index=index/ --query=queries/ --rerank=aqe --out=results/   # one page each
+  python search.py --index=index/ --query=photo.jpg --rerank=diffusion --config=tuned.py
 
 Prints a ranked table (rank, score, image id) per query; with --out writes an HTML page (the
 query and its results as thumbnails with scores) and a PNG result grid per query, plus
@@ -13,6 +14,7 @@ beside them, or inside them with --embed).
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 from cbir_tf import quiet
 from cbir_tf.commands import checks, cli
@@ -27,6 +29,7 @@ flags.DEFINE_bool("embed", False, "Embed images in the pages (one self-contained
 flags.DEFINE_bool("exact", False, "Exact search even where the index has an approximate index.")
 flags.mark_flags_as_required(["query"])
 cli.define_index_flags()
+config_flags.DEFINE_config_file("config", None, cli.INDEX_CONFIG_HELP)
 FLAGS = flags.FLAGS
 
 
@@ -50,6 +53,7 @@ def main(argv):
             embed=FLAGS.embed,
             exact=FLAGS.exact,
             full_check=FLAGS.verify,
+            rerank_settings=cli.rerank_block(FLAGS.config),
         )
     )
 

@@ -14,6 +14,7 @@ connect unless --host says otherwise.
 import sys
 
 from absl import flags
+from ml_collections import config_flags
 
 from cbir_tf import quiet
 from cbir_tf.commands import checks, cli
@@ -38,6 +39,7 @@ flags.DEFINE_float(
     "(default: config search.reload_every, 2; 0: only on POST /api/reload from this machine).",
 )
 cli.define_index_flags()
+config_flags.DEFINE_config_file("config", None, cli.INDEX_CONFIG_HELP)
 FLAGS = flags.FLAGS
 
 
@@ -60,6 +62,7 @@ def main(argv):
             large_decodes=FLAGS.large_decodes,
             large_image_pixels=FLAGS.large_image_pixels,
             full_check=FLAGS.verify,
+            rerank=cli.rerank_block(FLAGS.config),
             **({} if FLAGS.reload_every is None else {"reload_every": FLAGS.reload_every}),
         )
     )

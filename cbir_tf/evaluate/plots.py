@@ -462,3 +462,58 @@ def evaluation_figures(
                 {"title": f"{method}: {qname}", "path": path, "method": method, "query": qname}
             )
     return {"pr_plots": {"all": pr_path}, "grids": grids}
+
+
+def comparison_chart(
+    groups: Sequence[str],
+    methods: Sequence[str],
+    values: Mapping[str, np.ndarray],
+    out_path: str | os.PathLike,
+    *,
+    title: str = "",
+    dpi: int = 100,
+) -> str:
+    """Grouped bars, one panel per metric: a group per combination, a bar per method.
+
+    Args:
+      groups: the combinations' names (x axis), e.g. 'mobilenet, gem'.
+      methods: the bars of each group (legend).
+      values: {panel title ('mAP M', 'mAP H'): float `[len(groups), len(methods)]` in %, NaN
+        for a failed combination (no bar)}.
+      out_path: the PNG to write (atomically).
+      title: figure title.
+      dpi: resolution of the PNG.
+
+    Returns:
+      `out_path` as a string.
+    """
+    Figure, FigureCanvasAgg = _pyplot()
+    width = max(6.0, 0.9 + len(groups) * (0.35 + 0.16 * len(methods)))
+    fig = Figure(figsize=(width, 3.2 * max(1, len(values)) + 0.6), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(max(1, len(values)), 1, squeeze=False)[:, 0]
+    x = np.arange(len(groups), dtype=np.float64)
+    bar = 0.8 / max(1, len(methods))
+    for ax, (panel, v) in zip(axes, values.items(), strict=False):
+        v = np.asarray(v, np.float64).reshape(len(groups), len(methods))
+        for j, method in enumerate(methods):
+            ax.bar(x - 0.4 + bar * (j + 0.5), np.nan_to_num(v[:, j]), bar, label=str(method))
+        for i in np.flatnonzero(np.isnan(v).all(axis=1)):
+            ax.text(x[i], 1.0, "failed", ha="center", va="bottom", fontsize=8, color="#d62728")
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(g) for g in groups], fontsize=8)
+        ax.set_ylabel(f"{panel} (%)")
+        top = np.nanmax(v) if np.isfinite(v).any() else 100.0
+        ax.set_ylim(0, min(100.0, top * 1.15 + 1.0))
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_title(str(panel), fontsize=10)
+    axes[0].legend(fontsize=8, ncol=min(len(methods), 6), loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out_path = os.fspath(out_path)
+    from cbir_tf.fileio import atomic_open
+
+    with atomic_open(out_path, "wb") as f:
+        fig.savefig(f, format="png", facecolor="white")
+    return out_path

@@ -23,6 +23,7 @@ def run_search(
     stream: Any = None,
     exact: bool = False,
     full_check: bool = False,
+    rerank_settings: Any = None,
 ) -> list[tuple[str, list[SearchResult]]]:
     """What `search.py` runs: searches an index, prints ranked tables, writes HTML and PNGs.
 
@@ -40,6 +41,8 @@ def run_search(
       stream: where tables are printed (default sys.stdout).
       exact: exact search even when the index folder holds an approximate index.
       full_check: compare every file of the index with its commit's SHA-256 first.
+      rerank_settings: a config's `rerank` block (e.g. of an `evaluate.py --tune` config) in
+        place of the index's saved settings; None keeps them.
 
     Returns:
       [(query path, results)] in query order.
@@ -57,13 +60,10 @@ def run_search(
         queries = [query]
     else:
         raise FileNotFoundError(f"query {query} does not exist")
-    retriever = Retriever.load(
-        index_dir,
-        model=model,
-        root=root,
-        full_check=full_check,
-        **({"backend": "exact"} if exact else {}),
-    )
+    kwargs: dict[str, Any] = {"backend": "exact"} if exact else {}
+    if rerank_settings is not None:
+        kwargs["rerank"] = rerank_settings
+    retriever = Retriever.load(index_dir, model=model, root=root, full_check=full_check, **kwargs)
     all_results = retriever.search_batch(queries, k=k, rerank=rerank)
     approximate = retriever.approximate_index()
     if approximate is not None:

@@ -33,6 +33,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -266,12 +267,14 @@ def serve(
     large_image_pixels: int = default("serve.large_image_pixels"),
     reload_every: float = default("search.reload_every"),
     full_check: bool = False,
+    rerank: Any = None,
 ) -> None:
     """What `serve.py` runs: opens the index, loads the model once, serves until interrupted.
 
     New commits of the index are served within `reload_every` seconds (see
     `cbir_tf.serve.reload`); `full_check` compares every file with its checksum at the start and
-    at each reload.
+    at each reload. `rerank` (a config's `rerank` block, e.g. of an `evaluate.py --tune` config)
+    replaces the re-ranking settings saved with the index; None keeps them.
 
     Raises:
       FileNotFoundError: not an index folder.
@@ -295,7 +298,7 @@ def serve(
     # Requests already run in parallel threads; a BLAS pool per product only adds wake-ups:
     # multi-threaded OpenBLAS made the [1, D] x [D, N] product of a search 7x slower here.
     threadpool_limits(limits=1, user_api="blas")
-    service = open_service(index_dir, model=model, root=root, full_check=full_check)
+    service = open_service(index_dir, model=model, root=root, full_check=full_check, rerank=rerank)
     log.info(
         "index %s: %d images (commit %s); serving on http://%s:%d/",
         index_dir, len(service), service.state.commit, host, port,

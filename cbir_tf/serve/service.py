@@ -200,6 +200,7 @@ class SearchService:
         """Compiles the descriptor function and builds the search structure before serving."""
         image = np.full((32, 32, 3), 128, np.uint8)
         self._search(self.retriever.describe([image]), 1, "none")
+        self.retriever.resolved_rerank()  # 'auto' settings resolved before the first query
 
     @one_state
     def info(self) -> dict[str, Any]:
@@ -221,6 +222,8 @@ class SearchService:
             "backend": r.backend,
             **self.search_report(),
             "rerank_methods": list(rerank_pipeline.METHODS),
+            # The settings every ?rerank= uses ('auto' ones resolved for this collection).
+            "rerank_settings": self.retriever.resolved_rerank().to_dict(),
             "max_k": MAX_K,
         }
 

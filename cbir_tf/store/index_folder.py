@@ -5,7 +5,9 @@ skipped.json, COMPLETE), so every tool that reads stores reads indexes, plus:
 
     manifest.json   the collection root, how to rebuild the model (its config, or a `.keras`
                     file), and what is known about each indexed file (size and modification
-                    time, to notice changes; unreadable files and why)
+                    time, to notice changes; unreadable files and why); the re-ranking settings
+                    and, when some are 'auto', what they stand for for these rows
+                    (`rerank_auto`, written into the staged state before it is sealed)
     model.keras     the model, when no reference can rebuild it (random weights, a learned
                     whitening, a weights file or `.keras` model outside the folder)
     pending.json    while indexing: the batch being added (ids, paths, stats, removals), saved
@@ -155,6 +157,19 @@ def open_index(
         return IndexState(directory, commit, manifest, desc, ids, meta, more)
 
     return store_lib.read_committed(directory, read, wait=wait)
+
+
+def update_manifest(directory: str, entries: Mapping[str, Any]) -> None:
+    """Sets top-level entries of the manifest.json of an index's staged state (`begin_commit`;
+    atomically, under the folder's lock): sealed with the state. An entry set to None is
+    removed."""
+    manifest = read_manifest(directory)
+    for key, value in entries.items():
+        if value is None:
+            manifest.pop(key, None)
+        else:
+            manifest[key] = value
+    atomic_write_json(os.path.join(directory, MANIFEST_FILE), manifest)
 
 
 def load_model(directory: str, ref: Mapping[str, Any]) -> Any:
@@ -355,6 +370,7 @@ def merge_indexes(
     manifest["descriptor_meta"] = meta
     commit_id = store_lib.next_commit(out)
     manifest["commit"] = commit_id
+    manifest.pop("rerank_auto", None)  # counted on one shard's rows: not the merged index's
     model_file = first["model"].get("file")
     if model_file:
         source = os.path.join(os.fspath(shard_dirs[0]), model_file)
