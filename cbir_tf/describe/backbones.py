@@ -40,6 +40,8 @@ from typing import Any
 
 import keras
 
+from cbir_tf.describe.choices import normalize_weights
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -50,7 +52,6 @@ __all__ = [
     "build_backbone",
     "fetch_imagenet_weights",
     "get_backbone_spec",
-    "normalize_weights",
     "resolve_weights",
 ]
 
@@ -235,25 +236,6 @@ def display_name(name: str, alpha: float = 1.0) -> str:
     """
     spec = get_backbone_spec(name)
     return f"{spec.name} (alpha {float(alpha):g})" if spec.has_alpha else spec.name
-
-
-def normalize_weights(weights: str | os.PathLike | None) -> str:
-    """Returns 'imagenet', 'none' or the path of a local file (user `~` expanded).
-
-    Raises:
-      ValueError: a string that is neither keyword nor a weights/model file name.
-    """
-    if weights is None:
-        return "none"
-    text = os.fspath(weights).strip()
-    if text.lower() in ("imagenet", "none"):
-        return text.lower()
-    if not text.lower().endswith((".h5", ".hdf5", ".keras")):
-        raise ValueError(
-            f"weights={text!r}: expected 'imagenet', 'none', a weights file (.h5 / .weights.h5) "
-            "or a saved descriptor model (.keras)"
-        )
-    return os.path.expanduser(text)
 
 
 # keras.applications constructors fetch their weights through `file_utils.get_file` looked up in

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from cbir_tf.describe import backbones, transformers
+from cbir_tf.describe.choices import CNN_POOLINGS, POOLINGS, TOKEN_POOLINGS
 
 __all__ = [
     "CNN_POOLINGS",
@@ -34,9 +35,6 @@ __all__ = [
     "with_pooling",
 ]
 
-CNN_POOLINGS = ("mac", "spoc", "gem", "rmac")
-TOKEN_POOLINGS = ("cls", "cls+gem", "head")
-POOLINGS = ("auto", *CNN_POOLINGS, *TOKEN_POOLINGS)
 CNN_RECIPE = "rmac"
 
 

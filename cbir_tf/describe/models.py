@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from typing import Any
 
 import keras
@@ -367,7 +368,7 @@ def load_descriptor_model(path: str | os.PathLike, safe_mode: bool = True) -> ke
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: not a `.keras` file.
+      ValueError: not a `.keras` file, or a damaged one (truncated).
       UnsafeModelError: a Lambda layer refused by safe_mode.
     """
     path = os.path.expanduser(os.fspath(path))
@@ -375,11 +376,20 @@ def load_descriptor_model(path: str | os.PathLike, safe_mode: bool = True) -> ke
         raise ValueError(f"{path}: expected a saved Keras model (.keras)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} not found")
+    damaged = (
+        f"{path} is damaged: not a complete .keras archive (a truncated or partial copy?); "
+        "copy it again, or save the model again"
+    )
+    # Keras reports a file that is not a zip archive as "File not found".
+    if not zipfile.is_zipfile(path):
+        raise ValueError(damaged)
     # Importing the layer modules registers their classes for deserialisation.
     import cbir_tf.describe.layers  # noqa: F401
 
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+    except zipfile.BadZipFile:
+        raise ValueError(damaged) from None
     except Exception as e:
         text = str(e)
         if safe_mode and ("safe_mode" in text or "Lambda" in text or "lambda" in text):

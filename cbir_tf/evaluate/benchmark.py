@@ -333,9 +333,9 @@ def region_vectors(
       float32 [sum of R over images, C].
     """
     import tensorflow as tf
-    from tqdm import tqdm
 
     from cbir_tf.data import pipeline
+    from cbir_tf.progressbar import progress_bar
 
     @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.float32)])
     def forward(x):
@@ -343,7 +343,7 @@ def region_vectors(
 
     chunks, skipped = [], 0
     dataset = pipeline.image_dataset(list(paths), image_size)
-    for item in tqdm(
+    for item in progress_bar(
         dataset.as_numpy_iterator(),
         total=len(paths),
         disable=not progress,

@@ -185,6 +185,32 @@ class AnnIndex:
             f"(target {self.meta['target_recall']:.2f})"
         )
 
+    def summary(self) -> dict[str, Any]:
+        """What the index is and how good it measured, JSON-ready (what the service reports).
+
+        Returns:
+          {'kind', 'rows'} and, for 'ivfpq': 'factory', 'nprobe', 'recall' (recall@'recall_k'
+          measured at build time on 'tune_queries' held-out rows), 'target_recall',
+          'target_met', 'trained_rows', 'added_rows' (rows added since, not measured).
+        """
+        out: dict[str, Any] = {"kind": self.kind, "rows": self.ntotal}
+        if self.kind == "flat":
+            return {**out, "recall": 1.0}
+        m = self.meta
+        recall, target = self.recall, m.get("target_recall")
+        return {
+            **out,
+            "factory": m.get("factory"),
+            "nprobe": int(m["nprobe"]),
+            "recall": recall,
+            "recall_k": m.get("recall_k"),
+            "tune_queries": m.get("tune_queries"),
+            "target_recall": target,
+            "target_met": None if recall is None or target is None else recall >= target,
+            "trained_rows": m.get("trained_rows"),
+            "added_rows": int(m.get("added_rows", 0)),
+        }
+
     def set_nprobe(self, nprobe: int) -> None:
         """Inverted lists visited per query (the HNSW quantiser searches at least as wide)."""
         faiss = _faiss()

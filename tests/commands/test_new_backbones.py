@@ -241,7 +241,6 @@ def test_run_benchmark_python_api(backbone, checkpoints, tmp_path):
     cfg.model.alpha = 1.0
     cfg.data.image_size = 64
     cfg.data.data_root = str(tmp_path / "data")
-    cfg.rerank.diffusion.k = 8
     cfg.workdir = str(tmp_path)
     out = run_benchmark(cfg, progress=False)
     assert set(out["results"]) == {"plain", "aqe", "diffusion", "aqe+diffusion"}, out["results"]

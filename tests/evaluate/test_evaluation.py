@@ -214,3 +214,45 @@ def test_benchmark_queries_are_described_cropped_to_their_box(tmp_path):
         cropped = described(path, boxes[i])
         np.testing.assert_allclose(queries.descriptors[i], cropped, atol=1e-5)
         assert np.abs(cropped - described(path, None)).max() > 1e-2
+
+
+def test_auto_settings_are_the_papers_on_revisited_benchmarks_and_the_collections_elsewhere():
+    import types
+
+    from cbir_tf import config as config_lib
+    from cbir_tf.evaluate import report
+
+    cfg = config_lib.default_config()
+    papers = run_evaluate.papers_settings(cfg, types.SimpleNamespace(name="rparis6k"))
+    assert papers == {"qe": {"n": 2}, "dba": {"n": 2},
+                      "diffusion": {"k": 50, "kq": 10, "truncate": 0}}  # fmt: skip
+    folder = types.SimpleNamespace(name="rparis6k", folder_benchmark=True)
+    assert run_evaluate.papers_settings(cfg, folder) is None
+    assert run_evaluate.papers_settings(cfg, types.SimpleNamespace(name="demo")) is None
+    q, x, gnd = _clusters()
+    methods = ("plain", "aqe", "diffusion", "dba")
+    block = cfg.rerank.to_dict()
+    res, _ = evaluation.evaluate_methods(q, x, gnd, methods=methods, rerank_cfg=block,
+                                         papers=papers)  # fmt: skip
+    info = res["diffusion"]["info"]
+    assert info["auto"]["source"] == "papers"
+    assert (info["settings"]["diffusion"]["k"], info["settings"]["diffusion"]["kq"]) == (50, 10)
+    assert res["aqe"]["info"]["settings"] == {"qe": {"n": 2, "alpha": 3.0}}
+    text = report.settings_text(res)
+    assert text == ("re-ranking: α-QE n=2*, DBA n=2*, diffusion k=50* kq=10* "
+                    "(* auto: the papers' settings)")  # fmt: skip
+    # Elsewhere: the collection's own values, and the title says so.
+    res, _ = evaluation.evaluate_methods(q, x, gnd, methods=methods, rerank_cfg=block)
+    note = res["plain"]["info"]["auto"]
+    assert note["source"] == "collection" and note["stats"]["images"] == len(x)
+    from cbir_tf.rerank import auto
+
+    values = auto.auto_values(note["stats"])
+    assert res["diffusion"]["info"]["settings"]["diffusion"]["k"] == values["diffusion"]["k"]
+    assert "auto: chosen from the collection" in report.settings_text(res)
+    # Numbers given: used as they are, nothing marked automatic.
+    block["diffusion"].update(k="7", kq="3", truncate="0")
+    block["qe"]["n"] = block["dba"]["n"] = "1"
+    res, _ = evaluation.evaluate_methods(q, x, gnd, methods=("diffusion",), rerank_cfg=block)
+    assert "auto" not in res["diffusion"]["info"]
+    assert report.settings_text(res) == "re-ranking: diffusion k=7 kq=3"
