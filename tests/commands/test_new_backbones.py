@@ -164,6 +164,35 @@ def test_evaluate_the_demo_benchmark(backbone, checkpoints, tmp_path):
     assert key.startswith(backbone) and ("auto" not in key), key
 
 
+@pytest.mark.slow
+def test_compare_runs_cnns_and_transformers_side_by_side(checkpoints, tmp_path):
+    # One comparison across kinds: each value brings its own weights (and MobileNet its width).
+    backbones = (
+        "model.backbone:mobilenet[model.alpha=0.25],"
+        f"dinov2[model.weights={checkpoints['dinov2']}],"
+        f"siglip[model.weights={checkpoints['siglip']}]"
+    )
+    proc = _run(
+        [
+            "evaluate.py",
+            *DEMO,
+            "--weights=none",
+            f"--compare={backbones}",
+            f"--workdir={tmp_path}",
+            f"--data_root={tmp_path / 'data'}",
+        ]
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    csv_path = tmp_path / "eval" / "demo" / "compare" / "comparison.csv"
+    lines = csv_path.read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]
+    assert {r["model.backbone"] for r in rows} == {"mobilenet", "dinov2", "siglip"}, lines[:3]
+    assert not any(r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
+    for backbone in ("mobilenet", "dinov2", "siglip"):
+        assert re.search(rf"^{backbone}\s.*plain\s+\d+\.\d\d", proc.stdout, re.M), proc.stdout
+
+
 def _labelled(root: pathlib.Path) -> pathlib.Path:
     for c in range(3):
         for i in range(4):
