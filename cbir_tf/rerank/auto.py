@@ -137,10 +137,14 @@ def collection_stats(
     keep = np.ones(ids.shape, bool)
     keep[np.arange(len(rows)), drop] = False
     sims = sims[keep].reshape(len(rows), ranks[1])
+    # An approximate index may return short lists (padded with -inf): those images are left out.
+    sims = sims[np.isfinite(sims).all(axis=1)]
+    if not len(sims):
+        return out
     counts = significant_counts(sims, *ranks)
     some = counts[counts > 0]
     out.update(
-        sampled=int(len(rows)),
+        sampled=int(len(sims)),
         share=round(float((counts > 0).mean()), 4),
         typical=int(np.median(some)) if some.size else 0,
     )

@@ -80,3 +80,31 @@ def test_the_saved_entry_is_valid_for_its_rows_only():
 def test_tiny_collections_resolve(n):
     values = auto.auto_values(auto.collection_stats(_unit(np.eye(16)[:n] + 0.1)))
     assert values["diffusion"]["k"] == 1 and values["dba"]["n"] == min(auto.DBA_N, n - 1)
+
+
+class _ShortLists:
+    """An index answering like an approximate one that found too few candidates for some
+    queries: their lists end in -inf scores and id -1."""
+
+    def __init__(self, database, short_rows):
+        from cbir_tf.search.index import SearchIndex
+
+        self._exact = SearchIndex(database, validate=False)
+        self.database, self.ntotal = database, len(database)
+        self._short = set(short_rows)
+
+    def search(self, queries, k, validate=False):
+        sims, ids = self._exact.search(queries, k, validate=False)
+        for row, q in enumerate(queries):
+            if int(np.argmax(self.database @ q)) in self._short:
+                sims[row, k // 2 :], ids[row, k // 2 :] = -np.inf, -1
+        return sims, ids
+
+
+def test_images_with_short_approximate_lists_are_left_out_of_the_counts():
+    x = _collection(groups=40, per_group=5, loners=300)
+    exact = auto.collection_stats(x)
+    with np.errstate(all="raise"):  # no NaN from the padding reaches the noise line
+        stats = auto.collection_stats(x, index=_ShortLists(x, short_rows=range(0, len(x), 4)))
+    assert stats["sampled"] == len(x) - len(range(0, len(x), 4))
+    assert abs(stats["share"] - exact["share"]) < 0.1
