@@ -8,10 +8,15 @@ SERVE = ["starlette>=0.40", "uvicorn>=0.30", "python-multipart>=0.0.18", "thread
 # Python >= 3.9, and newer etils no longer bring it: a `tfds:` source fails without it.
 TFDS = ["tensorflow-datasets>=4.9", "importlib-resources>=5.0"]
 TFLITE = ["ai-edge-litert>=2.0"]
-# Extraction as an Apache Beam pipeline (extract.py --runner=beam). Beam pins protobuf < 7,
-# pillow < 13 and pyarrow < 26; with TensorFlow 2.21 a fresh install resolves to apache-beam
-# 2.77.0, protobuf 6.33.6, pillow 12.3.0, pyarrow 25.0.1 (README, "Scale out").
+# Extraction as an Apache Beam pipeline (extract.py --runner=beam; docs/scale-out.md). Beam
+# bounds some shared dependencies (protobuf, pillow, pyarrow) itself: pip resolves them beside
+# TensorFlow's, and CI proves the result by installing .[dev] afresh and running the tests. No
+# version is pinned here; add a bound only with the reason it is needed.
 BEAM = ["apache-beam>=2.60"]
+# Vision-transformer backbones (DINOv2, DINOv3, CLIP, SigLIP): KerasHub's models and presets, and
+# safetensors for the Hugging Face checkpoint folders KerasHub converts. keras-hub 0.32 needs
+# keras >= 3.15 and pulls tensorflow-text 2.21 beside TensorFlow 2.21.
+HUB = ["keras-hub>=0.23", "safetensors>=0.4"]
 
 setup(
     name="cbir-tf",
@@ -53,6 +58,7 @@ setup(
         # TFLite's interpreter for exported models (export.py --format=tflite checks them).
         "tflite": TFLITE,
         "beam": BEAM,
+        "hub": HUB,
         "dev": [
             "pytest>=8.0",
             "ruff>=0.5",
@@ -61,6 +67,7 @@ setup(
             "selenium>=4.10",
             *TFLITE,
             *BEAM,
+            *HUB,
         ],
     },
     # The commands, runnable from any directory once installed (the scripts beside setup.py

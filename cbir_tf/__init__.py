@@ -53,6 +53,17 @@ _SUBMODULES = (
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
+def _hide_tensorflow_start_up() -> None:
+    # TensorFlow's start-up lines (CUDA probes, CPU features) are not the user's business; the
+    # first import of TensorFlow, wherever it happens, leaves them out (see cbir_tf.quiet).
+    from cbir_tf import quiet
+
+    quiet.hide_tensorflow_start_up()
+
+
+_hide_tensorflow_start_up()
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

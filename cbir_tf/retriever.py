@@ -22,6 +22,7 @@ indexes written by earlier versions may hold absolute ids, which keep working.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,10 +33,11 @@ import numpy as np
 from cbir_tf import config as config_lib
 from cbir_tf.config import default
 from cbir_tf.data.image_list import SHARD_FIELDS
-from cbir_tf.fileio import folder_lock
-from cbir_tf.rerank import pipeline
+from cbir_tf.fileio import folder_lock, require_space
+from cbir_tf.rerank import auto, pipeline
 from cbir_tf.search import ann as ann_lib
 from cbir_tf.search.ann import AnnSettings
+from cbir_tf.search.index import SearchIndex
 from cbir_tf.store import files as store_lib
 from cbir_tf.store import index_folder
 from cbir_tf.store.collection import Collection
@@ -87,7 +89,7 @@ class Retriever:
         a file outside the index (a weights file, a `.keras` model) are saved as `model.keras`
         in the index folder, so that the folder can be moved or copied as one.
       image_size: longest image side fed to the model, pixels.
-      scales: multi-scale factors (descriptors are combined as `descriptors.extract` does).
+      scales: multi-scale factors (descriptors combined as `cbir_tf.describe.extract` does).
       ms_power: power of the generalised mean combining scales.
       directory: the index folder (opened if it holds an index, else created on first write).
       root: collection root: image ids are paths relative to it.
@@ -148,7 +150,8 @@ class Retriever:
         self._row: dict[str, int] = {}
         self._database: pipeline.Database | None = None  # search structures, built on first use
         self._ann: ann_lib.AnnIndex | None = None
-        self._ann_refused = False  # the folder's approximate index was refused (damaged, ...)
+        self._state: index_folder.IndexState | None = None  # the committed state read
+        self._rerank_auto: dict[str, Any] | None = None  # what 'auto' settings resolve to
         if self.directory:
             index_folder.refuse_plain_store(self.directory)
             saved_model = os.path.join(self.directory, index_folder.MODEL_FILE)
@@ -187,9 +190,13 @@ class Retriever:
 
         Returns:
           A Retriever with an empty index (or the index already in `directory`).
-        """
-        from cbir_tf.describe import backbones, models
 
+        Raises:
+          cbir_tf.config.ConfigError: a field configs/default.py lacks, or of another type.
+        """
+        from cbir_tf.describe import catalog, models
+
+        config_lib.check_config(config)
         cfg = config_lib.as_dict(config)
         data, search_cfg = config_lib.block(cfg, "data"), config_lib.block(cfg, "search")
         settings = {
@@ -205,8 +212,8 @@ class Retriever:
         }
         if model_path:
             return cls.from_model(model_path, image_size=int(data["image_size"]), **settings)
-        model_cfg = config_lib.block(cfg, "model")
-        weights, _ = backbones.resolve_weights(
+        model_cfg = catalog.with_pooling(config_lib.block(cfg, "model"))
+        weights, _ = catalog.resolve_weights(
             model_cfg["backbone"], model_cfg["alpha"], model_cfg["weights"],
             model_cfg["weights_fallback"],
         )  # fmt: skip
@@ -287,10 +294,14 @@ class Retriever:
         *,
         model: Any = None,
         root: str | os.PathLike | None = None,
+        full_check: bool = False,
         **kwargs: Any,
     ) -> Retriever:
         """Opens an index folder written by `save`, by an attached Retriever or by extract.py.
 
+        It reads one committed state, whole: during a commit by another process it waits for
+        the commit (at most `search.commit_wait` seconds) and never writes to the folder.
+        Sizes and headers are checked; `full_check` compares every file with its SHA-256.
         Later `index` / `remove` calls update the folder in place.
 
         Args:
@@ -298,16 +309,22 @@ class Retriever:
           model: a model to use instead of the one the manifest names (a Keras model or a
             `.keras` path), e.g. when the original file moved.
           root: the collection root, when the images moved since indexing.
+          full_check: verify every file's checksum (reads every byte).
           **kwargs: constructor arguments overriding the defaults (backend, ...) or the
             re-ranking settings saved with the index (rerank).
 
         Raises:
           FileNotFoundError: not an index folder (no manifest.json).
           cbir_tf.store.files.StoreIncompleteError: the store was never finished.
+          cbir_tf.store.files.StoreCorruptError, cbir_tf.fileio.FileDamagedError: a damaged
+            file (named).
         """
         directory = os.path.abspath(os.fspath(directory))
-        index_folder.recover(directory)
-        manifest = index_folder.read_manifest(directory)
+        backend = kwargs.get("backend", default("search.backend"))
+        state = index_folder.open_index(
+            directory, extra=_ann_opener(directory, backend), full_check=full_check
+        )
+        manifest = state.manifest
         ref = dict(manifest["model"])
         if model is None:
             model = index_folder.load_model(directory, ref)
@@ -317,20 +334,21 @@ class Retriever:
             path = os.path.abspath(os.fspath(model))
             model = models.load_descriptor_model(path)
             ref = {"kind": "keras", "path": path, "reproducible": True}
-        meta = store_lib.DescriptorStore(directory).meta()
         # The re-ranking settings the index was built with (indexes before them: the defaults).
         kwargs.setdefault("rerank", manifest.get("rerank"))
-        return cls(
+        retriever = cls(
             model,
             model_ref=ref,
             image_size=manifest["image_size"],
             scales=manifest["scales"],
             ms_power=manifest["ms_power"],
-            directory=directory,
             root=root or manifest.get("root"),
-            descriptor_meta=manifest.get("descriptor_meta", _descriptor_fields(meta)),
+            descriptor_meta=manifest.get("descriptor_meta", _descriptor_fields(state.meta)),
             **kwargs,
         )
+        retriever.directory = directory
+        retriever._attach(state)
+        return retriever
 
     # -- the index ---------------------------------------------------------------------------
 
@@ -346,6 +364,12 @@ class Retriever:
     def descriptors(self) -> np.ndarray:
         """float32 [N, D] descriptors (memory-mapped for an index on disk), row i for ids[i]."""
         return self._descriptors
+
+    @property
+    def commit(self) -> int | None:
+        """The commit number of the index folder's state this retriever reads (None in memory;
+        0 for an index written before commits were numbered)."""
+        return self._state.commit if self._state is not None else None
 
     @property
     def root(self) -> str | None:
@@ -371,19 +395,37 @@ class Retriever:
         # Rows changed: search structures built on the old matrix are stale.
         self._database = None
         self._ann = None
-        self._ann_refused = False
+        self._rerank_auto = None
+
+    def row_of(self, image_id: str) -> int | None:
+        """The row of an indexed image (None when it is not indexed)."""
+        return self._row.get(image_id)
 
     def _open(self, directory: str) -> None:
-        index_folder.recover(directory)
-        manifest = index_folder.read_manifest(directory)
-        desc, ids, meta = store_lib.load_store(directory, mmap=True)
+        """Reads the folder's committed state (waiting for a commit in progress)."""
+        self._attach(index_folder.open_index(directory, extra=_ann_opener(directory, self.backend)))
+
+    def _attach(self, state: index_folder.IndexState) -> None:
+        """Takes an opened state of the folder as the retriever's index."""
         # An index made with other settings must not be extended with these descriptors.
         check_compatible(
-            meta, {**self._store_meta(), "dim": meta.get("dim")}, directory, "this retriever"
+            state.meta,
+            {**self._store_meta(), "dim": state.meta.get("dim")},
+            state.directory,
+            "this retriever",
         )
-        self._descriptors = desc
-        self._set_ids(ids)
-        self.collection = Collection(self.root or manifest.get("root"), manifest)
+        self._descriptors = state.descriptors
+        self._set_ids(state.ids)
+        self.collection = Collection(self.root or state.manifest.get("root"), state.manifest)
+        self._state = state
+        ann, error = state.extra or (None, None)
+        if error:
+            log.warning("not using the approximate index: %s", error)
+        elif ann is not None:
+            log.info("%s", ann.describe())
+        self._ann = ann
+        if auto.entry_matches(state.manifest.get("rerank_auto"), self._ids):
+            self._rerank_auto = state.manifest["rerank_auto"]
 
     # -- search ------------------------------------------------------------------------------
 
@@ -472,39 +514,76 @@ class Retriever:
                 f"queries have {queries.shape[1]} dimensions, the index {database.shape[1]}"
             )
         k = min(check_k(k), database.shape[0])
+        ranking = pipeline.rerank(
+            method, queries, self._search_database(), self.resolved_rerank(), k=k
+        )
+        return np.asarray(ranking.scores, np.float32), np.asarray(ranking.ids, np.int64)
+
+    def search_index(self, rerank: str = "none") -> SearchIndex:
+        """The index that finds the candidates of `rerank`'s searches, as searches use it.
+
+        Exact search, the folder's approximate index, or one built in memory (the DBA-augmented
+        database's, for 'dba' methods); built now if no search has built it yet. Its
+        `summary()` says which, with nprobe and measured recall (what the service reports).
+        """
+        method = pipeline.check_method(rerank, "rerank")
+        self._require_nonempty()
+        return self._search_database().index_for(method, self.resolved_rerank())
+
+    def _search_database(self) -> pipeline.Database:
         if self._database is None:
             # Validated (and, for faiss, built) once per state of the index, not per query;
             # it also keeps the DBA vectors and diffusion graphs for later queries.
             self._database = pipeline.Database(
-                database, backend=self.backend, block_size=self.block_size,
+                self._descriptors, backend=self.backend, block_size=self.block_size,
                 ann=self.approximate_index(), ann_settings=self.ann_settings,
             )  # fmt: skip
+        return self._database
+
+    def resolved_rerank(self) -> pipeline.RerankSettings:
+        """The re-ranking settings searches use: `rerank_settings`, its 'auto' fields resolved
+        for this collection (`rerank_auto`)."""
         settings = pipeline.RerankSettings.from_config(self.rerank_settings)
-        ranking = pipeline.rerank(method, queries, self._database, settings, k=k)
-        return np.asarray(ranking.scores, np.float32), np.asarray(ranking.ids, np.int64)
+        if not settings.auto_fields():
+            return settings
+        return settings.resolved(self.rerank_auto()["values"])
+
+    def rerank_auto(self) -> dict[str, Any]:
+        """What 'auto' re-ranking settings resolve to for the indexed collection
+        (`cbir_tf.rerank.auto.collection_entry`): the one the index folder saved for these
+        rows, else counted once (and saved with the folder's next write)."""
+        self._require_nonempty()
+        if self._rerank_auto is None:
+            self._rerank_auto = auto.collection_entry(
+                self._descriptors, self._ids, index=self._search_database().index,
+                graph_min_rows=self.ann_settings.graph_min_rows,
+            )  # fmt: skip
+        return self._rerank_auto
+
+    def _stage_rerank_auto(self, staged: str, descriptors, ids, ann) -> None:
+        """Counts what 'auto' re-ranking settings mean for the rows of a staged state, into its
+        manifest (`rerank_auto`): once per change of the collection, so that searches need not
+        count, and sealed with the rest of the state."""
+        entry = None
+        if pipeline.RerankSettings.from_config(self.rerank_settings).auto_fields() and len(ids):
+            index = SearchIndex(
+                descriptors, backend="auto", ann=ann, block_size=self.block_size, validate=False
+            )
+            entry = auto.collection_entry(
+                descriptors, ids, index=index, graph_min_rows=self.ann_settings.graph_min_rows
+            )
+        index_folder.update_manifest(staged, {"rerank_auto": entry})
 
     def approximate_index(self) -> ann_lib.AnnIndex | None:
         """The folder's saved approximate index (memory-mapped), when searches use it.
 
         None with backend 'exact', without a folder, or when the folder holds none; an index
         that fails its checks (checksum, model, rows) is refused with a warning (exact search
-        is used) until `rebuild_ann` or the next `index` call rebuilds it.
+        is used) until `rebuild_ann` or the next `index` call rebuilds it. It is opened with
+        the folder's state (`load`), so it always describes the rows searched.
         """
         if self.backend not in ("auto", "ann"):
             return None
-        if self._ann is not None or not self.directory or self._ann_refused:
-            return self._ann
-        if not ann_lib.exists(self.directory) or not len(self._ids):
-            return None
-        try:
-            meta = store_lib.DescriptorStore(self.directory).meta()
-            self._ann = ann_lib.load(self.directory, self._descriptors, meta)
-        except ann_lib.AnnIndexError as err:
-            # Once per state of the index: exact search until an update rebuilds it.
-            self._ann_refused = True
-            log.warning("not using the approximate index, searching exactly: %s", err)
-            return None
-        log.info("%s", self._ann.describe())
         return self._ann
 
     def _results(self, scores: np.ndarray, rows: np.ndarray) -> list[SearchResult]:
@@ -545,7 +624,9 @@ class Retriever:
           progress: show a progress bar while extracting.
 
         Returns:
-          Counts {'added', 'updated', 'unchanged', 'failed', 'removed', 'total'}.
+          Counts {'added', 'updated', 'unchanged', 'failed', 'removed', 'resumed', 'total'}.
+          An interrupted run's images, finished first, count as what they were to it (added,
+          updated, failed); 'resumed' counts those it had described before it stopped.
 
         Raises:
           FileNotFoundError: a single path that does not exist.
@@ -553,9 +634,13 @@ class Retriever:
         """
         if self.directory:
             with folder_lock(self.directory, what="this index"):
-                self._refresh()
-                self._resume_pending(progress)
-                return self._index(paths_or_folder, ids, recursive, prune, progress)
+                try:
+                    self._refresh()
+                    resumed = self._resume_pending(progress)
+                    return self._index(paths_or_folder, ids, recursive, prune, progress, resumed)
+                except OSError as e:
+                    _raise_if_disk_full(e, self.directory, None, "the index's files")
+                    raise
         return self._index(paths_or_folder, ids, recursive, prune, progress)
 
     def remove(self, ids_or_paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -585,8 +670,12 @@ class Retriever:
             return []
         if self.directory:
             with folder_lock(self.directory, what="this index"):
-                self._refresh()
-                self._extract_and_commit([], {}, {}, set(wanted), progress=False)
+                try:
+                    self._refresh()
+                    self._extract_and_commit([], {}, {}, set(wanted), progress=False)
+                except OSError as e:
+                    _raise_if_disk_full(e, self.directory, None, "the index's files")
+                    raise
         else:
             self._extract_and_commit([], {}, {}, set(wanted), progress=False)
         return sorted(set(wanted))
@@ -606,7 +695,23 @@ class Retriever:
             return self._build_ann(kind)
         with folder_lock(self.directory, what="this index"):
             self._refresh()
-            return self._build_ann(kind)
+            commit_id = store_lib.next_commit(self.directory)
+            staged = index_folder.begin_commit(self.directory)
+            try:
+                index_folder.restage(self.directory, staged, commit_id)
+                meta = store_lib.DescriptorStore(staged).meta()
+                ann_lib.build_and_save(
+                    staged, self._descriptors, meta, self.ann_settings,
+                    kind=kind, block_size=self.block_size,
+                )  # fmt: skip
+                index_folder.commit_state(self.directory, commit_id, ANN_FILES, ANN_FILES)
+            except OSError as e:
+                index_folder.abandon_commit(self.directory)
+                needed = _ann_bytes(len(self), self.ann_settings)
+                _raise_if_disk_full(e, staged, needed, "the index's next state")
+                raise
+            self._open(self.directory)
+            return self._ann
 
     def save(self, directory: str | os.PathLike) -> str:
         """Writes the index to a folder (a descriptor store plus manifest.json).
@@ -625,20 +730,30 @@ class Retriever:
         index_folder.refuse_plain_store(directory)
         dim = int(self._descriptors.shape[1]) if self._descriptors.ndim == 2 else 0
         os.makedirs(directory, exist_ok=True)
+
+        def copy_ann(staged: str, descriptors: np.ndarray, meta: dict[str, Any]):
+            # The approximate index describes the same rows: the files of the state this
+            # retriever read are linked (one opened memory-mapped cannot be serialised again),
+            # or an in-memory one is saved.
+            if self.directory and self._ann is not None:
+                if store_lib.committed_id(self.directory) == self.commit:
+                    store_lib.link_into(self.directory, staged, ANN_FILES)
+                    return self._ann
+                else:
+                    log.warning(
+                        "%s changed since it was opened: its approximate index is not saved "
+                        "with the copy (Retriever.rebuild_ann() builds one)", self.directory,
+                    )  # fmt: skip
+            elif self._ann is not None:
+                ann_lib.save(self._ann, staged, meta)
+                return self._ann
+            return None
+
         with folder_lock(directory, what="this index"):
             index_folder.recover(directory)
             index_folder.clear_pending(directory)
             rows = np.arange(len(self._ids), dtype=np.int64)
-            self._write_index(directory, self._descriptors, rows, None, self._ids, dim)
-            # The approximate index describes the same rows: its files are copied (one opened
-            # memory-mapped cannot be serialised again), or an in-memory one is saved.
-            if self.directory and ann_lib.exists(self.directory):
-                try:
-                    ann_lib.copy_files(self.directory, directory)
-                except ann_lib.AnnIndexError as err:  # the copy gets none; updates build one
-                    log.warning("the approximate index is not copied: %s", err)
-            elif self._ann is not None:
-                ann_lib.save(self._ann, directory, store_lib.DescriptorStore(directory).meta())
+            self._commit_to(directory, rows, None, self._ids, dim, copy_ann)
         return directory
 
     # -- updating the folder -----------------------------------------------------------------
@@ -651,34 +766,47 @@ class Retriever:
         return meta
 
     def _refresh(self) -> None:
-        """Re-reads the folder (under its lock): another process may have updated it."""
+        """Re-reads the folder (under its lock, after completing or dropping an unfinished
+        commit): another process may have updated it."""
         index_folder.recover(self.directory)
         if index_folder.is_index(self.directory):
             self._open(self.directory)
 
-    def _index(self, paths_or_folder, ids, recursive, prune, progress) -> dict[str, int]:
-        files, file_ids, folder = self.collection.resolve(
+    def _index(self, paths_or_folder, ids, recursive, prune, progress, resumed=None):
+        files, file_ids, folder, unusable = self.collection.resolve(
             paths_or_folder, ids, recursive, prune, self._row
         )
         todo_ids, new_paths, stats, seen = self.collection.changes(files, file_ids, self._row)
+        new_unusable = self.collection.record_unusable(unusable)
+        if new_unusable:
+            log.warning(
+                "skipping %d files whose names cannot be image ids (listed in skipped.json): %s",
+                new_unusable, "; ".join(f"{i}: {r}" for i, r in list(unusable.items())[:3]),
+            )  # fmt: skip
+        seen["failed"] += new_unusable
+        seen["unchanged"] += len(unusable) - new_unusable
         remove = set()
         if prune and folder is not None:
-            remove = self.collection.vanished(folder, file_ids, self._ids)
+            remove = self.collection.vanished(folder, [*file_ids, *unusable], self._ids)
         before = set(self._row)
-        if todo_ids or remove:
+        if todo_ids or remove or new_unusable:
             self._extract_and_commit(todo_ids, new_paths, stats, remove, progress)
-        counts = {"added": 0, "updated": 0, **seen, "removed": len(remove)}
+        counts = {"added": 0, "updated": 0, **seen, "removed": len(remove), "resumed": 0}
         for i in todo_ids:
             if i in self._row:
                 counts["updated" if i in before else "added"] += 1
             else:
                 counts["failed"] += 1
+        if resumed:
+            # The interrupted run's batch, finished before this call looked at the files: its
+            # images are new to the user, not 'unchanged' (they were unchanged only since).
+            for key in ("added", "updated", "failed"):
+                counts[key] += len(resumed[key])
+                counts["unchanged"] -= len(resumed[key] & set(file_ids))
+            counts["removed"] += resumed["removed"]
+            counts["resumed"] = resumed["resumed"]
         counts["total"] = len(self._ids)
-        log.info(
-            "index%s: %d added, %d updated, %d unchanged, %d unreadable, %d removed; %d images",
-            f" {self.directory}" if self.directory else "", counts["added"], counts["updated"],
-            counts["unchanged"], counts["failed"], counts["removed"], counts["total"],
-        )  # fmt: skip
+        log.info("index%s: %s", f" {self.directory}" if self.directory else "", summary(counts))
         return counts
 
     # -- extraction and commit ---------------------------------------------------------------
@@ -703,16 +831,52 @@ class Retriever:
             "remove": sorted(remove),
         }
         index_folder.save_pending(self.directory, pending)
-        return self._run_pending(pending, progress)
+        return self._run_pending(pending, progress)[0]
 
-    def _resume_pending(self, progress: bool) -> None:
+    def _resume_pending(self, progress: bool) -> dict[str, Any] | None:
+        """Finishes the batch an interrupted run left, keeping what it had described.
+
+        Returns:
+          None without one; else {'added', 'updated', 'failed': sets of ids, 'removed': how
+          many ids it dropped, 'resumed': how many images it had described before it stopped}.
+        """
         pending = index_folder.read_pending(self.directory)
         if pending is None:
-            return
+            return None
+        changed = self.collection.pending_changes(pending)
+        if changed:
+            # Its files were renamed, changed or removed since: resuming would describe what
+            # is no longer there (or fail for ever); the scan that follows finds them anew.
+            log.warning(
+                "the interrupted indexing of %d images no longer matches the folder (%d "
+                "files changed or gone, e.g. %s): starting it afresh",
+                len(pending["ids"]), len(changed), changed[0],
+            )  # fmt: skip
+            index_folder.clear_pending(self.directory)
+            return None
         log.info("resuming the interrupted indexing of %d images", len(pending["ids"]))
-        self._run_pending(pending, progress)
+        before = set(self._row)
+        # A batch whose commit completed when the folder was opened (only its journal was left)
+        # changes nothing now: its images are indexed with these very files' stats already.
+        done = {
+            i for i, stat in zip(pending["ids"], pending["stats"], strict=True)
+            if self.collection.stats.get(i) == list(stat)
+            or (self.collection.failed.get(i) or {}).get("stat") == list(stat)
+        }  # fmt: skip
+        _, resumed = self._run_pending(pending, progress)
+        ids = set(pending["ids"]) - done
+        if not ids and not pending["remove"]:
+            return None
+        return {
+            "added": {i for i in ids if i in self._row and i not in before},
+            "updated": {i for i in ids if i in self._row and i in before},
+            "failed": {i for i in ids if i not in self._row},
+            "removed": len(set(pending["remove"]) & before),
+            "resumed": resumed,
+        }
 
-    def _run_pending(self, pending: Mapping[str, Any], progress: bool) -> int:
+    def _run_pending(self, pending: Mapping[str, Any], progress: bool) -> tuple[int, int]:
+        """Describes and commits a saved batch; (images unreadable, images found done)."""
         new_ids = list(pending["ids"])
         new_paths = dict(zip(new_ids, pending["paths"], strict=True))
         stats = dict(zip(new_ids, pending["stats"], strict=True))
@@ -722,10 +886,11 @@ class Retriever:
             result = self._extract(new_ids, pending["paths"], staging, progress)
         failed = self._apply(result, new_paths, stats, set(pending["remove"]))
         index_folder.clear_pending(self.directory)
-        return failed
+        return failed, result[3] if result is not None else 0
 
     def _extract(self, ids, paths, store_dir, progress):
-        """(descriptors float32 [n, D], ids, skipped [(id, reason)]) of new images."""
+        """(descriptors float32 [n, D], ids, skipped [(id, reason)], images found done in
+        `store_dir`) of new images."""
         from cbir_tf.describe.extract import extract
 
         if not ids:
@@ -741,7 +906,7 @@ class Retriever:
             meta=self._store_meta(),
             progress=progress,
         )
-        return res.descriptors, list(res.ids), list(res.skipped)
+        return res.descriptors, list(res.ids), list(res.skipped), res.num_resumed
 
     def _apply(self, result, new_paths, stats, remove) -> int:
         """Merges extracted rows into the index: in memory, or on disk when attached.
@@ -749,7 +914,7 @@ class Retriever:
         Returns:
           The number of new images that could not be read.
         """
-        new_desc, got_ids, skipped = result if result is not None else (None, [], [])
+        new_desc, got_ids, skipped = result[:3] if result is not None else (None, [], [])
         # Rows of re-described files (changed, or now unreadable) and removed ones are dropped.
         drop = set(remove) | (set(new_paths) & set(self._row))
         keep_rows = np.asarray(
@@ -761,10 +926,19 @@ class Retriever:
         if self.directory:
             old_rows = len(self._ids)
             appended = np.array_equal(keep_rows, np.arange(old_rows))
-            self._write_index(self.directory, self._descriptors, keep_rows, new_desc, ids, dim)
-            self._descriptors, stored_ids, _ = store_lib.load_store(self.directory, mmap=True)
-            self._set_ids(stored_ids)
-            self._follow_ann(old_rows if appended else None)
+            previous = old_rows if appended else None
+
+            def follow_ann(staged: str, descriptors: np.ndarray, meta: dict[str, Any]):
+                # The approximate index of the staged rows: the current one's files are staged,
+                # then followed (rows appended: added, else rebuilt) or built once due.
+                store_lib.link_into(self.directory, staged, ANN_FILES)
+                return ann_lib.follow_rows(
+                    staged, descriptors, meta, self.ann_settings, previous_rows=previous,
+                    backend=self.backend, block_size=self.block_size,
+                )  # fmt: skip
+
+            self._commit_to(self.directory, keep_rows, new_desc, ids, dim, follow_ann)
+            self._open(self.directory)
         else:
             parts = []
             if len(keep_rows):
@@ -801,30 +975,64 @@ class Retriever:
             **self.collection.manifest_entries(ids),
         }
 
-    def _write_index(self, directory, old, keep_rows, new_desc, ids, dim) -> None:
-        """Writes rows `old[keep_rows]` then `new_desc` as the index in `directory` (journalled)."""
-        index_folder.write_index(
-            directory,
-            ids,
-            [(old, keep_rows)] + ([new_desc] if new_desc is not None else []),
-            dim=dim,
-            skipped=list(self.failed.items()),
-            meta=self._store_meta(),
-            manifest=self._manifest(ids, self._model_ref_for(directory)),
-            block_rows=self.block_size,
-        )
+    def _commit_to(self, directory, keep_rows, new_desc, ids, dim, stage_ann) -> None:
+        """Commits rows `self._descriptors[keep_rows]` then `new_desc` as the next state of the
+        index in `directory` (the caller holds its lock).
 
-    def _model_ref_for(self, directory: str) -> dict[str, Any]:
-        """The manifest's model entry; saves model.keras when no reference can rebuild it."""
+        The whole state (store, manifest, model, approximate index: `stage_ann(staged,
+        descriptors, meta)` writes it and returns it, or None; what 'auto' re-ranking settings
+        mean for the rows) is written into the folder's staged/ first: a failure there (a full
+        disk) leaves the committed state untouched, serving and loadable.
+        """
+        commit_id = store_lib.next_commit(directory)
+        needed = store_lib.store_bytes(len(ids), dim, ids) + 512 * (len(ids) + 1)
+        if self._ann is not None or len(ids) >= self.ann_settings.min_rows:
+            needed += _ann_bytes(len(ids), self.ann_settings)
+        staged = os.path.join(directory, store_lib.STAGED_DIR)
+        try:
+            require_space(directory, needed, f"the next state of the index {directory}")
+            staged = index_folder.begin_commit(directory)
+            index_folder.write_index(
+                staged,
+                ids,
+                [(self._descriptors, keep_rows)] + ([new_desc] if new_desc is not None else []),
+                dim=dim,
+                skipped=list(self.failed.items()),
+                meta=self._store_meta(),
+                manifest=self._manifest(ids, self._model_ref_for(directory, staged)),
+                block_rows=self.block_size,
+                commit_id=commit_id,
+            )
+            descriptors, _, meta = store_lib.load_store(staged, mmap=True)
+            ann = stage_ann(staged, descriptors, meta)
+            self._stage_rerank_auto(staged, descriptors, ids, ann)
+            del descriptors, ann
+            index_folder.commit_state(directory, commit_id, ANN_FILES, ANN_FILES)
+        except OSError as e:
+            index_folder.abandon_commit(directory)
+            _raise_if_disk_full(e, staged, needed, "the index's next state")
+            raise
+
+    def _model_ref_for(self, directory: str, staged: str | None = None) -> dict[str, Any]:
+        """The manifest's model entry; saves model.keras when no reference can rebuild it.
+
+        Args:
+          directory: the index folder.
+          staged: its staged state, which gets the model file too (when one is needed).
+        """
         ref = dict(self.model_ref)
         ref.pop("file", None)
         if ref.get("reproducible") and ref.get("kind") != "inline":
             return ref
         path = os.path.join(directory, index_folder.MODEL_FILE)
-        if not (self.directory == directory and os.path.isfile(path)):
+        if self.directory == directory and os.path.isfile(path):
+            if staged:
+                store_lib.link_into(directory, staged, [index_folder.MODEL_FILE])
+        else:
             from cbir_tf.describe import models
 
-            models.save_descriptor_model(self.model, path, {"image_size": self.image_size})
+            target = os.path.join(staged, index_folder.MODEL_FILE) if staged else path
+            models.save_descriptor_model(self.model, target, {"image_size": self.image_size})
         ref["file"] = index_folder.MODEL_FILE
         return ref
 
@@ -837,25 +1045,59 @@ class Retriever:
         have = ann_lib.exists(self.directory)
         ann_lib.check_plan(rows, dim, self.ann_settings, backend=self.backend, have=have)
 
-    def _follow_ann(self, previous_rows: int | None) -> None:
-        """Keeps the folder's approximate index in step with the rows just written."""
-        meta = store_lib.DescriptorStore(self.directory).meta()
-        self._ann = ann_lib.follow_rows(
-            self.directory, self._descriptors, meta, self.ann_settings,
-            previous_rows=previous_rows, backend=self.backend, block_size=self.block_size,
-        )  # fmt: skip
-
     def _build_ann(self, kind: str | None) -> ann_lib.AnnIndex:
-        meta = store_lib.DescriptorStore(self.directory).meta() if self.directory else None
+        """The approximate index of an index in memory (a folder's is committed with it)."""
         self._ann = ann_lib.build_and_save(
-            self.directory, self._descriptors, meta, self.ann_settings,
-            kind=kind, block_size=self.block_size,
-        )  # fmt: skip
+            None, self._descriptors, None, self.ann_settings, kind=kind, block_size=self.block_size
+        )
         self._database = None
         return self._ann
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+# The approximate index's files: files of the index's committed state like the store's.
+ANN_FILES = (ann_lib.INDEX_FILE, ann_lib.META_FILE)
+
+
+def _ann_opener(directory: str, backend: str):
+    """What `index_folder.open_index` runs to open the state's approximate index: (index or
+    None, why it is not used or None); None when searches never use one (backend 'exact')."""
+    if backend not in ("auto", "ann"):
+        return None
+
+    def open_ann(descriptors: np.ndarray, meta: dict[str, Any]):
+        if not len(descriptors) or not ann_lib.exists(directory):
+            return None, None
+        try:
+            return ann_lib.load(directory, descriptors, meta), None
+        except (ann_lib.AnnIndexError, OSError, ValueError, KeyError) as err:
+            return None, " ".join(str(err).split())
+
+    return open_ann
+
+
+def _ann_bytes(rows: int, settings: AnnSettings) -> int:
+    """About the bytes the approximate index of `rows` rows takes on disk."""
+    return int(rows) * int(settings.bytes_per_vector) + (1 << 20)
+
+
+def _raise_if_disk_full(error: OSError, where: str, needed: int | None, what: str) -> None:
+    """Raises a full disk as one line naming the file and the space needed (a StoreWriteError);
+    returns for any other error, which the caller re-raises as it is.
+
+    Args:
+      error: the error raised.
+      where: the file or folder written, when the error does not name one.
+      needed: about how many bytes the write needed (None: unknown).
+      what: what was written, for the message.
+    """
+    if error.errno != errno.ENOSPC or isinstance(error, store_lib.StoreWriteError):
+        return
+    if error.filename is None and str(error.strerror).startswith("not enough space"):
+        raise store_lib.StoreWriteError(errno.ENOSPC, error.strerror) from error
+    path = os.fspath(error.filename or where)
+    raise store_lib.write_error(error, path, needed, what) from error
 
 
 def check_k(k: Any) -> int:
@@ -884,3 +1126,15 @@ def _descriptor_fields(meta: Mapping[str, Any]) -> dict[str, Any]:
     skip = {"num_images", "num_skipped", "dim", "versions", "created", "index"}
     skip |= set(SHARD_FIELDS) | {"merged_from", "image_size", "scales", "ms_power"}
     return {k: v for k, v in meta.items() if k not in skip}
+
+
+def summary(counts: Mapping[str, int]) -> str:
+    """`Retriever.index`'s counts as a line: '372 added (128 resumed from the interrupted run),
+    0 updated, 0 unchanged, 0 unreadable, 0 removed; 372 images'."""
+    added = f"{counts['added']} added"
+    if counts.get("resumed"):
+        added += f" ({counts['resumed']} resumed from the interrupted run)"
+    return (
+        f"{added}, {counts['updated']} updated, {counts['unchanged']} unchanged, "
+        f"{counts['failed']} unreadable, {counts['removed']} removed; {counts['total']} images"
+    )

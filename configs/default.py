@@ -27,11 +27,17 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
-    c.model.backbone = "efficientnetb1"  # see cbir_tf.describe.backbones.BACKBONES
+    # A keras.applications CNN (cbir_tf.describe.backbones.BACKBONES) or a KerasHub vision
+    # transformer (cbir_tf.describe.transformers.TRANSFORMERS: dinov2_small, clip_..., ...).
+    c.model.backbone = "efficientnetb1"
     c.model.alpha = 1.0  # width multiplier (mobilenet / mobilenetv2 only)
-    c.model.weights = "imagenet"  # 'imagenet', 'none', a .h5/.weights.h5 file or a .keras model
-    c.model.weights_fallback = ""  # used when ImageNet weights cannot be downloaded ('' = fail)
-    c.model.pooling = "rmac"  # mac | spoc | gem | rmac
+    # 'imagenet' (transformers: their pretrained KerasHub preset), 'none', a .h5/.weights.h5
+    # file or a .keras model; transformers: a preset / Hugging Face checkpoint folder too
+    c.model.weights = "imagenet"
+    c.model.weights_fallback = ""  # used when pretrained weights cannot be downloaded ('' = fail)
+    # auto (the backbone's recipe: rmac for CNNs, cls for DINOv2/v3, head for CLIP/SigLIP) |
+    # mac | spoc | gem | rmac; transformers also cls | cls+gem | head
+    c.model.pooling = "auto"
     c.model.gem_p = 3.0
     c.model.rmac_levels = 3
 
@@ -65,20 +71,54 @@ def get_config() -> ml_collections.ConfigDict:
     c.rerank = ml_collections.ConfigDict()
     # Rows of the evaluation table; also 'dba', 'aqe+dba' (see cbir_tf.rerank.pipeline.METHODS).
     c.rerank.methods = ("plain", "aqe", "diffusion", "aqe+diffusion")
+    # 'auto' (qe.n, dba.n, diffusion.k, kq, truncate): chosen from the collection's similarity
+    # graph (cbir_tf.rerank.auto; README "Re-ranking"), once per index; on Revisited
+    # Oxford/Paris, the papers' settings of `papers` below. Or a number: "5" on the command line
+    # (--config.rerank.diffusion.k=5), and a string in a config file (c.rerank.diffusion.k =
+    # "5"), since the field's type is that of "auto".
     c.rerank.qe = ml_collections.ConfigDict()
-    c.rerank.qe.n = 2
+    c.rerank.qe.n = "auto"
     c.rerank.qe.alpha = 3.0
     c.rerank.dba = ml_collections.ConfigDict()  # database-side augmentation (alpha-weighted)
-    c.rerank.dba.n = 2
+    c.rerank.dba.n = "auto"
     c.rerank.dba.alpha = 3.0
     c.rerank.diffusion = ml_collections.ConfigDict()
-    c.rerank.diffusion.k = 50
-    c.rerank.diffusion.kq = 10
+    c.rerank.diffusion.k = "auto"
+    c.rerank.diffusion.kq = "auto"
     c.rerank.diffusion.gamma = 3.0
     c.rerank.diffusion.alpha = 0.99
     c.rerank.diffusion.max_iter = 20
     c.rerank.diffusion.tol = 1e-6
-    c.rerank.diffusion.truncate = 0  # 0 = full graph; n > 0 = sub-graph of each query's top n
+    c.rerank.diffusion.truncate = "auto"  # 0 = full graph; n > 0 = sub-graph of each query's top n
+    # What 'auto' means on Revisited Oxford/Paris (and Oxford5k/Paris6k): the papers' settings
+    # (Iscen et al. 2017: k=50, kq=10, the full graph; alpha-QE and DBA with n=2).
+    c.rerank.papers = ml_collections.ConfigDict()
+    c.rerank.papers.qe = ml_collections.ConfigDict({"n": 2})
+    c.rerank.papers.dba = ml_collections.ConfigDict({"n": 2})
+    c.rerank.papers.diffusion = ml_collections.ConfigDict({"k": 50, "kq": 10, "truncate": 0})
+
+    # evaluate.py --tune: settings chosen on a benchmark's ground truth, cross-validated over
+    # its queries (cbir_tf.evaluate.tune); the grid is "FIELD:v1,v2,..." items (the --compare
+    # syntax): rerank fields, and whitening.dim / whitening.shrinkage where whitening is
+    # learned (each value one extraction of the benchmark, cached).
+    c.tune = ml_collections.ConfigDict()
+    c.tune.folds = 5
+    c.tune.seed = 0  # of the shuffle that splits the queries into folds
+    c.tune.protocol = "medium"  # the mAP settings are chosen by: easy | medium | hard
+    c.tune.grid = (
+        "rerank.qe.n:0,1,2,3",
+        "rerank.dba.n:0,2,5",
+        "rerank.diffusion.k:1,10,20,50",
+        "rerank.diffusion.kq:3,5,10",
+        "whitening.dim:0,512,256",
+        "whitening.shrinkage:0,0.5",
+    )
+
+    c.serve = ml_collections.ConfigDict()  # serve.py (cbir_tf.serve.lanes)
+    # Uploads whose header declares more pixels than this are large: decoded apart from the
+    # other requests, serve.large_decodes at a time, JPEGs at a reduced DCT scale.
+    c.serve.large_image_pixels = 4096 * 4096
+    c.serve.large_decodes = 1
 
     c.eval = ml_collections.ConfigDict()
     c.eval.kappas = (1, 5, 10)
@@ -132,6 +172,10 @@ def search_config() -> ml_collections.ConfigDict:
     # an in-memory faiss index (exact 'Flat').
     s.backend = "auto"  # auto | exact | ann | faiss
     s.block_size = 65536
+    # An index read while a writer commits (cbir_tf.store.files.read_committed): seconds a
+    # reader waits for the commit's renames; the service's check for a new commit, seconds.
+    s.commit_wait = 30.0
+    s.reload_every = 2.0
     s.ann = ml_collections.ConfigDict()  # the approximate index (cbir_tf.search.ann)
     s.ann.min_rows = 200_000  # extract.py --images / Retriever build one from this size
     s.ann.kind = "auto"  # auto (flat below min_rows, else ivfpq if one fits) | flat | ivfpq

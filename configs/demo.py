@@ -23,7 +23,5 @@ def get_config():
     # The real recipe learns whitening on the other landmark dataset; the demo has no other
     # set, and whitening learned on its own 48 images only amplifies noise.
     c.whitening.kind = "none"
-    c.rerank.diffusion.k = 10
-    c.rerank.diffusion.kq = 5
     c.workdir = "runs/demo"
     return c

@@ -37,6 +37,7 @@ SHARED_ABSENT = "needs the workspace's shared folder"
 ALLOWED_SKIPS = (
     r"needs a GPU",
     r"per-thread priority: Linux",
+    r"needs root to mount a size-limited tmpfs",
 )
 
 

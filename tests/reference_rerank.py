@@ -10,7 +10,10 @@ every ranking the toolkit reports (evaluation, `Retriever`, `search.py`) with th
   max(s_ij, 0)^α x_j); queries are then searched (and expanded) against the augmented database.
 - Diffusion (Iscen et al., CVPR 2017): mutual kNN graph over the database (each node's k nearest,
   itself included), weights max(s, 0)^γ, zero diagonal; S = D^-1/2 A D^-1/2; y = the query's kq
-  nearest items with weights max(s, 0)^γ; f solves (I - α S) f = y; items ranked by f.
+  nearest items with weights max(s, 0)^γ; f solves (I - α S) f = y; items ranked by f. Items
+  the query's seeds never reach (f = 0: no path in the graph) cannot be told apart by f: they
+  follow all the others in their plain order (scored min(reached f) - 2 + s / max|s|, as the
+  toolkit reports them).
 """
 
 import numpy as np
@@ -81,7 +84,11 @@ def method_scores(method, queries, database, qe, diffusion, dba_settings=None):
     q = alpha_qe(queries, database, qe["n"], qe["alpha"]) if "aqe" in method else queries
     if "diffusion" in method:
         d = diffusion
-        return diffusion_scores(q, database, d["k"], d["kq"], d["gamma"], d["alpha"])
+        f = diffusion_scores(q, database, d["k"], d["kq"], d["gamma"], d["alpha"])
+        s = plain_scores(q, database)
+        lo = np.where(f > 0, f, np.inf).min(axis=1, keepdims=True)
+        lo = np.where(np.isfinite(lo), lo, 0.0)
+        return np.where(f > 0, f, lo - 2.0 + s / np.abs(s).max(axis=1, keepdims=True))
     return plain_scores(q, database)
 
 

@@ -443,7 +443,10 @@ def test_report_embeds_its_images_and_says_no_whitening(photos, tmp_path):
     meta = {"backbone": "vgg16", "weights": "imagenet", "pooling": "gem", "whitening": None}
     meta.update(image_size=64, scales=[1.0])
     title = "photos: " + run_evaluate._describe(meta)
-    page = run_evaluate._visual_report(out, ds, results, rankings, cfg, title, files, meta)[
+    loaded = run_evaluate.LoadedBenchmark(
+        ds, None, "photos", x, x[:2], np.zeros(0, np.int64), meta, {}, title, None
+    )
+    page = run_evaluate.write_visual_report(out, loaded, results, rankings, cfg, title, files)[
         "report"
     ]
     text = open(page, encoding="utf-8").read()

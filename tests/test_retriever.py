@@ -1,6 +1,7 @@
 """End to end on generated photo folders: index, search, add/remove, save/load, resume."""
 
 import copy
+import io
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from photos import synthetic_photo
 from PIL import Image, ImageEnhance
 
 from cbir_tf import retriever as retriever_lib
-from cbir_tf.retriever import Retriever
+from cbir_tf.retriever import Retriever, summary
 from cbir_tf.runs import extract as runs
 from cbir_tf.store import files as store
 from cbir_tf.store.writer import StoreWriter
@@ -63,6 +64,7 @@ def built(photos, model):
         "unchanged": 0,
         "failed": 0,
         "removed": 0,
+        "resumed": 0,
         "total": NUM_PHOTOS,
     }
     return r
@@ -136,6 +138,7 @@ def test_batch_search_equals_single_searches_and_rerankers(built, tmp_path):
 
     saved = copy.deepcopy(built.rerank_settings)
     built.rerank_settings["diffusion"].update({"k": 4, "kq": 3, "gamma": 2.0})
+    built.rerank_settings["qe"]["n"] = 2
     try:
         q = built.describe(queries)
         db = np.asarray(built.descriptors)
@@ -271,6 +274,13 @@ def test_interrupted_indexing_resumes(model, photos, tmp_path, monkeypatch):
     counts = fresh.index(photos, progress=False)
     assert calls["n"] == -1000 + NUM_PHOTOS - 4  # the 4 saved images were not recomputed
     assert counts["total"] == NUM_PHOTOS
+    # Issue 26 item 3: what happened, not "0 added, N unchanged".
+    assert (counts["added"], counts["unchanged"], counts["resumed"]) == (NUM_PHOTOS, 0, 4)
+    assert summary(counts).startswith(
+        f"{NUM_PHOTOS} added (4 resumed from the interrupted run), 0 updated, 0 unchanged"
+    )
+    again = fresh.index(photos, progress=False)
+    assert (again["added"], again["unchanged"], again["resumed"]) == (0, NUM_PHOTOS, 0)
     reference = Retriever(model, image_size=96)
     reference.index(photos, progress=False)
     assert sorted(fresh.ids) == sorted(reference.ids)
@@ -393,3 +403,146 @@ def test_pretrained_mobilenet_finds_near_duplicates(photos, tmp_path):
     r.save(tmp_path / "index")
     assert os.path.exists(tmp_path / "index" / "model.keras")  # the folder works on its own
     assert Retriever.load(tmp_path / "index").search(q, k=3) == r.search(q, k=3)
+
+
+def test_file_names_that_cannot_be_ids_are_skipped_and_reported(model, photos, tmp_path):
+    root = _copy_photos(photos, tmp_path)
+    img = os.path.join(root, "img1.jpg")
+    shutil.copy(img, os.fsencode(root) + b"/bad\xff\xfe.jpg")  # not UTF-8
+    shutil.copy(img, os.path.join(root, "new\nline.jpg"))
+    shutil.copy(img, os.path.join(root, "sub", "carriage\rreturn.jpg"))
+    r = Retriever(model, image_size=96, directory=tmp_path / "index")
+    counts = r.index(root, progress=False)
+    assert counts["added"] == NUM_PHOTOS and counts["failed"] == 3
+    skipped = dict(store.DescriptorStore(tmp_path / "index").skipped())
+    utf8, line_break = "is not valid UTF-8", "holds a line break"
+    assert skipped == {
+        "bad\\xff\\xfe.jpg": f"its file name {utf8}; rename the file to index it",
+        "new\\nline.jpg": f"its file name {line_break}; rename the file to index it",
+        "sub/carriage\\rreturn.jpg": f"its file name {line_break}; rename the file to index it",
+    }
+    assert not os.path.exists(tmp_path / "index" / "pending.json")
+    again = Retriever.load(tmp_path / "index")
+    counts = again.index(root, progress=False, prune=True)
+    assert counts["unchanged"] == NUM_PHOTOS + 3 and counts["removed"] == 0
+    os.rename(os.path.join(root, "new\nline.jpg"), os.path.join(root, "newline.jpg"))
+    counts = again.index(root, progress=False, prune=True)
+    assert counts["added"] == 1 and counts["removed"] == 1  # renamed: indexed; the old entry gone
+    assert "new\\nline.jpg" not in dict(store.DescriptorStore(tmp_path / "index").skipped())
+
+
+def test_a_pending_batch_that_no_longer_matches_the_folder_starts_afresh(
+    model, photos, tmp_path, monkeypatch, caplog
+):
+    root = _copy_photos(photos, tmp_path)
+    index_dir = tmp_path / "index"
+    r = Retriever(model, image_size=96, directory=index_dir, flush_every=2)
+    real_add = StoreWriter.add
+    calls = {"n": 0}
+
+    def add_then_die(self, image_id, descriptor):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_add(self, image_id, descriptor)
+
+    monkeypatch.setattr(StoreWriter, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        r.index(root, progress=False)
+    monkeypatch.undo()
+    pending = json.loads((index_dir / "pending.json").read_text())
+    moved = pending["paths"][-1]
+    os.rename(moved, moved.replace(".jpg", "-renamed.jpg"))
+    with caplog.at_level("WARNING"):
+        counts = Retriever(model, image_size=96, directory=index_dir).index(root, progress=False)
+    lines = [m for m in caplog.messages if "no longer matches" in m]
+    assert len(lines) == 1 and lines[0].endswith("starting it afresh")
+    assert counts["total"] == NUM_PHOTOS and not os.path.exists(index_dir / "pending.json")
+
+    # A batch an earlier version saved with an id it could not store, or a damaged file: the
+    # same (nothing to delete by hand).
+    (index_dir / "pending.json").write_text(
+        json.dumps({"ids": ["bad\udcff.jpg"], "paths": [moved], "stats": [[1, 2]], "remove": []})
+    )
+    again = Retriever(model, image_size=96, directory=index_dir)
+    assert again.index(root, progress=False)["unchanged"] == NUM_PHOTOS
+    (index_dir / "pending.json").write_text('{"ids": ["a.jpg"], "paths": [')
+    assert again.index(root, progress=False)["unchanged"] == NUM_PHOTOS
+    assert not os.path.exists(index_dir / "pending.json")
+
+
+def test_auto_rerank_settings_are_counted_once_per_collection_and_kept_in_the_manifest(
+    model, tmp_path, monkeypatch
+):
+    from photos import view_of
+
+    from cbir_tf.rerank import auto
+    from cbir_tf.runs.search import run_search
+    from cbir_tf.serve.service import open_service
+
+    root = tmp_path / "photos"
+    for i in range(8):  # 8 photos, each with two other views: groups for the rule to find
+        src = synthetic_photo(root / f"p{i}.jpg", 200 + i)
+        for v in range(2):
+            view_of(src, root / f"p{i}v{v}.jpg", 300 + 10 * i + v)
+    folder = tmp_path / "index"
+    r = Retriever(model, image_size=96, directory=folder)
+    r.index(str(root), progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["rerank"]["diffusion"]["k"] == "auto"  # the settings as configured ...
+    entry = manifest["rerank_auto"]  # ... and what 'auto' means for these rows
+    assert entry == json.loads(json.dumps(auto.collection_entry(r.descriptors, r.ids)))
+    assert r.resolved_rerank().to_dict()["diffusion"] == {
+        **r.resolved_rerank().to_dict()["diffusion"],
+        **entry["values"]["diffusion"],
+    }
+    query = str(root / "p3v1.jpg")
+    methods = ("aqe", "diffusion", "aqe+diffusion", "dba")
+    expected = {m: r.search(query, k=6, rerank=m) for m in methods}
+
+    # Reopened by search.py, Retriever.load or serve.py: nothing is counted again, same results.
+    monkeypatch.setattr(auto, "collection_stats", lambda *a, **k: pytest.fail("counted again"))
+    loaded = Retriever.load(folder)
+    assert loaded.rerank_auto() == entry
+    assert {m: loaded.search(query, k=6, rerank=m) for m in methods} == expected
+    for m in methods:
+        ((_, hits),) = run_search(folder, query, k=6, rerank=m, stream=io.StringIO())
+        assert [h.id for h in hits] == [h.id for h in expected[m]]
+    service = open_service(folder)
+    try:
+        assert service.info()["rerank_settings"] == loaded.resolved_rerank().to_dict()
+    finally:
+        service.close()
+    monkeypatch.undo()
+
+    # The collection changes: its entry is counted again, once, and saved.
+    synthetic_photo(root / "new.jpg", 999)
+    loaded.index(str(root), progress=False)
+    after = json.loads((folder / "manifest.json").read_text())["rerank_auto"]
+    assert after["images"] == len(loaded) == 25 and after["ids_sha256"] != entry["ids_sha256"]
+    assert auto.entry_matches(after, loaded.ids)
+
+
+def test_search_and_serve_take_a_configs_rerank_block(built, tmp_path):
+    from cbir_tf import config as config_lib
+    from cbir_tf.runs.search import run_search
+    from cbir_tf.serve.service import open_service
+
+    folder = built.save(tmp_path / "index")
+    cfg = config_lib.default_config()
+    config_lib.set_field(cfg, "rerank.diffusion.k", "3")
+    config_lib.set_field(cfg, "rerank.diffusion.kq", "2")
+    block = config_lib.block(cfg, "rerank")
+    query = _near_duplicate(built.path_of("img4.jpg"), tmp_path / "q.jpg")
+    want = Retriever.load(folder, rerank=block).search(query, k=len(built), rerank="diffusion")
+    default = Retriever.load(folder).search(query, k=len(built), rerank="diffusion")
+    assert [h.id for h in want] != [h.id for h in default]  # the block makes a difference
+    (_, hits), = run_search(folder, query, k=len(built), rerank="diffusion",
+                            rerank_settings=block, stream=io.StringIO())  # fmt: skip
+    assert [h.id for h in hits] == [h.id for h in want]
+    service = open_service(folder, rerank=block)
+    try:
+        settings = service.info()["rerank_settings"]["diffusion"]
+        assert (settings["k"], settings["kq"]) == (3, 2)
+    finally:
+        service.close()

@@ -570,8 +570,12 @@ class BeamExtractor:
                 | "Extract" >> beam.ParDo(fn).with_outputs("skipped", main="done")
             )
             _ = out.skipped | "DeadLetters" >> beam.Map(_log_dead_letter)
-            result = p.run()
-            result.wait_until_finish()
+            # Each local worker process prints Beam's start-up lines on this terminal.
+            with quiet.filtered_stderr(
+                quiet.BEAM_NOISE, enabled=not log.isEnabledFor(logging.DEBUG)
+            ):
+                result = p.run()
+                result.wait_until_finish()
         finally:
             beam_log.setLevel(level)
             _SHARED_MODELS.pop(key, None)

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import ml_collections
 
+from cbir_tf import config as config_lib
 from cbir_tf.config import config_path
 
 # Errors whose message already tells the user what to do: printed alone, no traceback.
@@ -46,7 +47,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any]) -
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Plain, timestamped logging on stderr; quiets TensorFlow's C++ chatter unless `verbose`."""
+    """Plain, timestamped logging on stderr: the toolkit's own INFO lines, and only warnings
+    and errors of the libraries beneath it (TensorFlow's SavedModel writer logs kilobytes at
+    INFO through absl, whose level it sets itself), unless `verbose` (everything, DEBUG too)."""
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(
@@ -55,6 +58,14 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(own_info_only)
+
+
+def own_info_only(record: logging.LogRecord) -> bool:
+    """A logging filter: the toolkit's records, and other libraries' warnings and errors."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] == "cbir_tf"
 
 
 def run_main(fn: Callable[[], Any]) -> Any:
@@ -134,6 +145,12 @@ def define_index_flags() -> None:
     flags.DEFINE_string("index", None, "Index folder (from extract.py --images or Retriever.save).")
     flags.DEFINE_string("model", None, "A .keras model replacing the one the index names.")
     flags.DEFINE_string("root", None, "Collection root, when the images moved since indexing.")
+    flags.DEFINE_bool(
+        "verify",
+        False,
+        "Compare every file of the index with the SHA-256 recorded at its commit before using "
+        "it (reads every byte; sizes and headers are always checked).",
+    )
     flags.DEFINE_bool("verbose", False, "Debug logging.")
     flags.mark_flag_as_required("index")
 
@@ -154,10 +171,44 @@ def benchmark_overrides(values: Any) -> dict[str, Any]:
 # Config files: found by name from any directory
 # ---------------------------------------------------------------------------------------------
 
+INDEX_CONFIG_HELP = (
+    "A config file (e.g. one written by evaluate.py --tune) whose `rerank` block replaces the "
+    "re-ranking settings saved with the index; by default the index's own."
+)
+
+
+def rerank_block(cfg: Any) -> dict[str, Any] | None:
+    """A `--config`'s `rerank` block for `search.py` / `serve.py` (None without --config)."""
+    if cfg is None:
+        return None
+    from cbir_tf import config as config_lib
+
+    return config_lib.block(cfg, "rerank")
+
+
 CONFIG_HELP = (
     "Config file (ml-collections): a path, or the name of a shipped config (default, demo, "
     "train_head, train_metric; also as configs/<name>.py) from any directory."
 )
+
+
+def define_config_flag() -> None:
+    """Defines `--config` (default: the shipped configs/default.py) and its field overrides.
+
+    Without `--config` on the command line, ml-collections loads the default file and applies
+    the `--config.<field>=...` overrides while the flag is defined, i.e. when the command module
+    is imported: a misspelt field raises there, and is answered in the same one line as when
+    `--config` is given.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    try:
+        config_flags.DEFINE_config_file("config", config_path("default"), CONFIG_HELP)
+    except (KeyError, AttributeError) as e:
+        fail(_unknown_field_line(e, sys.argv))
+    except flags.Error as e:
+        fail(_flag_error_line(e))
 
 
 def resolve_config(value: str) -> str:
@@ -203,6 +254,8 @@ def _flag_error_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     if not lines:
         return f"{type(error).__name__} while parsing the flags (see --help)"
+    if "Error whilst parsing config file" in lines[0]:
+        return _config_file_error_line(lines)
     # ml-collections lists every path it tried, each followed by its OS error.
     tried = [
         (lines[k - 1], line) for k, line in enumerate(lines) if k and line.startswith("[Errno")
@@ -212,6 +265,22 @@ def _flag_error_line(error: Exception) -> str:
         reason = "not found" if "No such file" in reason else reason
         return f"config file {path} {reason} (see --help for the shipped configs)"
     return f"{lines[0].rstrip('.')} (see --help)"
+
+
+def _config_file_error_line(lines: list[str]) -> str:
+    """One line for an exception raised inside a config file's `get_config()`: the file, the
+    line and its code, and the exception (ml-collections gives its whole traceback)."""
+    path = re.match(r"flag --?config=([^:]*)", lines[0])
+    path = path.group(1) if path else ""
+    where = ""
+    for k, line in enumerate(lines):
+        frame = re.match(r'File "([^"]+)", line (\d+)', line)
+        if frame and path and os.path.abspath(frame.group(1)) == os.path.abspath(path):
+            code = (
+                lines[k + 1] if k + 1 < len(lines) and not lines[k + 1].startswith("File") else ""
+            )
+            where = f", line {frame.group(2)}" + (f" ({code})" if code else "")
+    return f"config file {path}{where}: {lines[-1]}"
 
 
 def _unknown_field_line(error: Exception, argv: list[str]) -> str:
@@ -234,11 +303,33 @@ def _unknown_field_line(error: Exception, argv: list[str]) -> str:
     return f"config has no field {dotted} (see the config file for the fields it has)"
 
 
+def _default_config_for_overrides(argv: list[str]) -> list[str]:
+    """`argv` with `--config=default` added where a command's `--config` is optional (search,
+    serve) and `--config.<field>=...` overrides are given without one: they then start from
+    configs/default.py, as in every other command, and a misspelt field gets the same line."""
+    from absl import flags
+
+    if "config" not in flags.FLAGS or flags.FLAGS["config"].default is not None:
+        return argv
+    given = any(re.fullmatch(r"--?config(=.*)?", a) for a in argv[1:])
+    overrides = any(re.match(r"--?config\.", a) for a in argv[1:])
+    return (
+        [argv[0], f"--config={config_path('default')}", *argv[1:]]
+        if overrides and not given
+        else argv
+    )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with `--config` names resolved and every error as one line."""
     from absl import flags
 
-    argv = _resolve_config_args(argv)
+    argv = _resolve_config_args(_default_config_for_overrides(argv))
+    if "config" not in flags.FLAGS and any(re.match(r"--?config([.=]|$)", a) for a in argv[1:]):
+        fail(
+            f"{os.path.basename(argv[0])} takes no --config: an index folder keeps the settings "
+            "it was built with (see --help for this command's flags)"
+        )
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
@@ -246,13 +337,44 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (KeyError, AttributeError) as e:
         # ml-collections raises these for --config.<path> naming no field of the config.
         fail(_unknown_field_line(e, argv))
-    if "config" in flags.FLAGS:
-        try:
-            # ml-collections defers a config file's load error to the first use of the config.
-            flags.FLAGS.config.get("workdir")
-        except OSError as e:
-            fail(_flag_error_line(e))
+    if "config" in flags.FLAGS and flags.FLAGS.config is not None:  # search/serve: optional
+        check_config_flag(flags.FLAGS["config"])
     return rest
+
+
+def check_config_flag(flag: Any) -> None:
+    """Loads the config of a parsed `--config` flag and checks it against configs/default.py.
+
+    Fields the file does not set take their defaults (`config.fill_defaults`); an unknown field
+    or a value of the wrong type ends the command with one line naming the file and the field.
+    """
+    from ml_collections import config_flags
+
+    try:
+        # ml-collections defers a config file's load error to the first use of the config.
+        cfg = flag.value
+        cfg.get("workdir")
+    except OSError as e:
+        fail(_flag_error_line(e))
+    source = config_flags.get_config_filename(flag) or config_path("default")
+    source = source.partition(":")[0]
+    try:
+        config_lib.check_config(cfg, source=source)
+    except config_lib.ConfigError as e:
+        fail(str(e))
+    config_lib.fill_defaults(cfg)
+    _check_rerank_values(cfg, source)
+
+
+def _check_rerank_values(cfg: Any, source: str) -> None:
+    """Refuses a re-ranking value the type check lets through ('auto'-able fields are strings):
+    `rerank.qe.n = "two"` is one line now, not an error after TensorFlow has loaded."""
+    from cbir_tf.rerank import pipeline
+
+    try:
+        pipeline.RerankSettings.from_config(config_lib.block(cfg, "rerank"))
+    except ValueError as e:
+        fail(f"{source}: config.{e}")
 
 
 def run(main: Callable[[list[str]], Any], module: types.ModuleType) -> None:

@@ -1,11 +1,14 @@
 r"""Exports a descriptor model for deployment: a SavedModel (TF Serving) or a TFLite file.
 
-  python export.py --model=runs/ft/model.keras --out=exported/descriptor      # SavedModel
-  python export.py --model=index/ --out=exported/descriptor                   # an index's model
+  python export.py --model=runs/ft/model.keras --out=exported/descriptor/1    # SavedModel
+  python export.py --model=index/ --out=exported/descriptor/1                 # an index's model
   python export.py --backbone=mobilenetv2 --weights=mobilenet_v2.weights.h5 \
-      --config.model.pooling=gem --whitening=whitening.npz --out=exported/gem  # from a config
+      --config.model.pooling=gem --whitening=whitening.npz --out=exported/gem/1  # from a config
   python export.py --model=runs/ft/model.keras --out=descriptor.tflite --format=tflite \
       --quantization=float16                                                 # float32|float16|int8
+
+TF Serving loads a model from numbered version folders: give the SavedModel's --out as
+MODEL_DIR/1 (then MODEL_DIR/2, ...) and serve MODEL_DIR.
 
 The SavedModel's `serving_default` takes encoded images (input `image_bytes`, string [B]) and
 returns L2-normalised descriptors [B, D] (output `descriptors`), doing the decoding, EXIF
@@ -17,13 +20,11 @@ image size and scales come from `config.data` (an index folder records its own).
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from cbir_tf import quiet
-from cbir_tf.commands import cli
-from cbir_tf.config import config_path
+from cbir_tf.commands import checks, cli
 
-config_flags.DEFINE_config_file("config", config_path("default"), cli.CONFIG_HELP)
+cli.define_config_flag()
 flags.DEFINE_string("model", None, "A .keras descriptor model, or an index folder.")
 flags.DEFINE_string("backbone", None, "Backbone name (overrides config.model.backbone).")
 flags.DEFINE_string("weights", None, "'imagenet', 'none', or a weights file (.h5).")
@@ -45,8 +46,10 @@ def main(argv):
     cli.setup_logging(FLAGS.verbose)
     cfg = FLAGS.config
     cli.apply_overrides(cfg, {"model.backbone": FLAGS.backbone, "model.weights": FLAGS.weights})
+    cli.run_main(lambda: check_arguments(cfg))  # in a second, before TensorFlow loads
     quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
     from cbir_tf import config
+    from cbir_tf.describe import catalog
     from cbir_tf.export import formats as export
 
     def run():
@@ -62,12 +65,22 @@ def main(argv):
                 )
             source = export.source_from_path(FLAGS.model, **settings)
         else:
-            model = config.block(cfg, "model")
+            model = catalog.with_pooling(config.block(cfg, "model"))
             source = export.source_from_model(model, whitening_path=FLAGS.whitening, **settings)
         path = export.export(source, FLAGS.out, FLAGS.format, FLAGS.quantization)
         print(f"exported {FLAGS.format} ({FLAGS.quantization}) to {path}")
 
     cli.run_main(run)
+
+
+def check_arguments(cfg) -> None:
+    """The flags, files and names of this run, checked before TensorFlow loads."""
+    from cbir_tf.export.formats import check_target
+
+    checks.required("out", FLAGS.out, "(the SavedModel folder or .tflite file to write)")
+    checks.model(cfg, FLAGS.model)
+    checks.path_exists("whitening", FLAGS.whitening)
+    check_target(FLAGS.out)
 
 
 def run() -> None:

@@ -5,10 +5,12 @@ r"""Extracts global descriptors: a benchmark (database + cropped queries) or you
   python extract.py --dataset=paris6k --distractors=r1m   # + the 1M distractors (own store)
   python extract.py --distractors=r1m --out=part0 --shard_index=0 --num_shards=4   # 1 of 4
   python extract.py --images=~/photos --out=index/    # own collection (recursive), an index
-  python extract.py --images=DIR --out=STORE --weights=mobilenet_2_5_224_tf_no_top.h5 \
-      --config.model.backbone=mobilenet --config.model.alpha=0.25 --config.data.image_size=448
+  python extract.py --images=DIR --out=index/ --backbone=mobilenetv2 \
+      --weights=mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5 \
+      --config.data.image_size=224       # offline: a local weights file, at the size it suits
   python extract.py --images=DIR --out=part0 --shard_index=0 --num_shards=4   # one of 4 shards
   python extract.py --merge=part0,part1,part2,part3 --out=STORE             # join the shards
+  python extract.py --verify --out=index/         # every file against its commit's checksum
   python extract.py --images=DIR --out=index/ --runner=beam                 # Apache Beam, local
   python extract.py --images=DIR --out=index/ --runner=beam \
       --beam_options="--runner=FlinkRunner --flink_master=HOST:8081 --environment_type=LOOPBACK"
@@ -19,13 +21,11 @@ Interrupted runs resume where they stopped: run the same command again.
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from cbir_tf import quiet
-from cbir_tf.commands import cli
-from cbir_tf.config import config_path
+from cbir_tf.commands import checks, cli
 
-config_flags.DEFINE_config_file("config", config_path("default"), cli.CONFIG_HELP)
+cli.define_config_flag()
 flags.DEFINE_string(
     "images",
     None,
@@ -38,6 +38,12 @@ flags.DEFINE_integer("num_shards", None, "Number of shards the collection is spl
 flags.DEFINE_list("merge", None, "Shard stores to merge into --out (no extraction).")
 flags.DEFINE_enum("runner", None, ["local", "beam"], "local, or an Apache Beam pipeline.")
 flags.DEFINE_string("beam_options", None, "Beam pipeline options, passed through unchanged.")
+flags.DEFINE_bool(
+    "verify",
+    False,
+    "Check every file of the index or store folder --out (and the stores below it) against the "
+    "size and SHA-256 recorded at its commit: one line per damaged file, exit status 1.",
+)
 cli.define_benchmark_flags()
 FLAGS = flags.FLAGS
 
@@ -45,6 +51,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     cli.setup_logging(FLAGS.verbose)
+    if FLAGS.verify:
+        from cbir_tf.runs import extract as runs
+
+        sys.exit(0 if cli.run_main(lambda: runs.verify(FLAGS.out)) else 1)
     cfg = FLAGS.config
     cli.apply_overrides(
         cfg,
@@ -57,6 +67,7 @@ def main(argv):
             "extract.beam_options": FLAGS.beam_options,
         },
     )
+    cli.run_main(lambda: check_arguments(cfg))  # in a second, before TensorFlow loads
     quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
     cli.set_model_image_size(cfg, FLAGS)
     from cbir_tf.runs import extract as runs
@@ -76,6 +87,21 @@ def main(argv):
         cli.run_main(
             lambda: runs.extract_dataset(cfg, model_path=FLAGS.model, download=FLAGS.download)
         )
+
+
+def check_arguments(cfg) -> None:
+    """The flags, files and names of this run, checked before TensorFlow loads."""
+    if FLAGS.merge:
+        checks.required("out", FLAGS.out, "with --merge: the folder of the merged store")
+        for shard in FLAGS.merge:
+            checks.path_exists("merge", shard, "folder")
+        return
+    checks.model(cfg, FLAGS.model)
+    if FLAGS.images:
+        checks.required("out", FLAGS.out, "with --images: the folder to write the index into")
+        checks.path_exists("images", FLAGS.images)
+    else:
+        checks.benchmark(cfg)
 
 
 def run() -> None:

@@ -19,13 +19,11 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from cbir_tf import quiet
-from cbir_tf.commands import cli
-from cbir_tf.config import config_path
+from cbir_tf.commands import checks, cli
 
-config_flags.DEFINE_config_file("config", config_path("default"), cli.CONFIG_HELP)
+cli.define_config_flag()
 flags.DEFINE_string("train_dir", None, "Labelled training folder (one sub-folder per class).")
 flags.DEFINE_string(
     "train_data", None, "Training data: a labelled folder or tfds:<name>[:<split>]."
@@ -61,6 +59,7 @@ def main(argv):
         raise app.UsageError("give either --train_dir or --train_data, not both")
     tfds_dir = FLAGS.tfds_data_dir or cfg.train.tfds_data_dir or None
 
+    cli.run_main(lambda: check_arguments(cfg, train_data))  # in a second, before TensorFlow
     quiet.import_tensorflow(FLAGS.verbose)  # after the flags parsed, without its noise
 
     from cbir_tf import fileio
@@ -87,6 +86,15 @@ def main(argv):
         )
 
     cli.run_main(train_and_report)
+
+
+def check_arguments(cfg, train_data: str) -> None:
+    """The flags, files and names of this run, checked before TensorFlow loads."""
+    for flag, value in (("train_data" if FLAGS.train_data else "train_dir", train_data),
+                        ("val_dir", FLAGS.val_dir)):  # fmt: skip
+        if value and not str(value).startswith("tfds:"):
+            checks.path_exists(flag, value, "folder")
+    checks.model(cfg, None)
 
 
 def run() -> None:

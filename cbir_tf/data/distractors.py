@@ -234,13 +234,13 @@ def _fetch_or_note(fetch, remote: RemoteFile, dest: str, download: bool, problem
 
 def _fetch_archives(spec, folder, download, fetch, progress, problems) -> None:
     """Each archive not yet unpacked: fetched (resumed), unpacked safely into jpg/, deleted."""
-    from tqdm import tqdm
+    from cbir_tf.progressbar import progress_bar
 
     downloads = os.path.join(folder, "downloads")
     done = [
         os.path.isfile(os.path.join(downloads, a.filename + ".extracted")) for a in spec.archives
     ]
-    bar = tqdm(
+    bar = progress_bar(
         total=len(spec.archives), initial=sum(done), desc=f"{spec.name} archives", unit="archive",
         disable=not progress,
     )  # fmt: skip

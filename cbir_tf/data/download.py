@@ -6,7 +6,8 @@ Range request, checks a sha256 when one is known, and renames the result into pl
 it is whole. A `COMPLETE` marker, written last and atomically, tells a finished dataset folder
 from one left behind by an interrupted run. Archives are unpacked by `cbir_tf.data.archive`.
 
-No TensorFlow: standard library, tqdm for the progress bar, `cbir_tf.fileio` for atomic writes.
+No TensorFlow: standard library, `cbir_tf.progressbar` for the progress bar, `cbir_tf.fileio`
+for atomic writes.
 """
 
 from __future__ import annotations
@@ -163,11 +164,11 @@ def _fetch_into(
             raise urllib.error.HTTPError(url, status, f"unexpected HTTP status {status}", {}, None)
 
         received = 0
-        from tqdm import tqdm  # deferred: only needed when downloading
+        from cbir_tf.progressbar import progress_bar  # deferred: tqdm only when downloading
 
         with (
             open(part, mode) as f,
-            tqdm(
+            progress_bar(
                 total=total,
                 initial=offset,
                 unit="B",
@@ -221,7 +222,7 @@ def download_file(
       url: http(s) URL (anything the opener accepts).
       dest: final path; its folder is created.
       sha256: expected hex digest, or None to skip the check.
-      progress: show a tqdm progress bar.
+      progress: show a progress bar (plain lines when stderr is a file or a pipe).
       opener: `opener(request, timeout=...) -> response`, default `urllib.request.urlopen`.
       timeout: seconds for connecting and for each read.
       retries: extra attempts after a transient failure (dropped connection, timeout, 5xx);

@@ -8,19 +8,47 @@ concatenating shards 0..S-1 gives back the original order; each shard records wh
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 # Fields describing which part of a collection a shard holds; they differ between shards.
 SHARD_FIELDS = ("shard_index", "num_shards", "shard_start", "shard_stop", "total_images")
 
 
+def id_problem(image_id: str) -> str | None:
+    """Why `image_id` (a file's relative path) cannot be an image id, or None when it can.
+
+    Ids are stored one per line of UTF-8 text (ids.txt), so a line break or a file name that is
+    not UTF-8 (Python keeps its undecodable bytes as lone surrogates) cannot be one.
+    """
+    if not image_id:
+        return "the id is empty"
+    if "\n" in image_id or "\r" in image_id:
+        return "its file name holds a line break; rename the file to index it"
+    try:
+        image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its file name is not valid UTF-8; rename the file to index it"
+    return None
+
+
+def printable_id(name: str) -> str:
+    """A file name as one printable line: undecodable bytes as \\xNN, line breaks and other
+    control characters escaped (\\n, \\r, \\t, \\xNN), everything else as it is."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def validate_ids(ids: Sequence[str]) -> list[str]:
-    """The ids as strings; a ValueError naming the first empty, multi-line or repeated one."""
+    """The ids as strings; a ValueError naming the first empty, multi-line, non-UTF-8 or repeated
+    one."""
     ids = [str(i) for i in ids]
     seen: set[str] = set()
     for i in ids:
-        if not i or "\n" in i or "\r" in i:
-            raise ValueError(f"image ids must be non-empty single-line strings, got {i!r}")
+        if id_problem(i):
+            raise ValueError(
+                f"image ids must be non-empty single-line UTF-8 strings, got {printable_id(i)!r}"
+            )
         if i in seen:
             raise ValueError(f"duplicate image id {i!r}: ids must be unique")
         seen.add(i)

@@ -49,8 +49,8 @@ def find_ground_truth(folder: str) -> str:
         names = ", ".join(os.path.basename(p) for p in pickles)
         raise GroundTruthError(f"{folder} holds several ground truths ({names}): keep one")
     raise GroundTruthError(
-        f"{folder} has no ground truth: write {path} (imlist, qimlist, gnd: see README, "
-        "'Your own benchmark') or place a revisitop gnd_<name>.pkl there"
+        f"{folder} has no ground truth: write {path} (imlist, qimlist, gnd: see "
+        "docs/benchmarks.md, 'Your own benchmark') or place a revisitop gnd_<name>.pkl there"
     )
 
 

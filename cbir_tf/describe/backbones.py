@@ -1,5 +1,9 @@
 """Registry of convolutional backbones from `keras.applications`, cut at the feature map to pool.
 
+VGG16, ResNet50/101, MobileNet(V2), EfficientNet B0-B7, EfficientNetV2 (B0-B3, S/M/L) and
+ConvNeXt (Tiny-XLarge). The vision transformers (DINOv2, DINOv3, CLIP, SigLIP through KerasHub)
+have their own registry, `cbir_tf.describe.transformers`.
+
 Each entry knows its Keras constructor, its own `preprocess_input`, the layer whose output is
 pooled and its channel count. `build_backbone` returns a `keras.Model` that maps an already
 *preprocessed* batch `[B, None, None, 3]` to the feature map `[B, h, w, C]`; the raw-RGB
@@ -36,6 +40,8 @@ from typing import Any
 
 import keras
 
+from cbir_tf.describe.choices import normalize_weights
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -46,7 +52,6 @@ __all__ = [
     "build_backbone",
     "fetch_imagenet_weights",
     "get_backbone_spec",
-    "normalize_weights",
     "resolve_weights",
 ]
 
@@ -141,6 +146,43 @@ def _registry() -> dict[str, BackboneSpec]:
         )
         for i, channels in enumerate((1280, 1280, 1408, 1536, 1792, 2048, 2304, 2560))
     ]
+    # EfficientNetV2 (Tan & Le, ICML 2021) normalises inside the network, like EfficientNet.
+    specs += [
+        BackboneSpec(
+            f"efficientnetv2{size}",
+            getattr(apps, f"EfficientNetV2{size.upper()}"),
+            apps.efficientnet_v2.preprocess_input,
+            None,  # top_activation
+            channels,
+        )
+        for size, channels in (
+            ("b0", 1280),
+            ("b1", 1280),
+            ("b2", 1408),
+            ("b3", 1536),
+            ("s", 1280),
+            ("m", 1280),
+            ("l", 1280),
+        )
+    ]
+    # ConvNeXt (Liu et al., CVPR 2022): normalisation inside the network; without its top the
+    # network ends in a per-position LayerNorm of the last stage, which is what is pooled.
+    specs += [
+        BackboneSpec(
+            f"convnext_{size}",
+            getattr(apps, f"ConvNeXt{size.capitalize().replace('Xl', 'XL')}"),
+            apps.convnext.preprocess_input,
+            None,  # the unnamed final LayerNormalization
+            channels,
+        )
+        for size, channels in (
+            ("tiny", 768),
+            ("small", 768),
+            ("base", 1024),
+            ("large", 1536),
+            ("xlarge", 2048),
+        )
+    ]
     specs += [
         # The field's reference (cnnimageretrieval-pytorch) pools VGG16's last convolution
         # (ReLU included), not the max-pooled map after it.
@@ -194,25 +236,6 @@ def display_name(name: str, alpha: float = 1.0) -> str:
     """
     spec = get_backbone_spec(name)
     return f"{spec.name} (alpha {float(alpha):g})" if spec.has_alpha else spec.name
-
-
-def normalize_weights(weights: str | os.PathLike | None) -> str:
-    """Returns 'imagenet', 'none' or the path of a local file (user `~` expanded).
-
-    Raises:
-      ValueError: a string that is neither keyword nor a weights/model file name.
-    """
-    if weights is None:
-        return "none"
-    text = os.fspath(weights).strip()
-    if text.lower() in ("imagenet", "none"):
-        return text.lower()
-    if not text.lower().endswith((".h5", ".hdf5", ".keras")):
-        raise ValueError(
-            f"weights={text!r}: expected 'imagenet', 'none', a weights file (.h5 / .weights.h5) "
-            "or a saved descriptor model (.keras)"
-        )
-    return os.path.expanduser(text)
 
 
 # keras.applications constructors fetch their weights through `file_utils.get_file` looked up in
@@ -344,8 +367,9 @@ def fetch_imagenet_weights(
     with _swapped_get_file(spec, get_file) as swapped, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         if not swapped:  # this Keras version cannot be intercepted: a whole build fetches it
-            build_backbone(name, "imagenet", alpha, cache_dir=cache_dir,
-                           download_timeout=download_timeout)  # fmt: skip
+            build_backbone(
+                name, "imagenet", alpha, cache_dir=cache_dir, download_timeout=download_timeout
+            )
             return
         with contextlib.suppress(_Fetched):
             spec.constructor(weights="imagenet", **_constructor_kwargs(spec, alpha))
@@ -374,8 +398,11 @@ def resolve_weights(
         fetch_imagenet_weights(name, float(alpha))
         return weights, None
     except WeightsUnavailableError as e:
-        log.warning("ImageNet weights unavailable, using weights=%r instead: %s",
-                    weights_fallback, str(e).splitlines()[0])  # fmt: skip
+        log.warning(
+            "ImageNet weights unavailable, using weights=%r instead: %s",
+            weights_fallback,
+            str(e).splitlines()[0],
+        )
         return weights_fallback, "ImageNet weights could not be downloaded"
 
 
@@ -518,6 +545,14 @@ def _build_from_file(spec: BackboneSpec, alpha: float, path: str) -> keras.Model
         ) from None
 
 
+def _leaf_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
 def _seeded_initialize(model: keras.Model, seed: int) -> None:
     """Re-draws every random kernel from its own Keras initializer, seeded by `seed` + layer.
 
@@ -525,9 +560,11 @@ def _seeded_initialize(model: keras.Model, seed: int) -> None:
     network: an interrupted extraction would resume with a different network, and a whitening
     learned in one run would not fit the next. Each kernel is drawn again from the layer's own
     initializer (same distribution as Keras', so random networks keep Keras' semantics) with a
-    seed derived from `seed` and the layer's name, independent of the order of layers.
+    seed derived from `seed` and the layer's name, independent of the order of layers. Layers
+    inside nested models (ConvNeXt's stem and downsampling blocks are `Sequential`s) are drawn
+    too.
     """
-    for layer in model.layers:
+    for layer in _leaf_layers(model):
         for weight in layer.weights:
             name = weight.path.rsplit("/", 1)[-1]
             if not name.endswith("kernel"):
@@ -542,6 +579,42 @@ def _seeded_initialize(model: keras.Model, seed: int) -> None:
             config["config"]["seed"] = int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
             seeded = keras.initializers.deserialize(config)
             weight.assign(seeded(tuple(weight.shape), dtype=weight.dtype))
+
+
+def _is_grouped_depthwise(layer: keras.layers.Layer) -> bool:
+    return type(layer) is keras.layers.Conv2D and layer.groups > 1 and layer.groups == layer.filters
+
+
+def _depthwise_convolutions(model: keras.Model) -> keras.Model:
+    """`model` with its depthwise convolutions written as grouped `Conv2D`s (ConvNeXt's 7 x 7)
+    rebuilt as `DepthwiseConv2D`s: the same maths and weights, but TensorFlow runs a grouped
+    convolution through XLA on CPU, 26 times slower than its depthwise kernel (4x for the whole
+    ConvNeXt-Tiny at 224 px). Other models are returned as they are."""
+    if not any(_is_grouped_depthwise(layer) for layer in model.layers):
+        return model
+
+    def clone(layer):
+        if not _is_grouped_depthwise(layer):
+            return layer.__class__.from_config(layer.get_config())
+        return keras.layers.DepthwiseConv2D(
+            layer.kernel_size,
+            strides=layer.strides,
+            padding=layer.padding,
+            use_bias=layer.use_bias,
+            name=layer.name,
+            dtype=layer.dtype_policy,
+        )
+
+    rebuilt = keras.models.clone_model(model, clone_function=clone)
+    layers = {layer.name: layer for layer in rebuilt.layers}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        weights = layer.get_weights()
+        if _is_grouped_depthwise(layer):  # [kh, kw, 1, C] -> [kh, kw, C, 1]
+            weights[0] = weights[0].reshape(*weights[0].shape[:2], -1, 1)
+        layers[layer.name].set_weights(weights)
+    return rebuilt
 
 
 def build_backbone(
@@ -600,6 +673,7 @@ def build_backbone(
         _seeded_initialize(base, seed)
     else:
         base = _build_from_file(spec, alpha, mode)
+    base = _depthwise_convolutions(base)
 
     output = base.get_layer(spec.feature_layer).output if spec.feature_layer else base.output
     model = keras.Model(base.input, output, name=spec.name)

@@ -505,11 +505,11 @@ def _progress_bar(total: int, initial: int, enabled: bool, where: str | None):
     if initial:
         print(f"resuming {where}: {initial} of {total} images already done",
               file=sys.stderr)  # fmt: skip
-    from tqdm.auto import tqdm
+    from cbir_tf.progressbar import progress_bar
 
     desc = "descriptors" if where is None else f"descriptors -> {where}"
-    return tqdm(total=total, initial=initial, unit="img", desc=desc, smoothing=0.05,
-                dynamic_ncols=True)  # fmt: skip
+    return progress_bar(total=total, initial=initial, unit="img", desc=desc, smoothing=0.05,
+                        dynamic_ncols=True)  # fmt: skip
 
 
 def _print_summary(total, resumed, computed, skipped, skipped_now: int, seconds) -> None:

@@ -19,19 +19,23 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from typing import Any
 
 import keras
 import tensorflow as tf
 
 from cbir_tf.config import default
-from cbir_tf.describe import backbones
+from cbir_tf.describe import backbones, catalog, token_models
 from cbir_tf.describe.layers import (
     MAC,
     RMAC,
+    ClassToken,
     GeM,
     L2Normalization,
+    PatchGrid,
     PCAWhitening,
+    SnapToPatches,
     SPoC,
     SumRegions,
 )
@@ -39,7 +43,6 @@ from cbir_tf.describe.layers import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "POOLINGS",
     "EdgePad",
     "Preprocess",
     "UnsafeModelError",
@@ -50,7 +53,6 @@ __all__ = [
     "unit_normalization",
 ]
 
-POOLINGS = ("mac", "spoc", "gem", "rmac")
 OUTPUTS = ("descriptor", "regions")
 MIN_IMAGE_SIZE = 32  # the backbones' total stride: every one gives >= 1 feature cell
 # Lower bound of the norm a descriptor is divided by: far below the norms of any network's
@@ -72,22 +74,23 @@ class Preprocess(keras.layers.Layer):
     """Applies a backbone's own `preprocess_input` to raw RGB float 0..255 images.
 
     VGG16/ResNet: RGB -> BGR and ImageNet mean subtraction (caffe); MobileNet(V2): scaling to
-    [-1, 1]; EfficientNet: identity (its normalisation is inside the network). Shape-agnostic,
-    so it works with dynamic spatial sizes, and serialisable by the backbone's registry name
-    (the Keras function is looked up again on load, not pickled).
+    [-1, 1]; EfficientNet(V2), ConvNeXt: identity (their normalisation is inside the network);
+    DINOv2/v3, CLIP, SigLIP: (x / 255 - mean) / std of their training. Shape-agnostic, so it
+    works with dynamic spatial sizes, and serialisable by the backbone's registry name (the
+    function is looked up again on load, not pickled).
 
     Args:
-      backbone: a name of `cbir_tf.describe.backbones.BACKBONES`.
+      backbone: a name of `cbir_tf.describe.catalog.names()`.
       **kwargs: base Layer arguments.
     """
 
     def __init__(self, backbone: str, **kwargs):
         super().__init__(**kwargs)
-        self.backbone = backbones.get_backbone_spec(backbone).name
+        self.backbone = catalog.get_spec(backbone).name
 
     def call(self, inputs):
         x = keras.ops.cast(inputs, self.compute_dtype)
-        return backbones.get_backbone_spec(self.backbone).preprocess_input(x)
+        return catalog.get_spec(self.backbone).preprocess_input(x)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
@@ -186,11 +189,17 @@ def build_descriptor_model(
     """Builds the descriptor model a config's `model` block describes: `(**cfg.model)`.
 
     Args:
-      backbone: registry name (`cbir_tf.describe.backbones.BACKBONES`).
+      backbone: registry name (`cbir_tf.describe.catalog.names()`: a `keras.applications` CNN or
+        a KerasHub vision transformer).
       weights: 'imagenet', 'none', a local `.h5` / `.weights.h5` file of the no-top backbone,
-        or a saved `.keras` descriptor model (used as it is, `whitening` appended).
+        or a saved `.keras` descriptor model (used as it is, `whitening` appended); for a
+        transformer 'imagenet' / 'pretrained' is its KerasHub preset, and a folder (KerasHub
+        preset or Hugging Face checkpoint) or 'hf://...' handle is accepted (see
+        `cbir_tf.describe.transformers`).
       alpha: width multiplier (mobilenet, mobilenetv2).
-      pooling: 'mac', 'spoc', 'gem' or 'rmac'.
+      pooling: 'auto' (the backbone's recipe: R-MAC for CNNs, the class token for DINOv2/v3,
+        the image embedding head for CLIP/SigLIP), 'mac', 'spoc', 'gem', 'rmac'; transformers
+        also 'cls', 'cls+gem', 'head' (see `cbir_tf.describe.catalog`).
       gem_p: initial GeM power (trainable).
       rmac_levels: R-MAC region levels.
       weights_fallback: weights used when ImageNet's cannot be downloaded ('' = fail; see
@@ -202,11 +211,13 @@ def build_descriptor_model(
       output: 'descriptor', or 'regions' (R-MAC only: the raw regional vectors, to learn a
         regional whitening).
       safe_mode: as `load_descriptor_model` (a `.keras` model only).
-      **backbone_kwargs: passed to `build_backbone` (cache_dir, download_timeout).
+      **backbone_kwargs: passed to `build_backbone` (cache_dir, download_timeout, seed; a
+        transformer takes seed only).
 
     Returns:
       keras.Model named '<backbone>_<pooling>': raw RGB float32 0..255 [B, None, None, 3] ->
-      float32 [B, D] L2-normalised descriptors (D = channels, or the whitening's output dim);
+      float32 [B, D] L2-normalised descriptors (D = channels, twice the token width for
+      'cls+gem', the head's width for 'head', or the whitening's output dim);
       with output='regions': float32 [B, R, C] raw region MACs, whole map first.
 
     Raises:
@@ -221,10 +232,54 @@ def build_descriptor_model(
                 "output='regions' need a model built from a backbone"
             )
         return _saved_with_whitening(weights, whitening, safe_mode)
-    weights, _ = backbones.resolve_weights(backbone, alpha, weights, weights_fallback)
-    pooling = str(pooling).strip().lower()
-    if pooling not in POOLINGS:
-        raise KeyError(f"unknown pooling {pooling!r}; valid poolings: {', '.join(POOLINGS)}")
+    weights, _ = catalog.resolve_weights(backbone, alpha, weights, weights_fallback)
+    pooling = catalog.resolve_pooling(backbone, pooling)
+    _check_output(pooling, output, whitening, regional_whitening)
+    spec = catalog.get_spec(backbone)
+    image = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
+    x = EdgePad(name="edge_pad")(image)
+    if catalog.is_transformer(spec.name):
+        if float(alpha) != 1.0:  # refused as for the CNNs without a width multiplier
+            with_alpha = [s.name for s in backbones.BACKBONES.values() if s.has_alpha]
+            raise ValueError(
+                f"alpha={float(alpha):g} applies only to {' and '.join(with_alpha)}, not "
+                f"{spec.name}"
+            )
+        grid, pooled = _transformer_features(
+            spec.name, weights, x, pooling, gem_p, **backbone_kwargs
+        )
+    else:
+        channels = spec.num_channels(float(alpha))
+        if whitening is not None:  # before the (costly) backbone is built
+            _check_whitening(whitening, channels, spec.name, float(alpha))
+        features = backbones.build_backbone(spec.name, weights, alpha, **backbone_kwargs)
+        grid, pooled = features(Preprocess(spec.name, name="preprocess")(x)), None
+    if output == "regions":
+        out = _pooling_layer(pooling, gem_p, rmac_levels, return_regions=True)(grid)
+    elif regional_whitening:
+        _check_whitening(whitening, int(grid.shape[-1]), spec.name, float(alpha))
+        x = _pooling_layer(pooling, gem_p, rmac_levels, return_regions=True)(grid)
+        x = L2Normalization(name="region_l2")(x)
+        x = PCAWhitening.from_whitening(whitening, name="whitening")(x)
+        x = L2Normalization(name="whitened_region_l2")(x)
+        x = SumRegions(name="sum_regions")(x)
+        out = unit_normalization("l2", dtype="float32")(x)
+    else:
+        x = pooled if pooled is not None else _pooling_layer(pooling, gem_p, rmac_levels)(grid)
+        if whitening is not None:
+            _check_whitening(whitening, int(x.shape[-1]), spec.name, float(alpha))
+            x = unit_normalization("pooled_l2")(x)
+            x = PCAWhitening.from_whitening(whitening, name="whitening")(x)
+        out = unit_normalization("l2", dtype="float32")(x)
+    return keras.Model(image, out, name=f"{spec.name}_{pooling_layer_name(pooling)}")
+
+
+def pooling_layer_name(pooling: str) -> str:
+    """The name of the layer (or head model) giving the pooled vector of a descriptor model."""
+    return str(pooling).replace("+", "_")
+
+
+def _check_output(pooling: str, output: str, whitening: Any, regional_whitening: bool) -> None:
     if output not in OUTPUTS:
         raise ValueError(f"unknown output {output!r}; valid outputs: {', '.join(OUTPUTS)}")
     if output == "regions" and pooling != "rmac":
@@ -236,32 +291,33 @@ def build_descriptor_model(
     if output == "regions" and whitening is not None:
         raise ValueError("output='regions' gives raw region vectors: pass no whitening")
 
-    spec = backbones.get_backbone_spec(backbone)
-    channels = spec.num_channels(float(alpha))
-    if whitening is not None:
-        _check_whitening(whitening, channels, spec.name, float(alpha))
-    features = backbones.build_backbone(spec.name, weights, alpha, **backbone_kwargs)
 
-    image = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
-    x = EdgePad(name="edge_pad")(image)
-    x = Preprocess(spec.name, name="preprocess")(x)
-    x = features(x)
-    if output == "regions":
-        out = _pooling_layer(pooling, gem_p, rmac_levels, return_regions=True)(x)
-    elif regional_whitening:
-        x = _pooling_layer(pooling, gem_p, rmac_levels, return_regions=True)(x)
-        x = L2Normalization(name="region_l2")(x)
-        x = PCAWhitening.from_whitening(whitening, name="whitening")(x)
-        x = L2Normalization(name="whitened_region_l2")(x)
-        x = SumRegions(name="sum_regions")(x)
-        out = unit_normalization("l2", dtype="float32")(x)
-    else:
-        x = _pooling_layer(pooling, gem_p, rmac_levels)(x)
-        if whitening is not None:
-            x = unit_normalization("pooled_l2")(x)
-            x = PCAWhitening.from_whitening(whitening, name="whitening")(x)
-        out = unit_normalization("l2", dtype="float32")(x)
-    return keras.Model(image, out, name=f"{spec.name}_{pooling}")
+def _transformer_features(
+    name: str, weights: Any, image: Any, pooling: str, gem_p: float, seed: int = 0
+) -> tuple[Any, Any]:
+    """(patch grid [B, h, w, D] or None, pooled vector or None) of a transformer backbone.
+
+    The image is snapped to the patch grid, normalised, and turned into tokens; the CNN
+    poolings get the patch tokens laid back on their grid, 'cls' the class token, 'head' the
+    model's own embedding head, 'cls+gem' the L2-normalised class token and GeM of the patches
+    side by side.
+    """
+    parts = token_models.build_transformer(name, weights, seed=seed)
+    x = SnapToPatches(parts.patch_size, name="snap_to_patches")(image)
+    x = Preprocess(name, name="preprocess")(x)
+    tokens = parts.tokens(x)
+    if pooling == "head":
+        # A plain layer gives the pooled vector its name (`pooling_layer_name`), so that
+        # training can reach its output in this graph (a nested model's `.output` is its own).
+        return None, keras.layers.Identity(name="head")(parts.head(tokens))
+    if pooling == "cls":
+        return None, ClassToken(name="cls")(tokens)
+    grid = PatchGrid(parts.patch_size, parts.num_prefix, name="patch_grid")([tokens, x])
+    if pooling != "cls+gem":
+        return grid, None
+    cls = unit_normalization("cls_l2")(ClassToken(name="cls")(tokens))
+    patches = unit_normalization("gem_l2")(GeM(p=gem_p, name="gem")(grid))
+    return grid, keras.layers.Concatenate(name=pooling_layer_name(pooling))([cls, patches])
 
 
 def feature_scale(model: keras.Model, images: Any) -> float | None:
@@ -312,7 +368,7 @@ def load_descriptor_model(path: str | os.PathLike, safe_mode: bool = True) -> ke
 
     Raises:
       FileNotFoundError: no such file.
-      ValueError: not a `.keras` file.
+      ValueError: not a `.keras` file, or a damaged one (truncated).
       UnsafeModelError: a Lambda layer refused by safe_mode.
     """
     path = os.path.expanduser(os.fspath(path))
@@ -320,11 +376,20 @@ def load_descriptor_model(path: str | os.PathLike, safe_mode: bool = True) -> ke
         raise ValueError(f"{path}: expected a saved Keras model (.keras)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file {path} not found")
+    damaged = (
+        f"{path} is damaged: not a complete .keras archive (a truncated or partial copy?); "
+        "copy it again, or save the model again"
+    )
+    # Keras reports a file that is not a zip archive as "File not found".
+    if not zipfile.is_zipfile(path):
+        raise ValueError(damaged)
     # Importing the layer modules registers their classes for deserialisation.
     import cbir_tf.describe.layers  # noqa: F401
 
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
+    except zipfile.BadZipFile:
+        raise ValueError(damaged) from None
     except Exception as e:
         text = str(e)
         if safe_mode and ("safe_mode" in text or "Lambda" in text or "lambda" in text):
@@ -443,13 +508,15 @@ def image_size_for_model(path: str | os.PathLike, image_size: int | None) -> int
             log.info(
                 "describing images at %d px, the size %s was trained and validated at "
                 "(--config.data.image_size=N overrides it)",
-                int(trained), path,
-            )  # fmt: skip
+                int(trained),
+                path,
+            )
         return int(trained) if trained else int(default("data.image_size"))
     if trained and int(trained) != int(image_size):
         log.warning(
-            "describing images at %d px as asked, not at the %d px %s was trained and "
-            "validated at",
-            int(image_size), int(trained), path,
-        )  # fmt: skip
+            "describing images at %d px as asked, not at the %d px %s was trained and validated at",
+            int(image_size),
+            int(trained),
+            path,
+        )
     return int(image_size)

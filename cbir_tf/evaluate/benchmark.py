@@ -40,7 +40,8 @@ class DescriptorSpec:
     """How a benchmark's images are described: everything that changes their descriptors.
 
     Attributes:
-      model: `build_descriptor_model`'s keyword arguments (a config's `model` block).
+      model: `build_descriptor_model`'s keyword arguments (a config's `model` block); pooling
+        'auto' is replaced by the backbone's recipe.
       image_size: longest image side, pixels (for a saved model: the size resolved by
         `cbir_tf.describe.models.image_size_for_model`).
       scales: multi-scale factors.
@@ -53,6 +54,14 @@ class DescriptorSpec:
     scales: tuple[float, ...] = tuple(default("data.scales"))
     ms_power: float = default("data.ms_power")
     model_path: str | None = None
+
+    def __post_init__(self):
+        # 'auto' (the default pooling) stands for the backbone's recipe: the cache key, the
+        # metadata and the model all name the pooling that is computed, as before 'auto' existed.
+        if str(self.model.get("pooling", "")).lower() == "auto" and "backbone" in self.model:
+            from cbir_tf.describe import catalog
+
+            object.__setattr__(self, "model", catalog.with_pooling(self.model))
 
     def extraction(self) -> dict[str, Any]:
         """`cbir_tf.describe.extract.extract`'s settings: image_size, scales, ms_power."""
@@ -119,12 +128,12 @@ class DescriptorSpec:
     def with_available_weights(self) -> tuple[DescriptorSpec, str | None]:
         """This spec with `model.weights_fallback` in place of ImageNet weights when those
         cannot be had (offline), and why (None when nothing changed)."""
-        from cbir_tf.describe import backbones
+        from cbir_tf.describe import catalog
 
         if self.model_path:
             return self, None
         m = self.model
-        weights, why = backbones.resolve_weights(
+        weights, why = catalog.resolve_weights(
             m["backbone"], m["alpha"], m["weights"], m.get("weights_fallback", "")
         )
         if why is None:
@@ -182,9 +191,12 @@ def _saved_model_info(model_path: str) -> dict[str, Any]:
 
 
 def _weights_name(weights: str) -> str:
-    # A weights file is named by its absolute path so that a resumed run given a relative path
-    # (or the other way round) is recognised as the same extraction.
-    return weights if weights.lower() in ("imagenet", "none") else os.path.abspath(weights)
+    # A weights file (or checkpoint folder) is named by its absolute path so that a resumed run
+    # given a relative path (or the other way round) is recognised as the same extraction;
+    # keywords and KerasHub handles (hf://...) are names, not paths.
+    if weights.lower() in ("imagenet", "none", "pretrained") or "://" in weights:
+        return weights
+    return os.path.abspath(weights)
 
 
 def whitening_dataset(dataset: str, spec: WhiteningSpec, folder: bool = False) -> str | None:
@@ -321,9 +333,9 @@ def region_vectors(
       float32 [sum of R over images, C].
     """
     import tensorflow as tf
-    from tqdm import tqdm
 
     from cbir_tf.data import pipeline
+    from cbir_tf.progressbar import progress_bar
 
     @tf.function(input_signature=[tf.TensorSpec([1, None, None, 3], tf.float32)])
     def forward(x):
@@ -331,7 +343,7 @@ def region_vectors(
 
     chunks, skipped = [], 0
     dataset = pipeline.image_dataset(list(paths), image_size)
-    for item in tqdm(
+    for item in progress_bar(
         dataset.as_numpy_iterator(),
         total=len(paths),
         disable=not progress,

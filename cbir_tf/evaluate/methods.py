@@ -49,6 +49,7 @@ def evaluate_methods(
     distractors: np.ndarray | None = None,
     distractor_truncate: int = 1000,
     search_cfg: Any = None,
+    papers: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluates every retrieval method on one benchmark.
 
@@ -68,9 +69,14 @@ def evaluate_methods(
         `distractor_truncate` when that is 0.
       search_cfg: the config's `search` block (backend 'ann' ranks with an approximate index
         built over `database` and the distractors, `cbir_tf.search.ann`); None: the defaults.
+      papers: what 'auto' settings mean here (the config's `rerank.papers`, for the Revisited
+        benchmarks); None: chosen from `database` (`cbir_tf.rerank.auto`; with distractors,
+        from the benchmark's own database).
 
     Returns:
-      (results {method: {'revisited', 'original', 'info'}}, rankings {method: int [Q, N]}).
+      (results {method: {'revisited', 'original', 'info'}}, rankings {method: int [Q, N]});
+      each info holds the settings the method used ('settings') and, when some were 'auto',
+      how they were chosen ('auto': `resolve_settings`'s note).
     """
     if len(queries) != len(gnd):
         raise ValueError(
@@ -82,17 +88,21 @@ def evaluate_methods(
     search.validate_descriptors(queries, "queries")
     sc = config.block({"search": config.as_dict(search_cfg)}, "search")
     if distractors is not None:
-        return with_distractors.evaluate(
+        settings, note = resolve_settings(settings, pipeline.Database(database), papers)
+        results, rankings = with_distractors.evaluate(
             queries, database, distractors, gnd, methods, settings, kappas,
             original_gnd, original_queries,
             np.zeros(0, np.int64) if missing is None else np.asarray(missing, np.int64),
             settings.diffusion.truncate or int(distractor_truncate),
             sc["ann"] if sc["backend"] == "ann" else None,
         )  # fmt: skip
+        _record_settings(results, settings, note)
+        return results, rankings
     # Validated once; DBA and the diffusion graph are built once for all the methods.
     db = pipeline.Database(
         database, backend=sc["backend"], block_size=int(sc["block_size"]), ann_settings=sc["ann"]
     )
+    settings, note = resolve_settings(settings, db, papers)
     ann = getattr(db.index, "ann", None)
     if ann is not None:  # the table must say that rankings come from an approximate index
         log.info("ranking with the %s", ann.describe())
@@ -122,4 +132,39 @@ def evaluate_methods(
             100 * res["revisited"]["medium"]["map"],
             info["seconds"],
         )
+    _record_settings(results, settings, note)
     return results, rankings
+
+
+def resolve_settings(
+    settings: pipeline.RerankSettings, db: pipeline.Database, papers: Any = None
+) -> tuple[pipeline.RerankSettings, dict[str, Any] | None]:
+    """`settings` without 'auto' fields, and how they were chosen.
+
+    Args:
+      settings: the settings, some fields possibly AUTO.
+      db: the database the methods rank (its `auto` values, when `papers` is None).
+      papers: {'qe': {'n'}, 'dba': {'n'}, 'diffusion': {'k', 'kq', 'truncate'}} ('auto' on the
+        Revisited benchmarks), or None.
+
+    Returns:
+      (resolved settings, None when nothing was 'auto', else {'fields': the dotted names,
+      'source': 'papers' | 'collection', and for the collection its 'stats'}).
+    """
+    fields = settings.auto_fields()
+    if not fields:
+        return settings, None
+    if papers is not None:
+        return settings.resolved(config.as_dict(papers)), {"fields": fields, "source": "papers"}
+    resolved = db.resolve(settings)
+    return resolved, {"fields": fields, "source": "collection", "stats": db.auto_stats()}
+
+
+def _record_settings(
+    results: dict[str, Any], settings: pipeline.RerankSettings, note: dict[str, Any] | None
+) -> None:
+    for method, res in results.items():
+        info = res.setdefault("info", {})
+        info["settings"] = pipeline.method_settings(method, settings)
+        if note is not None:
+            info["auto"] = note

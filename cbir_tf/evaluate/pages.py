@@ -417,6 +417,79 @@ def evaluation_report(
     return out_path
 
 
+def comparison_section(
+    rows: Sequence[Mapping[str, Any]],
+    chart: str | None,
+    assets: Any,
+    notes: Sequence[str] = (),
+) -> str:
+    """The HTML section of a comparison: its table (one row per combination and method) and its
+    grouped bar chart.
+
+    Args:
+      rows: [{<compared field>: label, ..., 'method', <metric>: % or None, ..., 'error'}].
+      chart: the chart's PNG, or None.
+      assets: the page's `_Assets` (embeds or links the chart).
+      notes: lines under the table (each combination's re-ranking settings, say).
+    """
+    parts = ["<h2>Comparison</h2>"]
+    if rows:
+        heads = [h for h in rows[0] if h != "error"]
+        head = "".join(f"<th>{esc(h)}</th>" for h in heads)
+        body = []
+        for r in rows:
+            if r.get("error"):
+                names = [h for h in heads if not h.startswith(("mAP", "mP@"))]
+                cells = "".join(f'<td class="name">{esc(r.get(h, ""))}</td>' for h in names)
+                span = len(heads) - len(names)
+                cells += f'<td colspan="{span}" class="name">failed: {esc(r["error"])}</td>'
+            else:
+                cells = "".join(
+                    f"<td>{'-' if r[h] is None else f'{float(r[h]):.2f}'}</td>"
+                    if h.startswith(("mAP", "mP@"))
+                    else f'<td class="name">{esc(r[h])}</td>'
+                    for h in heads
+                )
+            body.append(f"<tr>{cells}</tr>")
+        parts.append(f'<table class="results"><tr>{head}</tr>{"".join(body)}</table>')
+    if notes:
+        parts.append("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    if chart:
+        src = assets.file(os.fspath(chart), "comparison")
+        parts.append(
+            f'<figure class="wide" style="width:auto">{_img(src, "comparison chart")}'
+            "<figcaption>mAP per combination and method</figcaption></figure>"
+        )
+    return "\n".join(parts)
+
+
+def comparison_report(
+    out_dir: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    chart: str | None = None,
+    notes: Sequence[str] = (),
+    links: Mapping[str, str | os.PathLike] | None = None,
+    title: str = "Comparison",
+    filename: str = "report.html",
+) -> str:
+    """Writes a self-contained page with the comparison section (chart embedded) and links to
+    each combination's own report; returns its path."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    out_path = os.path.join(out_dir, filename)
+    assets = _Assets(out_path, True, 256)
+    parts = [comparison_section(rows, chart, assets, notes)]
+    if links:
+        items = "".join(
+            f'<li><a href="{esc(_href(os.fspath(p), out_dir))}">{esc(name)}</a></li>'
+            for name, p in links.items()
+        )
+        parts.append(f"<h2>Files</h2><ul>{items}</ul>")
+    atomic_write_text(out_path, _page(title, "\n".join(parts)))
+    return out_path
+
+
 def _legend(kappas: Sequence[int]) -> str:
     ks = ", ".join(str(int(k)) for k in kappas)
     return (

@@ -314,6 +314,21 @@ def pr_curve_plot(
     Returns:
       `out_path` as a string.
     """
+    fig = pr_curve_figure(curves, title=title, dpi=dpi)
+    out_path = os.fspath(out_path)
+    from cbir_tf.fileio import atomic_open
+
+    with atomic_open(out_path, "wb") as f:
+        fig.savefig(f, format="png", facecolor="white")
+    return out_path
+
+
+def pr_curve_figure(curves: Mapping[str, Any], *, title: str = "", dpi: int = 100) -> Any:
+    """The matplotlib Figure `pr_curve_plot` saves (same arguments).
+
+    A panel whose curves are all NaN (no query has a positive under that protocol, e.g. Hard
+    for a ground truth without hard images) says so in words instead of drawing empty axes.
+    """
     panels: dict[str, Mapping[str, Any]]
     if curves and all(isinstance(v, Mapping) for v in curves.values()):
         panels = dict(curves)
@@ -324,6 +339,15 @@ def pr_curve_plot(
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
     for ax, (panel, lines) in zip(axes, panels.items(), strict=False):
+        name = str(panel).capitalize() if panel in PROTOCOLS else str(panel)
+        if panel:
+            ax.set_title(name)
+        if not any(np.isfinite(np.asarray(prec, dtype=float)).any() for _, prec in lines.values()):
+            under = f" {name}" if panel else ""
+            ax.text(0.5, 0.5, f"no query has{under} positives:\nnothing to plot", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=11, color="#555555")  # fmt: skip
+            ax.set_axis_off()
+            continue
         for method, (rec, prec) in lines.items():
             ax.plot(np.asarray(rec), np.asarray(prec), label=str(method), linewidth=1.6)
         ax.set_xlim(0, 1)
@@ -331,19 +355,12 @@ def pr_curve_plot(
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
         ax.grid(True, alpha=0.3)
-        if panel:
-            ax.set_title(str(panel).capitalize() if panel in PROTOCOLS else str(panel))
         if lines:
             ax.legend(fontsize=8, loc="lower left")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out_path = os.fspath(out_path)
-    from cbir_tf.fileio import atomic_open
-
-    with atomic_open(out_path, "wb") as f:
-        fig.savefig(f, format="png", facecolor="white")
-    return out_path
+    return fig
 
 
 def result_labels(retrieved: Sequence[int] | np.ndarray, gnd_query: Mapping[str, Any]) -> list[str]:
@@ -445,3 +462,58 @@ def evaluation_figures(
                 {"title": f"{method}: {qname}", "path": path, "method": method, "query": qname}
             )
     return {"pr_plots": {"all": pr_path}, "grids": grids}
+
+
+def comparison_chart(
+    groups: Sequence[str],
+    methods: Sequence[str],
+    values: Mapping[str, np.ndarray],
+    out_path: str | os.PathLike,
+    *,
+    title: str = "",
+    dpi: int = 100,
+) -> str:
+    """Grouped bars, one panel per metric: a group per combination, a bar per method.
+
+    Args:
+      groups: the combinations' names (x axis), e.g. 'mobilenet, gem'.
+      methods: the bars of each group (legend).
+      values: {panel title ('mAP M', 'mAP H'): float `[len(groups), len(methods)]` in %, NaN
+        for a failed combination (no bar)}.
+      out_path: the PNG to write (atomically).
+      title: figure title.
+      dpi: resolution of the PNG.
+
+    Returns:
+      `out_path` as a string.
+    """
+    Figure, FigureCanvasAgg = _pyplot()
+    width = max(6.0, 0.9 + len(groups) * (0.35 + 0.16 * len(methods)))
+    fig = Figure(figsize=(width, 3.2 * max(1, len(values)) + 0.6), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(max(1, len(values)), 1, squeeze=False)[:, 0]
+    x = np.arange(len(groups), dtype=np.float64)
+    bar = 0.8 / max(1, len(methods))
+    for ax, (panel, v) in zip(axes, values.items(), strict=False):
+        v = np.asarray(v, np.float64).reshape(len(groups), len(methods))
+        for j, method in enumerate(methods):
+            ax.bar(x - 0.4 + bar * (j + 0.5), np.nan_to_num(v[:, j]), bar, label=str(method))
+        for i in np.flatnonzero(np.isnan(v).all(axis=1)):
+            ax.text(x[i], 1.0, "failed", ha="center", va="bottom", fontsize=8, color="#d62728")
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(g) for g in groups], fontsize=8)
+        ax.set_ylabel(f"{panel} (%)")
+        top = np.nanmax(v) if np.isfinite(v).any() else 100.0
+        ax.set_ylim(0, min(100.0, top * 1.15 + 1.0))
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_title(str(panel), fontsize=10)
+    axes[0].legend(fontsize=8, ncol=min(len(methods), 6), loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out_path = os.fspath(out_path)
+    from cbir_tf.fileio import atomic_open
+
+    with atomic_open(out_path, "wb") as f:
+        fig.savefig(f, format="png", facecolor="white")
+    return out_path

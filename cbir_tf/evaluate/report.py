@@ -1,6 +1,6 @@
 """Result tables in the field's usual form, and their JSON / CSV files.
 
-`results` everywhere in this module is the dictionary `evaluation.evaluate_methods` returns::
+`results` everywhere in this module is the dictionary `methods.evaluate_methods` returns::
 
     {method: {"revisited": {"easy"|"medium"|"hard": {"map", "aps", "mpr", "prs"}},
               "original": {"map", "aps", "mpr", "prs"} or None}}
@@ -60,6 +60,57 @@ def table_rows(results: Mapping[str, Any], kappas: Sequence[int]) -> list[dict[s
 def _round_pct(x: float) -> float | None:
     x = float(x)
     return round(100.0 * x, 2) if np.isfinite(x) else None
+
+
+_STEP_WORDS = {"qe": "α-QE", "dba": "DBA", "diffusion": "diffusion"}
+
+
+def settings_text(results: Mapping[str, Any]) -> str:
+    """The re-ranking settings the table's methods used, in words (for its title).
+
+    Args:
+      results: as `evaluation.evaluate_methods` returns them (each info's 'settings' and, when
+        some were 'auto', 'auto').
+
+    Returns:
+      e.g. 're-ranking: α-QE n=1*, diffusion k=43* kq=3* (* auto: chosen from the collection,
+      29% of its images with a neighbour above their noise level)'; '' without re-ranking.
+    """
+    blocks: dict[str, Any] = {}
+    note = None
+    for res in results.values():
+        info = res.get("info") or {}
+        blocks.update(info.get("settings") or {})
+        note = note or info.get("auto")
+    auto = set(note["fields"]) if note else set()
+    parts = []
+    for name, word in _STEP_WORDS.items():
+        if name not in blocks:
+            continue
+        v = blocks[name]
+        star = {f: "*" if f"{name}.{f}" in auto else "" for f in ("n", "k", "kq", "truncate")}.get
+        if name != "diffusion":
+            parts.append(f"{word} n={v['n']}{star('n')}" + (" (off)" if int(v["n"]) == 0 else ""))
+            continue
+        text = f"{word} k={v['k']}{star('k')} kq={v['kq']}{star('kq')}"
+        if int(v["k"]) <= 1:
+            text += " (off: no graph)"
+        trunc = int(v["truncate"])
+        text += f" truncated to {trunc}{star('truncate')}" if trunc else ""
+        parts.append(text)
+    if not parts:
+        return ""
+    out = "re-ranking: " + ", ".join(parts)
+    if note and any("*" in p for p in parts):
+        if note["source"] == "papers":
+            out += " (* auto: the papers' settings)"
+        else:
+            share = float(note["stats"]["share"])
+            out += (
+                f" (* auto: chosen from the collection, {share:.0%} of its images with a "
+                "neighbour above their noise level)"
+            )
+    return out
 
 
 def format_table(results: Mapping[str, Any], kappas: Sequence[int], title: str = "") -> str:

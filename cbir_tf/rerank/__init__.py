@@ -1,6 +1,7 @@
 """Re-ranking (numpy/scipy only): `pipeline.rerank` runs a method's steps.
 
-Modules: `pipeline` (methods, settings, `rerank`), `query_expansion` (α-QE, DBA), `diffusion`
+Modules: `pipeline` (methods, settings, `rerank`), `auto` (what 'auto' settings are for a
+collection), `query_expansion` (α-QE, DBA), `diffusion`
 (Iscen et al.'s diffusion), `graph` (its mutual kNN graph), `cg` (the block conjugate-gradient
 solver), `product` (the threaded sparse product the solver iterates with).
 """

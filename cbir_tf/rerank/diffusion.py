@@ -52,6 +52,7 @@ __all__ = [
     "knn_affinity",
     "normalize_affinity",
     "query_vectors",
+    "rest_in_plain_order",
     "truncated_diffusion",
 ]
 
@@ -239,18 +240,37 @@ def _dense_with_fill(
 ) -> np.ndarray:
     """[Q, N] scores: the given items keep theirs, the others rank below, in plain order."""
     n_q, n = queries.shape[0], database.shape[0]
-    out = np.empty((n_q, n))
+    out = np.zeros((n_q, n))
+    keep = np.zeros((n_q, n), bool)
     if n_q == 0:
         return out
-    plain = search.inner_products(queries, database, block_size=block_size)
     for q in range(n_q):
         valid = top_ids[q] >= 0
-        ids, sc = top_ids[q][valid], top_scores[q][valid]
-        lo = sc.min() if sc.size else 0.0
-        row = plain[q].astype(np.float64)
+        out[q, top_ids[q][valid]] = top_scores[q][valid]
+        keep[q, top_ids[q][valid]] = True
+    plain = search.inner_products(queries, database, block_size=block_size)
+    return rest_in_plain_order(out, keep, plain)
+
+
+def rest_in_plain_order(scores: np.ndarray, keep: np.ndarray, plain: np.ndarray) -> np.ndarray:
+    """Scores whose entries outside `keep` rank below every kept one, in their plain order.
+
+    Args:
+      scores: float `[Q, N]` (the kept entries' values are kept).
+      keep: bool `[Q, N]`: the entries diffusion scored (its top n, or the items it reached).
+      plain: `[Q, N]` the queries' inner products with the database.
+
+    Returns:
+      float64 `[Q, N]`: the others get `min(kept) - 2 + plain / max|plain|` per query (all
+      finite; 0 stands for min(kept) in a row that keeps nothing).
+    """
+    out = np.asarray(scores, np.float64).copy()
+    for q in range(out.shape[0]):
+        kept = out[q, keep[q]]
+        lo = kept.min() if kept.size else 0.0
+        row = np.asarray(plain[q], np.float64)
         scale = np.abs(row).max()
-        out[q] = lo - 2.0 + row / (scale if scale > 0 else 1.0)
-        out[q, ids] = sc
+        out[q, ~keep[q]] = (lo - 2.0 + row / (scale if scale > 0 else 1.0))[~keep[q]]
     return out
 
 

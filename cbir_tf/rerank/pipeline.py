@@ -1,6 +1,6 @@
 """The one re-ranking pipeline: method names, settings, and `rerank`, used by every caller.
 
-Evaluation (`evaluation.rank_method`: full rankings `[Q, N]`), the `Retriever` (top k with
+Evaluation (`evaluate.rankings.rank_method`: full rankings `[Q, N]`), the `Retriever` (top k with
 scores; hence `search.py` and the search service) all rank through `rerank`. A method is a
 '+'-joined list of steps, applied in this order:
 
@@ -26,13 +26,27 @@ from typing import Any
 import numpy as np
 
 from cbir_tf import config
-from cbir_tf.rerank import diffusion, query_expansion
+from cbir_tf.rerank import auto, diffusion, query_expansion
+from cbir_tf.rerank.auto import AUTO
 from cbir_tf.rerank.cg import CGInfo
 from cbir_tf.rerank.graph import approximate_knn, knn_affinity, mutual_knn_affinity
 from cbir_tf.search import exact as search
 from cbir_tf.search.index import SearchIndex
 
-__all__ = ["METHODS", "NONE", "Database", "Ranking", "RerankSettings", "check_method", "rerank"]
+__all__ = [
+    "AUTO",
+    "AUTO_FIELDS",
+    "METHODS",
+    "NONE",
+    "Database",
+    "Ranking",
+    "STEP_BLOCKS",
+    "RerankSettings",
+    "check_method",
+    "method_settings",
+    "parse_count",
+    "rerank",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -56,26 +70,53 @@ def check_method(method: str, what: str = "rerank", none_word: str = NONE) -> st
 
 # -- settings --------------------------------------------------------------------------------
 
+# Fields that may be 'auto' (`cbir_tf.rerank.auto`: chosen from the collection).
+AUTO_FIELDS = {"qe": ("n",), "dba": ("n",), "diffusion": ("k", "kq", "truncate")}
+Count = int | str  # a whole number, or AUTO
+
+
+def parse_count(value: Any, field: str) -> Count:
+    """An 'auto'-able field's value: AUTO, or a whole number >= 0 (int, or its string, as
+    `--config.rerank.diffusion.k=50` gives a field whose default is the string 'auto').
+
+    Raises:
+      ValueError: anything else (the field named).
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == AUTO:
+            return AUTO
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(
+                f"rerank.{field} must be 'auto' or a whole number, got {value!r}"
+            ) from None
+    if isinstance(value, bool) or not float(value).is_integer() or value < 0:
+        raise ValueError(f"rerank.{field} must be 'auto' or a whole number >= 0, got {value!r}")
+    return int(value)
+
 
 @dataclasses.dataclass(frozen=True)
 class Expansion:
-    """α-weighted expansion: neighbours `n`, similarity exponent `alpha` (α-QE and DBA)."""
+    """α-weighted expansion: neighbours `n` (or AUTO), similarity exponent `alpha` (α-QE, DBA)."""
 
-    n: int
+    n: Count
     alpha: float
 
 
 @dataclasses.dataclass(frozen=True)
 class Diffusion:
-    """Diffusion settings (see `diffusion.diffusion_scores`); truncate 0 = the full graph."""
+    """Diffusion settings (see `diffusion.diffusion_scores`); truncate 0 = the full graph.
+    k, kq and truncate may be AUTO until resolved."""
 
-    k: int
-    kq: int
+    k: Count
+    kq: Count
     gamma: float
     alpha: float
     max_iter: int
     tol: float
-    truncate: int
+    truncate: Count
 
     def kwargs(self) -> dict[str, Any]:
         """`diffusion.diffusion_scores` keyword arguments."""
@@ -86,7 +127,11 @@ class Diffusion:
 
 @dataclasses.dataclass(frozen=True)
 class RerankSettings:
-    """Settings of every re-ranking step: a config's `rerank` block, typed."""
+    """Settings of every re-ranking step: a config's `rerank` block, typed.
+
+    Fields of `AUTO_FIELDS` may hold AUTO; `resolved` replaces them by numbers (`rerank` does so
+    with the database's own `cbir_tf.rerank.auto` values when they are left).
+    """
 
     qe: Expansion
     dba: Expansion
@@ -97,17 +142,19 @@ class RerankSettings:
         """Settings from a `rerank` block (ConfigDict, nested mapping, settings or None).
 
         Fields the block lacks (a partial override, an index written before a step existed)
-        take the values of `configs/default.py`; `methods` (the evaluation's list) is ignored.
+        take the values of `configs/default.py`; `methods` (the evaluation's list) and `papers`
+        (what 'auto' means on the Revisited benchmarks) are ignored. 'auto'-able fields take
+        'auto' or a whole number, as a number or a string (`parse_count`).
 
         Raises:
-          ValueError: an unknown block or field (named).
+          ValueError: an unknown block or field (named), a bad 'auto'-able value.
         """
         if isinstance(block, RerankSettings):
             return block
         given = config.as_dict(block)
         values = {name: dict(fields) for name, fields in _defaults().items()}
         for name, fields in given.items():
-            if name == "methods":
+            if name in IGNORED_BLOCKS:
                 continue
             if name not in values or not isinstance(fields, Mapping):
                 raise ValueError(f"unknown rerank setting {name!r}; valid: {', '.join(values)}")
@@ -117,18 +164,21 @@ class RerankSettings:
                     f"unknown rerank.{name} field(s) {unknown}; valid: {', '.join(values[name])}"
                 )
             values[name].update(fields)
+        for name, fields in AUTO_FIELDS.items():
+            for f in fields:
+                values[name][f] = parse_count(values[name][f], f"{name}.{f}")
         d = values["diffusion"]
         return cls(
-            qe=Expansion(int(values["qe"]["n"]), float(values["qe"]["alpha"])),
-            dba=Expansion(int(values["dba"]["n"]), float(values["dba"]["alpha"])),
+            qe=Expansion(values["qe"]["n"], float(values["qe"]["alpha"])),
+            dba=Expansion(values["dba"]["n"], float(values["dba"]["alpha"])),
             diffusion=Diffusion(
-                k=int(d["k"]),
-                kq=int(d["kq"]),
+                k=d["k"],
+                kq=d["kq"],
                 gamma=float(d["gamma"]),
                 alpha=float(d["alpha"]),
                 max_iter=int(d["max_iter"]),
                 tol=float(d["tol"]),
-                truncate=int(d["truncate"] or 0),
+                truncate=d["truncate"],
             ),  # fmt: skip
         )
 
@@ -136,12 +186,42 @@ class RerankSettings:
         """{'qe': {...}, 'dba': {...}, 'diffusion': {...}} (what index manifests save)."""
         return dataclasses.asdict(self)
 
+    def auto_fields(self) -> list[str]:
+        """The dotted names of the fields still AUTO, e.g. ['qe.n', 'diffusion.k']."""
+        d = self.to_dict()
+        return [f"{b}.{f}" for b, fields in AUTO_FIELDS.items() for f in fields if d[b][f] == AUTO]
+
+    def resolved(self, values: Mapping[str, Mapping[str, Any]]) -> RerankSettings:
+        """These settings with every AUTO field taken from `values` ({'qe': {'n': 1}, ...}, e.g.
+        `auto.auto_values(...)` or the config's `rerank.papers`); numbers stay as they are."""
+        d = self.to_dict()
+        for name in self.auto_fields():
+            block, field = name.split(".")
+            d[block][field] = parse_count(values[block][field], name)
+        return RerankSettings.from_config(d)
+
+
+# The settings block each step of a method reads.
+STEP_BLOCKS = {"aqe": "qe", "dba": "dba", "diffusion": "diffusion"}
+
+
+def method_settings(method: str, settings: RerankSettings) -> dict[str, dict[str, Any]]:
+    """The blocks of `settings` that `method` uses, e.g. {'qe': {...}, 'diffusion': {...}}."""
+    d = settings.to_dict()
+    steps = check_method(method, "method", none_word="plain").split("+")
+    return {STEP_BLOCKS[s]: d[STEP_BLOCKS[s]] for s in steps if s in STEP_BLOCKS}
+
+
+# Blocks of a config's `rerank` that are not step settings.
+IGNORED_BLOCKS = ("methods", "papers")
+
 
 @functools.cache
 def _defaults() -> dict[str, dict[str, Any]]:
-    """The `rerank` block of configs/default.py without `methods` (read once; callers copy)."""
+    """The step blocks of configs/default.py's `rerank` (read once; callers copy)."""
     values = config.defaults("rerank")
-    del values["methods"]
+    for name in IGNORED_BLOCKS:
+        values.pop(name, None)
     return values
 
 
@@ -161,6 +241,9 @@ class Database:
       validate: check the vectors first.
       ann: a saved approximate index over `vectors` (`cbir_tf.search.ann.AnnIndex`), or None.
       ann_settings: the config's `search.ann` block (None: the defaults).
+      auto_stats: `auto.collection_stats` of `vectors` computed before (an index's manifest
+        keeps them), so that AUTO settings resolve without recounting; None: counted on first
+        use.
     """
 
     def __init__(
@@ -172,6 +255,7 @@ class Database:
         validate: bool = True,
         ann: Any = None,
         ann_settings: Any = None,
+        auto_stats: Mapping[str, Any] | None = None,
     ):
         from cbir_tf.search.ann import AnnSettings
 
@@ -183,10 +267,32 @@ class Database:
         )  # fmt: skip
         self._augmented: dict[Expansion, Database] = {}
         self._graphs: dict[tuple[int, float], Any] = {}
+        self._auto_stats = dict(auto_stats) if auto_stats else None
+
+    def auto_stats(self) -> dict[str, Any]:
+        """`auto.collection_stats` of the vectors: given, or counted once on first use."""
+        if self._auto_stats is None:
+            self._auto_stats = auto.collection_stats(self.vectors, index=self.index)
+            _log.info("re-ranking 'auto': %s", self._auto_stats)
+        return self._auto_stats
+
+    def resolve(self, settings: RerankSettings) -> RerankSettings:
+        """`settings` with its AUTO fields replaced by this collection's `auto.auto_values`."""
+        if not settings.auto_fields():
+            return settings
+        values = auto.auto_values(
+            self.auto_stats(), graph_min_rows=self.ann_settings.graph_min_rows
+        )
+        return settings.resolved(values)
 
     @property
     def vectors(self) -> np.ndarray:
         return self.index.database
+
+    def index_for(self, method: str, settings: RerankSettings) -> SearchIndex:
+        """The index that finds `method`'s candidates: the augmented database's for 'dba'."""
+        steps = check_method(method).split("+")
+        return self.augmented(settings.dba).index if "dba" in steps else self.index
 
     def augmented(self, dba: Expansion) -> Database:
         """The database after database-side augmentation with `dba`."""
@@ -261,17 +367,21 @@ def rerank(
       method: one of `METHODS` (or an alias).
       queries: float `[Q, D]` L2-normalised.
       database: float `[N, D]` L2-normalised, or a `Database` reused across calls.
-      settings: the steps' settings.
+      settings: the steps' settings; AUTO fields take the database's `Database.resolve`.
       k: results per query (clipped to N); None: the full ranking, k = N.
 
     Returns:
-      A `Ranking`: scores and ids `[Q, min(k, N)]`, best first, ties by lower row.
+      A `Ranking`: scores and ids `[Q, min(k, N)]`, best first, ties by lower row. Diffusion
+      ranks the items it reaches (score > 0) by their scores, then the others, which it cannot
+      tell apart (score 0), in their plain order (scored below -1, as truncated diffusion's
+      rest).
 
     Raises:
       ValueError: unknown method, invalid descriptors, dimension mismatch, k < 1.
     """
     steps = check_method(method).split("+")
     db = database if isinstance(database, Database) else Database(database)
+    settings = db.resolve(settings)
     queries = search.validate_descriptors(queries, "queries", dim=db.index.dim)
     n = db.index.ntotal
     k = n if k is None else search.check_k(k, n)
@@ -296,7 +406,25 @@ def rerank(
         queries, db.vectors, **d.kwargs(), return_info=True, affinity=graph,
         block_size=db.index.block_size, backend=db.index.backend, index=db.index, validate=False,
     )  # fmt: skip
+    if not d.truncate:
+        scores = _unreached_in_plain_order(scores, queries, db, k)
     return Ranking(*_best(scores, k), cg=info)
+
+
+def _unreached_in_plain_order(
+    scores: np.ndarray, queries: np.ndarray, db: Database, k: int
+) -> np.ndarray:
+    """Full diffusion's `[Q, N]` scores with the items it never reached (score <= 0: outside
+    the query's part of the graph, or beyond the iterations) below all others, in plain order:
+    a tie at 0 says nothing, and database order would be arbitrary."""
+    reached = scores > 0
+    need = np.flatnonzero(reached.sum(axis=1) < k)  # queries whose top k reaches the tie
+    if need.size == 0:
+        return scores
+    plain = search.inner_products(queries[need], db.vectors, block_size=db.index.block_size)
+    out = scores.copy()
+    out[need] = diffusion.rest_in_plain_order(scores[need], reached[need], plain)
+    return out
 
 
 def _best(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ HTML report. This is the run layer: it reads the config; everything it calls tak
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from cbir_tf import config as config_lib
 from cbir_tf.evaluate import benchmark, methods, report
 from cbir_tf.evaluate.precomputed import align_rows, load_precomputed
 from cbir_tf.runs.extract import descriptor_spec, whitening_spec
@@ -23,7 +25,7 @@ from cbir_tf.runs.extract import descriptor_spec, whitening_spec
 log = logging.getLogger(__name__)
 
 
-def _inputs(cfg: Any, descriptors: str | None, download: bool, progress: bool):
+def open_inputs(cfg: Any, descriptors: str | None, download: bool, progress: bool):
     """The benchmark and the distractor set of the config, both checked before any work: one
     error lists every file to place when some are missing (offline)."""
     from cbir_tf.data import distractors as distractors_lib
@@ -88,10 +90,31 @@ def _descriptors(cfg, ds, dset, descriptors, model_path, download, progress):
     return x, q, missing, meta, skipped, what, dx
 
 
-def _title(
-    cfg: Any, ds: Any, dset: Any, dx: Any, what: str, truncate: int, results: Mapping[str, Any]
-) -> str:
-    """'rparis6k+r1m (6322 images + 1001001 distractors, 70 queries): <descriptors>...'."""
+def papers_settings(cfg: Any, ds: Any) -> dict[str, Any] | None:
+    """What 'auto' re-ranking settings mean for `ds`: the papers' (`rerank.papers`) on the
+    Revisited Oxford/Paris benchmarks; None elsewhere (chosen from the collection)."""
+    from cbir_tf.data import revisited
+
+    spec = revisited.DATASETS.get(ds.name)
+    if getattr(ds, "folder_benchmark", False) or spec is None or spec.synthetic:
+        return None
+    return config_lib.block(cfg, "rerank")["papers"]
+
+
+def _truncation(results: Mapping[str, Any], cfg: Any) -> int:
+    """Items diffused per query with distractors: the setting used, else the eval default."""
+    for res in results.values():
+        d = res.get("info", {}).get("settings", {}).get("diffusion")
+        if d and int(d["truncate"]):
+            return int(d["truncate"])
+    return int(cfg.eval.get("distractor_truncate", 0))
+
+
+def benchmark_title(cfg: Any, b: LoadedBenchmark, results: Mapping[str, Any]) -> str:
+    """'rparis6k+r1m (6322 images + 1001001 distractors, 70 queries): <descriptors>...; the
+    re-ranking settings (which were chosen automatically)'."""
+    ds, dset, dx, what = b.ds, b.dset, b.distractors, b.what
+    truncate = _truncation(results, cfg)
     if dset is None:
         title = f"{ds.name} ({ds.num_images} images, {ds.num_queries} queries): {what}"
     else:
@@ -104,9 +127,61 @@ def _title(
     search = next(iter(results.values()), {}).get("info", {}).get("search")
     if search:
         title += f"; {search}"
+    settings = report.settings_text(results)
+    if settings:
+        title += f"; {settings}"
     if getattr(ds, "ok_lists", 0):
         title += f"; {ds.ok_lists} queries with one 'ok' list (Easy = Medium; Hard: none)"
     return title
+
+
+@dataclasses.dataclass
+class LoadedBenchmark:
+    """A benchmark and its descriptors, as `run_benchmark` (and --tune, --compare) use them.
+
+    Attributes:
+      ds, dset: the benchmark and its distractor set (or None).
+      name: '<dataset>' or '<dataset>+<distractors>'.
+      database, queries: float32 `[N', D]` (present images, ground-truth order), `[Q, D]`.
+      missing: ground-truth ids of database images without a descriptor.
+      meta, skipped, what: the descriptors' metadata, unreadable images, and how they were
+        made in words (the table's title).
+      distractors: the distractors' descriptors `[M, D]` (memory-mapped) or None.
+    """
+
+    ds: Any
+    dset: Any
+    name: str
+    database: np.ndarray
+    queries: np.ndarray
+    missing: np.ndarray
+    meta: dict[str, Any]
+    skipped: dict[str, Any]
+    what: str
+    distractors: Any
+
+
+def load_benchmark(
+    cfg: Any,
+    model_path: str | None = None,
+    descriptors: str | None = None,
+    download: bool = True,
+    progress: bool = True,
+) -> LoadedBenchmark:
+    """The config's benchmark and its descriptors (extracted, or reused from their stores)."""
+    ds, dset = open_inputs(cfg, descriptors, download, progress)
+    name = ds.name + (f"+{dset.title}" if dset is not None else "")
+    x, q, missing, meta, skipped, what, dx = _descriptors(
+        cfg, ds, dset, descriptors, model_path, download, progress
+    )
+    if len(missing):
+        log.warning(
+            "%d of %d database images have no descriptor and count as never retrieved (first: %s)",
+            len(missing),
+            ds.num_images,
+            [ds.imlist[i] for i in missing[:3]],
+        )
+    return LoadedBenchmark(ds, dset, name, x, q, missing, meta, skipped, what, dx)
 
 
 def run_benchmark(
@@ -117,6 +192,7 @@ def run_benchmark(
     out_dir: str | None = None,
     download: bool = True,
     progress: bool = True,
+    echo: bool = True,
 ) -> dict[str, Any]:
     """Runs the whole benchmark and writes its report.
 
@@ -128,46 +204,41 @@ def run_benchmark(
       out_dir: where results go (default `<workdir>/eval/<dataset>[+<distractors>]`).
       download: fetch missing benchmark files.
       progress: show progress bars.
+      echo: print the table (a comparison prints its own).
 
     Returns:
       {'results': per-method metrics, 'table': the printed table, 'files': written paths}.
+
+    Raises:
+      cbir_tf.config.ConfigError: a field configs/default.py lacks, or of another type.
     """
+    config_lib.check_config(cfg)
     t0 = time.perf_counter()
-    ds, dset = _inputs(cfg, descriptors, download, progress)
-    name = ds.name + (f"+{dset.title}" if dset is not None else "")
-    out_dir = out_dir or os.path.join(cfg.workdir, "eval", name)
-    x, q, missing, meta, skipped, what, dx = _descriptors(
-        cfg, ds, dset, descriptors, model_path, download, progress
-    )
-    if len(missing):
-        log.warning(
-            "%d of %d database images have no descriptor and count as never retrieved (first: %s)",
-            len(missing),
-            ds.num_images,
-            [ds.imlist[i] for i in missing[:3]],
-        )
+    b = load_benchmark(cfg, model_path, descriptors, download, progress)
+    out_dir = out_dir or os.path.join(cfg.workdir, "eval", b.name)
     kappas = tuple(int(k) for k in cfg.eval.kappas)
-    truncate = int(cfg.rerank.diffusion.truncate) or int(cfg.eval.get("distractor_truncate", 0))
     results, rankings = methods.evaluate_methods(
-        q, x, ds.gnd, methods=tuple(cfg.rerank.methods), rerank_cfg=cfg.rerank.to_dict(),
-        kappas=kappas, original_gnd=ds.original_gnd,
-        original_queries=getattr(ds, "original_queries", None), missing=missing,
-        distractors=dx, distractor_truncate=truncate, search_cfg=cfg.get("search"),
+        b.queries, b.database, b.ds.gnd, methods=tuple(cfg.rerank.methods),
+        rerank_cfg=cfg.rerank.to_dict(), kappas=kappas, original_gnd=b.ds.original_gnd,
+        original_queries=getattr(b.ds, "original_queries", None), missing=b.missing,
+        distractors=b.distractors, distractor_truncate=int(cfg.eval.get("distractor_truncate", 0)),
+        search_cfg=cfg.get("search"), papers=papers_settings(cfg, b.ds),
     )  # fmt: skip
-    title = _title(cfg, ds, dset, dx, what, truncate, results)
+    title = benchmark_title(cfg, b, results)
     table = report.format_table(results, kappas, title=title)
-    print(table, flush=True)
+    if echo:
+        print(table, flush=True)
     extra = {
-        "dataset": name,
-        "descriptors": meta,
-        "missing_database_images": [ds.imlist[i] for i in missing],
-        "skipped": skipped,
+        "dataset": b.name,
+        "descriptors": b.meta,
+        "missing_database_images": [b.ds.imlist[i] for i in b.missing],
+        "skipped": b.skipped,
         "seconds": round(time.perf_counter() - t0, 1),
         "config": cfg.to_dict(),
+        "report": "report.html",
     }
-    extra["report"] = "report.html"
     files = report.write_results(out_dir, results, kappas, extra=extra)
-    files.update(_visual_report(out_dir, ds, results, rankings, cfg, title, files, meta, dset))
+    files.update(write_visual_report(out_dir, b, results, rankings, cfg, title, files))
     log.info("results written to %s", out_dir)
     return {"results": results, "table": table, "files": files, "rankings": rankings}
 
@@ -186,6 +257,12 @@ def _describe(meta: Mapping[str, Any]) -> str:
     weights = {"none": "random weights", "imagenet": "ImageNet weights"}.get(
         str(meta["weights"]).lower(), meta["weights"]
     )
+    if str(meta["weights"]).lower() in ("imagenet", "pretrained"):
+        from cbir_tf.describe import catalog
+
+        # A transformer's pretrained weights are its KerasHub preset, not ImageNet's.
+        if catalog.is_transformer(meta["backbone"]):
+            weights = f"KerasHub preset {catalog.get_spec(meta['backbone']).preset}"
     if meta.get("weights_fallback"):
         weights += f": {meta['weights_fallback']}"
     if meta.get("whitening_note"):
@@ -228,16 +305,14 @@ def report_meta(meta: Mapping[str, Any], ds: Any) -> dict[str, Any]:
     return described
 
 
-def _visual_report(
+def write_visual_report(
     out_dir: str,
-    ds: Any,
+    b: LoadedBenchmark,
     results: Mapping[str, Any],
     rankings: Mapping[str, np.ndarray],
     cfg: Any,
     title: str,
     files: Mapping[str, str],
-    meta: Mapping[str, Any],
-    dset: Any = None,
 ) -> dict[str, str]:
     """Writes precision-recall plots, per-query result grids and the HTML report.
 
@@ -248,6 +323,7 @@ def _visual_report(
     from cbir_tf.evaluate import pages as html_pages
     from cbir_tf.evaluate import plots as visualize
 
+    ds, dset = b.ds, b.dset
     query_paths = ds.query_paths()
     have_images = bool(query_paths) and all(os.path.exists(p) for p in query_paths[:1])
     have_images = have_images and (dset is None or os.path.isdir(dset.root))
@@ -269,7 +345,7 @@ def _visual_report(
         database_names=names,
         query_bboxes=ds.query_bboxes(),
     )
-    described = report_meta(meta, ds)
+    described = report_meta(b.meta, ds)
     # The report is one file: the plots and grids are embedded, not linked beside it.
     page = html_pages.evaluation_report(
         out_dir,

@@ -3,6 +3,7 @@
   * `extract_dataset`: a benchmark's database and query descriptors (`extract.py --dataset`);
   * `extract_folder` / `build_index`: an own image folder as an index (`extract.py --images`),
     shard by shard if asked; `merge`: joins shard stores or index shards (`--merge`);
+  * `verify`: checks an index or store folder against its checksums (`--verify --out=DIR`);
   * `descriptor_spec`, `whitening_spec`, `extract_function`: the config's blocks as the
     arguments of `cbir_tf.evaluate.benchmark` and of the extraction's runner.
 
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cbir_tf import config as config_lib
+from cbir_tf import quiet
 from cbir_tf.data.image_list import shard_meta
 from cbir_tf.retriever import Retriever
 from cbir_tf.search import ann as ann_lib
@@ -72,7 +74,11 @@ def extract_dataset(
 
     Returns:
       (database ExtractionResult, query ExtractionResult).
+
+    Raises:
+      cbir_tf.config.ConfigError: a field configs/default.py lacks, or of another type.
     """
+    config_lib.check_config(cfg)
     from cbir_tf.data import distractors, prepare
     from cbir_tf.evaluate import benchmark
 
@@ -145,6 +151,27 @@ def merge(shards: Sequence[str], out: str | None) -> None:
     print(f"merged {len(shards)} shards into {out}")
 
 
+def verify(out: str | None) -> bool:
+    """What `extract.py --verify --out=DIR` runs: checks every file of the index or store
+    folder (and the stores below it) against its commit's checksums, printing one line per
+    damaged file and a summary.
+
+    Returns:
+      Whether no file is damaged.
+    """
+    from cbir_tf.store.verify import verify_folder
+
+    if not out:
+        raise ValueError("--out is needed with --verify: the index or store folder to check")
+    report = verify_folder(out)
+    for line in report.notes:
+        print(f"note: {line}")
+    for line in report.damaged:
+        print(f"damaged: {line}")
+    print(report.summary(os.path.abspath(out)))
+    return not report.damaged
+
+
 def build_index(
     config: Any,
     images: str | os.PathLike,
@@ -160,8 +187,8 @@ def build_index(
 
     Resumable: run it again after an interruption, or after adding images, and only new or
     changed files are described. With `num_shards` > 1 this call indexes the contiguous slice
-    `shard_index` of the sorted file list (`cbir_tf.store.shards.shard_range`) into its own `out`;
-    `merge_indexes` joins the shard folders.
+    `shard_index` of the sorted file list (`cbir_tf.data.image_list.shard_range`) into its own
+    `out`; `merge_indexes` joins the shard folders.
 
     Args:
       config: full config (model, data, extract, search, rerank blocks).
@@ -260,8 +287,10 @@ def extract_function(extract_cfg: Mapping[str, Any]) -> Any:
     if runner == "local":
         return None
     if runner == "beam":
-        try:  # imports apache_beam: only when asked for
-            from cbir_tf.beam.extract import BeamExtractor
+        verbose = log.isEnabledFor(logging.DEBUG)
+        try:  # imports apache_beam, which logs about absent Google Cloud clients: only when asked
+            with quiet.filtered_stderr(quiet.BEAM_NOISE, enabled=not verbose):
+                from cbir_tf.beam.extract import BeamExtractor
         except ImportError as e:
             raise ValueError(
                 f"extract.runner='beam' needs Apache Beam ({e}): pip install 'cbir-tf[beam]'"

@@ -22,6 +22,8 @@ def run_search(
     embed: bool = False,
     stream: Any = None,
     exact: bool = False,
+    full_check: bool = False,
+    rerank_settings: Any = None,
 ) -> list[tuple[str, list[SearchResult]]]:
     """What `search.py` runs: searches an index, prints ranked tables, writes HTML and PNGs.
 
@@ -38,6 +40,9 @@ def run_search(
       embed: embed images in the pages as base64.
       stream: where tables are printed (default sys.stdout).
       exact: exact search even when the index folder holds an approximate index.
+      full_check: compare every file of the index with its commit's SHA-256 first.
+      rerank_settings: a config's `rerank` block (e.g. of an `evaluate.py --tune` config) in
+        place of the index's saved settings; None keeps them.
 
     Returns:
       [(query path, results)] in query order.
@@ -55,9 +60,10 @@ def run_search(
         queries = [query]
     else:
         raise FileNotFoundError(f"query {query} does not exist")
-    retriever = Retriever.load(
-        index_dir, model=model, root=root, **({"backend": "exact"} if exact else {})
-    )
+    kwargs: dict[str, Any] = {"backend": "exact"} if exact else {}
+    if rerank_settings is not None:
+        kwargs["rerank"] = rerank_settings
+    retriever = Retriever.load(index_dir, model=model, root=root, full_check=full_check, **kwargs)
     all_results = retriever.search_batch(queries, k=k, rerank=rerank)
     approximate = retriever.approximate_index()
     if approximate is not None:
@@ -66,6 +72,10 @@ def run_search(
     pairs = list(zip(queries, all_results, strict=True))
     for q, results in pairs:
         stream.write(format_results(results, title=f"query: {q}") + "\n")
+    # Which committed state answered: an index updated meanwhile answers from one state only.
+    stream.write(
+        f"index {retriever.directory}: {len(retriever)} images (commit {retriever.commit})\n"
+    )
     if out:
         from cbir_tf.evaluate import pages as html_pages
 

@@ -211,6 +211,35 @@ class AnnIndex:
             "search exactly (search.py --exact)"
         )
 
+    def summary(self) -> dict[str, Any]:
+        """What the index is and how good it measured, JSON-ready (what the service reports).
+
+        Returns:
+          {'kind', 'rows'} and, for 'ivfpq': 'factory', 'nprobe', 'refine' (candidates re-scored
+          per result), 'recall' (recall@'recall_k' measured at build time on 'tune_queries'
+          held-out rows), 'target_recall', 'target_met', 'memory' (bytes a vector: 'index',
+          'rescoring', 'total', 'budget'; None for an index of format 1, which re-scores from
+          the float store), 'trained_rows', 'added_rows' (rows added since, not measured).
+        """
+        out: dict[str, Any] = {"kind": self.kind, "rows": self.ntotal}
+        if self.kind == "flat":
+            return {**out, "recall": 1.0}
+        m = self.meta
+        return {
+            **out,
+            "factory": m.get("factory"),
+            "nprobe": int(m["nprobe"]),
+            "refine": int(m.get("refine", 1)),
+            "recall": self.recall,
+            "recall_k": m.get("recall_k"),
+            "tune_queries": m.get("tune_queries"),
+            "target_recall": m.get("target_recall"),
+            "target_met": self.target_met,
+            "memory": None if self.outdated else m.get("memory"),
+            "trained_rows": m.get("trained_rows"),
+            "added_rows": int(m.get("added_rows", 0)),
+        }
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows among the approximate candidates, re-scored from the re-scoring codes.
 

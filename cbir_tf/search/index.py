@@ -133,6 +133,7 @@ class SearchIndex:
         self.database = database
         self.block_size = int(block_size)
         self.faiss_index = None
+        self.faiss_factory = faiss_factory
         # 'auto' is exact unless a saved approximate index is given; 'ann' builds one in memory.
         self.ann = ann
         if backend == "auto":
@@ -150,6 +151,22 @@ class SearchIndex:
     @property
     def ntotal(self) -> int:
         return int(self.database.shape[0])
+
+    def summary(self) -> dict[str, Any]:
+        """What answers this index's searches, JSON-ready (what the search service reports).
+
+        Returns:
+          {'approximate': bool, 'kind': 'exact' | 'faiss' | an approximate index's kind, ...}:
+          for the 'ann' backend, `AnnIndex.summary()` (kind 'flat' is an exact scan; 'ivfpq'
+          adds nprobe and the recall measured at build time); for 'faiss', the factory string
+          ('Flat' is exact up to float rounding).
+        """
+        if self.backend == "ann":
+            return {"approximate": self.ann.kind != "flat", **self.ann.summary()}
+        if self.backend == "faiss":
+            factory = self.faiss_factory
+            return {"approximate": factory != "Flat", "kind": "faiss", "factory": factory}
+        return {"approximate": False, "kind": "exact"}
 
     @property
     def dim(self) -> int:

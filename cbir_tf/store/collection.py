@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from cbir_tf import remote
+from cbir_tf.data.image_list import id_problem, printable_id
 
 
 class Collection:
@@ -81,7 +82,12 @@ class Collection:
             return absolute
 
     def resolve(self, paths_or_folder, ids, recursive: bool, prune: bool, indexed=()):
-        """(absolute file paths, ids, folder or None) of what `Retriever.index` was given."""
+        """What `Retriever.index` was given: (absolute file paths, ids, folder or None, unusable).
+
+        `unusable` maps the escaped id (`printable_id`) of each file whose name cannot be an id
+        (not UTF-8, a line break; see `id_problem`) to the reason: those files are skipped and
+        reported, never allowed to stop the others.
+        """
         from cbir_tf.data.folder import list_images
 
         one = isinstance(paths_or_folder, (str, os.PathLike))
@@ -110,14 +116,36 @@ class Collection:
                 # The first images indexed fix the root: their common folder, so that their
                 # ids are relative like those of a folder's images.
                 self.root = os.path.commonpath([os.path.dirname(f) for f in files])
+        unusable: dict[str, str] = {}
         if ids is None:
             file_ids = [self.id_of(p, indexed) for p in files]
+            kept = []
+            for k, i in enumerate(file_ids):
+                problem = id_problem(i)
+                if problem:
+                    unusable[printable_id(i)] = problem
+                else:
+                    kept.append(k)
+            files, file_ids = [files[k] for k in kept], [file_ids[k] for k in kept]
         else:
             file_ids = [str(i) for i in ids]
             if len(file_ids) != len(files):
                 raise ValueError(f"{len(files)} paths but {len(file_ids)} ids")
         _check_ids(file_ids)
-        return files, file_ids, folder
+        return files, file_ids, folder, unusable
+
+    def record_unusable(self, unusable: Mapping[str, str]) -> int:
+        """Records files whose name cannot be an id as unreadable (skipped.json lists them).
+
+        Returns:
+          How many were not recorded yet (with that reason).
+        """
+        new = 0
+        for image_id, reason in unusable.items():
+            if self.failed.get(image_id, {}).get("reason") != reason:
+                self.failed[image_id] = {"reason": reason, "stat": None}
+                new += 1
+        return new
 
     def changes(self, files: Sequence[str], file_ids: Sequence[str], indexed: Container[str]):
         """Which files need describing: (ids, {id: path}, {id: stat}, counts).
@@ -144,6 +172,23 @@ class Collection:
                 new_paths[image_id] = path
                 stats[image_id] = stat
         return todo, new_paths, stats, counts
+
+    def pending_changes(self, pending: Mapping[str, Any]) -> list[str]:
+        """The files of a saved batch (`cbir_tf.store.index_folder.save_pending`) that are gone
+        or changed since, or whose id cannot be one (escaped); empty when it can resume."""
+        changed = []
+        batch = zip(pending["ids"], pending["paths"], pending["stats"], strict=True)
+        for image_id, path, stat in batch:
+            if not isinstance(image_id, str) or id_problem(image_id):
+                changed.append(printable_id(str(image_id)))
+                continue
+            try:
+                now = _stat(path)
+            except (OSError, TypeError, ValueError):
+                now = None
+            if now != stat:
+                changed.append(image_id)
+        return changed
 
     def vanished(self, folder: str, present: Iterable[str], indexed: Iterable[str]) -> set[str]:
         """Ids (indexed or failed) of files under `folder` that no longer exist."""
@@ -185,10 +230,10 @@ class Collection:
 
 
 def _check_ids(file_ids: Sequence[str]) -> None:
-    """Refuses empty, multi-line or repeated ids."""
-    bad = [i for i in file_ids if not i or "\n" in i or "\r" in i]
+    """Refuses empty, multi-line, non-UTF-8 or repeated ids."""
+    bad = [printable_id(i) for i in file_ids if id_problem(i)]
     if bad:
-        raise ValueError(f"image ids must be non-empty single-line strings, got {bad[:3]}")
+        raise ValueError(f"image ids must be non-empty single-line UTF-8 strings, got {bad[:3]}")
     if len(set(file_ids)) != len(file_ids):
         raise ValueError("the same image id appears twice in one call")
 

@@ -8,17 +8,20 @@ model, and join them in the original image order through `cbir_tf.store.files.wr
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from cbir_tf.data.image_list import SHARD_FIELDS, shard_meta
-from cbir_tf.fileio import folder_lock
+from cbir_tf.fileio import folder_lock, require_space
 from cbir_tf.store.files import (
+    STORE_FILES,
     DescriptorStore,
     StoreMismatchError,
-    StoreWriteError,
     stacked_blocks,
+    store_bytes,
+    write_error,
     write_store,
 )
 from cbir_tf.store.meta import VOLATILE_FIELDS, check_compatible, meta_differences
@@ -62,7 +65,12 @@ def _check_shard_set(paths: Sequence[str], metas: Sequence[dict[str, Any]]) -> N
 
 
 def merge_shards(
-    shard_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False
+    shard_dirs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    files: dict[str, Any] | None = None,
+    commit: int | None = None,
 ) -> DescriptorStore:
     """Joins complete shard stores into one store, in shard order.
 
@@ -76,12 +84,15 @@ def merge_shards(
       shard_dirs: the shard store folders.
       out: the merged store folder (must not hold a complete store unless `overwrite`).
       overwrite: replace a complete store at `out`.
+      files: other JSON files written with the store (`write_store`'s; an index manifest).
+      commit: the merged store's commit number (default: the folder's next).
 
     Returns:
       The merged store.
 
     Raises:
       StoreIncompleteError, StoreMismatchError, ValueError, FileExistsError: as described.
+      StoreWriteError: a write failed (disk full: the path and the space needed).
     """
     if not shard_dirs:
         raise ValueError("merge_shards needs at least one shard")
@@ -106,23 +117,35 @@ def merge_shards(
     meta = dict(metas[0])
     meta.update(shard_meta(metas[-1].get("total_images", len(all_ids) + len(skipped)), 0, 1))
     meta["merged_from"] = [os.path.abspath(s.path) for s, _, _, _ in loaded]
+    dim = max(int(m.get("dim") or 0) for m in metas)
+    needed = store_bytes(len(all_ids), dim, all_ids)
     with folder_lock(out_path, what="the merged store"):
         if out_store.is_complete and not overwrite:
             raise FileExistsError(f"{out_path} already holds a complete store")
+        require_space(out_path, needed, "the merged store")
         try:
             write_store(
                 out_path,
                 all_ids,
                 stacked_blocks(desc for _, desc, _, _ in loaded),
-                dim=max(int(m.get("dim") or 0) for m in metas),
+                dim=dim,
                 skipped=skipped,
                 meta=meta,
+                files=files,
+                commit=commit,
             )
         except OSError as e:
-            raise StoreWriteError(
-                e.errno, f"could not write the merged store {out_path}: {e}"
-            ) from e
+            # Nothing half-written stays behind: the merge is run again once space is freed.
+            _drop_partial(out_path)
+            raise write_error(e, out_path, needed, "the merged store") from e
     return out_store
+
+
+def _drop_partial(path: str) -> None:
+    """Removes the store files an interrupted merge wrote (there is no COMPLETE marker)."""
+    for name in STORE_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, name))
 
 
 def _check_split(paths: Sequence[str], metas: Sequence[dict[str, Any]]) -> None:

@@ -30,7 +30,15 @@ import numpy as np
 from cbir_tf.config import default
 from cbir_tf.data.image_list import validate_ids
 from cbir_tf.describe.extract import NonFiniteDescriptorError, library_versions
-from cbir_tf.fileio import atomic_open, atomic_write_json, folder_lock, load_npz
+from cbir_tf.fileio import (
+    atomic_open,
+    atomic_write_json,
+    folder_lock,
+    free_bytes,
+    human_bytes,
+    load_npz,
+    require_space,
+)
 from cbir_tf.store.files import (
     CHUNK_RE,
     PARTS_DIR,
@@ -39,6 +47,7 @@ from cbir_tf.store.files import (
     StoreCorruptError,
     StoreMismatchError,
     StoreWriteError,
+    store_bytes,
     write_store,
 )
 from cbir_tf.store.meta import VOLATILE_FIELDS, ids_fingerprint, meta_differences, normalize
@@ -80,7 +89,7 @@ def _write_chunk(path: str, desc: np.ndarray, ids, skipped_ids, skipped_reasons)
         np.savez(f, **arrays)
 
 
-def _read_chunk(path: str) -> dict[str, Any]:
+def read_chunk(path: str) -> dict[str, Any]:
     """Reads and verifies one chunk. Raises StoreCorruptError when it does not check out."""
     try:
         arrays = load_npz(path)
@@ -234,7 +243,7 @@ class StoreWriter:
             chunk_path = os.path.join(parts, name)
             self._next_chunk = max(self._next_chunk, int(CHUNK_RE.match(name).group(1)) + 1)
             try:
-                chunk = _read_chunk(chunk_path)
+                chunk = read_chunk(chunk_path)
             except StoreCorruptError as e:
                 # Atomic writes make this unlikely (a disk error); redo its images, keep evidence.
                 logger.warning("%s; its images will be extracted again", e)
@@ -371,15 +380,22 @@ class StoreWriter:
             self.done.difference_update(ids)
             self.done.difference_update(s for s, _ in skipped)
             self._clear_pending()
-            raise self._write_error(e, f"chunk {path}") from e
+            needed = desc.nbytes + 16 * sum(len(i) + 1 for i in ids) + 4096
+            raise self._write_error(e, f"chunk {path}", needed) from e
         self._next_chunk += 1
         self._clear_pending()
 
     def _clear_pending(self) -> None:
         self._pending_desc, self._pending_ids, self._pending_skipped = [], [], []
 
-    def _write_error(self, e: OSError, what: str) -> StoreWriteError:
-        kind = "the disk is full" if e.errno == errno.ENOSPC else f"the write failed ({e})"
+    def _write_error(self, e: OSError, what: str, needed: int | None = None) -> StoreWriteError:
+        if e.errno == errno.ENOSPC:
+            free = free_bytes(self.store.path)
+            parts = [f"about {human_bytes(needed)} needed"] if needed else []
+            parts += [f"{human_bytes(free)} free"] if free is not None else []
+            kind = "the disk is full" + (f" ({', '.join(parts)})" if parts else "")
+        else:
+            kind = f"the write failed ({e})"
         saved = len(self.done)
         return StoreWriteError(
             e.errno,
@@ -424,7 +440,7 @@ class StoreWriter:
         described: set[str] = set()
         skipped: dict[str, str] = {}
         for p in chunk_paths:
-            chunk = _read_chunk(p)
+            chunk = read_chunk(p)
             described.update(chunk["ids"])
             skipped.update(dict(chunk["skipped"]))
         kept = [i for i in self.ids if i in described]
@@ -433,7 +449,9 @@ class StoreWriter:
         row_of = {i: row for row, i in enumerate(kept)}
         meta = dict(self.meta)
         meta.update(normalize(extra_meta or {}))
+        needed = store_bytes(len(kept), self.dim or 0, kept)
         try:
+            require_space(self.store.path, needed, "the finished store")
             write_store(
                 self.store.path,
                 kept,
@@ -443,7 +461,7 @@ class StoreWriter:
                 meta=meta,
             )
         except OSError as e:
-            raise self._write_error(e, "the final store files") from e
+            raise self._write_error(e, f"the final store files in {self.store.path}", needed) from e
         shutil.rmtree(parts, ignore_errors=True)
         self.already_complete = True
         return self.store
@@ -482,7 +500,7 @@ class StoreSink:
 def _chunk_blocks(chunk_paths: Sequence[str], row_of: dict[str, int]):
     """(first row, float32 [b, D]) runs of consecutive rows, one chunk in memory at a time."""
     for p in chunk_paths:
-        chunk = _read_chunk(p)
+        chunk = read_chunk(p)
         desc = chunk["descriptors"]
         rows = np.array([row_of[i] for i in chunk["ids"]], dtype=np.int64)
         # Contiguous runs of rows are written in one call.

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from cbir_tf import fileio
-from cbir_tf.describe import backbones
+from cbir_tf.describe import catalog
 from cbir_tf.train import checkpoints as checkpoints_lib
 from cbir_tf.train import images as training
 from cbir_tf.train import outputs as export
@@ -149,7 +149,7 @@ def _announce(settings: Settings, data: TrainingData, say) -> None:
     skipped = data.skipped
     say(
         f"training {settings.recipe} recipe: "
-        f"{backbones.display_name(settings.backbone, settings.alpha)} {settings.pooling}, "
+        f"{catalog.display_name(settings.backbone, settings.alpha)} {settings.pooling}, "
         f"{len(data.train)} images in {len(data.train.class_names)} classes"
         + (f", validation {len(data.val)} images" if data.val is not None else ", no validation")
         + (f"; {len(skipped)} unreadable images skipped" if skipped else "")

@@ -21,12 +21,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cbir_tf.describe import backbones, models
+from cbir_tf.describe import catalog, models
 from cbir_tf.train import losses
 from cbir_tf.train.settings import Settings
 
 _BLOCK_PATTERNS = (
     re.compile(r"^(conv\d+_block\d+)_"),  # ResNet, DenseNet
+    re.compile(r"^(convnext_\w+?_stage_\d+_block_\d+)_"),  # ConvNeXt
+    # KerasHub transformer blocks, one layer each: DINOv2/v3 layers_11, CLIP/SigLIP
+    # [vision_encoder_]encoder_block_11
+    re.compile(r"^((?:\w+_)?(?:layers|encoder_block)_\d+)$"),
     # EfficientNet block7a_, VGG block5_, MobileNetV2 block_16_
     re.compile(r"^(block_?\d+[a-z]?)_"),
     re.compile(r"^conv_(?:dw|pw|pad)_(\d+)"),  # MobileNet v1
@@ -42,15 +46,23 @@ def _block_key(name: str) -> str | None:
     return None
 
 
+def _final_norm(layer: keras.layers.Layer) -> bool:
+    return isinstance(layer, keras.layers.LayerNormalization)
+
+
 def backbone_blocks(backbone: keras.Model) -> list[list[keras.layers.Layer]]:
     """Groups a backbone's layers into blocks, in network order.
 
     Layers are grouped by the block prefix of their Keras names (`block7a_`, `conv5_block3_`,
-    `conv_pw_13`, `block_16_`); consecutive layers without one (stems, EfficientNet's `top_*`,
-    MobileNetV2's `Conv_1`) form a block of their own.
+    `conv_pw_13`, `block_16_`, ConvNeXt's `convnext_tiny_stage_3_block_2_`; a KerasHub
+    transformer block, `layers_11` or `encoder_block_11`, is one layer); consecutive layers
+    without one (stems, EfficientNet's `top_*`, MobileNetV2's `Conv_1`, a transformer's patch
+    embedding) form a block of their own, except a LayerNormalization right after a block (a
+    transformer's final norm), which joins it.
 
     Args:
-      backbone: a `cbir_tf.describe.backbones.build_backbone` model.
+      backbone: the backbone model inside a descriptor model (a `keras.applications` CNN or a
+        transformer's token model).
 
     Returns:
       Blocks as lists of layers; the last is the one nearest the output.
@@ -61,6 +73,11 @@ def backbone_blocks(backbone: keras.Model) -> list[list[keras.layers.Layer]]:
         if isinstance(layer, keras.layers.InputLayer):
             continue
         key = _block_key(layer.name)
+        if key is None and blocks and previous is not None and _final_norm(layer):
+            # A transformer's (or ConvNeXt's) last LayerNorm belongs to the last block: the
+            # top block trains with the norm that reads it.
+            blocks[-1].append(layer)
+            continue
         if not blocks or key != previous or key is None and previous is not None:
             blocks.append([])
         blocks[-1].append(layer)
@@ -149,11 +166,6 @@ class TrainingModels:
         return self.embeds[id(model)]
 
 
-def pooling_layer_name(pooling: str) -> str:
-    """The name of the pooling layer in a descriptor model of `pooling`."""
-    return pooling  # build_descriptor_model names its pooling layer after the pooling
-
-
 def descriptor_model(
     settings: Settings, gem_p: float | None = None, whitening: Any = None
 ) -> keras.Model:
@@ -185,10 +197,10 @@ def build_training_models(settings: Settings, num_classes: int) -> TrainingModel
     Returns:
       TrainingModels, not compiled (see `prepare_stage`).
     """
-    spec = backbones.get_backbone_spec(settings.backbone)
+    spec = catalog.get_spec(settings.backbone)
     desc = descriptor_model(settings)
     backbone = desc.get_layer(spec.name)
-    pool_layer = desc.get_layer(pooling_layer_name(settings.pooling))
+    pool_layer = desc.get_layer(models.pooling_layer_name(settings.pooling))
     if settings.recipe == "head":
         pooled = pool_layer.output
         proj = keras.layers.Dense(settings.dense_units, name="projection")(pooled)

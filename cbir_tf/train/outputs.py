@@ -19,9 +19,10 @@ import keras
 import numpy as np
 
 from cbir_tf import fileio
-from cbir_tf.describe import backbones, models, whitening
+from cbir_tf.describe import catalog, models, whitening
+from cbir_tf.describe.layers import GeM
 from cbir_tf.train.data import TrainingData
-from cbir_tf.train.network import TrainingModels, descriptor_model, pooling_layer_name
+from cbir_tf.train.network import TrainingModels, descriptor_model
 from cbir_tf.train.settings import Settings
 from cbir_tf.train.validation import describe, leave_one_out_map
 
@@ -59,9 +60,9 @@ def as_float(x: Any) -> float:
 
 
 def trained_gem_p(networks: TrainingModels) -> float | None:
-    """GeM's trained p (None for a pooling without weights)."""
-    weights = networks.pool_layer.get_weights()
-    return float(np.ravel(weights[0])[0]) if weights else None
+    """GeM's trained p (None for a descriptor without GeM)."""
+    gems = [layer for layer in networks.descriptor.layers if isinstance(layer, GeM)]
+    return float(np.ravel(gems[0].get_weights()[0])[0]) if gems else None
 
 
 def final_descriptor_kind(settings: Settings, state: dict[str, Any]) -> str:
@@ -145,14 +146,15 @@ def final_model(
     Returns:
       raw RGB float32 [B, H, W, 3] -> float32 [B, D] descriptors.
     """
-    spec = backbones.get_backbone_spec(settings.backbone)
-    gem_p = trained_gem_p(networks) if settings.pooling == "gem" else None
+    spec = catalog.get_spec(settings.backbone)
     # Same `weights` argument as training: some constructors (EfficientNet) change their
     # layers with it; the values themselves are overwritten below.
-    final = descriptor_model(settings, gem_p=gem_p, whitening=white)
-    _copy_weights(networks.backbone, final.get_layer(spec.name))
-    name = pooling_layer_name(settings.pooling)
-    _copy_weights(networks.pool_layer, final.get_layer(name))
+    final = descriptor_model(settings, gem_p=trained_gem_p(networks), whitening=white)
+    # Every layer with weights (backbone, GeM, a transformer's embedding head) by name.
+    for layer in networks.descriptor.layers:
+        if layer.weights and layer.name != "whitening":
+            _copy_weights(layer, final.get_layer(layer.name))
+    name = models.pooling_layer_name(settings.pooling)
     if kind != "projected":
         return final
     dense = keras.layers.Dense(settings.dense_units, name="projection", dtype="float32")
@@ -172,7 +174,7 @@ def model_info(settings: Settings, descriptor: str) -> dict[str, Any]:
         "recipe": settings.recipe,
         "descriptor": descriptor,
     }
-    if backbones.get_backbone_spec(settings.backbone).has_alpha:
+    if catalog.get_spec(settings.backbone).has_alpha:
         info["alpha"] = settings.alpha
     return info
 

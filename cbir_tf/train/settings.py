@@ -2,8 +2,9 @@
 
 The config files (`configs/default.py`, `train_head.py`, `train_metric.py`) are the only
 source of defaults: `Settings` declares no default of its own. `Settings.from_config` checks the
-config's `train` block field by field against `default.py`'s (an unknown or ill-typed field is one
-error naming it and the valid fields) and reads `model` and `whitening` fields beside it.
+config's `train`, `model` and `whitening` blocks with `cbir_tf.config.check_config` (the one
+check of every block: an unknown or ill-typed field is one error naming it; here the `train`
+block must also be complete) and reads the settings from them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from cbir_tf.describe import backbones, models
+from cbir_tf import config as config_lib
+from cbir_tf.describe import catalog
 from cbir_tf.train import augment as augment_lib
 from cbir_tf.train import losses
 
@@ -40,7 +42,7 @@ _LOWER_CASE = frozenset(
 )
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(config_lib.ConfigError):
     """The config's `train` block has an unknown, missing or ill-typed field."""
 
 
@@ -93,11 +95,10 @@ class Settings:
         _check_choice("descriptor", self.descriptor, DESCRIPTOR_KINDS, "valid")
         _check_choice("whitening", self.whitening, WHITENING_MODES, "valid")
         _check_choice("loss", self.loss, losses.TupleLoss.KINDS, "valid")
-        if self.pooling not in models.POOLINGS:
-            raise KeyError(
-                f"unknown pooling {self.pooling!r}; valid poolings: {', '.join(models.POOLINGS)}"
-            )
-        backbones.get_backbone_spec(self.backbone)  # KeyError listing the valid names
+        # KeyError listing the valid backbones, or the poolings this backbone takes; 'auto'
+        # is resolved in from_config (the settings hold what is built).
+        if catalog.resolve_pooling(self.backbone, self.pooling) != self.pooling:
+            raise ValueError(f"pooling {self.pooling!r} is not resolved: see from_config")
         for name in ("image_size", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -119,9 +120,12 @@ class Settings:
           TrainConfigError: `config.train` has a field configs/default.py does not know, lacks
             one, or holds a value of another type; a model/whitening field is missing.
         """
-        schema = _default_config()
+        try:
+            config_lib.check_config(config, blocks=("train",), complete=True)
+            config_lib.check_config(config, blocks=("model", "whitening"))
+        except config_lib.ConfigError as e:
+            raise TrainConfigError(str(e)) from None
         train = _section(config, "train")
-        check_train_block(train, _section(schema, "train"))
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             if field.name == "augment":
@@ -130,8 +134,13 @@ class Settings:
             section = train if block == "train" else _section(config, block)
             if key not in section:
                 raise TrainConfigError(f"config.{block} has no field {key!r}")
-            values[field.name] = _convert(field.name, section[key], _section(schema, block)[key])
-        values["backbone"] = backbones.get_backbone_spec(values["backbone"]).name
+            like = config_lib.default(f"{block}.{key}")
+            values[field.name] = _convert(field.name, section[key], like)
+        for name in ("crop_scale", "crop_ratio"):
+            if len(train[name]) != 2:
+                raise TrainConfigError(f"config.train.{name} must be (min, max), got {train[name]}")
+        values["backbone"] = catalog.get_spec(values["backbone"]).name
+        values["pooling"] = catalog.resolve_pooling(values["backbone"], values["pooling"])
         augment = augment_lib.Augment(
             crop_scale=tuple(train["crop_scale"]),
             crop_ratio=tuple(train["crop_ratio"]),
@@ -167,56 +176,6 @@ class Settings:
         return out
 
 
-def check_train_block(train: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
-    """Every field of `train` is one of `schema`'s, of the same type; none is missing.
-
-    Args:
-      train: the run's `config.train` (as a mapping).
-      schema: configs/default.py's `train` block: the valid fields and their types.
-
-    Raises:
-      TrainConfigError: one line naming the field and the valid fields, or the valid type.
-    """
-    valid = ", ".join(sorted(schema))
-    for name, value in train.items():
-        if name not in schema:
-            raise TrainConfigError(f"config.train has no field {name!r}; valid fields: {valid}")
-        if not _same_type(value, schema[name]):
-            raise TrainConfigError(
-                f"config.train.{name} must be {_type_name(schema[name])} like "
-                f"{schema[name]!r}, got {value!r}"
-            )
-    missing = sorted(set(schema) - set(train))
-    if missing:
-        raise TrainConfigError(
-            f"config.train lacks {', '.join(missing)}: start the config from configs/default.py"
-        )
-
-
-def _same_type(value: Any, like: Any) -> bool:
-    if isinstance(like, bool):
-        return isinstance(value, bool)
-    if isinstance(like, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(like, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(like, (tuple, list)):
-        return (
-            isinstance(value, (tuple, list))
-            and len(value) == len(like)
-            and all(_same_type(v, x) for v, x in zip(value, like, strict=True))
-        )
-    return isinstance(value, type(like))
-
-
-def _type_name(like: Any) -> str:
-    if isinstance(like, (tuple, list)):
-        return f"a sequence of {len(like)} numbers"
-    return {bool: "a bool", int: "an int", float: "a number", str: "a string"}.get(
-        type(like), type(like).__name__
-    )
-
-
 def _convert(name: str, value: Any, like: Any) -> Any:
     if name == "weights" and value is None:
         return "none"
@@ -240,10 +199,3 @@ def _section(config: Any, name: str) -> Mapping[str, Any]:
             f"the config has no {name!r} block: start it from configs/default.py"
         )
     return dict(section.items())
-
-
-def _default_config() -> Any:
-    # The default config gives the fields and types of a valid config.
-    from cbir_tf import config
-
-    return config.default_config()

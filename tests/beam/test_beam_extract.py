@@ -370,3 +370,27 @@ def test_a_list_of_image_paths_indexes_like_its_folder(folder, model_file, tmp_p
     (tmp_path / "twice.txt").write_text(f"{rel[0]}\n{rel[1]}\n{rel[0]}\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"twice.txt:3: .* is listed twice \(line 1\)"):
         runs.build_index(_cfg(), str(tmp_path / "twice.txt"), str(tmp_path / "y"))
+
+
+@pytest.mark.slow
+def test_beam_workers_print_nothing_that_is_not_the_users_business(folder, tmp_path):
+    """Issue 26 item 7: each local worker process printed Beam's start-up lines."""
+    from cbir_tf import quiet
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [
+            sys.executable, os.path.join(root, "extract.py"), f"--images={folder}",
+            f"--out={tmp_path / 'index'}", "--runner=beam", "--weights=none",
+            "--config.model.backbone=mobilenet", "--config.model.alpha=0.25",
+            "--config.data.image_size=32", "--config.extract.beam_workers=2",
+            "--config.extract.beam_shard_images=6",
+        ],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES=""),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{NUM_PHOTOS} added" in proc.stderr, proc.stderr[-3000:]
+    noise = [line for line in proc.stderr.splitlines() if quiet.BEAM_NOISE.search(line)]
+    assert not noise, proc.stderr[-3000:]
+    assert "WARNING:" not in proc.stderr and "INFO:" not in proc.stderr, proc.stderr[-3000:]

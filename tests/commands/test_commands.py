@@ -206,3 +206,16 @@ def test_tfds_probe_names_the_host_it_could_not_reach(tmp_path, monkeypatch):
         training.load_tfds("oxford_flowers102", "train", 64, data_dir=str(tmp_path))
     with pytest.raises(DatasetUnavailableError, match="not prepared in .*--tfds_data_dir"):
         training.load_tfds("oxford_flowers102", "train", 64, data_dir=str(tmp_path), download=False)
+
+
+# -- issue 26 item 10: export's examples write into the version folder TF Serving needs ----------
+
+
+def test_export_help_writes_saved_models_into_version_folders(tmp_path):
+    proc = _run([ROOT / "export.py", "--help"], cwd=tmp_path)
+    outs = re.findall(r"--out=(\S+)", proc.stdout)
+    saved_models = [out for out in outs if not out.endswith(".tflite")]
+    assert len(saved_models) >= 3, proc.stdout
+    for out in saved_models:
+        assert re.fullmatch(r"\S+/\d+", out), f"--out={out}: TF Serving needs MODEL_DIR/<version>"
+    assert "MODEL_DIR/1" in proc.stdout

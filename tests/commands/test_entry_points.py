@@ -42,7 +42,9 @@ DEMO = [
     "--config=configs/demo.py",
     "--weights=none",  # never download in a test (the demo's offline fallback, taken at once)
     "--config.data.image_size=96",
-    "--config.rerank.diffusion.k=8",
+    "--config.rerank.diffusion.k=8",  # numbers, not 'auto': their rows must differ from plain
+    "--config.rerank.diffusion.kq=5",
+    "--config.rerank.qe.n=2",
 ]
 
 
@@ -69,8 +71,14 @@ def test_evaluate_demo_end_to_end(demo_run):
 
 def test_demo_descriptors_are_unit_vectors_and_its_rows_differ(demo_run):
     work, proc = demo_run
+    # Issue 26 item 8: progress into a pipe is plain lines, not bar redraws joined by `\r` (which
+    # text mode turns into line breaks: look for the bar itself, `  0%|   | 0/48`).
+    assert "descriptors -> " in proc.stderr, proc.stderr[-3000:]
+    assert not re.search(r"\d%\|", proc.stderr), proc.stderr[-3000:]
+    assert re.search(r"descriptors -> \S+: 48/48 img \(100%\), ", proc.stderr), proc.stderr[-3000:]
     title = proc.stdout.splitlines()[0]
     assert "mobilenet (random weights)" in title and "vanishing activations" in title, title
+    assert "re-ranking: α-QE n=2, diffusion k=8 kq=5" in title, title  # as given: no stars
     stores = sorted((work / "descriptors" / "demo").glob("*/*/descriptors.npy"))
     assert [p.parent.name for p in stores] == ["db", "queries"]
     x, q = (np.load(p) for p in stores)

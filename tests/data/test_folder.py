@@ -5,33 +5,21 @@ import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
+from photos import labelled_collection, plain_image
 
 from cbir_tf.data import folder
-
-
-def _write(path, size=(40, 30), color=(200, 10, 10), fmt="JPEG"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", size, color).save(path, fmt)
-
-
-def _collection(root, counts, size=(40, 30)):
-    for c, n in counts.items():
-        for i in range(n):
-            _write(os.path.join(root, c, f"{i:02d}.jpg"), size, (20 * i, 80, 40))
-
 
 # --------------------------------------------------------------------------- folder listing
 
 
 def test_list_images_sorted_relative_recursive(tmp_path):
-    _write(str(tmp_path / "b.JPG"))
-    _write(str(tmp_path / "a.png"), fmt="PNG")
-    _write(str(tmp_path / "sub" / "deep" / "c.jpeg"))
+    plain_image(str(tmp_path / "b.JPG"))
+    plain_image(str(tmp_path / "a.png"), fmt="PNG")
+    plain_image(str(tmp_path / "sub" / "deep" / "c.jpeg"))
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / ".hidden").mkdir()
-    _write(str(tmp_path / ".hidden" / "x.jpg"))
-    _write(str(tmp_path / ".dot.jpg"))
+    plain_image(str(tmp_path / ".hidden" / "x.jpg"))
+    plain_image(str(tmp_path / ".dot.jpg"))
     assert folder.list_images(tmp_path) == ["a.png", "b.JPG", "sub/deep/c.jpeg"]
     assert folder.list_images(tmp_path, recursive=False) == ["a.png", "b.JPG"]
     assert folder.list_images(tmp_path, extensions=["png"]) == ["a.png"]
@@ -42,8 +30,8 @@ def test_list_images_sorted_relative_recursive(tmp_path):
 
 
 def test_list_labelled(tmp_path):
-    _collection(str(tmp_path), {"cat": 2, "ant": 3})
-    _write(str(tmp_path / "cat" / "nested" / "z.jpg"))
+    labelled_collection(str(tmp_path), {"cat": 2, "ant": 3})
+    plain_image(str(tmp_path / "cat" / "nested" / "z.jpg"))
     (tmp_path / "empty").mkdir()
     with pytest.warns(UserWarning, match="empty"):
         paths, labels, names = folder.list_labelled(tmp_path)
@@ -55,8 +43,8 @@ def test_list_labelled(tmp_path):
 
 
 def test_list_labelled_needs_two_classes(tmp_path):
-    _collection(str(tmp_path), {"only": 3})
-    _write(str(tmp_path / "loose.jpg"))
+    labelled_collection(str(tmp_path), {"only": 3})
+    plain_image(str(tmp_path / "loose.jpg"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(
@@ -66,7 +54,7 @@ def test_list_labelled_needs_two_classes(tmp_path):
 
 
 def test_list_labelled_single_image_class_for_metric(tmp_path):
-    _collection(str(tmp_path), {"a": 3, "b": 1, "c": 1})
+    labelled_collection(str(tmp_path), {"a": 3, "b": 1, "c": 1})
     folder.list_labelled(tmp_path)  # fine for the head recipe
     with pytest.raises(folder.CollectionError, match=r"too few in: b \(1\), c \(1\)"):
         folder.list_labelled(tmp_path, min_images_per_class=2)
@@ -85,7 +73,7 @@ def test_split_indices_stratified_and_deterministic():
 
 def test_verify_images_counts_unreadable(tmp_path):
     good = str(tmp_path / "good.jpg")
-    _write(good, size=(200, 100))
+    plain_image(good, size=(200, 100))
     truncated = str(tmp_path / "trunc.jpg")
     data = open(good, "rb").read()
     open(truncated, "wb").write(data[: len(data) // 2])

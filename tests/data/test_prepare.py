@@ -94,7 +94,6 @@ def test_prepare_downloads_extracts_and_marks_complete(served, tmp_path):
         assert (folder / "jpg" / n).read_bytes() == open(os.path.join(src, "jpg", n), "rb").read()
     assert ds.has_original and len(ds.original_gnd) == 2  # last landmark's query not covered
     assert sorted(os.listdir(folder)) == [
-        ".lock",
         COMPLETE_MARKER,
         "gnd_oxford5k.pkl",
         "gnd_roxford5k.pkl",

@@ -34,6 +34,8 @@ def _image(h=64, w=80, seed=0):
 
 def test_registry_names_and_lookup():
     expected = [f"efficientnetb{i}" for i in range(8)]
+    expected += [f"efficientnetv2{s}" for s in ("b0", "b1", "b2", "b3", "s", "m", "l")]
+    expected += [f"convnext_{s}" for s in ("tiny", "small", "base", "large", "xlarge")]
     expected += ["vgg16", "resnet50", "resnet101", "mobilenet", "mobilenetv2"]
     assert list(BACKBONES) == expected
     assert config.default("model.backbone") == "efficientnetb1"
@@ -52,6 +54,8 @@ def test_each_entry_has_its_own_preprocess_input():
         "mobilenet": [1.0, -1.0, -1.0],  # x / 127.5 - 1
         "mobilenetv2": [1.0, -1.0, -1.0],
         "efficientnetb3": [255.0, 0.0, 0.0],  # normalisation inside the network
+        "efficientnetv2s": [255.0, 0.0, 0.0],
+        "convnext_tiny": [255.0, 0.0, 0.0],
     }
     for name, expected in expectations.items():
         out = np.asarray(get_backbone_spec(name).preprocess_input(pixel.copy()))
@@ -66,13 +70,16 @@ def test_each_entry_has_its_own_preprocess_input():
         ("vgg16", 1.0, "block5_conv3", 16),  # the last convolution, before block5_pool
         ("resnet50", 1.0, "conv5_block3_out", 32),
         ("efficientnetb1", 1.0, "top_activation", 32),
+        ("efficientnetv2b0", 1.0, "top_activation", 32),
+        ("convnext_tiny", 1.0, None, 32),  # Keras' unnamed final LayerNormalization
     ],
 )
 def test_feature_layer_channels_and_dynamic_shapes(name, alpha, last_layer, stride):
     spec = get_backbone_spec(name)
     model = build_backbone(name, weights="none", alpha=alpha)
     assert model.name == name
-    assert model.layers[-1].name == last_layer
+    if last_layer is not None:
+        assert model.layers[-1].name == last_layer
     assert tuple(model.input.shape) == (None, None, None, 3)
     channels = spec.num_channels(alpha)
     assert model.output.shape[-1] == channels
@@ -96,6 +103,28 @@ def test_channels_follow_alpha():
         2304,
         2560,
     ]
+
+
+def test_channels_of_the_new_convolutional_backbones():
+    # keras.applications' own no-top outputs (and the papers' widths).
+    v2 = [get_backbone_spec(f"efficientnetv2{s}").num_channels() for s in ("b0", "b3", "s", "l")]
+    assert v2 == [1280, 1536, 1280, 1280]
+    convnext = [get_backbone_spec(f"convnext_{s}").num_channels() for s in ("tiny", "base")]
+    assert convnext == [768, 1024]
+
+
+@pytest.mark.slow
+def test_random_convnext_is_the_same_network_in_every_build():
+    """ConvNeXt's stem and downsampling blocks are nested Sequential models: their kernels are
+    drawn from the seed too, so an interrupted extraction resumes with the same network."""
+    first = build_backbone("convnext_tiny", "none")
+    second = build_backbone("convnext_tiny", "none")
+    for a, b in zip(first.weights, second.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    stem = [i for i, w in enumerate(first.weights) if w.path.endswith("stem_conv/kernel")]
+    assert len(stem) == 1
+    other = build_backbone("convnext_tiny", "none", seed=1)
+    assert not np.allclose(other.weights[stem[0]].numpy(), first.weights[stem[0]].numpy())
 
 
 def test_alpha_errors():
@@ -257,3 +286,25 @@ def test_fetch_imagenet_weights_finds_the_cache_or_fails_clearly(monkeypatch, tm
     # Already in the Keras cache: found without network and without building the network.
     (tmp_path / "models" / MOBILENET_FILE).write_bytes(b"cached")
     assert fetch_imagenet_weights("mobilenet", 0.25, cache_dir=str(tmp_path)) is None
+
+
+@pytest.mark.slow
+def test_convnext_depthwise_convolutions_are_keras_grouped_ones():
+    """ConvNeXt's 7 x 7 depthwise convolutions (grouped Conv2Ds in keras.applications, which
+    TensorFlow runs through XLA on CPU, slowly) are DepthwiseConv2Ds here: the same network."""
+    ours = build_backbone("convnext_tiny", "none")
+    grouped = [layer for layer in ours.layers if getattr(layer, "groups", 1) > 1]
+    assert not grouped
+    depthwise = [layer for layer in ours.layers if isinstance(layer, keras.layers.DepthwiseConv2D)]
+    assert len(depthwise) == 18  # one per block
+    reference = keras.applications.ConvNeXtTiny(
+        include_top=False, weights=None, input_shape=(None, None, 3)
+    )
+    # Same layers in the same order (the unnamed final LayerNorm's name differs by build).
+    for mine, layer in zip(ours.layers[1:], reference.layers[1:], strict=True):
+        weights = mine.get_weights()
+        if getattr(layer, "groups", 1) > 1:
+            weights[0] = weights[0].reshape(7, 7, 1, -1)
+        layer.set_weights(weights)
+    x = _image(70, 100) * 127 + 128
+    np.testing.assert_allclose(ours(x).numpy(), reference(x).numpy(), atol=1e-5)

@@ -180,8 +180,10 @@ def test_regional_whitening_matches_numpy(features_and_regions):
 
 
 def test_invalid_combinations():
-    with pytest.raises(KeyError, match="valid poolings: mac, spoc, gem, rmac"):
+    with pytest.raises(KeyError, match="valid poolings: auto, mac, spoc, gem, rmac"):
         build_descriptor_model(pooling="avg", **SMALL)
+    with pytest.raises(KeyError, match="for backbone mobilenet; valid poolings: auto, mac"):
+        build_descriptor_model(pooling="cls", **SMALL)  # a CNN has no class token
     with pytest.raises(ValueError, match="output='regions' needs pooling='rmac'"):
         build_descriptor_model(pooling="gem", output="regions", **SMALL)
     with pytest.raises(ValueError, match="regional_whitening needs pooling='rmac'"):

@@ -123,9 +123,16 @@ def test_offline_fallback_to_random_weights_is_named_in_the_title(monkeypatch):
     monkeypatch.setattr(backbones, "fetch_imagenet_weights", offline)
     spec, reason = _spec().with_available_weights()
     assert spec.model["weights"] == "none" and "could not be downloaded" in reason
-    meta = {"backbone": "mobilenet", "weights": "none", "pooling": "gem", "image_size": 224,
-            "scales": [1.0], "whitening": None, "weights_fallback": reason,
-            "feature_scale": 3e-15}  # fmt: skip
+    meta = {
+        "backbone": "mobilenet",
+        "weights": "none",
+        "pooling": "gem",
+        "image_size": 224,
+        "scales": [1.0],
+        "whitening": None,
+        "weights_fallback": reason,
+        "feature_scale": 3e-15,
+    }
     title = run_evaluate._describe(meta)
     assert "mobilenet (random weights: ImageNet weights could not be downloaded)" in title
     assert "vanishing activations (max 3e-15)" in title
@@ -133,6 +140,33 @@ def test_offline_fallback_to_random_weights_is_named_in_the_title(monkeypatch):
     # Without a fallback, or with weights given, nothing is tried: a failure stays an error.
     for spec in (_spec(fallback=""), _spec(weights="none")):
         assert spec.with_available_weights() == (spec, None)
+
+
+def test_title_names_a_transformers_preset():
+    meta = {
+        "backbone": "dinov3_small",
+        "weights": "imagenet",
+        "pooling": "cls",
+        "image_size": 224,
+        "scales": [1.0],
+        "whitening": None,
+    }
+    title = run_evaluate._describe(meta)
+    assert title.startswith("dinov3_small (KerasHub preset dinov3_vit_small_lvd1689m) + cls")
+
+
+def test_transformer_weights_are_named_as_given(tmp_path):
+    """Keywords and KerasHub handles are names; a checkpoint folder is an absolute path."""
+    from cbir_tf import config
+
+    model = {**config.defaults("model"), "backbone": "dinov2_small", "pooling": "cls"}
+    for weights, recorded in (
+        ("pretrained", "pretrained"),
+        ("hf://facebook/dinov2-small", "hf://facebook/dinov2-small"),
+        (str(tmp_path / "dinov2-small"), str(tmp_path / "dinov2-small")),
+    ):
+        spec = benchmark.DescriptorSpec(model={**model, "weights": weights})
+        assert spec.meta()["weights"] == recorded
 
 
 def test_available_imagenet_weights_are_kept(monkeypatch):
@@ -180,3 +214,45 @@ def test_benchmark_queries_are_described_cropped_to_their_box(tmp_path):
         cropped = described(path, boxes[i])
         np.testing.assert_allclose(queries.descriptors[i], cropped, atol=1e-5)
         assert np.abs(cropped - described(path, None)).max() > 1e-2
+
+
+def test_auto_settings_are_the_papers_on_revisited_benchmarks_and_the_collections_elsewhere():
+    import types
+
+    from cbir_tf import config as config_lib
+    from cbir_tf.evaluate import report
+
+    cfg = config_lib.default_config()
+    papers = run_evaluate.papers_settings(cfg, types.SimpleNamespace(name="rparis6k"))
+    assert papers == {"qe": {"n": 2}, "dba": {"n": 2},
+                      "diffusion": {"k": 50, "kq": 10, "truncate": 0}}  # fmt: skip
+    folder = types.SimpleNamespace(name="rparis6k", folder_benchmark=True)
+    assert run_evaluate.papers_settings(cfg, folder) is None
+    assert run_evaluate.papers_settings(cfg, types.SimpleNamespace(name="demo")) is None
+    q, x, gnd = _clusters()
+    methods = ("plain", "aqe", "diffusion", "dba")
+    block = cfg.rerank.to_dict()
+    res, _ = evaluation.evaluate_methods(q, x, gnd, methods=methods, rerank_cfg=block,
+                                         papers=papers)  # fmt: skip
+    info = res["diffusion"]["info"]
+    assert info["auto"]["source"] == "papers"
+    assert (info["settings"]["diffusion"]["k"], info["settings"]["diffusion"]["kq"]) == (50, 10)
+    assert res["aqe"]["info"]["settings"] == {"qe": {"n": 2, "alpha": 3.0}}
+    text = report.settings_text(res)
+    assert text == ("re-ranking: α-QE n=2*, DBA n=2*, diffusion k=50* kq=10* "
+                    "(* auto: the papers' settings)")  # fmt: skip
+    # Elsewhere: the collection's own values, and the title says so.
+    res, _ = evaluation.evaluate_methods(q, x, gnd, methods=methods, rerank_cfg=block)
+    note = res["plain"]["info"]["auto"]
+    assert note["source"] == "collection" and note["stats"]["images"] == len(x)
+    from cbir_tf.rerank import auto
+
+    values = auto.auto_values(note["stats"])
+    assert res["diffusion"]["info"]["settings"]["diffusion"]["k"] == values["diffusion"]["k"]
+    assert "auto: chosen from the collection" in report.settings_text(res)
+    # Numbers given: used as they are, nothing marked automatic.
+    block["diffusion"].update(k="7", kq="3", truncate="0")
+    block["qe"]["n"] = block["dba"]["n"] = "1"
+    res, _ = evaluation.evaluate_methods(q, x, gnd, methods=("diffusion",), rerank_cfg=block)
+    assert "auto" not in res["diffusion"]["info"]
+    assert report.settings_text(res) == "re-ranking: diffusion k=7 kq=3"

@@ -189,3 +189,17 @@ def test_pr_curve_plot_and_evaluation_figures(tmp_path):
         {"plain": (np.linspace(0, 1, 5), np.linspace(1, 0, 5))}, tmp_path / "one.png", title="x"
     )
     assert Image.open(single).size[0] > 100
+
+
+def test_a_protocol_without_positives_is_said_not_drawn_empty():
+    # Issue 26 item 11: no query has a Hard positive (an own gnd.json without "hard" images).
+    gnd_raw = [{"easy": [0, 1], "hard": [], "junk": []}, {"easy": [2], "hard": [], "junk": [3]}]
+    ranks = np.array([[0, 2, 1, 3], [3, 2, 1, 0]])
+    curves = {p: {"plain": c} for p, c in visualize.revisited_pr_curves(ranks, gnd_raw).items()}
+    assert np.isnan(curves["hard"]["plain"][1]).all()
+    fig = visualize.pr_curve_figure(curves)
+    easy, medium, hard = fig.axes
+    for ax in (easy, medium):
+        assert len(ax.lines) == 1 and not ax.texts
+    assert hard.get_title() == "Hard" and not hard.lines and not hard.axison
+    assert [t.get_text() for t in hard.texts] == ["no query has Hard positives:\nnothing to plot"]

@@ -346,3 +346,15 @@ def test_exif_orientation_of_jpeg_bytes(orientation):
     # PIL's own EXIF rotation of the same bytes is the reference.
     want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))))
     np.testing.assert_array_equal(upright, want)
+
+
+@pytest.mark.slow
+def test_export_py_saved_model_logs_nothing_that_is_not_the_users_business(keras_file, tmp_path):
+    # Issue 26 item 7: TensorFlow's SavedModel writer logs two ~4 KB INFO lines listing the
+    # renamed inputs (input_6 ... input_140), the sharding callback's duration and more.
+    out = tmp_path / "exported" / "gem" / "1"
+    proc = _run(["export.py", f"--model={keras_file}", f"--out={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == f"exported saved_model (float32) to {out}"
+    assert "renamed" not in proc.stderr and "input name(s)" not in proc.stderr, proc.stderr[:3000]
+    assert "Sharding callback" not in proc.stderr and len(proc.stderr) < 500, proc.stderr[:3000]

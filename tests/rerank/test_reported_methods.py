@@ -174,3 +174,57 @@ def test_search_command_passes_its_rerank_flag(index):
     rows = [line.split() for line in proc.stdout.splitlines()]
     printed = [row[2] for row in rows if len(row) >= 3 and row[0].isdigit()]
     assert printed == ids[0]
+
+
+@pytest.mark.slow
+def test_search_command_takes_a_configs_rerank_block(index, tmp_path):
+    # search.py --config=FILE (e.g. evaluate.py --tune's tuned.py): its rerank block, not the
+    # index's saved one, ranks; the reference with the file's settings gives the same ids.
+    from cbir_tf import config as config_lib
+
+    r, queries, folder = index
+    cfg = config_lib.default_config()
+    values = {"rerank.diffusion.k": 3, "rerank.diffusion.kq": 2, "rerank.qe.n": 1}
+    for field, value in {**values, "rerank.diffusion.gamma": 3.0, "rerank.diffusion.alpha": 0.8,
+                         "rerank.diffusion.max_iter": 1000, "rerank.diffusion.tol": 1e-12,
+                         "rerank.diffusion.truncate": 0}.items():  # fmt: skip
+        config_lib.set_field(cfg, field, value)
+    path = tmp_path / "tuned.py"
+    path.write_text(config_lib.config_file_text(config_lib.differences(cfg), "A test's."))
+    diffusion = {**DIFFUSION, "k": 3, "kq": 2}
+    scores = method_scores("aqe+diffusion", r.describe(queries[:1]), np.asarray(r.descriptors),
+                           {**QE, "n": 1}, diffusion, DBA)  # fmt: skip
+    ids = [r.ids[j] for j in ranks_from_scores(scores)[0]]
+    assert ids != _expected(r, queries[:1], "aqe+diffusion")[0][0]  # the file changes the ranking
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, "search.py", f"--index={folder}", f"--query={queries[0]}",
+         f"--k={len(r)}", "--rerank=aqe+diffusion", f"--config={path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert [row[2] for row in rows if len(row) >= 3 and row[0].isdigit()] == ids
+
+
+def test_rows_with_auto_settings_are_the_papers_methods_with_the_settings_they_report():
+    # A collection with groups (so that 'auto' turns α-QE and diffusion on): every row equals
+    # the reference run with the settings its info reports.
+    rng = np.random.default_rng(5)
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    centres = rng.normal(size=(24, 32))
+    x = unit(np.concatenate([np.repeat(centres, 5, 0) + 0.35 * rng.normal(size=(120, 32)),
+                             rng.normal(size=(60, 32))])).astype(np.float32)  # fmt: skip
+    q = unit(centres[:8] + 0.35 * rng.normal(size=(8, 32))).astype(np.float32)
+    gnd = [{"easy": list(range(5 * g, 5 * g + 5)), "hard": [], "junk": []} for g in range(8)]
+    block = {"diffusion": {"alpha": 0.8, "max_iter": 1000, "tol": 1e-12}}  # the rest 'auto'
+    results, rankings = evaluation.evaluate_methods(q, x, gnd, methods=METHODS, rerank_cfg=block)
+    used = results["aqe+diffusion"]["info"]["settings"]
+    assert used["qe"]["n"] >= 1 and used["diffusion"]["k"] > 1  # the rule found the groups
+    assert results["plain"]["info"]["auto"]["source"] == "collection"
+    for method in METHODS:
+        s = results[method]["info"]["settings"]
+        qe, dba = s.get("qe", QE), s.get("dba", DBA)
+        diff = s.get("diffusion", DIFFUSION)
+        expected = ranks_from_scores(method_scores(method, q, x, qe, diff, dba))
+        np.testing.assert_array_equal(rankings[method], expected, err_msg=method)

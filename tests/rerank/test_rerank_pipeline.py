@@ -19,13 +19,15 @@ def test_settings_defaults_are_the_configs():
     block = config_lib.default_config().rerank
     settings = pipeline.RerankSettings.from_config(None)
     expected = block.to_dict()
-    del expected["methods"]
+    del expected["methods"], expected["papers"]
     assert settings.to_dict() == expected
     assert pipeline.RerankSettings.from_config(block) == settings  # a ConfigDict, methods ignored
 
 
 def test_settings_partial_override_and_round_trip():
-    settings = pipeline.RerankSettings.from_config({"diffusion": {"k": 3}, "dba": {"n": 7}})
+    settings = pipeline.RerankSettings.from_config(
+        {"diffusion": {"k": 3, "truncate": 0}, "dba": {"n": 7}}
+    )
     assert (settings.diffusion.k, settings.dba.n) == (3, 7)
     assert settings.diffusion.kq == config_lib.default_config().rerank.diffusion.kq
     assert pipeline.RerankSettings.from_config(settings.to_dict()) == settings
@@ -33,6 +35,67 @@ def test_settings_partial_override_and_round_trip():
     assert settings.diffusion.kwargs()["truncate"] is None
     cfg = ml_collections.ConfigDict({"diffusion": {"truncate": 100}})
     assert pipeline.RerankSettings.from_config(cfg).diffusion.kwargs()["truncate"] == 100
+
+
+def test_auto_fields_take_auto_or_a_whole_number_as_number_or_string():
+    # A field whose default is the string "auto" keeps the type str: --config.rerank.qe.n=3
+    # gives "3"; a dict (an index manifest, Retriever(rerank=...)) gives 3.
+    cfg = config_lib.default_config()
+    cfg.rerank.qe.n = "3"
+    cfg.rerank.diffusion.k = " AUTO "
+    settings = pipeline.RerankSettings.from_config(cfg.rerank)
+    assert settings.qe.n == 3 and settings.diffusion.k == pipeline.AUTO
+    assert pipeline.RerankSettings.from_config({"qe": {"n": 3}}).qe.n == 3
+    assert pipeline.RerankSettings.from_config({"qe": {"n": 3.0}}).qe.n == 3
+    assert settings.auto_fields() == ["dba.n", "diffusion.k", "diffusion.kq", "diffusion.truncate"]
+    for bad in ("three", "2.5", -1, 2.5, True):
+        with pytest.raises(ValueError, match=r"rerank.diffusion.kq must be 'auto' or a whole"):
+            pipeline.RerankSettings.from_config({"diffusion": {"kq": bad}})
+
+
+def test_resolved_replaces_only_the_auto_fields():
+    settings = pipeline.RerankSettings.from_config({"qe": {"n": 4}, "diffusion": {"k": "7"}})
+    values = {"qe": {"n": 1}, "dba": {"n": "5"}, "diffusion": {"k": 43, "kq": 3, "truncate": 0}}
+    done = settings.resolved(values)
+    assert (done.qe.n, done.dba.n, done.diffusion.k, done.diffusion.kq) == (4, 5, 7, 3)
+    assert done.auto_fields() == [] and done.diffusion.truncate == 0
+    # rerank resolves what is left from the database itself.
+    x, q = arcs()
+    db = pipeline.Database(x)
+    auto_settings = pipeline.RerankSettings.from_config(None)
+    got = pipeline.rerank("aqe+diffusion", q, db, auto_settings)
+    want = pipeline.rerank("aqe+diffusion", q, x, db.resolve(auto_settings))
+    np.testing.assert_array_equal(got.ids, want.ids)
+    assert db.resolve(auto_settings).auto_fields() == []
+
+
+def test_diffusion_ranks_what_it_never_reaches_in_plain_order():
+    # Two far-apart groups: a query's seeds reach its own group only; the other group's items
+    # score 0 and follow in the order of their plain similarity (not database order).
+    rng = np.random.default_rng(3)
+    a, b = np.eye(16)[0], np.eye(16)[1]
+    x = np.concatenate([a + 0.05 * rng.normal(size=(6, 16)), b + 0.3 * rng.normal(size=(6, 16))])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)[::-1].copy()
+    q = (a + 0.3 * b)[None].astype(np.float32)
+    q /= np.linalg.norm(q)
+    s = pipeline.RerankSettings.from_config({"diffusion": {**DIFFUSION, "k": 3, "kq": 2}})
+    got = pipeline.rerank("diffusion", q, x, s)
+    reached = got.scores[0] > 0
+    assert 0 < reached.sum() < len(x)
+    tail = got.ids[0][~reached]
+    plain = (x @ q[0])[tail]
+    assert (np.diff(plain) <= 0).all()  # plain order, best first
+    assert got.scores[0][~reached].max() < got.scores[0][reached].min()
+
+
+def test_diffusion_without_a_graph_is_the_plain_ranking():
+    # k = 1 (what 'auto' chooses when the collection has no groups): no edge, no re-ranking.
+    x, q = arcs()
+    off = pipeline.RerankSettings.from_config({"diffusion": {**DIFFUSION, "k": 1, "kq": 1}})
+    plain = pipeline.rerank("none", q, x, off)
+    for k in (None, 5):
+        got = pipeline.rerank("diffusion", q, x, off, k=k)
+        np.testing.assert_array_equal(got.ids, plain.ids[:, : got.ids.shape[1]])
 
 
 def test_settings_unknown_block_or_field_is_named():

@@ -14,7 +14,7 @@ import pytest
 
 from cbir_tf.data.image_list import shard_range
 from cbir_tf.describe.extract import NonFiniteDescriptorError
-from cbir_tf.fileio import LockError, atomic_open
+from cbir_tf.fileio import LockError, atomic_open, folder_lock
 from cbir_tf.store import files as st
 from cbir_tf.store import writer as store_writer
 from cbir_tf.store.files import (
@@ -505,18 +505,38 @@ def test_write_store_places_row_blocks_and_its_journal_survives_a_crash(tmp_path
     assert out_ids == ids and meta["num_skipped"] == 1 and meta["backbone"] == "mobilenet"
     assert DescriptorStore(tmp_path / "s").skipped() == [("x", "bad")]
 
-    # A journalled rewrite killed before its renames keeps the old store until recovered.
+    # A staged rewrite killed before its renames keeps the old store until recovered.
     def power_cut(directory):
         raise OSError("power cut")
 
     monkeypatch.setattr(st, "finish_commit", power_cut)
     new = [(0, vecs[:2])]
+    staged = st.stage_folder(tmp_path / "s")
+    st.write_store(staged, ids[:2], new, dim=8, skipped=[], meta=META, commit=2)
     with pytest.raises(OSError, match="power cut"):
-        st.write_store(tmp_path / "s", ids[:2], new, dim=8, skipped=[], meta=META, journal=True)
-    assert load_store(tmp_path / "s")[1] == ids  # the old store, untouched
+        st.commit_staged(tmp_path / "s")
     monkeypatch.undo()
-    assert st.recover(tmp_path / "s") is True
+    assert os.path.isfile(tmp_path / "s" / st.COMMIT_FILE)
+    # While its writer lives (holds the lock) a reader waits, then says so; it touches nothing.
+    with folder_lock(tmp_path / "s"):
+        with pytest.raises(st.StoreBusyError, match="is being updated .* within 0.2 s"):
+            DescriptorStore(tmp_path / "s").load(wait=0.2)
+        assert os.path.isfile(tmp_path / "s" / st.COMMIT_FILE)
+        assert os.listdir(tmp_path / "s" / st.STAGED_DIR)
+        assert st.recover(tmp_path / "s") is True  # the lock holder completes it
     desc, out_ids, _ = load_store(tmp_path / "s")
     assert out_ids == ids[:2] and not os.path.exists(tmp_path / "s" / st.COMMIT_FILE)
     np.testing.assert_array_equal(desc, vecs[:2])
-    assert not [n for n in os.listdir(tmp_path / "s") if n.endswith(".new")]
+    assert st.committed_id(tmp_path / "s") == 2
+    assert sorted(os.listdir(tmp_path / "s")) == sorted(st.STORE_FILES)  # the lock file went too
+    # A journal damaged on disk still completes from what is left in staged/.
+    staged = st.stage_folder(tmp_path / "s")
+    st.write_store(staged, ids[:3], [(0, vecs[:3])], dim=8, skipped=[], meta=META, commit=3)
+    monkeypatch.setattr(st, "finish_commit", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        st.commit_staged(tmp_path / "s")
+    monkeypatch.undo()
+    (tmp_path / "s" / st.COMMIT_FILE).write_text('{"staged": "sta')
+    with folder_lock(tmp_path / "s"):
+        assert st.recover(tmp_path / "s") is True
+    assert load_store(tmp_path / "s")[1] == ids[:3] and st.committed_id(tmp_path / "s") == 3

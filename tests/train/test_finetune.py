@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -195,6 +196,44 @@ def test_block_grouping_of_other_naming_schemes():
         ["block1b_conv"],
         ["top_conv", "top_bn"],
     ]
+
+
+def test_transformer_blocks_and_trainable_top_blocks(tmp_path):
+    """A DINOv2's blocks: the patch embedding, then each transformer layer, the final
+    LayerNorm joining the last one (it reads its output); CLIP's pre-norm stays with the stem."""
+    from hf_checkpoints import write_dinov2, write_keras_hub_preset
+
+    folder = write_dinov2(tmp_path / "dinov2", registers=4)[0]
+    net = models.build_descriptor_model("dinov2", folder, pooling="gem")
+    backbone = net.get_layer("dinov2")
+    blocks = [[layer.name for layer in b] for b in finetune.backbone_blocks(backbone)]
+    assert blocks == [["patch_embedding"], ["layers_0"], ["layers_1", "layernorm"]]
+    finetune.set_trainable_blocks(backbone, 1)
+    trained = [layer.name for layer in backbone.layers if layer.trainable_weights]
+    assert trained == ["layers_1", "layernorm"], trained
+    clip = models.build_descriptor_model(
+        "clip", write_keras_hub_preset(tmp_path / "clip", "clip"), pooling="cls"
+    ).get_layer("clip")
+    # KerasHub names CLIP's layers after its encoder: clip_vision_encoder[_N]_...
+    blocks = [
+        [re.sub(r"^clip_vision_encoder(_\d+)?_", "", layer.name) for layer in b]
+        for b in finetune.backbone_blocks(clip)
+    ]
+    assert blocks == [
+        ["patch_embedding", "pre_layer_norm"],
+        ["encoder_block_0"],
+        ["encoder_block_1", "layer_norm"],
+    ], blocks
+
+
+@pytest.mark.slow
+def test_convnext_blocks():
+    backbone = models.build_descriptor_model("convnext_tiny", "none").get_layer("convnext_tiny")
+    blocks = finetune.backbone_blocks(backbone)
+    names = [layer.name for layer in blocks[-1]]
+    assert names[0] == "convnext_tiny_stage_3_block_2_depthwise_conv", names
+    assert isinstance(blocks[-1][-1], keras.layers.LayerNormalization)  # the final norm
+    assert len(blocks) == 1 + 18 + 3  # prestem and stem, 3 + 3 + 9 + 3 blocks, 3 downsamplings
 
 
 # --------------------------------------------------------------------------- end to end

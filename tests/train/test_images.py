@@ -5,30 +5,18 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
+from photos import labelled_collection, plain_image
 
 from cbir_tf.data import folder
 from cbir_tf.train import augment
 from cbir_tf.train import images as training
-
-
-def _write(path, size=(40, 30), color=(200, 10, 10), fmt="JPEG"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", size, color).save(path, fmt)
-
-
-def _collection(root, counts, size=(40, 30)):
-    for c, n in counts.items():
-        for i in range(n):
-            _write(os.path.join(root, c, f"{i:02d}.jpg"), size, (20 * i, 80, 40))
-
 
 # --------------------------------------------------------------------------- training images
 
 
 @pytest.mark.parametrize("cache", ["memory", "none"])
 def test_images_from_paths_skips_unreadable(tmp_path, cache):
-    _collection(str(tmp_path), {"a": 3, "b": 2}, size=(64, 48))
+    labelled_collection(str(tmp_path), {"a": 3, "b": 2}, size=(64, 48))
     open(tmp_path / "a" / "bad.jpg", "wb").write(b"\xff\xd8garbage")
     paths, labels, names = folder.list_labelled(tmp_path)
     images = training.images_from_paths(paths, labels, names, load_size=32, cache=cache)
@@ -41,7 +29,7 @@ def test_images_from_paths_skips_unreadable(tmp_path, cache):
 
 
 def test_auto_cache_streams_when_memory_is_short(tmp_path, monkeypatch):
-    _collection(str(tmp_path), {"a": 2, "b": 2}, size=(64, 48))
+    labelled_collection(str(tmp_path), {"a": 2, "b": 2}, size=(64, 48))
     paths, labels, names = folder.list_labelled(tmp_path)
     need = training.estimated_cache_bytes(4, 32)
     monkeypatch.setattr(training, "_available_memory", lambda: 2 * need)
@@ -53,7 +41,7 @@ def test_auto_cache_streams_when_memory_is_short(tmp_path, monkeypatch):
 
 
 def test_images_from_paths_class_all_unreadable(tmp_path):
-    _collection(str(tmp_path), {"a": 2})
+    labelled_collection(str(tmp_path), {"a": 2})
     os.makedirs(tmp_path / "b")
     open(tmp_path / "b" / "x.jpg", "wb").write(b"nope")
     paths, labels, names = folder.list_labelled(tmp_path)
@@ -148,7 +136,7 @@ def test_eval_batches_streaming_in_chunks(tmp_path):
     paths = []
     for i, (w, h) in enumerate([(50, 40), (40, 50), (50, 40), (50, 40)]):
         paths.append(str(tmp_path / f"{i}.png"))
-        _write(paths[-1], size=(w, h), fmt="PNG")
+        plain_image(paths[-1], size=(w, h), fmt="PNG")
     images = training.TrainingImages(paths, [0, 1, 2, 0], ["a", "b", "c"], 64, paths=paths)
     _check_eval_batches(images, 2)
     _check_eval_batches(images, 3)
