@@ -420,7 +420,7 @@ class Retriever:
         self._state = state
         ann, error = state.extra or (None, None)
         if error:
-            log.warning("not using the approximate index: %s", error)
+            log.warning("not using the approximate index, searching exactly: %s", error)
         elif ann is not None:
             log.info("%s", ann.describe())
         self._ann = ann
