@@ -96,29 +96,20 @@ def _dino_tokens(spec_name: str, tower: Any, family: str) -> tuple[keras.Model, 
     conv = emb.patch_embeddings.projection
     image = keras.Input((None, None, 3), name="image")
     registers = _opt(emb, "register_tokens") if tower.num_register_tokens else None
+    arrays = (conv.kernel.numpy(), conv.bias.numpy(), emb.cls_token.numpy(), registers)
     if family == "dinov2":
         embed = _embedding(
             tower.hidden_dim,
             tower.patch_size,
-            conv.kernel.numpy(),
-            conv.bias.numpy(),
-            emb.cls_token.numpy(),
-            registers,
+            *arrays,
             emb.position_embeddings.numpy(),
             antialias=tower.antialias_in_interpolation,
         )
         x = embed(image)
         for block in tower.encoder.layers:
             x = block(x)
-    else:
-        embed = _embedding(
-            tower.hidden_dim,
-            tower.patch_size,
-            conv.kernel.numpy(),
-            conv.bias.numpy(),
-            emb.cls_token.numpy(),
-            registers,
-        )
+    else:  # DINOv3: rotary positions follow the patch grid
+        embed = _embedding(tower.hidden_dim, tower.patch_size, *arrays)
         x = embed(image)
         rope = PatchRope(
             tower.patch_size,
