@@ -6,6 +6,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
+def smooth_pixels(h, w, seed):
+    """uint8 `[h, w, 3]` smooth random colours (a photo-like image: JPEG keeps it close)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC))
+
+
 def synthetic_photo(path, seed, size=(96, 72)):
     """A synthetic 'photo': coloured shapes on a coloured background, distinct per seed.
 

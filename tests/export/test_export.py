@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from photos import smooth_pixels
 from PIL import Image, ImageOps
 
 from cbir_tf.data.decode import load_image, resize_longest
@@ -69,13 +70,6 @@ def tiny_models():
         }
 
 
-def _photo(h: int, w: int, seed: int) -> np.ndarray:
-    """Smooth random colours (a photo-like image: JPEG keeps it close)."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC))
-
-
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
     """JPEGs of every shape (two shrunk with PIL's reduce step), an EXIF-rotated PNG."""
@@ -83,12 +77,12 @@ def image_files(tmp_path_factory):
     paths = []
     for k, (h, w) in enumerate([(48, 80), (64, 64), (200, 300), (37, 150), (300, 120), (90, 70)]):
         path = folder / f"{k}.jpg"
-        Image.fromarray(_photo(h, w, k)).save(path, quality=90)
+        Image.fromarray(smooth_pixels(h, w, k)).save(path, quality=90)
         paths.append(path)
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 60 wide x 90 high, shown rotated: 90 x 60
     path = folder / "rotated.png"
-    Image.fromarray(_photo(90, 60, 9)).save(path, exif=exif.tobytes())
+    Image.fromarray(smooth_pixels(90, 60, 9)).save(path, exif=exif.tobytes())
     paths.append(path)
     return [str(p) for p in paths]
 

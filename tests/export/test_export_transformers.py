@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from hf_checkpoints import write_dinov2, write_dinov3, write_keras_hub_preset
+from photos import smooth_pixels
 from PIL import Image
 
 from cbir_tf import config
@@ -39,23 +40,17 @@ def _model_block(backbone: str, weights: pathlib.Path, **fields) -> dict:
     return catalog.with_pooling(block)
 
 
-def _photo(h: int, w: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC))
-
-
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
     """JPEGs of several shapes and an EXIF-rotated PNG."""
     folder = tmp_path_factory.mktemp("images")
     paths = []
     for k, (h, w) in enumerate([(48, 80), (64, 64), (200, 300), (37, 150), (90, 70)]):
-        Image.fromarray(_photo(h, w, k)).save(folder / f"{k}.jpg", quality=90)
+        Image.fromarray(smooth_pixels(h, w, k)).save(folder / f"{k}.jpg", quality=90)
         paths.append(folder / f"{k}.jpg")
     exif = Image.Exif()
     exif[0x0112] = 6
-    Image.fromarray(_photo(90, 60, 9)).save(folder / "rotated.png", exif=exif.tobytes())
+    Image.fromarray(smooth_pixels(90, 60, 9)).save(folder / "rotated.png", exif=exif.tobytes())
     paths.append(folder / "rotated.png")
     return [str(p) for p in paths]
 
