@@ -15,9 +15,9 @@ An approximate query touches, per row of the collection:
 is not read by approximate queries, and is not counted: it stays on disk for exact search.
 
 The choices, best first. Re-scoring codes first: their precision caps the recall, whatever the
-lists probed (at 1M x 512, with the true top 100 given: SQ8 0.991, SQ6 0.956, SQ4 0.845;
-`benchmarks/results/ann_choices_*`); then the longest coarse codes, which need fewer candidates;
-then more lists. Without re-scoring codes the coarse codes rank alone (recall@10 ~0.65).
+lists probed (tuned end to end at 1M x 512: SQ8 0.975, SQ6 0.947, SQ4 0.847, none 0.626;
+`benchmarks/results/ann_budget600_2cores.md`); then the longest coarse codes, which need fewer
+candidates; then more lists. Without re-scoring codes the coarse codes rank alone.
 
 numpy only.
 """
